@@ -1,0 +1,70 @@
+"""OpCost: what one op costs, as sympy expressions in the user's dimension names.
+
+The FLOP convention is stated once, here: one multiply-add is 2 FLOPs, as in
+`torch.utils.flop_counter`. Bytes are storage bytes an op reads and writes, assuming each input is
+read once and each output written once (no cache reuse, no fusion across ops).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import sympy
+
+# Categories an op falls into; the roofline's efficiencies and the report's groupings key on them.
+MATMUL = "matmul"          # mm, bmm, addmm, baddbmm, linear
+CONV = "conv"              # convolutions and their backward
+ATTENTION = "attention"    # scaled-dot-product attention and its backward
+POINTWISE = "pointwise"    # elementwise unary/binary/ternary ops
+REDUCTION = "reduction"    # sum, mean, max, ...
+NORM = "norm"              # layer/batch/group/RMS norm
+SOFTMAX = "softmax"
+EMBEDDING = "embedding"
+INDEX = "index"            # gather, scatter, index, index_put, ...
+COPY = "copy"              # cat, stack, clone, copy, to, contiguous
+POOL = "pool"
+LOSS = "loss"
+OPTIMIZER = "optimizer"
+FACTORY = "factory"        # zeros, ones, arange, full, rand: write only
+VIEW = "view"              # metadata only: zero cost, declared
+
+CATEGORIES = (MATMUL, CONV, ATTENTION, POINTWISE, REDUCTION, NORM, SOFTMAX, EMBEDDING, INDEX, COPY,
+              POOL, LOSS, OPTIMIZER, FACTORY, VIEW)
+# Categories whose FLOPs are the ones torch.utils.flop_counter.FlopCounterMode counts.
+MATMUL_CATEGORIES = frozenset({MATMUL, CONV, ATTENTION})
+
+ZERO = sympy.Integer(0)
+
+
+@dataclass(frozen=True)
+class OpCost:
+    flops: sympy.Expr = ZERO
+    bytes_read: sympy.Expr = ZERO
+    bytes_written: sympy.Expr = ZERO
+    category: str = POINTWISE
+
+    def __post_init__(self):
+        assert self.category in CATEGORIES, f"unknown category {self.category!r}"
+
+    @property
+    def bytes(self) -> sympy.Expr:
+        return self.bytes_read + self.bytes_written
+
+    @property
+    def matmul_flops(self) -> sympy.Expr:
+        return self.flops if self.category in MATMUL_CATEGORIES else ZERO
+
+    def __add__(self, other: "OpCost") -> "OpCost":
+        category = self.category if self.category == other.category else _dominant(self, other)
+        return OpCost(self.flops + other.flops, self.bytes_read + other.bytes_read,
+                      self.bytes_written + other.bytes_written, category)
+
+
+def _dominant(a: OpCost, b: OpCost) -> str:
+    for c in (ATTENTION, CONV, MATMUL):
+        if c in (a.category, b.category):
+            return c
+    return a.category
+
+
+VIEW_COST = OpCost(category=VIEW)
