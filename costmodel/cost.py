@@ -42,6 +42,10 @@ class OpCost:
     bytes_read: sympy.Expr = ZERO
     bytes_written: sympy.Expr = ZERO
     category: str = POINTWISE
+    # The FLOPs torch.utils.flop_counter.FlopCounterMode counts for this op. None: all of `flops`
+    # for matmul, conv and attention ops, none for the others. Attention sets it explicitly, since
+    # its softmax FLOPs are real work that FlopCounterMode does not count.
+    counted_flops: sympy.Expr | None = None
 
     def __post_init__(self):
         assert self.category in CATEGORIES, f"unknown category {self.category!r}"
@@ -52,19 +56,9 @@ class OpCost:
 
     @property
     def matmul_flops(self) -> sympy.Expr:
+        if self.counted_flops is not None:
+            return self.counted_flops
         return self.flops if self.category in MATMUL_CATEGORIES else ZERO
-
-    def __add__(self, other: "OpCost") -> "OpCost":
-        category = self.category if self.category == other.category else _dominant(self, other)
-        return OpCost(self.flops + other.flops, self.bytes_read + other.bytes_read,
-                      self.bytes_written + other.bytes_written, category)
-
-
-def _dominant(a: OpCost, b: OpCost) -> str:
-    for c in (ATTENTION, CONV, MATMUL):
-        if c in (a.category, b.category):
-            return c
-    return a.category
 
 
 VIEW_COST = OpCost(category=VIEW)

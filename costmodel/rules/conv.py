@@ -1,0 +1,61 @@
+"""Convolutions, forward and backward, with stride, padding, dilation, groups and transposition.
+
+Counted as torch.utils.flop_counter counts them: every output position of a (non-transposed)
+convolution does c_in/groups * prod(kernel) multiply-adds per output channel. Stride, padding and
+dilation enter through the output's spatial size; groups through the weight's c_in/groups.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..cost import CONV, OpCost
+from . import TensorSpec, nbytes_of, prod, register
+
+aten = torch.ops.aten
+
+
+def conv_flops(x_shape, w_shape, out_shape, transposed: bool):
+    """2 * batch * c_out * c_in_per_group * prod(kernel) * prod(spatial positions).
+
+    A transposed convolution scatters each *input* position, so its positions are the input's."""
+    batch = x_shape[0]
+    positions = prod((x_shape if transposed else out_shape)[2:])
+    c_out, c_in_per_group, *kernel = w_shape
+    return 2 * batch * c_out * c_in_per_group * prod(kernel) * positions
+
+
+@register(aten.convolution, aten._convolution, aten.cudnn_convolution, aten.convolution_overrideable)
+def convolution(x: TensorSpec, w: TensorSpec, bias: TensorSpec | None, stride, padding, dilation,
+                transposed: bool, *rest, out: TensorSpec, **_) -> OpCost:
+    """out = conv(x, w) + b"""
+    return OpCost(conv_flops(x.shape, w.shape, out.shape, transposed), nbytes_of([x, w, bias]),
+                  out.nbytes, CONV)
+
+
+@register(aten._slow_conv2d_forward)
+def slow_conv2d(x: TensorSpec, w: TensorSpec, kernel_size, bias, stride, padding, *, out, **_) -> OpCost:
+    return OpCost(conv_flops(x.shape, w.shape, out.shape, False), nbytes_of([x, w, bias]), out.nbytes, CONV)
+
+
+@register(aten.convolution_backward)
+def convolution_backward(grad_out: TensorSpec, x: TensorSpec, w: TensorSpec, bias_sizes, stride, padding,
+                         dilation, transposed: bool, output_padding, groups, output_mask, *,
+                         out, **_) -> OpCost:
+    """grad_input = conv^T(grad_out, w); grad_weight = conv(x^T, grad_out^T); grad_bias = sum(grad_out)."""
+
+    def t(shape):  # swap the batch and channel axes
+        return [shape[1], shape[0], *shape[2:]]
+
+    grad_input, grad_weight, grad_bias = out
+    flops = 0
+    if output_mask[0]:
+        flops += conv_flops(grad_out.shape, w.shape, grad_input.shape, not transposed)
+    if output_mask[1]:
+        if transposed:
+            flops += conv_flops(t(grad_out.shape), t(x.shape), t(grad_weight.shape), False)
+        else:
+            flops += conv_flops(t(x.shape), t(grad_out.shape), t(grad_weight.shape), False)
+    # grad_bias (a sum over grad_out) is not counted by FlopCounterMode; it rides in bytes only.
+    read = grad_out.nbytes + (x.nbytes if output_mask[1] else 0) + (w.nbytes if output_mask[0] else 0)
+    return OpCost(flops, read, nbytes_of([o for o in out if o is not None]), CONV)

@@ -1,0 +1,99 @@
+"""`costmodel::sdpa`: scaled-dot-product attention kept as one op in captured graphs.
+
+On the meta device PyTorch runs SDPA through its math decomposition (bmm, softmax, bmm), which
+loses the fact that it is attention: the kernel a GPU would run (flash, efficient) has the same
+matmul FLOPs forward but no [L, S] scores in memory. Capture routes
+`torch.nn.functional.scaled_dot_product_attention` here (see `route_sdpa`), so the graph holds one
+forward and one backward attention node whose cost the rules compute for the chosen kernel.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+import torch.nn.functional as F
+from torch.overrides import TorchFunctionMode
+
+from .rules import TensorSpec, register
+from .rules.attention import KERNELS, attention_backward, attention_forward
+
+
+@torch.library.custom_op("costmodel::sdpa", mutates_args=())
+def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor | None,
+         dropout_p: float, is_causal: bool, scale: float | None, enable_gqa: bool) -> torch.Tensor:
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p,
+                                          is_causal=is_causal, scale=scale, enable_gqa=enable_gqa)
+
+
+@sdpa.register_fake
+def _(q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa):
+    return q.new_empty((*q.shape[:-1], v.shape[-1]))
+
+
+@torch.library.custom_op("costmodel::sdpa_backward", mutates_args=())
+def sdpa_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                  attn_mask: torch.Tensor | None, dropout_p: float, is_causal: bool, scale: float | None,
+                  enable_gqa: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def f(q, k, v):
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p,
+                                              is_causal=is_causal, scale=scale, enable_gqa=enable_gqa)
+
+    _, vjp = torch.func.vjp(f, q, k, v)
+    gq, gk, gv = vjp(grad_out)
+    return gq.contiguous(), gk.contiguous(), gv.contiguous()
+
+
+@sdpa_backward.register_fake
+def _(grad_out, q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa = inputs
+    ctx.save_for_backward(q, k, v, attn_mask)
+    ctx.args = (dropout_p, is_causal, scale, enable_gqa)
+
+
+def _backward(ctx, grad_out):
+    q, k, v, attn_mask = ctx.saved_tensors
+    gq, gk, gv = torch.ops.costmodel.sdpa_backward(grad_out, q, k, v, attn_mask, *ctx.args)
+    return gq, gk, gv, None, None, None, None, None
+
+
+sdpa.register_autograd(_backward, setup_context=_setup_context)
+
+
+class _RouteSDPA(TorchFunctionMode):
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is F.scaled_dot_product_attention:
+            return _call_sdpa(*args, **kwargs)
+        return func(*args, **kwargs)
+
+
+def _call_sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
+               enable_gqa=False):
+    return torch.ops.costmodel.sdpa(query, key, value, attn_mask, float(dropout_p), bool(is_causal),
+                                    scale, bool(enable_gqa))
+
+
+@contextlib.contextmanager
+def route_sdpa():
+    """Within this context, F.scaled_dot_product_attention calls become costmodel::sdpa."""
+    with _RouteSDPA():
+        yield
+
+
+@register(torch.ops.costmodel.sdpa)
+def sdpa_rule(q: TensorSpec, k: TensorSpec, v: TensorSpec, attn_mask, dropout_p, is_causal, scale,
+              enable_gqa, *, out: TensorSpec, kernel: str = "math", **_):
+    assert kernel in KERNELS, kernel
+    return attention_forward(q, k, v, out, attn_mask, kernel)
+
+
+@register(torch.ops.costmodel.sdpa_backward)
+def sdpa_backward_rule(grad_out: TensorSpec, q: TensorSpec, k: TensorSpec, v: TensorSpec, attn_mask,
+                       dropout_p, is_causal, scale, enable_gqa, *, out, kernel: str = "math", **_):
+    assert kernel in KERNELS, kernel
+    return attention_backward(grad_out, q, k, v, list(out), attn_mask, kernel)
