@@ -1,0 +1,7 @@
+"""costmodel: static FLOPs, bytes, memory and roofline time of PyTorch models, as formulas in the
+dimensions the user names. See `costmodel.analyze` and the `costmodel` command."""
+
+from .api import Point, Report, analyze
+from .errors import AnalysisError, CostModelError, UsageError
+
+__all__ = ["analyze", "Report", "Point", "CostModelError", "UsageError", "AnalysisError"]

@@ -1,0 +1,352 @@
+"""The public API: `analyze()` captures a model once and returns a `Report`.
+
+    >>> import costmodel
+    >>> r = costmodel.analyze("gpt2", mode="inference")
+    >>> r.symbolic.matmul_flops
+    36864*batch*seq**2 + 247064064*batch*seq
+    >>> r.evaluate(batch=1, seq=1024).totals["matmul_flops"]
+    291648307200
+
+A Report holds one or more analyses: the symbolic one, plus a recapture for every requested point
+at which the first capture's guards fail (a model that pins or bounds a dimension), so a formula
+is never evaluated where it does not hold.
+"""
+
+from __future__ import annotations
+
+import collections
+import itertools
+import warnings
+from dataclasses import dataclass, field
+from types import SimpleNamespace
+
+import networkx as nx
+import sympy
+import torch
+
+from . import capture as cap
+from . import optimizer as opt
+from .analysis import METRICS, Analysis, OpRecord, cost_graph, params_of
+from .cost import OPTIMIZER
+from .errors import UsageError
+from .formulas import Evaluator, degree
+from .specs import InputSpec, dtype_name, parse_dtype, parse_input
+from .symbols import dim_symbol
+
+ATTENTION_CHOICES = ("auto", "math", "flash", "efficient")
+
+
+@dataclass
+class Point:
+    """Concrete figures at one point of the dimensions."""
+
+    dims: dict[str, int]
+    totals: dict[str, int | float | None]
+    ops: list[dict]
+    analysis: Analysis = field(repr=False)
+    extra: dict = field(default_factory=dict)
+
+    def modules(self, depth: int | None = None) -> list[dict]:
+        rows: dict[str, dict] = {}
+        for op in self.ops:
+            name = _truncate(op["module"], depth)
+            row = rows.setdefault(name, {"module": name, "flops": 0, "matmul_flops": 0, "bytes": 0,
+                                         "time_s": None})
+            for k in ("flops", "matmul_flops", "bytes"):
+                row[k] += op[k]
+            if op.get("time_s") is not None:
+                row["time_s"] = (row["time_s"] or 0.0) + op["time_s"]
+        return sorted(rows.values(), key=lambda r: -r["flops"])
+
+    def timing(self, hw, tf32: bool = False) -> dict:
+        """Roofline time on `hw`: per-op OpTimes (same order as `ops`) and their summary."""
+        from . import roofline
+        times = [roofline.op_time(op["flops"], op["bytes"], op["category"], op["dtype"], hw, tf32)
+                 for op in self.ops]
+        model_dtype = next((op["dtype"] for op in self.ops if op["category"] in ("matmul", "conv", "attention")),
+                           "float32")
+        summary = roofline.summarize(times, self.totals["matmul_flops"], hw, model_dtype, tf32)
+        return {"hardware": hw, "op_times": times, "summary": summary}
+
+    def apply_timing(self, hw, tf32: bool = False) -> dict:
+        """Fill time_s, intensity and bound into the ops and totals from the roofline on `hw`."""
+        t = self.timing(hw, tf32)
+        for op, ot in zip(self.ops, t["op_times"]):
+            op.update(time_s=ot.time_s, intensity=ot.intensity, bound=ot.bound)
+        self.totals["time_s"] = t["summary"].time_s
+        self.extra["time"] = {"device": hw.name, "tf32": tf32, "memory_bound_share": t["summary"].memory_bound_share,
+                              "mfu": t["summary"].mfu, "overhead_time_s": t["summary"].overhead_time_s}
+        return t
+
+    def by_op(self) -> list[dict]:
+        rows: dict[str, dict] = {}
+        for op in self.ops:
+            row = rows.setdefault(op["target"], {"target": op["target"], "category": op["category"], "count": 0,
+                                                 "flops": 0, "matmul_flops": 0, "bytes": 0, "time_s": None})
+            row["count"] += 1
+            for k in ("flops", "matmul_flops", "bytes"):
+                row[k] += op[k]
+            if op.get("time_s") is not None:
+                row["time_s"] = (row["time_s"] or 0.0) + op["time_s"]
+        return sorted(rows.values(), key=lambda r: (-r["flops"], -r["bytes"]))
+
+
+class Report:
+    """What `analyze()` returns: symbolic totals, views per op and module, coverage, evaluation."""
+
+    def __init__(self, model: str, mode: str, dtype: torch.dtype, inputs: list[InputSpec], loaded: cap.LoadedModel,
+                 first: Analysis, optimizer: str, attention: str, loss: str, params: tuple[int, int]):
+        self.model, self.mode, self.dtype, self.inputs = model, mode, dtype, inputs
+        self.optimizer, self.attention, self.loss = optimizer, attention, loss
+        self.params, self.param_bytes = params
+        self._loaded = loaded
+        self.analyses = [first]
+        self.hardware: list = []     # Hardware to time on (the first one fills time_s); see set_hardware
+        self.tf32 = False
+        self.dims = list(dict.fromkeys(d for s in inputs for d in s.dim_names))
+
+    # --- symbolic views -----------------------------------------------------------------------
+
+    @property
+    def primary(self) -> Analysis:
+        return self.analyses[0]
+
+    @property
+    def symbolic(self) -> SimpleNamespace:
+        """Totals as sympy expressions in the dimension names (flops, matmul_flops, bytes, ...)."""
+        return SimpleNamespace(**self.primary.totals, params=sympy.Integer(self.params),
+                               param_bytes=sympy.Integer(self.param_bytes))
+
+    @property
+    def guards(self) -> list[cap.Guard]:
+        return self.primary.captured.guards
+
+    @property
+    def fixed(self) -> dict[str, int]:
+        """Dimensions the first capture had to take at one value (the model pinned them)."""
+        return dict(self.primary.captured.fixed)
+
+    @property
+    def complexity(self) -> dict[str, dict[str, int]]:
+        """Polynomial degree of each total in each symbolic dimension: {"seq": {"flops": 2, ...}}."""
+        return {d: {m: degree(self.primary.totals[m], dim_symbol(d)) for m in ("flops", "matmul_flops", "bytes")}
+                for d in self.primary.captured.dims}
+
+    @property
+    def unsupported(self) -> dict[str, int]:
+        """Ops that had no rule: target -> occurrences. Never counted as 0 silently: listed here."""
+        return {t: len(m) for t, m in self.primary.unsupported.items()}
+
+    @property
+    def unsupported_where(self) -> dict[str, list[str]]:
+        return {t: sorted(set(m)) for t, m in self.primary.unsupported.items()}
+
+    def by_op(self) -> list[dict]:
+        """Symbolic totals per aten op: [{"target", "category", "count", "flops", "matmul_flops", "bytes"}]."""
+        rows: dict[str, dict] = {}
+        for op in self.primary.ops:
+            row = rows.setdefault(op.target, {"target": op.target, "category": op.category, "count": 0,
+                                              **{m: sympy.Integer(0) for m in METRICS}})
+            row["count"] += 1
+            for m in METRICS:
+                row[m] += op.cost[m]
+        return list(rows.values())
+
+    def by_module(self, depth: int | None = None) -> list[dict]:
+        """Symbolic totals per module path, cut at `depth` components (None: full paths)."""
+        rows: dict[str, dict] = {}
+        for op in self.primary.ops:
+            name = _truncate(op.module, depth)
+            row = rows.setdefault(name, {"module": name, **{m: sympy.Integer(0) for m in METRICS}})
+            for m in METRICS:
+                row[m] += op.cost[m]
+        return list(rows.values())
+
+    @property
+    def graph(self) -> nx.DiGraph:
+        """The captured ops as a DiGraph: nodes carry target, module, phase, category and cost formulas
+        (as strings, so the graph exports to GraphML as is); edges follow data flow."""
+        g = nx.DiGraph()
+        records = {op.name: op for op in self.primary.ops}
+        for node in self.primary.captured.graph.graph.nodes:
+            if node.op == "placeholder":
+                role, name = self.primary.captured.roles.get(node.name, ("input", node.name))
+                g.add_node(node.name, kind=role, source=name)
+            elif node.name in records:
+                op = records[node.name]
+                g.add_node(node.name, kind="op", target=op.target, module=op.module, phase=op.phase,
+                           category=op.category, dtype=op.dtype, **{m: str(op.cost[m]) for m in METRICS})
+            else:
+                continue
+            for arg in node.all_input_nodes:
+                if arg.name in g:
+                    g.add_edge(arg.name, node.name)
+        return g
+
+    # --- evaluation ---------------------------------------------------------------------------
+
+    def set_hardware(self, hardware, tf32: bool = False) -> None:
+        """Devices to time on: names ("a100-80gb"), a comma list, .toml paths or Hardware objects."""
+        from .hardware import Hardware, parse_hardware_list
+        if isinstance(hardware, str):
+            hardware = parse_hardware_list(hardware)
+        elif isinstance(hardware, Hardware):
+            hardware = [hardware]
+        self.hardware, self.tf32 = list(hardware or []), tf32
+
+    def evaluate(self, **dims: int) -> Point:
+        """Concrete totals and per-op figures at one point (recaptures where the formulas do not hold)."""
+        point = self._complete(dims)
+        analysis = self._analysis_for(point)
+        c = analysis.captured
+        values = {d: point[d] for d in c.dims}
+        if analysis._evaluator is None:
+            analysis._evaluator = Evaluator([analysis.totals[m] for m in METRICS], c.dims)
+        totals = dict(zip(METRICS, analysis._evaluator(values)))
+        totals.update(params=self.params, param_bytes=self.param_bytes)
+        if analysis._op_evaluator is None:
+            analysis._op_evaluator = Evaluator([op.cost[m] for op in analysis.ops for m in METRICS], c.dims)
+        flat = analysis._op_evaluator(values)
+        n = len(METRICS)
+        ops = [{"name": op.name, "target": op.target, "module": op.module, "phase": op.phase,
+                "category": op.category, "dtype": op.dtype, **dict(zip(METRICS, flat[i * n:(i + 1) * n])),
+                "intensity": None, "bound": None, "time_s": None}
+               for i, op in enumerate(analysis.ops)]
+        totals["time_s"] = None
+        result = Point(point, totals, ops, analysis)
+        if self.hardware:
+            result.apply_timing(self.hardware[0], self.tf32)
+        return result
+
+    def points(self, sweep: dict[str, list[int]]) -> list[Point]:
+        """Evaluate at every point of the cartesian product of the value lists."""
+        names = list(sweep)
+        return [self.evaluate(**dict(zip(names, combo))) for combo in itertools.product(*(sweep[n] for n in names))]
+
+    def _complete(self, dims: dict[str, int]) -> dict[str, int]:
+        unknown = [d for d in dims if d not in self.dims]
+        if unknown:
+            raise UsageError(f"--dim {unknown[0]} is not a dimension of any input; the inputs "
+                             f"({', '.join(str(s) for s in self.inputs)}) have: {', '.join(self.dims) or 'none'}")
+        missing = [d for d in self.dims if d not in dims]
+        if missing:
+            users = [str(s) for s in self.inputs if missing[0] in s.dim_names]
+            raise UsageError(f"dimension {missing[0]!r} (used by {', '.join(users)}) has no value; "
+                             f"give it one, e.g. --dim {missing[0]}=N")
+        for d, v in dims.items():
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                raise UsageError(f"dimension {d}={v!r} must be a positive integer")
+        return dict(dims)
+
+    def _analysis_for(self, point: dict[str, int]) -> Analysis:
+        for a in self.analyses:
+            if a.valid_at(point):
+                return a
+        reasons = [str(g) for g in self.primary.captured.guards
+                   if not g.holds({dim_symbol(d): point[d] for d in self.primary.captured.dims})]
+        pinned = {d: v for d, v in self.primary.captured.fixed.items() if point.get(d) != v}
+        warnings.warn(f"{self.model}: the symbolic capture does not hold at {point} "
+                      f"({'; '.join(reasons) or f'captured with {pinned}'}); capturing that point separately",
+                      stacklevel=3)
+        analysis = _analyze_once(self._loaded, self.inputs, self.mode, self.loss, self.optimizer,
+                                 self._kernel(), hints=point, fixed=_pins(self.primary, point))
+        self.analyses.append(analysis)
+        return analysis
+
+    def _kernel(self) -> str:
+        return "math" if self.attention == "auto" else self.attention
+
+
+def _pins(a: Analysis, point: dict[str, int]) -> dict[str, int]:
+    """Dimensions that the model pins (an equality guard) are captured at the point's value."""
+    pinned = {str(g.expr.lhs) for g in a.captured.guards
+              if isinstance(g.expr, sympy.Eq) and g.expr.lhs.is_Symbol and g.expr.rhs.is_Integer}
+    return {d: point[d] for d in pinned | set(a.captured.fixed)}
+
+
+def _truncate(module: str, depth: int | None) -> str:
+    if depth is None or module.startswith("("):
+        return module
+    return ".".join(module.split(".")[:depth])
+
+
+def optimizer_ops(model: torch.nn.Module, trainable: set[str], name: str) -> list[OpRecord]:
+    """One update per trainable parameter tensor, attributed to the module that owns it."""
+    rule = opt.UPDATES[name]
+    records = []
+    for pname, p in model.named_parameters():
+        if pname not in trainable:
+            continue
+        numel, size = p.numel(), p.element_size()
+        module = pname.rpartition(".")[0] or cap.ROOT
+        flops = rule.flops_per_elem * numel
+        if name == "adafactor":
+            state = opt.state_elements(name, tuple(p.shape))
+            read, written = (2 * numel + state) * size, (numel + state) * size
+        else:
+            read, written = rule.reads_per_elem * numel * size, rule.writes_per_elem * numel * size
+        cost = {"flops": sympy.Integer(flops), "matmul_flops": sympy.Integer(0), "bytes_read": sympy.Integer(read),
+                "bytes_written": sympy.Integer(written), "bytes": sympy.Integer(read + written)}
+        records.append(OpRecord(f"{name}:{pname}", f"optimizer.{name}", module, "optimizer", OPTIMIZER,
+                                dtype_name(p.dtype), cost))
+    return records
+
+
+def _analyze_once(loaded: cap.LoadedModel, inputs: list[InputSpec], mode: str, loss: str, optimizer: str,
+                  kernel: str, hints: dict[str, int] | None = None, fixed: dict[str, int] | None = None) -> Analysis:
+    captured = cap.capture(loaded.module, inputs, mode, hints=hints, fixed=fixed, loss=loss)
+    analysis = cost_graph(captured, attention=kernel)
+    if mode == "train":
+        analysis.ops.extend(optimizer_ops(loaded.module, captured.trainable, optimizer))
+        analysis.totals = {m: sympy.Add(*[op.cost[m] for op in analysis.ops]) for m in METRICS}
+    return analysis
+
+
+def analyze(model, inputs: list[str] | None = None, mode: str = "inference", dtype: str | torch.dtype = "float32",
+            optimizer: str = "adamw", attention: str = "auto", loss: str = "sum",
+            dims: dict[str, list[int] | int] | None = None, hardware=None, tf32: bool = False) -> Report:
+    """Capture `model` (zoo name, "file.py:FUNC", "pkg.mod:FUNC", a factory or an nn.Module) with
+    symbolic dimensions and cost every op. `inputs` are specs such as "input_ids:int64[batch,seq]"
+    (zoo models bring defaults). `dims` (optional) gives the values to be evaluated later: the first
+    value of each is used as the tracing size, so branches taken at that size are the ones costed."""
+    if mode not in cap.MODES:
+        raise UsageError(f"unknown --mode {mode!r}; accepted: {', '.join(cap.MODES)}")
+    if attention not in ATTENTION_CHOICES:
+        raise UsageError(f"unknown --attention {attention!r}; accepted: {', '.join(ATTENTION_CHOICES)}")
+    opt.check(optimizer)
+    torch_dtype = parse_dtype(dtype) if isinstance(dtype, str) else dtype
+    loaded = cap.load_model(model, torch_dtype)
+    specs = [parse_input(s) if isinstance(s, str) else s for s in (inputs or [])] or loaded.inputs
+    if not specs:
+        raise UsageError(f"model {loaded.name} needs --input specs (NAME:DTYPE[D0,D1,...]); zoo models have "
+                         "defaults, factories do not")
+    names = [s.name for s in specs]
+    if len(set(names)) != len(names):
+        raise UsageError(f"input names must be distinct; got {', '.join(names)}")
+    specs = [_cast_input(s, torch_dtype) for s in specs]
+    dims = {d: (v if isinstance(v, list) else [v]) for d, v in (dims or {}).items()}
+    used = list(dict.fromkeys(d for s in specs for d in s.dim_names))
+    for d in dims:
+        if d not in used:
+            raise UsageError(f"--dim {d} is not a dimension of any input; the inputs "
+                             f"({', '.join(str(s) for s in specs)}) have: {', '.join(used) or 'none'}")
+    hints = {d: next((v for v in vs if v >= 2), None) for d, vs in dims.items()}
+    hints = {d: v for d, v in hints.items() if v is not None}
+    kernel = "math" if attention == "auto" else attention
+    first = _analyze_once(loaded, specs, mode, loss, optimizer, kernel, hints=hints)
+    name = model if isinstance(model, str) else loaded.name
+    report = Report(name, mode, torch_dtype, specs, loaded, first, optimizer, attention, loss,
+                    params_of(loaded.module))
+    if hardware:
+        report.set_hardware(hardware, tf32)
+    return report
+
+
+def _cast_input(spec: InputSpec, dtype: torch.dtype) -> InputSpec:
+    """Float inputs follow --dtype, as the model's weights do."""
+    if spec.dtype.is_floating_point and spec.dtype != dtype:
+        return InputSpec(spec.name, dtype, spec.dims)
+    return spec
+
+
+_ = collections
