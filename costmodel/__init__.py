@@ -3,5 +3,6 @@ dimensions the user names. See `costmodel.analyze` and the `costmodel` command."
 
 from .api import Point, Report, analyze
 from .errors import AnalysisError, CostModelError, UsageError
+from .symbols import dim_symbol, symbols_for
 
-__all__ = ["analyze", "Report", "Point", "CostModelError", "UsageError", "AnalysisError"]
+__all__ = ["analyze", "Report", "Point", "CostModelError", "UsageError", "AnalysisError", "dim_symbol", "symbols_for"]

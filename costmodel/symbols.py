@@ -21,3 +21,8 @@ def dim_symbol(name: str) -> sympy.Symbol:
 def parse_formula(text: str, dims: list[str]) -> sympy.Expr:
     """Parse a printed formula back into an expression over the dimension symbols."""
     return sympy.sympify(text, locals={d: dim_symbol(d) for d in dims} | {"Max": sympy.Max, "Min": sympy.Min})
+
+
+def symbols_for(*names: str) -> tuple[sympy.Symbol, ...]:
+    """symbols_for("batch", "seq") -> (batch, seq): the symbols formulas are written in."""
+    return tuple(dim_symbol(n) for n in names)
