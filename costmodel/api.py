@@ -304,11 +304,13 @@ def _analyze_once(loaded: cap.LoadedModel, inputs: list[InputSpec], mode: str, l
 
 def analyze(model, inputs: list[str] | None = None, mode: str = "inference", dtype: str | torch.dtype = "float32",
             optimizer: str = "adamw", attention: str = "auto", loss: str = "sum",
-            dims: dict[str, list[int] | int] | None = None, hardware=None, tf32: bool = False) -> Report:
+            dims: dict[str, list[int] | int] | None = None, hardware=None, tf32: bool = False,
+            complete: bool = False) -> Report:
     """Capture `model` (zoo name, "file.py:FUNC", "pkg.mod:FUNC", a factory or an nn.Module) with
     symbolic dimensions and cost every op. `inputs` are specs such as "input_ids:int64[batch,seq]"
     (zoo models bring defaults). `dims` (optional) gives the values to be evaluated later: the first
-    value of each is used as the tracing size, so branches taken at that size are the ones costed."""
+    value of each is used as the tracing size, so branches taken at that size are the ones costed.
+    `complete=True` (the CLI's way) requires a value for every dimension once any has one."""
     if mode not in cap.MODES:
         raise UsageError(f"unknown --mode {mode!r}; accepted: {', '.join(cap.MODES)}")
     if attention not in ATTENTION_CHOICES:
@@ -330,6 +332,12 @@ def analyze(model, inputs: list[str] | None = None, mode: str = "inference", dty
         if d not in used:
             raise UsageError(f"--dim {d} is not a dimension of any input; the inputs "
                              f"({', '.join(str(s) for s in specs)}) have: {', '.join(used) or 'none'}")
+    valued = [d for d, vs in dims.items() if vs]
+    missing = [d for d in used if d not in valued]
+    if complete and valued and missing:
+        users = [str(s) for s in specs if missing[0] in s.dim_names]
+        raise UsageError(f"dimension {missing[0]!r} (used by {', '.join(users)}) has no value; give it one, "
+                         f"e.g. --dim {missing[0]}=N, or give no values at all for formulas only")
     hints = {d: next((v for v in vs if v >= 2), None) for d, vs in dims.items()}
     hints = {d: v for d, v in hints.items() if v is not None}
     kernel = "math" if attention == "auto" else attention

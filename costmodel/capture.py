@@ -16,7 +16,9 @@ import contextlib
 import importlib
 import importlib.util
 import inspect
+import logging
 import os
+import re
 import sys
 import traceback
 from dataclasses import dataclass, field
@@ -207,13 +209,18 @@ def capture(model: nn.Module, inputs: list[InputSpec], mode: str = "inference", 
     fn = train_step if mode == "train" else inference
     if mode == "train" and not trainable:
         raise UsageError("--mode train needs parameters that require grad; this model has none")
+    fake_log = logging.getLogger("torch._subclasses.fake_tensor")
+    level = fake_log.level
+    fake_log.setLevel(logging.CRITICAL)   # it logs every failing meta kernel; our error says it once
     try:
         with fake_mode, _module_paths(model), fx_traceback.preserve_node_meta(), route_sdpa():
             gm = make_fx(fn, tracing_mode="real")(params, buffers, values)
     except CostModelError:
         raise
     except Exception as e:
-        raise AnalysisError(_capture_failure(e)) from e
+        raise AnalysisError(_capture_failure(e, symbol_map)) from e
+    finally:
+        fake_log.setLevel(level)
 
     roles = {}
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
@@ -343,8 +350,7 @@ def _guards(c: Captured) -> list[Guard]:
     for sym, u in user.items():
         rep = env.replacements.get(sym)
         if rep is not None and rep != sym:
-            sloc = env.replacements_slocs.get(sym)
-            out.append(Guard(sympy.Eq(u, rep.xreplace(user)), str(sloc) if sloc else ""))
+            out.append(Guard(sympy.Eq(u, rep.xreplace(user)), _where(env.replacements_slocs.get(sym))))
         vr = env.var_to_range.get(sym)
         if vr is not None:
             if isinstance(vr.upper, sympy.Integer):
@@ -355,8 +361,24 @@ def _guards(c: Captured) -> list[Guard]:
         expr = env.simplify(g.expr).xreplace(user)
         if expr in (sympy.true, True) or not expr.free_symbols:
             continue
-        out.append(Guard(expr, str(getattr(g, "sloc", "") or "")))
-    return out
+        out.append(Guard(expr, _where(getattr(g, "sloc", None))))
+    unique: dict[str, Guard] = {}
+    for g in out:   # a bound appears as a guard and as a symbol range: keep the one that says where
+        if str(g.expr) not in unique or (g.where and not unique[str(g.expr)].where):
+            unique[str(g.expr)] = g
+    return list(unique.values())
+
+
+def _where(sloc) -> str:
+    """'file.py:LINE in func' of the code that made a guard (the user's line when known)."""
+    if sloc is None:
+        return ""
+    if getattr(sloc, "maybe_user_loc", None):
+        return sloc.maybe_user_loc
+    frame = getattr(sloc, "framework_loc", None)
+    if isinstance(frame, traceback.FrameSummary):
+        return f"{frame.filename}:{frame.lineno} in {frame.name}"
+    return str(frame or "")
 
 
 def specialized(c: Captured) -> dict[str, tuple[int, str]]:
@@ -381,8 +403,10 @@ def _user_frame(e: BaseException) -> str:
     return f" (at {f.filename}:{f.lineno}: {(f.line or '').strip()})"
 
 
-def _capture_failure(e: BaseException) -> str:
+def _capture_failure(e: BaseException, symbol_map: dict) -> str:
     text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    names = {str(k): str(v) for k, v in symbol_map.items()}
+    text = re.sub(r"\b[su]\d+\b", lambda m: names.get(m.group(0), m.group(0)), text)
     kind = type(e).__name__
     cause = ""
     if "DataDependent" in kind or "data-dependent" in str(e) or "data dependent" in str(e):

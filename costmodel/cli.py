@@ -128,7 +128,7 @@ def _analyze_report(args, dims: dict[str, list[int]], hardware=None, tf32=False)
     try:
         return analyze(args.model, inputs=args.input or None, mode=args.mode, dtype=args.dtype,
                        optimizer=args.optimizer, attention=args.attention, loss=args.loss, dims=dims,
-                       hardware=hardware, tf32=tf32, **kwargs)
+                       hardware=hardware, tf32=tf32, complete=True, **kwargs)
     except TypeError as e:
         if "amp" in str(e):
             raise UsageError("--amp is not available in this build") from e
@@ -148,11 +148,6 @@ def cmd_analyze(args) -> str:
     valued = {d: v for d, v in dims.items() if v}
     points = []
     if valued:
-        missing = [d for d in rep.dims if d not in valued]
-        if missing:
-            users = [str(s) for s in rep.inputs if missing[0] in s.dim_names]
-            raise UsageError(f"dimension {missing[0]!r} (used by {', '.join(users)}) has no value; give it one, "
-                             f"e.g. --dim {missing[0]}=N, or give no values at all for formulas only")
         points = rep.points(valued)
     if args.plot:
         if not points or not rep.hardware:

@@ -134,6 +134,12 @@ def to_csv(report: Report, points: list[Point]) -> str:
 
 # --- tables ---------------------------------------------------------------------------------------
 
+def _size_not_one(guard) -> bool:
+    """PyTorch's contiguity checks assume derived sizes are not 1: true, and noise in a report."""
+    e = guard.expr
+    return isinstance(e, sympy.Ne) and e.rhs in (0, 1)
+
+
 def to_table(report: Report, points: list[Point], depth: int | None = 2, top: int = 10, by: str = "module",
              fmt: str = "simple") -> str:
     """The human report: header, formulas, complexity, totals per point, roll-up, top ops, coverage."""
@@ -156,7 +162,10 @@ def to_table(report: Report, points: list[Point], depth: int | None = 2, top: in
         out.append(tabulate([[d] + [f"{d}^{cx[d][m]}" for m in metrics] for d in cx],
                             headers=["complexity"] + metrics, tablefmt=fmt))
     if report.guards:
-        out.append("\nvalid where: " + "; ".join(str(g) for g in report.guards))
+        shown = [g for g in report.guards if not _size_not_one(g)]
+        hidden = len(report.guards) - len(shown)
+        out.append("\nvalid where: " + "; ".join(str(g) for g in shown)
+                   + (f"{'; ' if shown else ''}{hidden} sizes != 1 (layout checks)" if hidden else ""))
     if report.fixed:
         out.append("pinned by the model: " + ", ".join(f"{d}={v}" for d, v in report.fixed.items()))
 
