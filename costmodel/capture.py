@@ -214,7 +214,7 @@ def capture(model: nn.Module, inputs: list[InputSpec], mode: str = "inference", 
     fake_log.setLevel(logging.CRITICAL)   # it logs every failing meta kernel; our error says it once
     try:
         with fake_mode, _module_paths(model), fx_traceback.preserve_node_meta(), route_sdpa():
-            gm = make_fx(fn, tracing_mode="real")(params, buffers, values)
+            gm = make_fx(fn, tracing_mode="real", _disable_torch_fn_metadata_mode=True)(params, buffers, values)
     except CostModelError:
         raise
     except Exception as e:

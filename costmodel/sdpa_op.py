@@ -22,7 +22,7 @@ from .rules.attention import KERNELS, attention_backward, attention_forward
 @torch.library.custom_op("costmodel::sdpa", mutates_args=())
 def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor | None,
          dropout_p: float, is_causal: bool, scale: float | None, enable_gqa: bool) -> torch.Tensor:
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p,
+    return _ORIGINAL_SDPA(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p,
                                           is_causal=is_causal, scale=scale, enable_gqa=enable_gqa)
 
 
@@ -36,7 +36,7 @@ def sdpa_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: t
                   attn_mask: torch.Tensor | None, dropout_p: float, is_causal: bool, scale: float | None,
                   enable_gqa: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     def f(q, k, v):
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p,
+        return _ORIGINAL_SDPA(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p,
                                               is_causal=is_causal, scale=scale, enable_gqa=enable_gqa)
 
     _, vjp = torch.func.vjp(f, q, k, v)
@@ -64,10 +64,13 @@ def _backward(ctx, grad_out):
 sdpa.register_autograd(_backward, setup_context=_setup_context)
 
 
+_ORIGINAL_SDPA = F.scaled_dot_product_attention
+
+
 class _RouteSDPA(TorchFunctionMode):
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if func is F.scaled_dot_product_attention:
+        if func is _ORIGINAL_SDPA:
             return _call_sdpa(*args, **kwargs)
         return func(*args, **kwargs)
 
@@ -80,9 +83,18 @@ def _call_sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False
 
 @contextlib.contextmanager
 def route_sdpa():
-    """Within this context, F.scaled_dot_product_attention calls become costmodel::sdpa."""
-    with _RouteSDPA():
-        yield
+    """Within this context, F.scaled_dot_product_attention calls become costmodel::sdpa.
+
+    Calls through the module attribute (`F.scaled_dot_product_attention(...)`, as Hugging Face
+    and most code write it) are rerouted by swapping the attribute, which costs nothing per op; the
+    torch-function mode catches the rest (a name imported before capture), at a small cost per call."""
+    original = F.scaled_dot_product_attention
+    F.scaled_dot_product_attention = _call_sdpa
+    try:
+        with _RouteSDPA():
+            yield
+    finally:
+        F.scaled_dot_product_attention = original
 
 
 @register(torch.ops.costmodel.sdpa)
