@@ -254,7 +254,7 @@ class Report:
         return analysis
 
     def _kernel(self) -> str:
-        return "math" if self.attention == "auto" else self.attention
+        return resolve_attention(self.attention, self.hardware, self.dtype)
 
 
 def _pins(a: Analysis, point: dict[str, int]) -> dict[str, int]:
@@ -340,7 +340,7 @@ def analyze(model, inputs: list[str] | None = None, mode: str = "inference", dty
                          f"e.g. --dim {missing[0]}=N, or give no values at all for formulas only")
     hints = {d: next((v for v in vs if v >= 2), None) for d, vs in dims.items()}
     hints = {d: v for d, v in hints.items() if v is not None}
-    kernel = "math" if attention == "auto" else attention
+    kernel = resolve_attention(attention, hardware, torch_dtype)
     first = _analyze_once(loaded, specs, mode, loss, optimizer, kernel, hints=hints)
     name = model if isinstance(model, str) else loaded.name
     report = Report(name, mode, torch_dtype, specs, loaded, first, optimizer, attention, loss,
@@ -348,6 +348,20 @@ def analyze(model, inputs: list[str] | None = None, mode: str = "inference", dty
     if hardware:
         report.set_hardware(hardware, tf32)
     return report
+
+
+def resolve_attention(attention: str, hardware, dtype: torch.dtype) -> str:
+    """The SDPA kernel whose costs are counted. "auto": on a GPU in --hw (the first device), the one
+    PyTorch would pick there (flash for float16/bfloat16, memory-efficient for float32); without a GPU,
+    "math", the decomposition PyTorch runs on the meta device and FlopCounterMode counts there."""
+    if attention != "auto":
+        return attention
+    from .hardware import Hardware, parse_hardware_list
+    devices = parse_hardware_list(hardware) if isinstance(hardware, str) else (
+        [hardware] if isinstance(hardware, Hardware) else list(hardware or []))
+    if devices and devices[0].vendor.lower() in ("nvidia", "amd"):
+        return "flash" if dtype in (torch.float16, torch.bfloat16) else "efficient"
+    return "math"
 
 
 def _cast_input(spec: InputSpec, dtype: torch.dtype) -> InputSpec:
