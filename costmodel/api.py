@@ -14,10 +14,8 @@ is never evaluated where it does not hold.
 
 from __future__ import annotations
 
-import collections
 import itertools
 import warnings
-from dataclasses import dataclass, field
 from types import SimpleNamespace
 
 import networkx as nx
@@ -36,15 +34,29 @@ from .symbols import dim_symbol
 ATTENTION_CHOICES = ("auto", "math", "flash", "efficient")
 
 
-@dataclass
 class Point:
-    """Concrete figures at one point of the dimensions."""
+    """Concrete figures at one point of the dimensions. `ops` (per-op figures) is computed on first
+    access, so totals at a new point cost a few formula evaluations only."""
 
-    dims: dict[str, int]
-    totals: dict[str, int | float | None]
-    ops: list[dict]
-    analysis: Analysis = field(repr=False)
-    extra: dict = field(default_factory=dict)
+    def __init__(self, dims: dict[str, int], totals: dict, analysis: Analysis, op_values):
+        self.dims, self.totals, self.analysis = dims, totals, analysis
+        self.extra: dict = {}
+        self._op_values = op_values
+        self._ops: list[dict] | None = None
+
+    @property
+    def ops(self) -> list[dict]:
+        if self._ops is None:
+            flat = self._op_values()
+            n = len(METRICS)
+            self._ops = [{"name": op.name, "target": op.target, "module": op.module, "phase": op.phase,
+                          "category": op.category, "dtype": op.dtype, **dict(zip(METRICS, flat[i * n:(i + 1) * n])),
+                          "intensity": None, "bound": None, "time_s": None}
+                         for i, op in enumerate(self.analysis.ops)]
+        return self._ops
+
+    def __repr__(self) -> str:
+        return f"Point(dims={self.dims}, totals={self.totals})"
 
     def modules(self, depth: int | None = None) -> list[dict]:
         rows: dict[str, dict] = {}
@@ -204,16 +216,13 @@ class Report:
             analysis._evaluator = Evaluator([analysis.totals[m] for m in METRICS], c.dims)
         totals = dict(zip(METRICS, analysis._evaluator(values)))
         totals.update(params=self.params, param_bytes=self.param_bytes)
-        if analysis._op_evaluator is None:
-            analysis._op_evaluator = Evaluator([op.cost[m] for op in analysis.ops for m in METRICS], c.dims)
-        flat = analysis._op_evaluator(values)
-        n = len(METRICS)
-        ops = [{"name": op.name, "target": op.target, "module": op.module, "phase": op.phase,
-                "category": op.category, "dtype": op.dtype, **dict(zip(METRICS, flat[i * n:(i + 1) * n])),
-                "intensity": None, "bound": None, "time_s": None}
-               for i, op in enumerate(analysis.ops)]
+        def op_values():
+            if analysis._op_evaluator is None:
+                analysis._op_evaluator = Evaluator([op.cost[m] for op in analysis.ops for m in METRICS], c.dims)
+            return analysis._op_evaluator(values)
+
         totals["time_s"] = None
-        result = Point(point, totals, ops, analysis)
+        result = Point(point, totals, analysis, op_values)
         if self.hardware:
             result.apply_timing(self.hardware[0], self.tf32)
         return result
@@ -370,5 +379,3 @@ def _cast_input(spec: InputSpec, dtype: torch.dtype) -> InputSpec:
         return InputSpec(spec.name, dtype, spec.dims)
     return spec
 
-
-_ = collections
