@@ -135,14 +135,17 @@ class Report:
 
     @property
     def fixed(self) -> dict[str, int]:
-        """Dimensions the first capture had to take at one value (the model pinned them)."""
-        return dict(self.primary.captured.fixed)
+        """Dimensions the first capture took at one value, or that the model pinned to one (a
+        specialisation: e.g. ViT checks the image size against its config)."""
+        pinned = {d: v for d, (v, _) in cap.specialized(self.primary.captured).items()}
+        return dict(self.primary.captured.fixed) | pinned
 
     @property
     def complexity(self) -> dict[str, dict[str, int]]:
         """Polynomial degree of each total in each symbolic dimension: {"seq": {"flops": 2, ...}}."""
+        fixed = self.fixed
         return {d: {m: degree(self.primary.totals[m], dim_symbol(d)) for m in ("flops", "matmul_flops", "bytes")}
-                for d in self.primary.captured.dims}
+                for d in self.primary.captured.dims if d not in fixed}
 
     @property
     def unsupported(self) -> dict[str, int]:

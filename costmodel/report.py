@@ -12,6 +12,7 @@ import json
 import sympy
 from tabulate import tabulate
 
+from . import capture as cap
 from .api import Point, Report
 from .specs import dtype_name
 
@@ -161,13 +162,19 @@ def to_table(report: Report, points: list[Point], depth: int | None = 2, top: in
         out.append("")
         out.append(tabulate([[d] + [f"{d}^{cx[d][m]}" for m in metrics] for d in cx],
                             headers=["complexity"] + metrics, tablefmt=fmt))
+    pinned = cap.specialized(report.primary.captured)
+    for d, (v, where) in pinned.items():
+        out.append(f"\npinned by the model: {d} = {v}" + (f" (from {where})" if where else "")
+                   + f"; other values of {d} are captured separately")
     if report.guards:
-        shown = [g for g in report.guards if not _size_not_one(g)]
+        names = {sympy.Symbol(d, integer=True, positive=True) for d in pinned}
+        shown = [g for g in report.guards if not _size_not_one(g) and not g.expr.free_symbols <= names]
         hidden = len(report.guards) - len(shown)
         out.append("\nvalid where: " + "; ".join(str(g) for g in shown)
                    + (f"{'; ' if shown else ''}{hidden} sizes != 1 (layout checks)" if hidden else ""))
-    if report.fixed:
-        out.append("pinned by the model: " + ", ".join(f"{d}={v}" for d, v in report.fixed.items()))
+    fixed = {d: v for d, v in report.primary.captured.fixed.items() if d not in pinned}
+    if fixed:
+        out.append("captured at: " + ", ".join(f"{d}={v}" for d, v in fixed.items()))
 
     if points:
         out.append(h("Totals"))
