@@ -117,7 +117,8 @@ def test_pinned_dimension_is_reported_and_points_recaptured(capsys):
     data = json.loads(out)
     assert any("seq" in g and "16" in g for g in data["guards"])
     assert "seq" not in data["complexity"]          # a pinned dimension has no degree
-    code, out, err = run(capsys, "analyze", f"{BAD}:pins_length", "--input", "x:float32[batch,seq,4]")
+    code, out, err = run(capsys, "analyze", f"{BAD}:pins_length", "--input", "x:float32[batch,seq,4]",
+                         "--dim", "batch=2", "--dim", "seq=16")
     assert "pinned by the model: seq = 16" in out and "bad_models.py:43" in out
 
 
