@@ -74,3 +74,46 @@ class ConvNet(nn.Module):
 
 def conv_net():
     return ConvNet()
+
+
+class MHA(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.m = nn.MultiheadAttention(32, 4, batch_first=True)
+
+    def forward(self, x):
+        return self.m(x, x, x)[0]
+
+
+class LSTM(nn.Module):
+    """Unrolls over the sequence in Python: the capture pins seq, and each point is captured."""
+
+    def __init__(self):
+        super().__init__()
+        self.m = nn.LSTM(16, 32, num_layers=2, batch_first=True)
+
+    def forward(self, x):
+        return self.m(x)[0]
+
+
+class EinsumHead(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(16, 8))
+
+    def forward(self, x):
+        return torch.einsum("bsd,de->bse", x, self.w).softmax(-1)
+
+
+class ConvTranspose(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.up = nn.ConvTranspose2d(4, 8, 3, stride=2, padding=1, output_padding=1)
+        self.mix = nn.Conv1d(8, 8, 5, groups=4)
+
+    def forward(self, x):
+        return self.mix(self.up(x).flatten(2))
+
+
+def torch_encoder():
+    return nn.TransformerEncoder(nn.TransformerEncoderLayer(32, 4, 64, batch_first=True), 2)

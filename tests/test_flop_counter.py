@@ -3,6 +3,8 @@ architectures, in both modes, at the captured size and, through the formula, at 
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 
@@ -76,3 +78,25 @@ def test_train_counts_backward_not_guessed():
     assert train.totals["matmul_flops"] == inf + 2 * 4 * (16 * 32 + 32 * 8) + 2 * 4 * 32 * 8
     phases = {op["phase"] for op in train.ops}
     assert {"forward", "backward", "optimizer"} <= phases
+
+
+MORE = {
+    "nn.MultiheadAttention": (models.MHA, ["x:float32[batch,seq,32]"]),
+    "nn.LSTM (unrolled: recaptured per point)": (models.LSTM, ["x:float32[batch,seq,16]"]),
+    "einsum": (models.EinsumHead, ["x:float32[batch,seq,16]"]),
+    "conv transpose + grouped conv1d": (models.ConvTranspose, ["x:float32[batch,4,seq,seq]"]),
+    "nn.TransformerEncoder": (models.torch_encoder, ["x:float32[batch,seq,32]"]),
+}
+
+
+@pytest.mark.parametrize("mode", ["inference", "train"])
+@pytest.mark.parametrize("case", list(MORE))
+def test_more_architectures(case, mode):
+    factory, specs = MORE[case]
+    report = costmodel.analyze(factory, inputs=specs, mode=mode, dims={"batch": 3, "seq": 10})
+    assert report.unsupported == {}, report.unsupported_where
+    for point in ({"batch": 3, "seq": 10}, {"batch": 2, "seq": 7}):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            ours = report.evaluate(**point).totals["matmul_flops"]
+        assert ours == flop_counter_total(factory, _shapes(specs, point), mode), (case, mode, point)

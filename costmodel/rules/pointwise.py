@@ -51,7 +51,9 @@ register(*_UNTAGGED_POINTWISE)(pointwise_rule)
 
 # --- metadata only: no data touched ------------------------------------------------------------
 
-register(aten.sym_size, aten.sym_stride, aten.sym_numel, aten.sym_storage_offset, aten._unsafe_view,
+register(aten.sym_size, aten.sym_stride, aten.sym_numel, aten.sym_storage_offset, aten.size, aten.stride,
+         aten.numel, aten.dim, aten.is_contiguous, aten.is_same_size, aten.storage_offset,
+         aten.unsafe_split, aten.unsafe_split_with_sizes, aten.unsafe_chunk, aten._unsafe_view,
          aten.view, aten._reshape_alias, aten.reshape, aten.detach, aten.detach_, aten.alias, aten.lift_fresh,
          aten.t, aten.transpose, aten.permute, aten.expand, aten.slice, aten.select, aten.unsqueeze,
          aten.squeeze, aten.split, aten.split_with_sizes, aten.unbind, aten.chunk, aten.as_strided,
