@@ -85,7 +85,7 @@ MORE = {
     "nn.LSTM (unrolled: recaptured per point)": (models.LSTM, ["x:float32[batch,seq,16]"]),
     "einsum": (models.EinsumHead, ["x:float32[batch,seq,16]"]),
     "conv transpose + grouped conv1d": (models.ConvTranspose, ["x:float32[batch,4,seq,seq]"]),
-    "nn.TransformerEncoder": (models.torch_encoder, ["x:float32[batch,seq,32]"]),
+    "nn.TransformerEncoder": (models.torch_encoder, ["src:float32[batch,seq,32]"]),
 }
 
 
