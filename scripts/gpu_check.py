@@ -156,16 +156,21 @@ def main(argv: list[str] | None = None) -> int:
                 torch.cuda.empty_cache()
         record["runs"].append(entry)
         print(f"gpu_check: {run.name} done in {entry['elapsed_s']:.0f} s", file=sys.stderr, flush=True)
-    record["total_s"] = time.perf_counter() - start
-
-    (out / "gpu_check.json").write_text(json.dumps(record, indent=2, default=str))
-    text = _markdown(record, results)
-    (out / "gpu_check.md").write_text(text)
+        _write(out, record, results, start)     # after every run: a timeout still leaves a report
+    text = _write(out, record, results, start)
     print(text)
     print(f"gpu_check: wrote {out}/gpu_check.json, gpu_check.md and {len(results)} plot(s) in "
           f"{record['total_s']:.0f} s", file=sys.stderr)
     failed = [r for r in record["runs"] if "error" in r]
     return 1 if failed and not results else 0
+
+
+def _write(out: Path, record: dict, results, start: float) -> str:
+    record["total_s"] = time.perf_counter() - start
+    (out / "gpu_check.json").write_text(json.dumps(record, indent=2, default=str))
+    text = _markdown(record, results)
+    (out / "gpu_check.md").write_text(text)
+    return text
 
 
 def _device_info(device: str) -> dict:
