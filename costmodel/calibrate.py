@@ -79,7 +79,7 @@ def calibrate(device: str = "cpu", out_path: str | os.PathLike | None = None, *,
 
     text = _to_toml(
         header=f"Written by `costmodel hardware calibrate --device {device}`: measured achievable rates.",
-        fields={"name": name or f"calibrated-{device}", "vendor": "measured",
+        fields={"name": name or f"calibrated-{device}", "vendor": _vendor(device),
                 "description": f"{machine}, measured", "calibrated": True, "memory_bytes": memory_bytes,
                 "bandwidth_bytes_per_s": bandwidth, "kernel_overhead_s": overhead_s},
         tables={"peak_flops_per_s": peaks, "sources": sources},
@@ -88,6 +88,14 @@ def calibrate(device: str = "cpu", out_path: str | os.PathLike | None = None, *,
         out.write_text(text, encoding="utf-8")
     return hardware_from_dict(tomllib.loads(text), origin=f"calibration of {device}",
                               path=str(out) if out is not None else None)
+
+
+def _vendor(device: str) -> str:
+    """Who made the measured device: attention="auto" models a GPU's fused kernels by vendor."""
+    if device == "cuda":
+        import torch
+        return "amd" if getattr(torch.version, "hip", None) else "nvidia"
+    return "cpu"
 
 
 def _dtypes(device: str) -> list[str]:
