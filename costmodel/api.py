@@ -23,6 +23,7 @@ import sympy
 import torch
 
 from . import capture as cap
+from . import memory
 from . import optimizer as opt
 from .analysis import METRICS, Analysis, OpRecord, cost_graph, params_of
 from .cost import OPTIMIZER
@@ -115,6 +116,11 @@ class Report:
         self.analyses = [first]
         self.hardware: list = []     # Hardware to time on (the first one fills time_s); see set_hardware
         self.tf32 = False
+        self.amp = False
+        # The device kind whose kernels the memory model assumes ("cuda" or "cpu"); None: the first
+        # --hw device's kind, else "cuda" (the contract's figure is torch.cuda.max_memory_allocated).
+        self.device: str | None = None
+        self._memory: dict = {}
         self.dims = list(dict.fromkeys(d for s in inputs for d in s.dim_names))
 
     # --- symbolic views -----------------------------------------------------------------------
@@ -127,7 +133,8 @@ class Report:
     def symbolic(self) -> SimpleNamespace:
         """Totals as sympy expressions in the dimension names (flops, matmul_flops, bytes, ...)."""
         return SimpleNamespace(**self.primary.totals, params=sympy.Integer(self.params),
-                               param_bytes=sympy.Integer(self.param_bytes))
+                               param_bytes=sympy.Integer(self.param_bytes),
+                               peak_memory_bytes=self.memory_formula())
 
     @property
     def guards(self) -> list[cap.Guard]:
@@ -144,7 +151,9 @@ class Report:
     def complexity(self) -> dict[str, dict[str, int]]:
         """Polynomial degree of each total in each symbolic dimension: {"seq": {"flops": 2, ...}}."""
         fixed = self.fixed
-        return {d: {m: degree(self.primary.totals[m], dim_symbol(d)) for m in ("flops", "matmul_flops", "bytes")}
+        peak = self.memory_formula()
+        return {d: {**{m: degree(self.primary.totals[m], dim_symbol(d)) for m in ("flops", "matmul_flops", "bytes")},
+                    "peak_memory_bytes": degree(peak, dim_symbol(d))}
                 for d in self.primary.captured.dims if d not in fixed}
 
     @property
@@ -225,10 +234,45 @@ class Report:
             return analysis._op_evaluator(values)
 
         totals["time_s"] = None
+        model = self.memory_model(analysis=analysis)
+        m = model.evaluate(values)
+        totals["peak_memory_bytes"] = m.peak_bytes
+        totals["memory"] = m.breakdown
         result = Point(point, totals, analysis, op_values)
+        result.extra["memory"] = m.extra(model)
         if self.hardware:
             result.apply_timing(self.hardware[0], self.tf32)
         return result
+
+    # --- memory ---------------------------------------------------------------------------------
+
+    def memory_device(self, device=None) -> str:
+        """The device kind the memory model assumes: `device`, else `self.device`, else the first
+        --hw device's kind, else "cuda"."""
+        return memory.device_kind(device if device is not None else
+                                  self.device if self.device is not None else
+                                  self.hardware[0] if self.hardware else None)
+
+    def memory_model(self, device=None, analysis: Analysis | None = None) -> memory.MemoryModel:
+        """The liveness model of one capture (the primary by default) for a device kind; built once."""
+        analysis = analysis or self.primary
+        kind = self.memory_device(device)
+        key = (id(analysis), kind)
+        if key not in self._memory:
+            self._memory[key] = memory.build(analysis.captured, optimizer=self.optimizer, device=kind,
+                                             attention=self.attention, amp=self.amp)
+        return self._memory[key]
+
+    def memory_formula(self, device=None) -> sympy.Expr:
+        """Peak memory bytes as a formula in the dimensions: Max(...) over the candidate peaks."""
+        return self.memory_model(device).peak
+
+    def memory_at(self, dims: dict[str, int], device=None) -> memory.MemoryPoint:
+        """Peak memory at one point, for a device kind ("cuda", "cpu", a Hardware); faster than
+        `evaluate` (no FLOP totals). Recaptures where the symbolic capture does not hold."""
+        point = self._complete(dict(dims))
+        analysis = self._analysis_for(point)
+        return self.memory_model(device, analysis).evaluate({d: point[d] for d in analysis.captured.dims})
 
     def points(self, sweep: dict[str, list[int]]) -> list[Point]:
         """Evaluate at every point of the cartesian product of the value lists."""
@@ -261,7 +305,7 @@ class Report:
                       f"({'; '.join(reasons) or f'captured with {pinned}'}); capturing that point separately",
                       stacklevel=3)
         analysis = _analyze_once(self._loaded, self.inputs, self.mode, self.loss, self.optimizer,
-                                 self._kernel(), hints=point, fixed=_pins(self.primary, point))
+                                 self._kernel(), hints=point, fixed=_pins(self.primary, point), amp=self.amp)
         self.analyses.append(analysis)
         return analysis
 
@@ -305,8 +349,9 @@ def optimizer_ops(model: torch.nn.Module, trainable: set[str], name: str) -> lis
 
 
 def _analyze_once(loaded: cap.LoadedModel, inputs: list[InputSpec], mode: str, loss: str, optimizer: str,
-                  kernel: str, hints: dict[str, int] | None = None, fixed: dict[str, int] | None = None) -> Analysis:
-    captured = cap.capture(loaded.module, inputs, mode, hints=hints, fixed=fixed, loss=loss)
+                  kernel: str, hints: dict[str, int] | None = None, fixed: dict[str, int] | None = None,
+                  amp: bool | str = False) -> Analysis:
+    captured = cap.capture(loaded.module, inputs, mode, hints=hints, fixed=fixed, loss=loss, amp=amp)
     analysis = cost_graph(captured, attention=kernel)
     if mode == "train":
         analysis.ops.extend(optimizer_ops(loaded.module, captured.trainable, optimizer))
@@ -317,12 +362,22 @@ def _analyze_once(loaded: cap.LoadedModel, inputs: list[InputSpec], mode: str, l
 def analyze(model, inputs: list[str] | None = None, mode: str = "inference", dtype: str | torch.dtype = "float32",
             optimizer: str = "adamw", attention: str = "auto", loss: str = "sum",
             dims: dict[str, list[int] | int] | None = None, hardware=None, tf32: bool = False,
-            complete: bool = False) -> Report:
+            complete: bool = False, amp: bool | str = False, device: str | None = None) -> Report:
     """Capture `model` (zoo name, "file.py:FUNC", "pkg.mod:FUNC", a factory or an nn.Module) with
     symbolic dimensions and cost every op. `inputs` are specs such as "input_ids:int64[batch,seq]"
     (zoo models bring defaults). `dims` (optional) gives the values to be evaluated later: the first
     value of each is used as the tracing size, so branches taken at that size are the ones costed.
-    `complete=True` (the CLI's way) requires a value for every dimension once any has one."""
+    `complete=True` (the CLI's way) requires a value for every dimension once any has one.
+    `amp=True`: mixed precision as torch.autocast on CUDA runs it (float32 weights, optimizer state and
+    master copies; bfloat16 compute, with the casts' copies counted); needs dtype float32. `amp="cpu"`
+    applies the CPU's autocast policy instead (what torch.autocast("cpu") does; used to validate).
+    `device` ("cuda" or "cpu"): the kernels the memory model assumes; default the first --hw
+    device's kind, else "cuda"."""
+    if amp not in (False, True, "cuda", "cpu"):
+        raise UsageError(f"amp={amp!r}; accepted: False, True (CUDA's autocast policy), 'cuda', 'cpu'")
+    if amp and (dtype not in ("float32", torch.float32)):
+        raise UsageError(f"--amp keeps float32 weights and casts to bfloat16 where autocast does; it takes "
+                         f"--dtype float32, got --dtype {dtype_name(dtype) if isinstance(dtype, torch.dtype) else dtype}")
     if mode not in cap.MODES:
         raise UsageError(f"unknown --mode {mode!r}; accepted: {', '.join(cap.MODES)}")
     if attention not in ATTENTION_CHOICES:
@@ -353,10 +408,12 @@ def analyze(model, inputs: list[str] | None = None, mode: str = "inference", dty
     hints = {d: next((v for v in vs if v >= 2), None) for d, vs in dims.items()}
     hints = {d: v for d, v in hints.items() if v is not None}
     kernel = resolve_attention(attention, hardware, torch_dtype)
-    first = _analyze_once(loaded, specs, mode, loss, optimizer, kernel, hints=hints)
+    first = _analyze_once(loaded, specs, mode, loss, optimizer, kernel, hints=hints, amp=amp)
     name = model if isinstance(model, str) else loaded.name
     report = Report(name, mode, torch_dtype, specs, loaded, first, optimizer, attention, loss,
                     params_of(loaded.module))
+    report.amp = amp
+    report.device = memory.device_kind(device) if device is not None else None
     if hardware:
         report.set_hardware(hardware, tf32)
     return report

@@ -152,8 +152,10 @@ def _import_factory(source: str):
 # --- capture ------------------------------------------------------------------------------------
 
 def capture(model: nn.Module, inputs: list[InputSpec], mode: str = "inference", hints: dict[str, int] | None = None,
-            fixed: dict[str, int] | None = None, loss: str = "sum") -> Captured:
-    """Trace `model` on fake inputs whose named dimensions are symbols (or, for `fixed`, integers)."""
+            fixed: dict[str, int] | None = None, loss: str = "sum", amp: bool | str = False) -> Captured:
+    """Trace `model` on fake inputs whose named dimensions are symbols (or, for `fixed`, integers).
+    `amp`: trace the forward and loss under autocast to bfloat16 (True: CUDA's op policy; "cpu": the
+    CPU's), emulated by `costmodel.amp` since autocast does nothing to meta tensors."""
     if mode not in MODES:
         raise UsageError(f"unknown mode {mode!r}; accepted: {', '.join(MODES)}")
     if loss not in LOSSES:
@@ -207,6 +209,9 @@ def capture(model: nn.Module, inputs: list[InputSpec], mode: str = "inference", 
         return [loss_value] + [g for g in grads if g is not None]
 
     fn = train_step if mode == "train" else inference
+    if amp:
+        from .amp import emulate_autocast
+        fn = emulate_autocast(fn, amp if isinstance(amp, str) else "cuda")
     if mode == "train" and not trainable:
         raise UsageError("--mode train needs parameters that require grad; this model has none")
     fake_log = logging.getLogger("torch._subclasses.fake_tensor")
