@@ -41,7 +41,9 @@ def test_json_single_point_matches_contract(capsys):
     assert t["matmul_flops"] == 384 * 4 and t["params"] == 8 * 16 + 16 + 16 * 4 + 4
     assert t["bytes"] == t["bytes_read"] + t["bytes_written"]
     assert sympy.sympify(data["symbolic"]["matmul_flops"]) == 384 * sympy.Symbol("batch")
-    assert data["complexity"] == {"batch": {"flops": 1, "matmul_flops": 1, "bytes": 1}}
+    assert data["complexity"] == {"batch": {"flops": 1, "matmul_flops": 1, "bytes": 1, "peak_memory_bytes": 1}}
+    assert t["peak_memory_bytes"] > t["param_bytes"] and set(t["memory"]) == {"params", "grads", "optimizer_state",
+                                                                                "activations", "temporaries"}
     assert {"name", "target", "module", "category", "flops", "bytes_read", "bytes_written", "intensity", "bound",
             "time_s"} <= set(data["ops"][0])
     assert data["modules"] and data["unsupported"] == {}
