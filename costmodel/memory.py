@@ -27,8 +27,7 @@ formula stays short and evaluates in microseconds.
 from __future__ import annotations
 
 import math
-import operator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import sympy
@@ -62,7 +61,7 @@ def device_kind(device) -> str:
         name = device.lower()
         if name in DEVICE_KINDS:
             return name
-        if name.startswith("cuda") or name.startswith("gpu"):
+        if name.startswith(("cuda", "gpu")):
             return "cuda"
         raise UsageError(f"unknown device kind {device!r}; accepted: {', '.join(DEVICE_KINDS)}")
     if getattr(device, "vendor", "") in ("nvidia", "amd"):
@@ -730,5 +729,3 @@ def build(captured, *, optimizer: str = "adamw", device=None, attention: str = "
     return _Builder(captured, optimizer=optimizer, device=device_kind(device), attention=attention,
                     amp=amp).build()
 
-
-_ = operator

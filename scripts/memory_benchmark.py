@@ -21,12 +21,12 @@ import warnings
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-import torch  # noqa: E402
+import torch
 
-import costmodel  # noqa: E402
-from costmodel import memtrack  # noqa: E402
-from tests import models as M  # noqa: E402
-from tests.models import _hf  # noqa: E402
+import costmodel
+from costmodel import memtrack
+from tests import models as M
+from tests.models import _hf
 
 TEXT = ["input_ids:int64[batch,seq]"]
 IMAGE = ["pixel_values:float32[batch,3,height,width]"]

@@ -9,7 +9,6 @@ import time
 import pytest
 import sympy
 import torch
-import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import costmodel
@@ -82,7 +81,7 @@ def test_hand_written_models_are_exact(mode):
 
 @pytest.mark.parametrize("optimizer", ["sgd", "sgd-momentum", "adam", "adafactor"])
 def test_optimizers(optimizer):
-    factory, inputs, dims = CASES["sdpa-block"]
+    dims = CASES["sdpa-block"][2]
     c = report("sdpa-block", "train").primary.captured
     predicted = memory.build(c, optimizer=optimizer, device="cpu").peak_bytes(dims)
     assert abs(predicted / measured("sdpa-block", "train", optimizer=optimizer) - 1) <= 0.02
@@ -150,7 +149,7 @@ def test_cuda_dropout_masks_are_one_byte():
     c = report("gpt2", "train").primary.captured
     cpu = memory.build(c, device="cpu", attention="flash")
     cuda = memory.build(c, device="cuda", attention="flash")
-    masks = lambda m: [b for b in m.buffers if "empty_like" in b.node and b.dtype == "float32"]   # noqa: E731
+    masks = lambda m: [b for b in m.buffers if "empty_like" in b.node and b.dtype == "float32"]
     assert masks(cpu) and len(masks(cpu)) == len(masks(cuda))
     dims = {"batch": 2, "seq": 128}
     for a, b in zip(masks(cpu), masks(cuda)):
@@ -215,7 +214,7 @@ def test_activation_checkpointing_shows_recomputation():
     inputs, dims = ["x:float32[batch,seq,32]"], {"batch": 2, "seq": 128}
     peaks = {}
     for ckpt in (True, False):
-        r = costmodel.analyze(lambda: Stack(ckpt), inputs=inputs, mode="train", dims=dims, device="cpu")
+        r = costmodel.analyze(lambda ckpt=ckpt: Stack(ckpt), inputs=inputs, mode="train", dims=dims, device="cpu")
         peaks[ckpt] = r.evaluate(**dims).totals["peak_memory_bytes"]
         torch.manual_seed(0)
         real = memtrack.measure_train_step(Stack(ckpt), inputs, dims).peak_bytes
@@ -229,4 +228,3 @@ def test_bad_choices():
         memory.build(c, attention="paged")
     with pytest.raises(UsageError, match="device"):
         memory.build(c, device="tpu")
-    _ = F
