@@ -31,6 +31,7 @@ import torch.nn as nn
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.fx.experimental.proxy_tensor import make_fx
 from torch.fx.experimental.symbolic_shapes import DimDynamic, ShapeEnv
+from torch.nn.utils.stateless import _reparametrize_module
 
 from . import zoo
 from .errors import AnalysisError, CostModelError, UsageError
@@ -190,22 +191,26 @@ def capture(model: nn.Module, inputs: list[InputSpec], mode: str = "inference", 
     call = _call_plan(model, inputs)
     trainable = [i for i, (_, p) in enumerate(param_items) if p.requires_grad]
 
-    def run_model(params, buffers, values):
+    def traced_state(params, buffers):
+        """The model with the traced tensors in place of its meta parameters and buffers."""
         state = {n: t for (n, _), t in zip(param_items, params)} | {n: t for (n, _), t in zip(buffer_items, buffers)}
-        args, kwargs = call(values)
-        return torch.func.functional_call(model, state, tuple(args), kwargs)
+        return _reparametrize_module(model, state, tie_weights=True)
 
     def inference(params, buffers, values):
-        with torch.no_grad():
-            return _tensors(run_model(params, buffers, values))
+        args, kwargs = call(values)
+        with torch.no_grad(), traced_state(params, buffers):
+            return _tensors(model(*args, **kwargs))
 
     def train_step(params, buffers, values):
-        out = run_model(params, buffers, values)
-        loss_value = _loss(out, values, inputs, loss)
-        from torch._functorch._aot_autograd.logging_utils import setup_stacktrace_preservation_hooks
-        setup_stacktrace_preservation_hooks([loss_value.grad_fn])
-        wrt = [params[i] for i in trainable]
-        grads = torch.autograd.grad(loss_value, wrt, allow_unused=True)
+        args, kwargs = call(values)
+        # The whole step, backward included, runs with the traced tensors in place: activation
+        # checkpointing re-runs parts of the forward during the backward.
+        with traced_state(params, buffers):
+            loss_value = _loss(model(*args, **kwargs), values, inputs, loss)
+            from torch._functorch._aot_autograd.logging_utils import setup_stacktrace_preservation_hooks
+            setup_stacktrace_preservation_hooks([loss_value.grad_fn])
+            wrt = [params[i] for i in trainable]
+            grads = torch.autograd.grad(loss_value, wrt, allow_unused=True)
         return [loss_value] + [g for g in grads if g is not None]
 
     fn = train_step if mode == "train" else inference
@@ -218,7 +223,7 @@ def capture(model: nn.Module, inputs: list[InputSpec], mode: str = "inference", 
     level = fake_log.level
     fake_log.setLevel(logging.CRITICAL)   # it logs every failing meta kernel; our error says it once
     try:
-        with fake_mode, _module_paths(model), fx_traceback.preserve_node_meta(), route_sdpa():
+        with fake_mode, _module_paths(model), fx_traceback.preserve_node_meta(), route_sdpa(), _unpacked_sequences():
             gm = make_fx(fn, tracing_mode="real", _disable_torch_fn_metadata_mode=True)(params, buffers, values)
     except CostModelError:
         raise
@@ -325,6 +330,23 @@ def _module_paths(model: nn.Module):
     finally:
         h1.remove()
         h2.remove()
+
+
+@contextlib.contextmanager
+def _unpacked_sequences():
+    """Hugging Face checks position ids for packed sequences with a data-dependent test that fake
+    tensors cannot take, and then builds a [B, 1, S, S] mask that an eager run without packing never
+    builds. Capture assumes what eager finds for ordinary inputs: no packed sequences."""
+    masking = sys.modules.get("transformers.masking_utils")
+    original = getattr(masking, "find_packed_sequence_indices", None)
+    if original is None:
+        yield
+        return
+    masking.find_packed_sequence_indices = lambda position_ids: None
+    try:
+        yield
+    finally:
+        masking.find_packed_sequence_indices = original
 
 
 def _attribute_modules(graph: fx.Graph) -> None:
