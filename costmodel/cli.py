@@ -120,7 +120,7 @@ def _check_format(fmt: str, allowed=FORMATS) -> str:
     return fmt
 
 
-def _analyze_report(args, dims: dict[str, list[int]], hardware=None, tf32=False):
+def _analyze_report(args, dims: dict[str, list[int]], hardware=None, tf32=False, complete=True):
     from .api import analyze
     kwargs = {}
     if args.amp:
@@ -128,7 +128,7 @@ def _analyze_report(args, dims: dict[str, list[int]], hardware=None, tf32=False)
     try:
         return analyze(args.model, inputs=args.input or None, mode=args.mode, dtype=args.dtype,
                        optimizer=args.optimizer, attention=args.attention, loss=args.loss, dims=dims,
-                       hardware=hardware, tf32=tf32, complete=True, **kwargs)
+                       hardware=hardware, tf32=tf32, complete=complete, **kwargs)
     except TypeError as e:
         if "amp" in str(e):
             raise UsageError("--amp is not available in this build") from e
@@ -149,6 +149,8 @@ def cmd_analyze(args) -> str:
     points = []
     if valued:
         points = rep.points(valued)
+    if points and rep.hardware:
+        _oom_verdicts(rep, points)
     if args.plot:
         if not points or not rep.hardware:
             raise UsageError("--plot draws a roofline of a concrete point on a device: give --dim values and --hw")
@@ -173,6 +175,16 @@ def cmd_analyze(args) -> str:
     if args.plot:
         text += f"\nroofline chart written to {args.plot}\n"
     return text
+
+
+def _oom_verdicts(rep, points) -> None:
+    """Does each point fit the first --hw device, and how far can each dimension grow at that point?"""
+    from .fit import largest_fitting, verdict
+    hw = rep.hardware[0]
+    for p in points:
+        v = verdict(rep, hw, p.dims)
+        v["largest_fitting"] = largest_fitting(rep, hw, p.dims)
+        p.extra["oom"] = v
 
 
 def _comparison(rep, point) -> list[dict]:
@@ -210,17 +222,26 @@ def cmd_fit(args) -> str:
             raise UsageError(f"fit takes one value per fixed dimension; got --dim {d}={','.join(map(str, v))}")
         fixed[d] = v[0]
     hw = load_hardware(args.hw)
-    rep = _analyze_report(args, {d: [v] for d, v in fixed.items()})
+    rep = _analyze_report(args, {d: [v] for d, v in fixed.items()}, hardware=hw, complete=False)
     result = fit(rep, hw, args.max, fixed, capacity_bytes=int(args.capacity) if args.capacity else None)
     if args.format == "json":
         return json.dumps(result, indent=2, default=str)
     from .report import _bytes
-    lines = [f"{rep.model} ({rep.mode}, {args.dtype}) on {hw.name}: usable {_bytes(result['capacity_bytes'])}"]
+    reserve = result.get("reserve") or {}
+    lines = [f"{rep.model} ({rep.mode}, {args.dtype}) on {hw.name}: {_bytes(result['capacity_bytes'])} usable"
+             + (f" of {_bytes(result['memory_bytes'])}" if result.get("memory_bytes") else "")
+             + (f" (reserved: {_bytes(reserve['context_bytes'])} CUDA context, "
+                f"{reserve['fragmentation'] * 100:.0f}% fragmentation)"
+                if reserve.get("context_bytes") is not None and reserve.get("fragmentation") is not None
+                else " (--capacity)")]
     for d, v in result["max"].items():
-        lines.append(f"largest {d} that fits: {v} (peak {_bytes(result['peak_memory_bytes'])})")
-    for k, v in result.items():
-        if k not in ("max", "capacity_bytes", "peak_memory_bytes"):
-            lines.append(f"{k}: {v}")
+        others = ", ".join(f"{k}={x}" for k, x in result.get("dims", {}).items() if k != d)
+        lines.append(f"largest {d} that fits: {v}" + (f" at {others}" if others else "")
+                     + f" (peak {_bytes(result['peak_memory_bytes'])}; at {d}={v + 1}: "
+                     f"{_bytes(result.get('next_peak_memory_bytes'))}, does not fit)")
+    if result.get("memory"):
+        lines.append("at the peak: " + ", ".join(f"{k.replace('_', ' ')} {_bytes(b)}"
+                                                 for k, b in sorted(result["memory"].items(), key=lambda kv: -kv[1]) if b))
     return "\n".join(lines)
 
 

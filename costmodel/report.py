@@ -135,6 +135,38 @@ def to_csv(report: Report, points: list[Point]) -> str:
 
 # --- tables ---------------------------------------------------------------------------------------
 
+def _memory_lines(points: list[Point], h) -> list[str]:
+    """Peak memory: the OOM verdict on the first device, the breakdown and what is live at the peak."""
+    lines = []
+    for p in points:
+        v = p.extra.get("oom")
+        mem = p.extra.get("memory")
+        if not v or not mem:
+            continue
+        where = ", ".join(f"{d}={x}" for d, x in p.dims.items())
+        verdict = (f"fits {v['device']} ({_bytes(v['capacity_bytes'])} usable), {_bytes(v['margin_bytes'])} to spare"
+                   if v["fits"] else
+                   f"does NOT fit {v['device']} ({_bytes(v['capacity_bytes'])} usable), "
+                   f"{_bytes(-v['margin_bytes'])} over")
+        parts = sorted(v["memory"].items(), key=lambda kv: -kv[1])
+        at = mem.get("at") or {}
+        lines.append(f"\nat {where}: peak {_bytes(v['peak_memory_bytes'])}: {verdict}")
+        lines.append("  at the peak (" + f"{at.get('target', '?')} in {at.get('module', '?')}, {at.get('phase', '?')}): "
+                     + ", ".join(f"{k.replace('_', ' ')} {_bytes(b)}" for k, b in parts if b))
+        largest = mem.get("largest") or []
+        if largest:
+            lines.append("  largest live tensors: " + "; ".join(
+                f"{t['node']} {t['shape']} {_bytes(t['bytes'])}" for t in largest[:3]))
+        fits = v.get("largest_fitting") or {}
+        others = lambda d: ", ".join(f"{k}={x}" for k, x in p.dims.items() if k != d)
+        for d, n in fits.items():
+            lines.append(f"  largest {d} that fits at {others(d) or 'these sizes'}: "
+                         + (str(n) if n is not None else "none (even 1 does not fit)"))
+    if lines:
+        lines.insert(0, h("Memory"))
+    return lines
+
+
 def _size_not_one(guard) -> bool:
     """PyTorch's contiguity checks assume derived sizes are not 1: true, and noise in a report."""
     e = guard.expr
@@ -194,6 +226,7 @@ def to_table(report: Report, points: list[Point], depth: int | None = 2, top: in
             out.append(f"\non {tm['device']} at {where}: {_time(last.totals['time_s'])}, "
                        f"{(tm['memory_bound_share'] or 0) * 100:.0f}% of the time memory-bound, "
                        f"MFU {(tm['mfu'] or 0) * 100:.0f}%" + (" (TF32 assumed for float32 matmuls)" if tm["tf32"] else ""))
+        out.extend(_memory_lines(points, h))
         out.append(h(f"By module (depth {depth}) at {where}" if by == "module" else f"By op at {where}"))
         if by == "module":
             mods = last.modules(depth)[:max(top, 20)]

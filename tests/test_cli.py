@@ -138,3 +138,41 @@ def test_guarded_formula_is_recaptured_beyond_its_range(capsys):
 def test_console_script_installed():
     out = subprocess.run([sys.executable, "-m", "costmodel.cli", "zoo"], capture_output=True, text=True)
     assert out.returncode == 0 and "llama-2-70b" in out.stdout
+
+
+def test_oom_verdict_in_table_and_json(capsys):
+    code, out, err = run(capsys, "analyze", LINEAR, "--input", "x:float32[batch,8]", "--dim", "batch=4",
+                         "--mode", "train", "--hw", "a100-80gb")
+    assert code == 0, err
+    assert "fits a100-80gb" in out and "largest batch that fits" in out
+    code, out, err = run(capsys, "analyze", LINEAR, "--input", "x:float32[batch,8]", "--dim", "batch=4",
+                         "--mode", "train", "--hw", "a100-80gb", "--format", "json")
+    oom = json.loads(out)["oom"]
+    assert oom["fits"] and oom["margin_bytes"] == oom["capacity_bytes"] - oom["peak_memory_bytes"]
+    assert oom["largest_fitting"]["batch"] > 4
+
+
+def test_fit_solves_and_the_next_value_does_not_fit(capsys):
+    code, out, err = run(capsys, "fit", LINEAR, "--input", "x:float32[batch,8]", "--hw", "a100-80gb",
+                         "--max", "batch", "--capacity", "1000000", "--mode", "train", "--format", "json")
+    assert code == 0, err
+    data = json.loads(out)
+    n = data["max"]["batch"]
+    assert data["capacity_bytes"] == 1_000_000
+    assert data["peak_memory_bytes"] <= 1_000_000 < data["next_peak_memory_bytes"]
+    from costmodel import analyze
+    report = analyze(LINEAR, inputs=["x:float32[batch,8]"], mode="train", hardware="a100-80gb")
+    assert report.evaluate(batch=n).totals["peak_memory_bytes"] <= 1_000_000
+    assert report.evaluate(batch=n + 1).totals["peak_memory_bytes"] > 1_000_000
+    code, out, err = run(capsys, "fit", LINEAR, "--input", "x:float32[batch,8]", "--hw", "a100-80gb",
+                         "--max", "batch", "--capacity", "1000000", "--mode", "train")
+    assert code == 0 and f"largest batch that fits: {n}" in out
+
+
+@pytest.mark.parametrize("argv,needle", [
+    (["fit", LINEAR, "--input", "x:float32[batch,8]", "--hw", "a100-80gb", "--max", "seq"], "--max seq"),
+    (["fit", LINEAR, "--input", "x:float32[batch,8]", "--hw", "b200", "--max", "batch"], "unknown hardware 'b200'"),
+])
+def test_fit_bad_input(capsys, argv, needle):
+    code, out, err = run(capsys, *argv)
+    assert code == 2 and needle in err, err
