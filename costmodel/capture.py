@@ -223,7 +223,7 @@ def capture(model: nn.Module, inputs: list[InputSpec], mode: str = "inference", 
     level = fake_log.level
     fake_log.setLevel(logging.CRITICAL)   # it logs every failing meta kernel; our error says it once
     try:
-        with fake_mode, _module_paths(model), fx_traceback.preserve_node_meta(), route_sdpa(), _unpacked_sequences():
+        with fake_mode, _module_paths(model), fx_traceback.preserve_node_meta(), route_sdpa():
             gm = make_fx(fn, tracing_mode="real", _disable_torch_fn_metadata_mode=True)(params, buffers, values)
     except CostModelError:
         raise
@@ -330,23 +330,6 @@ def _module_paths(model: nn.Module):
     finally:
         h1.remove()
         h2.remove()
-
-
-@contextlib.contextmanager
-def _unpacked_sequences():
-    """Hugging Face checks position ids for packed sequences with a data-dependent test that fake
-    tensors cannot take, and then builds a [B, 1, S, S] mask that an eager run without packing never
-    builds. Capture assumes what eager finds for ordinary inputs: no packed sequences."""
-    masking = sys.modules.get("transformers.masking_utils")
-    original = getattr(masking, "find_packed_sequence_indices", None)
-    if original is None:
-        yield
-        return
-    masking.find_packed_sequence_indices = lambda position_ids: None
-    try:
-        yield
-    finally:
-        masking.find_packed_sequence_indices = original
 
 
 def _attribute_modules(graph: fx.Graph) -> None:

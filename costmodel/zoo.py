@@ -21,7 +21,10 @@ class ZooModel:
     params: int  # the published parameter count, checked by the tests
 
 
-def _hf(model_cls: str, config_cls: str, attention: str | None = "sdpa", **config):
+def hf_factory(model_cls: str, config_cls: str, attention: str | None = "sdpa", **config) -> Callable[[], nn.Module]:
+    """A factory that builds a Hugging Face `transformers` model from a config (no download):
+    hf_factory("GPT2LMHeadModel", "GPT2Config", n_layer=2). Decoders get use_cache=False, so
+    they return plain tensors; attention goes through SDPA unless `attention` says otherwise."""
     def build() -> nn.Module:
         import transformers
         cfg = getattr(transformers, config_cls)(**config)
@@ -30,7 +33,11 @@ def _hf(model_cls: str, config_cls: str, attention: str | None = "sdpa", **confi
         if hasattr(cfg, "use_cache"):
             cfg.use_cache = False
         return getattr(transformers, model_cls)(cfg)
+    build.__name__ = model_cls
     return build
+
+
+_hf = hf_factory
 
 
 _TEXT = ("input_ids:int64[batch,seq]",)

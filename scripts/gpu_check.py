@@ -63,15 +63,11 @@ def gpu_plan() -> list[Run]:
     ]
 
 
+from costmodel.zoo import hf_factory  # noqa: E402
+
+
 def _tiny(model_cls: str, config_cls: str, attention: str | None = "sdpa", **config):
-    def build():
-        import transformers
-        cfg = getattr(transformers, config_cls)(**config)
-        if attention:
-            cfg._attn_implementation = attention
-        if hasattr(cfg, "use_cache"):
-            cfg.use_cache = False
-        return getattr(transformers, model_cls)(cfg)
+    build = hf_factory(model_cls, config_cls, attention, **config)
     build.__name__ = f"tiny-{model_cls}"
     return build
 

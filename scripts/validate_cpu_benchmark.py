@@ -20,17 +20,7 @@ from pathlib import Path
 import torch
 
 
-def _hf(model_cls: str, config_cls: str, attention: str | None = "sdpa", **config):
-    def build():
-        import transformers
-        cfg = getattr(transformers, config_cls)(**config)
-        if attention:
-            cfg._attn_implementation = attention
-        if hasattr(cfg, "use_cache"):
-            cfg.use_cache = False
-        return getattr(transformers, model_cls)(cfg)
-    build.__name__ = model_cls
-    return build
+from costmodel.zoo import hf_factory as _hf
 
 
 def runs(quick: bool) -> list[dict]:

@@ -8,17 +8,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 
-def _hf(model_cls: str, config_cls: str, attention: str | None = "sdpa", **config):
-    def build():
-        import transformers
-        cfg = getattr(transformers, config_cls)(**config)
-        if attention:
-            cfg._attn_implementation = attention
-        if hasattr(cfg, "use_cache"):
-            cfg.use_cache = False
-        return getattr(transformers, model_cls)(cfg)
-    build.__name__ = model_cls
-    return build
+from costmodel.zoo import hf_factory as _hf
 
 
 tiny_llama_gqa = _hf("LlamaForCausalLM", "LlamaConfig", hidden_size=64, intermediate_size=128, num_hidden_layers=2,
