@@ -7,18 +7,17 @@ from __future__ import annotations
 import collections
 from dataclasses import dataclass, field
 
-import networkx as nx
 import sympy
 import torch
 import torch.fx as fx
 
 from . import capture as cap
-from .cost import CATEGORIES, OpCost
+from .cost import OpCost
 from .errors import AnalysisError, UsageError
-from .formulas import Evaluator, degree, plain
+from .formulas import Evaluator, plain
 from .rules import TensorSpec, rule_for
 from .rules.attention import KERNELS
-from .specs import InputSpec, dtype_name, parse_input
+from .specs import dtype_name
 from .symbols import dim_symbol
 
 METRICS = ("flops", "matmul_flops", "bytes_read", "bytes_written", "bytes")
@@ -126,6 +125,3 @@ def params_of(model: torch.nn.Module) -> tuple[int, int]:
     params = list(model.parameters())
     return sum(p.numel() for p in params), sum(p.numel() * p.element_size() for p in params)
 
-
-__all__ = ["Analysis", "OpRecord", "cost_graph", "params_of", "CATEGORIES", "InputSpec", "parse_input",
-           "nx", "degree"]

@@ -9,7 +9,6 @@ says every output aliases an input). No rule: `None`, and the caller reports the
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Callable
 
@@ -109,6 +108,5 @@ def nbytes_of(x) -> sympy.Expr:
     return sympy.Add(*[t.nbytes for t in tensors_in(x)])
 
 
-_ = math  # keep the import for rules that need it
 
 from . import attention, conv, matmul, norm, pointwise  # noqa: E402,F401  (fill the registry)

@@ -15,7 +15,6 @@ the fused kernels keep them on chip and store only a float32 logsumexp per query
 
 from __future__ import annotations
 
-import sympy
 import torch
 
 from ..cost import ATTENTION, OpCost
@@ -110,5 +109,3 @@ def sdpa_composite(q, k, v, attn_mask=None, *args, out, **_) -> OpCost:
     o = out[0] if isinstance(out, tuple) else out
     return attention_forward(q, k, v, o, attn_mask, kernel="math")
 
-
-_ = sympy
