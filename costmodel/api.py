@@ -60,16 +60,9 @@ class Point:
         return f"Point(dims={self.dims}, totals={self.totals})"
 
     def modules(self, depth: int | None = None) -> list[dict]:
-        rows: dict[str, dict] = {}
-        for op in self.ops:
-            name = _truncate(op["module"], depth)
-            row = rows.setdefault(name, {"module": name, "flops": 0, "matmul_flops": 0, "bytes": 0,
-                                         "time_s": None})
-            for k in ("flops", "matmul_flops", "bytes"):
-                row[k] += op[k]
-            if op.get("time_s") is not None:
-                row["time_s"] = (row["time_s"] or 0.0) + op["time_s"]
-        return sorted(rows.values(), key=lambda r: -r["flops"])
+        """Figures per module path cut at `depth` components, largest FLOPs first."""
+        rows = _rollup(self.ops, lambda op: {"module": _truncate(op["module"], depth)})
+        return sorted(rows, key=lambda r: -r["flops"])
 
     def timing(self, hw, tf32: bool = False) -> dict:
         """Roofline time on `hw`: per-op OpTimes (same order as `ops`) and their summary."""
@@ -92,16 +85,25 @@ class Point:
         return t
 
     def by_op(self) -> list[dict]:
-        rows: dict[str, dict] = {}
-        for op in self.ops:
-            row = rows.setdefault(op["target"], {"target": op["target"], "category": op["category"], "count": 0,
-                                                 "flops": 0, "matmul_flops": 0, "bytes": 0, "time_s": None})
+        """Figures per aten op (with how many times it occurs), largest FLOPs first."""
+        rows = _rollup(self.ops, lambda op: {"target": op["target"], "category": op["category"]}, count=True)
+        return sorted(rows, key=lambda r: (-r["flops"], -r["bytes"]))
+
+
+def _rollup(ops: list[dict], key, count: bool = False) -> list[dict]:
+    """Sum flops, matmul_flops, bytes and time_s (None when no op was timed) of ops grouped by key(op)."""
+    rows: dict[tuple, dict] = {}
+    for op in ops:
+        head = key(op)
+        row = rows.setdefault(tuple(head.values()), {**head, **({"count": 0} if count else {}), "flops": 0,
+                                                     "matmul_flops": 0, "bytes": 0, "time_s": None})
+        if count:
             row["count"] += 1
-            for k in ("flops", "matmul_flops", "bytes"):
-                row[k] += op[k]
-            if op.get("time_s") is not None:
-                row["time_s"] = (row["time_s"] or 0.0) + op["time_s"]
-        return sorted(rows.values(), key=lambda r: (-r["flops"], -r["bytes"]))
+        for k in ("flops", "matmul_flops", "bytes"):
+            row[k] += op[k]
+        if op.get("time_s") is not None:
+            row["time_s"] = (row["time_s"] or 0.0) + op["time_s"]
+    return list(rows.values())
 
 
 class Report:
