@@ -116,8 +116,13 @@ def cost_graph(c: cap.Captured, attention: str = "math") -> Analysis:
                              "bytes_written": sympy.sympify(cost.bytes_written),
                              "bytes": sympy.sympify(cost.bytes)}))
     analysis = Analysis(c, ops, dict(unsupported))
-    analysis.totals = {m: sympy.Add(*[op.cost[m] for op in ops]) for m in METRICS}
+    analysis.totals = totals_of(ops)
     return analysis
+
+
+def totals_of(ops: list[OpRecord]) -> dict[str, sympy.Expr]:
+    """Each metric summed over the ops, as one formula."""
+    return {m: sympy.Add(*[op.cost[m] for op in ops]) for m in METRICS}
 
 
 def params_of(model: torch.nn.Module) -> tuple[int, int]:

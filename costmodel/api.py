@@ -25,7 +25,7 @@ import torch
 from . import capture as cap
 from . import memory
 from . import optimizer as opt
-from .analysis import METRICS, Analysis, OpRecord, cost_graph, params_of
+from .analysis import METRICS, Analysis, OpRecord, cost_graph, params_of, totals_of
 from .cost import OPTIMIZER
 from .errors import UsageError
 from .formulas import Evaluator, degree
@@ -284,13 +284,10 @@ class Report:
     def _complete(self, dims: dict[str, int]) -> dict[str, int]:
         unknown = [d for d in dims if d not in self.dims]
         if unknown:
-            raise UsageError(f"--dim {unknown[0]} is not a dimension of any input; the inputs "
-                             f"({', '.join(str(s) for s in self.inputs)}) have: {', '.join(self.dims) or 'none'}")
+            raise _not_a_dimension(unknown[0], self.inputs)
         missing = [d for d in self.dims if d not in dims]
         if missing:
-            users = [str(s) for s in self.inputs if missing[0] in s.dim_names]
-            raise UsageError(f"dimension {missing[0]!r} (used by {', '.join(users)}) has no value; "
-                             f"give it one, e.g. --dim {missing[0]}=N")
+            raise _no_value(missing[0], self.inputs)
         for d, v in dims.items():
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
                 raise UsageError(f"dimension {d}={v!r} must be a positive integer")
@@ -357,7 +354,7 @@ def _analyze_once(loaded: cap.LoadedModel, inputs: list[InputSpec], mode: str, l
     analysis = cost_graph(captured, attention=kernel)
     if mode == "train":
         analysis.ops.extend(optimizer_ops(loaded.module, captured.trainable, optimizer))
-        analysis.totals = {m: sympy.Add(*[op.cost[m] for op in analysis.ops]) for m in METRICS}
+        analysis.totals = totals_of(analysis.ops)
     return analysis
 
 
@@ -399,14 +396,11 @@ def analyze(model, inputs: list[str] | None = None, mode: str = "inference", dty
     used = list(dict.fromkeys(d for s in specs for d in s.dim_names))
     for d in dims:
         if d not in used:
-            raise UsageError(f"--dim {d} is not a dimension of any input; the inputs "
-                             f"({', '.join(str(s) for s in specs)}) have: {', '.join(used) or 'none'}")
+            raise _not_a_dimension(d, specs)
     valued = [d for d, vs in dims.items() if vs]
     missing = [d for d in used if d not in valued]
     if complete and valued and missing:
-        users = [str(s) for s in specs if missing[0] in s.dim_names]
-        raise UsageError(f"dimension {missing[0]!r} (used by {', '.join(users)}) has no value; give it one, "
-                         f"e.g. --dim {missing[0]}=N, or give no values at all for formulas only")
+        raise _no_value(missing[0], specs, ", or give no values at all for formulas only")
     hints = {d: next((v for v in vs if v >= 2), None) for d, vs in dims.items()}
     hints = {d: v for d, v in hints.items() if v is not None}
     kernel = resolve_attention(attention, hardware, torch_dtype)
@@ -419,6 +413,18 @@ def analyze(model, inputs: list[str] | None = None, mode: str = "inference", dty
     if hardware:
         report.set_hardware(hardware, tf32)
     return report
+
+
+def _not_a_dimension(dim: str, specs: list[InputSpec]) -> UsageError:
+    used = list(dict.fromkeys(d for s in specs for d in s.dim_names))
+    return UsageError(f"--dim {dim} is not a dimension of any input; the inputs "
+                      f"({', '.join(str(s) for s in specs)}) have: {', '.join(used) or 'none'}")
+
+
+def _no_value(dim: str, specs: list[InputSpec], also: str = "") -> UsageError:
+    users = [str(s) for s in specs if dim in s.dim_names]
+    return UsageError(f"dimension {dim!r} (used by {', '.join(users)}) has no value; give it one, "
+                      f"e.g. --dim {dim}=N{also}")
 
 
 def resolve_attention(attention: str, hardware, dtype: torch.dtype) -> str:

@@ -122,17 +122,9 @@ def _check_format(fmt: str, allowed=FORMATS) -> str:
 
 def _analyze_report(args, dims: dict[str, list[int]], hardware=None, tf32=False, complete=True):
     from .api import analyze
-    kwargs = {}
-    if args.amp:
-        kwargs["amp"] = True
-    try:
-        return analyze(args.model, inputs=args.input or None, mode=args.mode, dtype=args.dtype,
-                       optimizer=args.optimizer, attention=args.attention, loss=args.loss, dims=dims,
-                       hardware=hardware, tf32=tf32, complete=complete, **kwargs)
-    except TypeError as e:
-        if "amp" in str(e):
-            raise UsageError("--amp is not available in this build") from e
-        raise
+    return analyze(args.model, inputs=args.input or None, mode=args.mode, dtype=args.dtype,
+                   optimizer=args.optimizer, attention=args.attention, loss=args.loss, dims=dims,
+                   hardware=hardware, tf32=tf32, complete=complete, amp=args.amp)
 
 
 def cmd_analyze(args) -> str:
@@ -209,10 +201,7 @@ def cmd_fit(args) -> str:
     from .hardware import load_hardware
     from .specs import parse_dims
     _check_format(args.format, ("table", "json"))
-    try:
-        from .fit import fit
-    except ImportError as e:
-        raise UsageError("`fit` needs the memory model, which this build does not have") from e
+    from .fit import fit
     dims = parse_dims(args.dim)
     if args.max in dims:
         raise UsageError(f"--max {args.max} is solved for; do not also give --dim {args.max}")
@@ -246,10 +235,7 @@ def cmd_fit(args) -> str:
 
 
 def cmd_validate(args) -> str:
-    try:
-        from .validate import run_cli
-    except ImportError as e:
-        raise UsageError("`validate` is not available in this build") from e
+    from .validate import run_cli
     return run_cli(args)
 
 
