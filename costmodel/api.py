@@ -27,8 +27,9 @@ from . import memory
 from . import optimizer as opt
 from .analysis import METRICS, Analysis, OpRecord, cost_graph, params_of, totals_of
 from .cost import OPTIMIZER
-from .errors import UsageError
+from .errors import AnalysisError, CaptureFailed, OutsideLimits, UsageError
 from .formulas import Evaluator, degree
+from .limits import Limit, config_limits
 from .specs import InputSpec, dtype_name, parse_dtype, parse_input
 from .symbols import dim_symbol
 
@@ -123,6 +124,8 @@ class Report:
         # --hw device's kind, else "cuda" (the contract's figure is torch.cuda.max_memory_allocated).
         self.device: str | None = None
         self._memory: dict = {}
+        self._limits: list[Limit] | None = None
+        self.warnings: list[str] = []       # assumptions and fallbacks, in the order they were made
         self.dims = list(dict.fromkeys(d for s in inputs for d in s.dim_names))
 
     # --- symbolic views -----------------------------------------------------------------------
@@ -223,6 +226,10 @@ class Report:
     def evaluate(self, **dims: int) -> Point:
         """Concrete totals and per-op figures at one point (recaptures where the formulas do not hold)."""
         point = self._complete(dims)
+        for limit in self.outside_limits(point):
+            if not limit.hard:
+                self.warn(f"{self.model} at {', '.join(f'{d}={v}' for d, v in point.items())} is beyond "
+                          f"{limit.expr} ({limit.reason}): the model was not built for that length")
         analysis = self._analysis_for(point)
         c = analysis.captured
         values = {d: point[d] for d in c.dims}
@@ -263,17 +270,20 @@ class Report:
         if key not in self._memory:
             self._memory[key] = memory.build(analysis.captured, optimizer=self.optimizer, device=kind,
                                              attention=self.attention, amp=self.amp)
+            for note in self._memory[key].warnings:
+                self.warn(note)
         return self._memory[key]
 
     def memory_formula(self, device=None) -> sympy.Expr:
         """Peak memory bytes as a formula in the dimensions: Max(...) over the candidate peaks."""
         return self.memory_model(device).peak
 
-    def memory_at(self, dims: dict[str, int], device=None) -> memory.MemoryPoint:
+    def memory_at(self, dims: dict[str, int], device=None, quiet: bool = False) -> memory.MemoryPoint:
         """Peak memory at one point, for a device kind ("cuda", "cpu", a Hardware); faster than
-        `evaluate` (no FLOP totals). Recaptures where the symbolic capture does not hold."""
+        `evaluate` (no FLOP totals). Recaptures where the symbolic capture does not hold (`quiet`:
+        without a warning)."""
         point = self._complete(dict(dims))
-        analysis = self._analysis_for(point)
+        analysis = self._analysis_for(point, quiet=quiet)
         return self.memory_model(device, analysis).evaluate({d: point[d] for d in analysis.captured.dims})
 
     def points(self, sweep: dict[str, list[int]]) -> list[Point]:
@@ -293,18 +303,57 @@ class Report:
                 raise UsageError(f"dimension {d}={v!r} must be a positive integer")
         return dict(dims)
 
-    def _analysis_for(self, point: dict[str, int]) -> Analysis:
+    # --- limits, recaptures and warnings ---------------------------------------------------------
+
+    @property
+    def limits(self) -> list[Limit]:
+        """What bounds the dimensions although no guard says so: tables indexed by positions (hard:
+        the real model fails past them) and the context a Hugging Face config declares (soft)."""
+        if self._limits is None:
+            hard = list(self.primary.captured.limits)
+            soft = [l for l in config_limits(self._loaded.module, self.inputs)
+                    if not any(str(h.expr) == str(l.expr) for h in hard)]
+            self._limits = hard + soft
+        return self._limits
+
+    def outside_limits(self, point: dict[str, int]) -> list[Limit]:
+        """The limits `point` breaks (hard ones first)."""
+        values = {dim_symbol(d): v for d, v in point.items()}
+        broken = [l for l in self.limits if not l.holds(values)]
+        return sorted(broken, key=lambda l: not l.hard)
+
+    def warn(self, message: str) -> None:
+        """Record an assumption or fallback (listed under `warnings` in JSON) and warn once."""
+        if message not in self.warnings:
+            self.warnings.append(message)
+            warnings.warn(message, stacklevel=3)
+
+    def _analysis_for(self, point: dict[str, int], quiet: bool = False) -> Analysis:
+        """The analysis valid at `point`, capturing the point separately when no capture holds there.
+        Raises OutsideLimits past a hard limit and CaptureFailed when the recapture fails. `quiet`:
+        no warning (searches probe points the user did not ask for)."""
+        hard = [l for l in self.outside_limits(point) if l.hard]
+        if hard:
+            where = ", ".join(f"{d}={v}" for d, v in point.items())
+            raise OutsideLimits(f"{self.model} cannot run at {where}: it needs {hard[0]}", point, hard[0])
         for a in self.analyses:
             if a.valid_at(point):
                 return a
-        reasons = [str(g) for g in self.primary.captured.guards
-                   if not g.holds({dim_symbol(d): point[d] for d in self.primary.captured.dims})]
+        failed = [g for g in self.primary.captured.guards
+                  if not g.holds({dim_symbol(d): point[d] for d in self.primary.captured.dims})]
         pinned = {d: v for d, v in self.primary.captured.fixed.items() if point.get(d) != v}
-        warnings.warn(f"{self.model}: the symbolic capture does not hold at {point} "
-                      f"({'; '.join(reasons) or f'captured with {pinned}'}); capturing that point separately",
-                      stacklevel=3)
-        analysis = _analyze_once(self._loaded, self.inputs, self.mode, self.loss, self.optimizer,
-                                 self._kernel(), hints=point, fixed=_pins(self.primary, point), amp=self.amp)
+        why = "; ".join(str(g) for g in failed) or f"captured with {pinned}"
+        if not quiet:
+            self.warn(f"{self.model}: the symbolic capture does not hold at {point} ({why}); "
+                      "capturing that point separately")
+        try:
+            analysis = _analyze_once(self._loaded, self.inputs, self.mode, self.loss, self.optimizer,
+                                     self._kernel(), hints=point, fixed=_pins(self.primary, point), amp=self.amp)
+        except AnalysisError as e:
+            where = ", ".join(f"{d}={v}" for d, v in point.items())
+            assumed = f"; the symbolic capture assumed {why}" if failed else ""
+            raise CaptureFailed(f"{self.model} could not be captured at {where}: {e}{assumed}", point,
+                                str(e)) from e
         self.analyses.append(analysis)
         return analysis
 
@@ -404,7 +453,7 @@ def analyze(model, inputs: list[str] | None = None, mode: str = "inference", dty
     hints = {d: next((v for v in vs if v >= 2), None) for d, vs in dims.items()}
     hints = {d: v for d, v in hints.items() if v is not None}
     kernel = resolve_attention(attention, hardware, torch_dtype)
-    first = _analyze_once(loaded, specs, mode, loss, optimizer, kernel, hints=hints, amp=amp)
+    first = _first_analysis(loaded, specs, mode, loss, optimizer, kernel, hints, amp)
     name = model if isinstance(model, str) else loaded.name
     report = Report(name, mode, torch_dtype, specs, loaded, first, optimizer, attention, loss,
                     params_of(loaded.module))
@@ -413,6 +462,33 @@ def analyze(model, inputs: list[str] | None = None, mode: str = "inference", dty
     if hardware:
         report.set_hardware(hardware, tf32)
     return report
+
+
+_LARGER_HINTS = (16, 256)     # retries of a failed capture at larger sizes of the dims without values
+
+
+def _first_analysis(loaded: cap.LoadedModel, specs: list[InputSpec], mode: str, loss: str, optimizer: str,
+                    kernel: str, hints: dict[str, int], amp) -> Analysis:
+    """The symbolic capture. Dimensions the user gave no value for are traced at default sizes; a
+    model that cannot run that small (a conv stack longer than 72 samples) is tried again at larger
+    ones. A failure says which sizes it was captured at and what the config declares for them."""
+    dims = list(dict.fromkeys(d for s in specs for d in s.dim_names))
+    free = [d for d in dims if d not in hints and "batch" not in d.lower()]
+    try:
+        return _analyze_once(loaded, specs, mode, loss, optimizer, kernel, hints=hints, amp=amp)
+    except AnalysisError as first_error:
+        error = first_error
+    for factor in _LARGER_HINTS if free else ():
+        larger = {**hints, **{d: cap.default_hint(d, dims.index(d)) * factor for d in free}}
+        try:
+            return _analyze_once(loaded, specs, mode, loss, optimizer, kernel, hints=larger, amp=amp)
+        except AnalysisError:
+            continue
+    used = {d: hints.get(d, cap.default_hint(d, i)) for i, d in enumerate(dims)}
+    broken = [l for l in config_limits(loaded.module, specs)
+              if not l.holds({dim_symbol(d): v for d, v in used.items()})]
+    hint = f"; note that the model declares {broken[0].describe()}" if broken else ""
+    raise AnalysisError(f"{error} [captured at {', '.join(f'{d}={v}' for d, v in used.items())}]{hint}") from error
 
 
 def _not_a_dimension(dim: str, specs: list[InputSpec]) -> UsageError:

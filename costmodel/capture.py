@@ -16,6 +16,7 @@ import contextlib
 import importlib
 import importlib.util
 import inspect
+import linecache
 import logging
 import os
 import re
@@ -52,8 +53,17 @@ class Guard:
     where: str              # source location that introduced it, when known
 
     def holds(self, values: dict[sympy.Symbol, int]) -> bool:
-        result = self.expr.xreplace({s: sympy.Integer(v) for s, v in values.items()})
-        return bool(result) if result in (sympy.true, sympy.false) or isinstance(result, bool) else True
+        """Whether the condition holds at `values` (a guard that cannot be evaluated there, e.g. a
+        modulo by a size that is 0 at that point, does not hold: the model cannot run there)."""
+        try:
+            result = self.expr.xreplace({s: sympy.Integer(v) for s, v in values.items()})
+        except (ZeroDivisionError, ValueError, TypeError):
+            return False
+        if result in (sympy.true, sympy.false) or isinstance(result, bool):
+            return bool(result)
+        if result.free_symbols:       # a dimension without a value: cannot say it fails
+            return True
+        return False                  # a number where a condition was expected (nan, zoo): no
 
     def __str__(self) -> str:
         return f"{self.expr}" + (f" (from {self.where})" if self.where else "")
@@ -78,6 +88,7 @@ class Captured:
     roles: dict[str, tuple[str, str]] = field(default_factory=dict)  # placeholder -> (param|buffer|input, name)
     trainable: set[str] = field(default_factory=set)                # names of parameters that get grads
     hints: dict[str, int] = field(default_factory=dict)
+    limits: list = field(default_factory=list)   # limits.Limit found in the graph (tables indexed by positions)
 
     def to_user(self, value) -> sympy.Expr:
         """A SymInt / int / sympy expression of the shape env -> sympy in the user's dimension names."""
@@ -164,6 +175,7 @@ def capture(model: nn.Module, inputs: list[InputSpec], mode: str = "inference", 
     hints, fixed = dict(hints or {}), dict(fixed or {})
     dims = list(dict.fromkeys(d for spec in inputs for d in spec.dim_names))
     shape_env = ShapeEnv(duck_shape=False)
+    _record_user_locations(shape_env)
     fake_mode = FakeTensorMode(shape_env=shape_env)
     from torch._dynamo.source import ConstantSource
 
@@ -244,6 +256,8 @@ def capture(model: nn.Module, inputs: list[InputSpec], mode: str = "inference", 
     captured = Captured(gm, mode, [d for d in dims if d not in fixed], fixed, [], symbol_map, shape_env, roles,
                         {param_items[i][0] for i in trainable}, used_hints)
     captured.guards = _guards(captured)
+    from .limits import index_limits
+    captured.limits = index_limits(captured)
     return captured
 
 
@@ -362,11 +376,12 @@ def _guards(c: Captured) -> list[Guard]:
         if rep is not None and rep != sym:
             out.append(Guard(sympy.Eq(u, rep.xreplace(user)), _where(env.replacements_slocs.get(sym))))
         vr = env.var_to_range.get(sym)
+        slocs = env.var_to_range_sloc.get(sym)
         if vr is not None:
             if isinstance(vr.upper, sympy.Integer):
-                out.append(Guard(sympy.Le(u, int(vr.upper)), ""))
+                out.append(Guard(sympy.Le(u, int(vr.upper)), _where(slocs.upper if slocs else None)))
             if isinstance(vr.lower, sympy.Integer) and vr.lower > 2:
-                out.append(Guard(sympy.Ge(u, int(vr.lower)), ""))
+                out.append(Guard(sympy.Ge(u, int(vr.lower)), _where(slocs.lower if slocs else None)))
     for g in env.guards:
         expr = env.simplify(g.expr).xreplace(user)
         if expr in (sympy.true, True) or not expr.free_symbols:
@@ -380,7 +395,7 @@ def _guards(c: Captured) -> list[Guard]:
 
 
 def _where(sloc) -> str:
-    """'file.py:LINE in func' of the code that made a guard (the user's line when known)."""
+    """'file.py:LINE in func' of the model code that made a guard (see `_record_user_locations`)."""
     if sloc is None:
         return ""
     if getattr(sloc, "maybe_user_loc", None):
@@ -389,6 +404,43 @@ def _where(sloc) -> str:
     if isinstance(frame, traceback.FrameSummary):
         return f"{frame.filename}:{frame.lineno} in {frame.name}"
     return str(frame or "")
+
+
+# Frames of these modules are never "the model's line": PyTorch, costmodel itself, and the
+# decorators and context managers that wrap a model's forward.
+_NOT_MODEL_CODE = ("torch", "costmodel", "contextlib", "functools", "sympy", "transformers.utils",
+                   "transformers.modeling_utils", "transformers.integrations.accelerate")
+
+
+def is_model_code(module_name: str) -> bool:
+    """True for a frame whose module (its `__name__`, not its file path: a user's folder may be called
+    `costmodel` or `torch`) is not PyTorch, costmodel or a wrapper around the model's code."""
+    return not any(module_name == m or module_name.startswith(m + ".") for m in _NOT_MODEL_CODE)
+
+
+def _frame_module(frame) -> str:
+    return frame.f_globals.get("__name__", "") or ""
+
+
+def model_location(frame=None) -> str:
+    """'FILE:LINE in FUNC' of the innermost frame of model code on the current stack (or from
+    `frame` outwards), '' if there is none."""
+    frame = frame or sys._getframe(1)
+    while frame is not None:
+        if is_model_code(_frame_module(frame)):
+            return f"{frame.f_code.co_filename}:{frame.f_lineno} in {frame.f_code.co_name}"
+        frame = frame.f_back
+    return ""
+
+
+def _record_user_locations(shape_env: ShapeEnv) -> None:
+    """Make every guard and range the shape env records carry the model's own line as its
+    `maybe_user_loc` (without dynamo, PyTorch only knows the torch frame that asked)."""
+    from torch._guards import SLoc
+
+    def stack_summary(is_debug: bool = False, framework_loc=None):
+        return SLoc(framework_loc, model_location(sys._getframe(1)) or None), ""
+    shape_env._get_stack_summary = stack_summary
 
 
 def specialized(c: Captured) -> dict[str, tuple[int, str]]:
@@ -403,14 +455,18 @@ def specialized(c: Captured) -> dict[str, tuple[int, str]]:
 # --- errors -------------------------------------------------------------------------------------
 
 def _user_frame(e: BaseException) -> str:
-    """' at FILE:LINE: code' for the deepest frame outside torch, transformers' utils and costmodel."""
-    frames = traceback.extract_tb(e.__traceback__)
-    skip = (os.sep + "torch" + os.sep, os.sep + "costmodel" + os.sep, "contextlib.py", os.sep + "_pytest")
-    user = [f for f in frames if not any(s in f.filename for s in skip)]
+    """' (at FILE:LINE: code)' for the deepest frame of the traceback that is model code."""
+    tb, frames = e.__traceback__, []
+    while tb is not None:
+        frames.append(tb)
+        tb = tb.tb_next
+    user = [t for t in frames if is_model_code(_frame_module(t.tb_frame))]
     if not user:
         return ""
-    f = user[-1]
-    return f" (at {f.filename}:{f.lineno}: {(f.line or '').strip()})"
+    t = user[-1]
+    filename, lineno = t.tb_frame.f_code.co_filename, t.tb_lineno
+    line = linecache.getline(filename, lineno).strip()
+    return f" (at {filename}:{lineno}: {line})"
 
 
 def _capture_failure(e: BaseException, symbol_map: dict) -> str:

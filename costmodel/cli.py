@@ -46,6 +46,9 @@ def build_parser() -> argparse.ArgumentParser:
     a = sub.add_parser("analyze", help="capture a model and cost every op")
     _model_args(a)
     a.add_argument("--hw", help="device name(s) from `costmodel hardware list`, comma separated, or a .toml path")
+    a.add_argument("--device", choices=("cpu", "cuda"), default=None,
+                   help="whose kernels the memory and bytes model (attention kernel, dropout masks); "
+                        "default: the kind of the first --hw device, else cuda")
     a.add_argument("--tf32", action="store_true", help="float32 matmuls run on TF32 tensor cores")
     a.add_argument("--by", default="module", help="op | module: the roll-up to print")
     a.add_argument("--depth", type=int, default=2, help="module path components in the roll-up (default 2)")
@@ -55,6 +58,8 @@ def build_parser() -> argparse.ArgumentParser:
     f = sub.add_parser("fit", help="largest value of a dimension whose peak memory fits a device")
     _model_args(f)
     f.add_argument("--hw", required=True, help="device name or .toml path")
+    f.add_argument("--device", choices=("cpu", "cuda"), default=None,
+                   help="whose kernels the memory model assumes; default: the kind of the --hw device")
     f.add_argument("--max", required=True, metavar="DIM", help="the dimension to maximise")
     f.add_argument("--capacity", type=float, help="usable bytes (default: the device's, less the reserve)")
 
@@ -124,7 +129,8 @@ def _analyze_report(args, dims: dict[str, list[int]], hardware=None, tf32=False,
     from .api import analyze
     return analyze(args.model, inputs=args.input or None, mode=args.mode, dtype=args.dtype,
                    optimizer=args.optimizer, attention=args.attention, loss=args.loss, dims=dims,
-                   hardware=hardware, tf32=tf32, complete=complete, amp=args.amp)
+                   hardware=hardware, tf32=tf32, complete=complete, amp=args.amp,
+                   device=getattr(args, "device", None))
 
 
 def cmd_analyze(args) -> str:
@@ -175,7 +181,8 @@ def _oom_verdicts(rep, points) -> None:
     hw = rep.hardware[0]
     for p in points:
         v = verdict(rep, hw, p.dims)
-        v["largest_fitting"] = largest_fitting(rep, hw, p.dims)
+        v["largest_fitting"] = {d: {**l.to_dict(), "description": l.describe()}
+                                for d, l in largest_fitting(rep, hw, p.dims).items()}
         p.extra["oom"] = v
 
 
@@ -225,9 +232,17 @@ def cmd_fit(args) -> str:
                 else " (--capacity)")]
     for d, v in result["max"].items():
         others = ", ".join(f"{k}={x}" for k, x in result.get("dims", {}).items() if k != d)
+        limit = result["limit"]
+        if limit["kind"] == "capacity":
+            why = (f"at {d}={limit['next_value']}: {_bytes(limit['next_peak_bytes'])}, does not fit"
+                   if limit.get("next_value") else "the next value does not fit")
+        elif limit["kind"] == "model":
+            why = f"the model's limit: {limit['reason']}" + (
+                f"; memory alone allows {result['memory_only_value']}" if result.get("memory_only_value") else "")
+        else:
+            why = f"above {v} the model could not be captured: {limit['reason']}"
         lines.append(f"largest {d} that fits: {v}" + (f" at {others}" if others else "")
-                     + f" (peak {_bytes(result['peak_memory_bytes'])}; at {d}={v + 1}: "
-                     f"{_bytes(result.get('next_peak_memory_bytes'))}, does not fit)")
+                     + f" (peak {_bytes(result['peak_memory_bytes'])}; {why})")
     if result.get("memory"):
         lines.append("at the peak: " + ", ".join(f"{k.replace('_', ' ')} {_bytes(b)}"
                                                  for k, b in sorted(result["memory"].items(), key=lambda kv: -kv[1]) if b))

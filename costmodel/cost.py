@@ -48,7 +48,8 @@ class OpCost:
     counted_flops: sympy.Expr | None = None
 
     def __post_init__(self):
-        assert self.category in CATEGORIES, f"unknown category {self.category!r}"
+        if self.category not in CATEGORIES:
+            raise ValueError(f"unknown op category {self.category!r}; known: {', '.join(CATEGORIES)}")
 
     @property
     def bytes(self) -> sympy.Expr:

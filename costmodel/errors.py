@@ -23,3 +23,21 @@ class AnalysisError(CostModelError):
 
     def __init__(self, message: str):
         super().__init__(message, exit_code=1)
+
+
+class CaptureFailed(AnalysisError):
+    """The model could not be captured at a point (it cannot run there, or the tracer cannot follow
+    it): `point` is where, `reason` the first line of what failed."""
+
+    def __init__(self, message: str, point: dict | None = None, reason: str = ""):
+        super().__init__(message)
+        self.point = dict(point or {})
+        self.reason = reason or message
+
+
+class OutsideLimits(AnalysisError):
+    """A point beyond a limit of the model (a table indexed by positions, ...): `limit` says which."""
+
+    def __init__(self, message: str, point: dict, limit):
+        super().__init__(message)
+        self.point, self.limit = dict(point), limit

@@ -269,7 +269,8 @@ def _catalog() -> dict[str, Hardware]:
     if _CATALOG is None:
         devices = [_load_text(text, f"catalog file '{where}'", where) for where, text in _catalog_texts()]
         by_name = {d.name.lower(): d for d in sorted(devices, key=lambda d: d.name)}
-        assert len(by_name) == len(devices), f"duplicate names in the catalog: {[d.name for d in devices]}"
+        if len(by_name) != len(devices):
+            raise RuntimeError(f"duplicate names in the device catalog: {sorted(d.name for d in devices)}")
         _CATALOG = by_name
     return _CATALOG
 
@@ -283,5 +284,7 @@ def _catalog_texts() -> list[tuple[str, str]]:
         entries = []
     if not entries:
         entries = list((Path(__file__).resolve().parent.parent / "hardware_specs").glob("*.toml"))
-    assert entries, "no hardware_specs/*.toml in the installed package or next to costmodel/"
+    if not entries:
+        raise RuntimeError("no hardware_specs/*.toml in the installed package or next to costmodel/: "
+                           "the package is installed without its device catalog")
     return sorted((str(f), f.read_text(encoding="utf-8")) for f in entries)

@@ -114,6 +114,7 @@ class MemoryModel:
                  kernels: dict[str, int], amp: bool = False):
         self.steps, self.buffers, self.dims, self.device = steps, buffers, list(dims), device
         self.kernels, self.amp = kernels, amp
+        self.warnings: list[str] = []
         self._peak = None
         self._reduce()
 
@@ -263,6 +264,7 @@ class _Builder:
         self.alias: dict = {}                        # storage key -> the key it really shares
         self._weight_casts: list[int] = []           # buffers of autocast's cached weight copies
         self.fused_out: set = set()                  # storages of fused attention outputs
+        self.warnings: list[str] = []                # fallbacks taken, said in the report
 
     # sizes and buffers
 
@@ -359,7 +361,9 @@ class _Builder:
         for i, b in enumerate(self.buffers):
             if b.category == STATE:
                 b.end = last
-        return MemoryModel(self.steps, self.buffers, self.c.dims, self.device, self.kernels, self.amp)
+        model = MemoryModel(self.steps, self.buffers, self.c.dims, self.device, self.kernels, self.amp)
+        model.warnings = list(self.warnings)
+        return model
 
     def _op(self, node: fx.Node, target: str, phase: str, module: str, ns: str = "", keymap=None,
             cat: int | None = None, stack: tuple | None = None) -> None:
@@ -469,7 +473,10 @@ class _Builder:
         dropout_p, is_causal, scale, gqa = node.args[4:8]
         if self.attention != "auto":
             return self.attention
-        return auto_kernel(self.device, q, k, v, mask, dropout_p, is_causal, scale, gqa)
+        notes: list[str] = []
+        kernel = auto_kernel(self.device, q, k, v, mask, dropout_p, is_causal, scale, gqa, notes)
+        self.warnings.extend(n for n in notes if n not in self.warnings)
+        return kernel
 
     def _attention_forward(self, node: fx.Node, bwd: fx.Node | None, pending: dict, phase: str, module: str):
         kernel = self.kernel_for(node)
@@ -557,7 +564,10 @@ class _Builder:
                 if train:
                     args.append(like(out_val))
                 gm = make_fx(joint if train else infer, tracing_mode="real")(*args)
-        except Exception:   # fall back to the analytic estimate
+        except Exception as e:   # the analytic estimate instead, said so
+            self.warnings.append(f"the math attention kernel at {node.name} ({node.meta.get('costmodel_module', '')}) "
+                                 f"could not be traced ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
+                                 "its memory is the analytic [B, H, L, S] estimate")
             gm = None
         self._math_cache[sig] = gm
         return gm
@@ -684,8 +694,10 @@ def _descendants(node: fx.Node) -> set:
     return seen
 
 
-def auto_kernel(device: str, q, k, v, mask, dropout_p: float, is_causal: bool, scale, gqa: bool) -> str:
-    """The SDPA kernel PyTorch would run for these inputs on `device` ("cpu" or "cuda")."""
+def auto_kernel(device: str, q, k, v, mask, dropout_p: float, is_causal: bool, scale, gqa: bool,
+                notes: list[str] | None = None) -> str:
+    """The SDPA kernel PyTorch would run for these inputs on `device` ("cpu" or "cuda"); where it has
+    to be assumed, a sentence saying so is appended to `notes`."""
     if device == "cpu":
         try:
             def small(t, last=None):
@@ -697,7 +709,10 @@ def auto_kernel(device: str, q, k, v, mask, dropout_p: float, is_causal: bool, s
             ms = None if mask is None else torch.zeros([2] * mask.dim(), dtype=mask.dtype)
             choice = torch._fused_sdp_choice(qs, ks, vs, ms, float(dropout_p), bool(is_causal), scale=scale,
                                              enable_gqa=bool(gqa))
-        except Exception:
+        except (RuntimeError, TypeError, ValueError) as e:
+            if notes is not None:
+                notes.append(f"PyTorch's CPU kernel choice could not be asked for attention of dtype {q.dtype} "
+                             f"({type(e).__name__}: {e}); assumed the math kernel")
             return "math"
         return "flash" if int(choice) == 1 else "math"
     if q.dim() != 4:
@@ -714,10 +729,12 @@ def auto_kernel(device: str, q, k, v, mask, dropout_p: float, is_causal: bool, s
 
 
 def _concrete(s, default):
-    try:
-        return int(s)
-    except Exception:
-        return default
+    """An int for a size that is a number (or a symbol with no range), else `default`."""
+    if isinstance(s, int):
+        return s
+    if isinstance(s, torch.SymInt) and s.node.expr.is_number:
+        return int(s.node.expr)
+    return default
 
 
 def build(captured, *, optimizer: str = "adamw", device=None, attention: str = "auto",

@@ -64,6 +64,8 @@ def point_dict(report: Report, point: Point, depth: int | None = None) -> dict:
         "modules": point.modules(depth),
         "unsupported": report.unsupported,
         "guards": [str(g) for g in report.guards],
+        "limits": limits_list(report),
+        "warnings": list(report.warnings),
     }
     if point.analysis is not report.primary:
         out["captured_separately"] = True
@@ -88,7 +90,13 @@ def symbolic_only_dict(report: Report, depth: int | None = None) -> dict:
         "ops_by_target": [{"target": r["target"], "category": r["category"], "count": r["count"],
                            "flops": str(r["flops"]), "bytes": str(r["bytes"])} for r in report.by_op()],
         "unsupported": report.unsupported, "guards": [str(g) for g in report.guards],
+        "limits": limits_list(report), "warnings": list(report.warnings),
     })
+
+
+def limits_list(report: Report) -> list[dict]:
+    """The model's limits as JSON: {"bound", "reason", "where", "hard"}."""
+    return [{"bound": str(l.expr), "reason": l.reason, "where": l.where, "hard": l.hard} for l in report.limits]
 
 
 def to_json(report: Report, points: list[Point], depth: int | None = None) -> str:
@@ -160,8 +168,7 @@ def _memory_lines(points: list[Point], h) -> list[str]:
         fits = v.get("largest_fitting") or {}
         others = lambda d: ", ".join(f"{k}={x}" for k, x in p.dims.items() if k != d)
         for d, n in fits.items():
-            lines.append(f"  largest {d} that fits at {others(d) or 'these sizes'}: "
-                         + (str(n) if n is not None else "none (even 1 does not fit)"))
+            lines.append(f"  largest {d} that fits at {others(d) or 'these sizes'}: {n['description']}")
     if lines:
         lines.insert(0, h("Memory"))
     return lines

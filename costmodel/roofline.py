@@ -116,7 +116,8 @@ def op_time(flops, bytes, category: str, dtype: str, hw: "Hardware", tf32: bool 
     ('compute', 2731, 0.799, 4.41)
     """
     flops, bytes = float(flops), float(bytes)
-    assert flops >= 0 and bytes >= 0, f"negative cost: flops={flops}, bytes={bytes}"
+    if not (flops >= 0 and bytes >= 0):
+        raise UsageError(f"op_time needs flops >= 0 and bytes >= 0; got flops={flops}, bytes={bytes}")
     eff = efficiencies(hw, efficiency)
     tensor_key = _TENSOR_CATEGORIES.get(category)
     if tensor_key is not None:

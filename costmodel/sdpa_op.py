@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
+from .errors import UsageError
 from .rules import TensorSpec, register
 from .rules.attention import KERNELS, attention_backward, attention_forward
 
@@ -97,15 +98,20 @@ def route_sdpa():
         F.scaled_dot_product_attention = original
 
 
+def _check_kernel(kernel: str) -> None:
+    if kernel not in KERNELS:
+        raise UsageError(f"unknown attention kernel {kernel!r}; accepted: {', '.join(KERNELS)}")
+
+
 @register(torch.ops.costmodel.sdpa)
 def sdpa_rule(q: TensorSpec, k: TensorSpec, v: TensorSpec, attn_mask, dropout_p, is_causal, scale,
               enable_gqa, *, out: TensorSpec, kernel: str = "math", **_):
-    assert kernel in KERNELS, kernel
+    _check_kernel(kernel)
     return attention_forward(q, k, v, out, attn_mask, kernel)
 
 
 @register(torch.ops.costmodel.sdpa_backward)
 def sdpa_backward_rule(grad_out: TensorSpec, q: TensorSpec, k: TensorSpec, v: TensorSpec, attn_mask,
                        dropout_p, is_causal, scale, enable_gqa, *, out, kernel: str = "math", **_):
-    assert kernel in KERNELS, kernel
+    _check_kernel(kernel)
     return attention_backward(grad_out, q, k, v, list(out), attn_mask, kernel)

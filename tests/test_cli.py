@@ -149,7 +149,9 @@ def test_oom_verdict_in_table_and_json(capsys):
                          "--mode", "train", "--hw", "a100-80gb", "--format", "json")
     oom = json.loads(out)["oom"]
     assert oom["fits"] and oom["margin_bytes"] == oom["capacity_bytes"] - oom["peak_memory_bytes"]
-    assert oom["largest_fitting"]["batch"] > 4
+    batch = oom["largest_fitting"]["batch"]
+    assert batch["value"] > 4 and batch["limit"]["kind"] == "capacity"
+    assert batch["limit"]["next_value"] == batch["value"] + 1
 
 
 def test_fit_solves_and_the_next_value_does_not_fit(capsys):

@@ -61,7 +61,8 @@ def test_largest_fitting_per_dimension():
     r = block_report()
     best = largest_fitting(r, "a100-80gb", {"batch": 4, "seq": 256}, capacity_bytes=64 * MIB)
     assert set(best) == {"batch", "seq"}
-    assert best["seq"] == fit(r, "a100-80gb", "seq", {"batch": 4}, capacity_bytes=64 * MIB)["max"]["seq"]
+    assert best["seq"].value == fit(r, "a100-80gb", "seq", {"batch": 4}, capacity_bytes=64 * MIB)["max"]["seq"]
+    assert best["seq"].stop.kind == "capacity" and best["seq"].stop.next_value == best["seq"].value + 1
 
 
 def test_unknown_dimension():

@@ -170,7 +170,7 @@ def test_report_memory_contract():
     assert extra["largest"] and all(set(t) == {"bytes", "category", "node", "dtype", "shape"} for t in extra["largest"])
     text = str(r.symbolic.peak_memory_bytes)
     formula = parse_formula(text, ["batch", "seq"])
-    for b, s in ((1, 64), (4, 512), (16, 2048)):
+    for b, s in ((1, 64), (4, 256), (16, 512)):       # the tiny GPT-2 has 512 positions
         assert formula.subs({sympy.Symbol("batch", integer=True, positive=True): b,
                              sympy.Symbol("seq", integer=True, positive=True): s}) == \
             r.evaluate(batch=b, seq=s).totals["peak_memory_bytes"]

@@ -50,7 +50,8 @@ def register(*ops) -> Callable[[Rule], Rule]:
 
     def wrap(fn: Rule) -> Rule:
         for op in ops:
-            assert op not in _REGISTRY, f"{op} already has a rule: {_REGISTRY[op].__name__}"
+            if op in _REGISTRY:
+                raise RuntimeError(f"{op} already has a rule: {_REGISTRY[op].__name__}")
             _REGISTRY[op] = fn
         return fn
 
