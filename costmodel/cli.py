@@ -88,7 +88,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:       # bad usage (exit 2) or --help (exit 0): a return code, as for errors
+        return e.code if isinstance(e.code, int) else 2
     if not args.command:
         parser.print_help(sys.stderr)
         return 2

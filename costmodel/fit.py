@@ -211,7 +211,8 @@ def largest(report, hardware, dim: str, dims: dict[str, int], capacity_bytes: in
         hi = nxt
         break
     else:
-        return Largest(dim, None, Stop("error", f"the peak still fits at {dim}={lo}; it grows too slowly to bound"))
+        return Largest(dim, None, Stop("error", f"the search failed: the peak still fits at {dim}={lo}; it grows "
+                                                "too slowly to bound"))
     lo, hi = _bisect(probe, lo, hi)
     return Largest(dim, lo, probe.stop_at(hi), probe(lo).peak_bytes)
 

@@ -107,3 +107,94 @@ class ConvTranspose(nn.Module):
 
 def torch_encoder():
     return nn.TransformerEncoder(nn.TransformerEncoderLayer(32, 4, 64, batch_first=True), 2)
+
+
+class SlicedPositions(nn.Module):
+    """BERT's position handling by hand: a 256-entry buffer sliced to the sequence and expanded.
+    Past 256 the real model fails (the expand), and the capture records seq <= 256 from the slice."""
+
+    def __init__(self):
+        super().__init__()
+        self.tokens = nn.Embedding(100, 32)
+        self.positions = nn.Embedding(256, 32)
+        self.register_buffer("position_ids", torch.arange(256).expand(1, -1), persistent=False)
+        self.register_buffer("token_type_ids", torch.zeros(1, 256, dtype=torch.long), persistent=False)
+        self.types = nn.Embedding(2, 32)
+        self.out = nn.Linear(32, 32)
+
+    def forward(self, ids):
+        B, S = ids.shape
+        types = self.token_type_ids[:, :S].expand(B, S)
+        return self.out(self.tokens(ids) + self.positions(self.position_ids[:, :S]) + self.types(types))
+
+
+class AudioConv(nn.Module):
+    """A 1-D conv stack over raw samples: it needs at least 104 of them."""
+
+    def __init__(self):
+        super().__init__()
+        self.convs = nn.Sequential(nn.Conv1d(1, 16, 80, stride=4), nn.ReLU(), nn.Conv1d(16, 32, 3, stride=2),
+                                   nn.ReLU(), nn.Conv1d(32, 32, 3, stride=2), nn.ReLU())
+        self.head = nn.Linear(32, 10)
+
+    def forward(self, x):
+        return self.head(self.convs(x).mean(-1))
+
+
+class Patches(nn.Module):
+    """Cuts images into 16 x 16 patches with a view: height and width must be multiples of 16."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Linear(3 * 16 * 16, 64)
+
+    def forward(self, x):
+        B, C, H, W = x.shape
+        x = x.view(B, C, H // 16, 16, W // 16, 16).permute(0, 2, 4, 1, 3, 5)
+        return self.embed(x.reshape(B, (H // 16) * (W // 16), C * 256))
+
+
+class TokenBudget(nn.Module):
+    """Refuses more than 4096 tokens in a batch: a limit on batch * seq, which no one-dimension
+    bound expresses; past it the capture fails."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(16, 16)
+
+    def forward(self, x):
+        if x.shape[0] * x.shape[1] > 4096:
+            raise ValueError("at most 4096 tokens per batch")
+        return self.lin(x)
+
+
+class ConvNeXtBlock(nn.Module):
+    def __init__(self, d: int):
+        super().__init__()
+        self.dw = nn.Conv2d(d, d, 7, padding=3, groups=d)
+        self.norm = nn.LayerNorm(d)
+        self.up, self.down = nn.Linear(d, 4 * d), nn.Linear(4 * d, d)
+
+    def forward(self, x):
+        y = self.dw(x).permute(0, 2, 3, 1)
+        return x + self.down(F.gelu(self.up(self.norm(y)))).permute(0, 3, 1, 2)
+
+
+class ConvNeXt(nn.Module):
+    """A ConvNeXt-style net: patchify stem (stride 4), depthwise 7x7 blocks, a downsampling conv."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 32, 4, stride=4)
+        self.stage1 = nn.Sequential(ConvNeXtBlock(32), ConvNeXtBlock(32))
+        self.down = nn.Conv2d(32, 64, 2, stride=2)
+        self.stage2 = ConvNeXtBlock(64)
+        self.head = nn.Linear(64, 10)
+
+    def forward(self, x):
+        return self.head(self.stage2(self.down(self.stage1(self.stem(x)))).mean((2, 3)))
+
+
+tiny_distilbert_classifier = _hf("DistilBertForSequenceClassification", "DistilBertConfig", dim=64, hidden_dim=128,
+                                 n_layers=2, n_heads=4, dropout=0.1, attention_dropout=0.1, vocab_size=256,
+                                 max_position_embeddings=128)
