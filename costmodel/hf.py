@@ -225,6 +225,9 @@ def _model_class(raw: dict, config, name: str, location: str, trust_remote_code:
     import transformers
     auto_map = {k: v for k, v in (raw.get("auto_map") or {}).items() if isinstance(v, str)}
     architectures = raw.get("architectures") or []
+    if not (isinstance(architectures, list) and all(isinstance(a, str) for a in architectures)):
+        raise UsageError(f"{name}: the config's architectures is {architectures!r}; expected a list of class "
+                         'names, e.g. ["LlamaForCausalLM"]')
     if not architectures:
         ref = auto_map.get("AutoModel")
         if ref and trust_remote_code:

@@ -175,6 +175,8 @@ def test_model_without_sdpa_says_attention_is_its_own(tmp_path):
     ('{"architectures": ["LlamaForCausalLM"]}', "the config has no model_type"),
     ('{"model_type": "no-such-model"}', "model_type 'no-such-model' is not known to transformers"),
     ('{"model_type": "llama", "architectures": ["LlamaConfig"]}', "'LlamaConfig' is not a transformers model class"),
+    ('{"model_type": "llama", "architectures": "LlamaForCausalLM"}', "architectures is 'LlamaForCausalLM'; expected "
+                                                                     "a list of class names"),
     ('{"model_type": "llama", "architectures": ["LlamaForTimeTravel"]}',
      "'LlamaForTimeTravel' .* is not a class of transformers"),
 ])
