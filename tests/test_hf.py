@@ -8,7 +8,6 @@ import hashlib
 import importlib
 import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
