@@ -410,17 +410,19 @@ def _analyze_once(loaded: cap.LoadedModel, inputs: list[InputSpec], mode: str, l
 def analyze(model, inputs: list[str] | None = None, mode: str = "inference", dtype: str | torch.dtype = "float32",
             optimizer: str = "adamw", attention: str = "auto", loss: str = "sum",
             dims: dict[str, list[int] | int] | None = None, hardware=None, tf32: bool = False,
-            complete: bool = False, amp: bool | str = False, device: str | None = None) -> Report:
-    """Capture `model` (zoo name, "file.py:FUNC", "pkg.mod:FUNC", a factory or an nn.Module) with
-    symbolic dimensions and cost every op. `inputs` are specs such as "input_ids:int64[batch,seq]"
-    (zoo models bring defaults). `dims` (optional) gives the values to be evaluated later: the first
+            complete: bool = False, amp: bool | str = False, device: str | None = None,
+            trust_remote_code: bool = False) -> Report:
+    """Capture `model` (zoo name, "hf:ORG/NAME", a config.json or its directory, "file.py:FUNC",
+    "pkg.mod:FUNC", a factory or an nn.Module) with symbolic dimensions and cost every op. `inputs`
+    are specs such as "input_ids:int64[batch,seq]" (zoo models and Hugging Face configs bring defaults). `dims` (optional) gives the values to be evaluated later: the first
     value of each is used as the tracing size, so branches taken at that size are the ones costed.
     `complete=True` (the CLI's way) requires a value for every dimension once any has one.
     `amp=True`: mixed precision as torch.autocast on CUDA runs it (float32 weights, optimizer state and
     master copies; bfloat16 compute, with the casts' copies counted); needs dtype float32. `amp="cpu"`
     applies the CPU's autocast policy instead (what torch.autocast("cpu") does; used to validate).
     `device` ("cuda" or "cpu"): the kernels the memory model assumes; default the first --hw
-    device's kind, else "cuda"."""
+    device's kind, else "cuda". `trust_remote_code=True` lets a Hugging Face config's auto_map
+    code run (the repository's own model classes); off by default."""
     if amp not in (False, True, "cuda", "cpu"):
         raise UsageError(f"amp={amp!r}; accepted: False, True (CUDA's autocast policy), 'cuda', 'cpu'")
     if amp and (dtype not in ("float32", torch.float32)):
@@ -432,11 +434,13 @@ def analyze(model, inputs: list[str] | None = None, mode: str = "inference", dty
         raise UsageError(f"unknown --attention {attention!r}; accepted: {', '.join(ATTENTION_CHOICES)}")
     opt.check(optimizer)
     torch_dtype = parse_dtype(dtype) if isinstance(dtype, str) else dtype
-    loaded = cap.load_model(model, torch_dtype)
+    loaded = cap.load_model(model, torch_dtype, trust_remote_code=trust_remote_code)
     specs = [parse_input(s) if isinstance(s, str) else s for s in (inputs or [])] or loaded.inputs
+    if not specs and loaded.no_inputs:
+        raise UsageError(f"model {loaded.name} has no default inputs: {loaded.no_inputs}")
     if not specs:
-        raise UsageError(f"model {loaded.name} needs --input specs (NAME:DTYPE[D0,D1,...]); zoo models have "
-                         "defaults, factories do not")
+        raise UsageError(f"model {loaded.name} needs --input specs (NAME:DTYPE[D0,D1,...]); zoo models and "
+                         "Hugging Face configs have defaults, factories do not")
     names = [s.name for s in specs]
     if len(set(names)) != len(names):
         raise UsageError(f"input names must be distinct; got {', '.join(names)}")

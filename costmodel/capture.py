@@ -74,6 +74,7 @@ class LoadedModel:
     name: str
     module: nn.Module
     inputs: list[InputSpec]
+    no_inputs: str = ""     # why a model that usually brings default inputs has none
 
 
 @dataclass
@@ -104,21 +105,38 @@ class Captured:
 
 # --- loading ------------------------------------------------------------------------------------
 
-def load_model(source: str | nn.Module, dtype: torch.dtype = torch.float32) -> LoadedModel:
-    """A zoo name, `file.py:FUNC`, `package.module:FUNC`, a callable or a module -> the model on meta."""
+def resolve_source(source: str, trust_remote_code: bool = False) -> tuple[str, object, list[InputSpec], str]:
+    """A MODEL string -> (name, factory, default inputs, why there are none). Hugging Face configs
+    (hf:ORG/NAME, a config.json or a directory holding one) are recognised first, then zoo names,
+    then FILE.py:FUNC and package.module:FUNC."""
+    from . import hf
+    if hf.is_hf_source(source):
+        model = hf.resolve(source, trust_remote_code)
+        return source, model.build, [parse_input(s) for s in model.inputs], model.no_inputs
+    if ":" not in source:
+        if os.path.isdir(source) and source not in zoo.ZOO:
+            hf.local_config_path(source)   # raises: the directory holds no config.json
+        entry = zoo.get(source)
+        return entry.name, entry.build, [parse_input(s) for s in entry.inputs], ""
+    return source, _import_factory(source), [], ""
+
+
+def load_model(source: str | nn.Module, dtype: torch.dtype = torch.float32,
+               trust_remote_code: bool = False) -> LoadedModel:
+    """A zoo name, hf:ORG/NAME, a config.json (or its directory), `file.py:FUNC`, `package.module:FUNC`,
+    a callable or a module -> the model on meta. `trust_remote_code`: a Hugging Face config's
+    auto_map code may run (off by default)."""
     default_inputs: list[InputSpec] = []
+    no_inputs = ""
     if isinstance(source, nn.Module):
         name, factory = type(source).__name__, (lambda: source)
     elif callable(source):
         name, factory = getattr(source, "__name__", "model"), source
-    elif isinstance(source, str) and ":" not in source:
-        entry = zoo.get(source)
-        name, factory = entry.name, entry.build
-        default_inputs = [parse_input(s) for s in entry.inputs]
     elif isinstance(source, str):
-        name, factory = source, _import_factory(source)
+        name, factory, default_inputs, no_inputs = resolve_source(source, trust_remote_code)
     else:
-        raise UsageError(f"model {source!r} is not a zoo name, FILE.py:FUNC, package.module:FUNC or nn.Module")
+        raise UsageError(f"model {source!r} is not a zoo name, hf:ORG/NAME, config.json, FILE.py:FUNC, "
+                         "package.module:FUNC or nn.Module")
     try:
         with torch.device("meta"):
             module = factory()
@@ -130,7 +148,7 @@ def load_model(source: str | nn.Module, dtype: torch.dtype = torch.float32) -> L
         raise AnalysisError(f"the factory of {name} returned {type(module).__name__}, not a torch.nn.Module")
     if dtype != torch.float32:
         module = module.to(dtype)
-    return LoadedModel(name, module, default_inputs)
+    return LoadedModel(name, module, default_inputs, no_inputs)
 
 
 def _import_factory(source: str):

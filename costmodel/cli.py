@@ -24,9 +24,10 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("model", help="zoo name (see `costmodel zoo`), FILE.py:FUNC or package.module:FUNC")
+    p.add_argument("model", help="zoo name (see `costmodel zoo`), hf:ORG/NAME (its config.json only), a config.json "
+                                 "or a directory holding one, FILE.py:FUNC or package.module:FUNC")
     p.add_argument("--input", action="append", default=[], metavar="SPEC",
-                   help="NAME:DTYPE[D0,D1,...], e.g. input_ids:int64[batch,seq] (zoo models have defaults)")
+                   help="NAME:DTYPE[D0,D1,...], e.g. input_ids:int64[batch,seq] (zoo models and configs have defaults)")
     p.add_argument("--dim", action="append", default=[], metavar="NAME=V[,V...]",
                    help="value(s) of a named dimension; a comma list is a sweep")
     p.add_argument("--mode", default="inference", help="inference | train")
@@ -36,6 +37,8 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--attention", default="auto", help="auto | math | flash | efficient")
     p.add_argument("--loss", default="sum", help="sum | cross-entropy")
     p.add_argument("--format", default="table", help="table | json | csv | markdown")
+    p.add_argument("--trust-remote-code", action="store_true",
+                   help="let a Hugging Face config's auto_map run the repository's Python code (off by default)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -133,7 +136,7 @@ def _analyze_report(args, dims: dict[str, list[int]], hardware=None, tf32=False,
     return analyze(args.model, inputs=args.input or None, mode=args.mode, dtype=args.dtype,
                    optimizer=args.optimizer, attention=args.attention, loss=args.loss, dims=dims,
                    hardware=hardware, tf32=tf32, complete=complete, amp=args.amp,
-                   device=getattr(args, "device", None))
+                   device=getattr(args, "device", None), trust_remote_code=args.trust_remote_code)
 
 
 def cmd_analyze(args) -> str:

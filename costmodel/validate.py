@@ -106,12 +106,13 @@ def validate(model, inputs: list[str] | None = None, *, dims: dict[str, list[int
              mode: str = "inference", dtype: str | torch.dtype = "float32", optimizer: str = "adamw",
              attention: str = "auto", loss: str = "sum", amp: bool = False, hardware=None, repeats: int = 5,
              warmup: int = 1, min_time_s: float = 0.5, progress: bool = True,
-             cross_check: bool | None = None) -> ValidationResult:
+             cross_check: bool | None = None, trust_remote_code: bool = False) -> ValidationResult:
     """Measure `model` at every point of `dims` (a cartesian product of value lists) on `device`
     and compare with the prediction. `hardware` (a name, .toml path or Hardware) prices the predicted
     time; by default this machine is calibrated (once per shell session, cached in the temp dir).
     Each time is the median of at least `repeats` steps, more while under `min_time_s` of timing.
-    `cross_check` (default: on the CPU) adds the profiler's allocator-level peak to each point."""
+    `cross_check` (default: on the CPU) adds the profiler's allocator-level peak to each point.
+    `trust_remote_code`: a Hugging Face config's auto_map code may run (as in analyze)."""
     from .api import analyze
     from .specs import dtype_name, parse_dtype
 
@@ -137,7 +138,8 @@ def validate(model, inputs: list[str] | None = None, *, dims: dict[str, list[int
     kwargs = {"amp": True} if amp else {}
     try:
         report = analyze(model, inputs=inputs, mode=mode, dtype=torch_dtype, optimizer=optimizer,
-                         attention=attention, loss=loss, dims=sweep, hardware=hw, complete=True, **kwargs)
+                         attention=attention, loss=loss, dims=sweep, hardware=hw, complete=True,
+                         trust_remote_code=trust_remote_code, **kwargs)
     except TypeError as e:
         if "amp" in str(e):
             raise UsageError("--amp is not available in this build") from e
@@ -151,7 +153,7 @@ def validate(model, inputs: list[str] | None = None, *, dims: dict[str, list[int
     swept = [d for d in names if len(sweep[d]) > 1]
 
     environment = _environment(device)
-    runner = _Runner(model, report, device, torch_dtype, mode, optimizer, loss, amp)
+    runner = _Runner(model, report, device, torch_dtype, mode, optimizer, loss, amp, trust_remote_code)
     capacity = _capacity_bytes(device, hw)
     results: list[PointResult] = []
     bar = _progress(len(combos), f"validate {report.model}", progress)
@@ -186,13 +188,13 @@ class _Runner:
     """The real model on the device, and one closure per point that runs the contract's scenario."""
 
     def __init__(self, source, report, device: str, dtype: torch.dtype, mode: str, optimizer: str, loss: str,
-                 amp: bool):
+                 amp: bool, trust_remote_code: bool = False):
         from . import memtrack
         self.memtrack = memtrack
         self.report, self.device, self.mode, self.loss, self.amp = report, device, mode, loss, amp
         self.specs = list(report.inputs)
         torch.manual_seed(0)
-        self.model = _build_real(source, report.model, device)
+        self.model = _build_real(source, report.model, device, trust_remote_code)
         if not amp and dtype != torch.float32:
             self.model = self.model.to(dtype)
         self.model.train(mode == "train")
@@ -272,10 +274,9 @@ class _Runner:
             torch.cuda.empty_cache()
 
 
-def _build_real(source, name: str, device: str) -> torch.nn.Module:
-    """The model with real weights on `device` (the analysis built it on meta): zoo names and
-    factories are called again under the device, so a large model is initialised where it runs."""
-    from . import zoo
+def _build_real(source, name: str, device: str, trust_remote_code: bool = False) -> torch.nn.Module:
+    """The model with real weights on `device` (the analysis built it on meta): zoo names, configs
+    and factories are called again under the device, so a large model is initialised where it runs."""
     if isinstance(source, torch.nn.Module):
         if any(t.is_meta for t in itertools.chain(source.parameters(), source.buffers())):
             raise UsageError(f"validate runs the model, but {name} has meta (unallocated) weights; pass its "
@@ -283,10 +284,8 @@ def _build_real(source, name: str, device: str) -> torch.nn.Module:
         return source.to(device)
     if callable(source):
         factory = source
-    elif isinstance(source, str) and ":" not in source:
-        factory = zoo.get(source).build
     else:
-        factory = cap._import_factory(source)
+        factory = cap.resolve_source(source, trust_remote_code)[1]
     try:
         with torch.device(device):
             module = factory()
@@ -714,7 +713,7 @@ def run_cli(args) -> str:
     result = validate(args.model, inputs=args.input or None, dims=dims, device=args.device, mode=args.mode,
                       dtype=args.dtype, optimizer=args.optimizer, attention=args.attention, loss=args.loss,
                       amp=bool(getattr(args, "amp", False)), hardware=args.hw, repeats=args.repeats,
-                      progress=args.format != "json")
+                      progress=args.format != "json", trust_remote_code=args.trust_remote_code)
     if args.plot:
         from .validate_plot import validation_plot
         validation_plot(result, args.plot)

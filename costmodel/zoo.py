@@ -1,24 +1,46 @@
-"""Built-in models: real architectures that Hugging Face `transformers` builds from a config
-(no download), with their default inputs. Parameter counts match the published checkpoints."""
+"""Built-in models: Hugging Face configs shipped in costmodel/zoo_configs/ (one config.json each,
+from the published checkpoint), built by `transformers` on the meta device like any `hf:` model
+or config path, with the default inputs that config implies. Parameter counts are the published ones."""
 
 from __future__ import annotations
 
 import difflib
 from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
 from typing import Callable
 
 import torch.nn as nn
 
 from .errors import UsageError
 
+CONFIGS = Path(__file__).parent / "zoo_configs"
+
 
 @dataclass(frozen=True)
 class ZooModel:
-    name: str
-    build: Callable[[], nn.Module]
-    inputs: tuple[str, ...]
+    name: str                   # also the config's file name: zoo_configs/NAME.json
     description: str
-    params: int  # the published parameter count, checked by the tests
+    params: int                 # the published parameter count, checked by the tests
+    source: str                 # the Hub repository whose config.json this is
+
+    @property
+    def config_path(self) -> Path:
+        return CONFIGS / f"{self.name}.json"
+
+    @cached_property
+    def hf(self):
+        """The config resolved to its transformers class and default inputs (imports transformers)."""
+        from .hf import from_file
+        return from_file(str(self.config_path), self.name)
+
+    @property
+    def build(self) -> Callable[[], nn.Module]:
+        return self.hf.build
+
+    @property
+    def inputs(self) -> tuple[str, ...]:
+        return self.hf.inputs
 
 
 def hf_factory(model_cls: str, config_cls: str, attention: str | None = "sdpa", **config) -> Callable[[], nn.Module]:
@@ -37,41 +59,32 @@ def hf_factory(model_cls: str, config_cls: str, attention: str | None = "sdpa", 
     return build
 
 
-_hf = hf_factory
-
-
-_TEXT = ("input_ids:int64[batch,seq]",)
-_IMAGE_224 = ("pixel_values:float32[batch,3,224,224]",)
-_IMAGE = ("pixel_values:float32[batch,3,height,width]",)
-
-_LLAMA_7B = dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
-                 num_key_value_heads=32, vocab_size=32000, max_position_embeddings=4096, rms_norm_eps=1e-5)
-
+# Each config is the repository's config.json, but for: bert-base/-large build the encoder
+# (BertModel; the checkpoints name BertForMaskedLM); resnet-50 gives num_labels for its 1000-entry
+# id2label; phi-3-mini drops the auto_map to remote code that transformers has built in (Phi3).
 ZOO: dict[str, ZooModel] = {m.name: m for m in [
-    ZooModel("gpt2", _hf("GPT2LMHeadModel", "GPT2Config"), _TEXT, "GPT-2 small, 12 layers, d=768", 124_439_808),
-    ZooModel("gpt2-xl", _hf("GPT2LMHeadModel", "GPT2Config", n_embd=1600, n_layer=48, n_head=25), _TEXT,
-             "GPT-2 XL, 48 layers, d=1600", 1_557_611_200),
-    ZooModel("bert-base", _hf("BertModel", "BertConfig"), _TEXT, "BERT base uncased encoder, 12 layers",
-             109_482_240),
-    ZooModel("bert-large", _hf("BertModel", "BertConfig", hidden_size=1024, num_hidden_layers=24,
-                               num_attention_heads=16, intermediate_size=4096), _TEXT,
-             "BERT large uncased encoder, 24 layers", 335_141_888),
-    ZooModel("t5-base", _hf("T5ForConditionalGeneration", "T5Config", d_model=768, d_ff=3072, num_layers=12,
-                            num_heads=12, d_kv=64, vocab_size=32128),
-             ("input_ids:int64[batch,seq]", "decoder_input_ids:int64[batch,seq]"),
-             "T5 base encoder-decoder, 12+12 layers", 222_903_552),
-    ZooModel("vit-base", _hf("ViTModel", "ViTConfig"), _IMAGE_224, "ViT-B/16 at 224x224", 86_389_248),
-    ZooModel("resnet-50", _hf("ResNetForImageClassification", "ResNetConfig", attention=None, num_labels=1000), _IMAGE,
-             "ResNet-50 image classifier, 1000 classes", 25_557_032),
-    ZooModel("llama-2-7b", _hf("LlamaForCausalLM", "LlamaConfig", **_LLAMA_7B), _TEXT,
-             "Llama 2 7B decoder, 32 layers, MHA", 6_738_415_616),
-    ZooModel("llama-2-70b", _hf("LlamaForCausalLM", "LlamaConfig", **(_LLAMA_7B | dict(
-        hidden_size=8192, intermediate_size=28672, num_hidden_layers=80, num_attention_heads=64,
-        num_key_value_heads=8))), _TEXT, "Llama 2 70B decoder, 80 layers, GQA (8 KV heads)", 68_976_648_192),
-    ZooModel("mistral-7b", _hf("MistralForCausalLM", "MistralConfig", hidden_size=4096, intermediate_size=14336,
-                               num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
-                               vocab_size=32000, max_position_embeddings=32768, sliding_window=4096), _TEXT,
-             "Mistral 7B decoder, 32 layers, GQA, sliding window 4096", 7_241_732_096),
+    ZooModel("gpt2", "GPT-2 small, 12 layers, d=768", 124_439_808, "openai-community/gpt2"),
+    ZooModel("gpt2-xl", "GPT-2 XL, 48 layers, d=1600", 1_557_611_200, "openai-community/gpt2-xl"),
+    ZooModel("bert-base", "BERT base uncased encoder, 12 layers", 109_482_240, "google-bert/bert-base-uncased"),
+    ZooModel("bert-large", "BERT large uncased encoder, 24 layers", 335_141_888, "google-bert/bert-large-uncased"),
+    ZooModel("t5-base", "T5 base encoder-decoder, 12+12 layers", 222_903_552, "google-t5/t5-base"),
+    ZooModel("vit-base", "ViT-B/16 at 224x224", 86_389_248, "google/vit-base-patch16-224-in21k"),
+    ZooModel("resnet-50", "ResNet-50 image classifier, 1000 classes", 25_557_032, "microsoft/resnet-50"),
+    ZooModel("llama-2-7b", "Llama 2 7B decoder, 32 layers, MHA", 6_738_415_616, "meta-llama/Llama-2-7b-hf"),
+    ZooModel("llama-2-70b", "Llama 2 70B decoder, 80 layers, GQA (8 KV heads)", 68_976_648_192,
+             "meta-llama/Llama-2-70b-hf"),
+    ZooModel("mistral-7b", "Mistral 7B decoder, 32 layers, GQA, sliding window 4096", 7_241_732_096,
+             "mistralai/Mistral-7B-v0.1"),
+    ZooModel("llama-3-8b", "Llama 3 8B decoder, 32 layers, GQA (8 KV heads), 128K vocabulary", 8_030_261_248,
+             "meta-llama/Meta-Llama-3-8B"),
+    ZooModel("mixtral-8x7b", "Mixtral 8x7B mixture of experts, 32 layers, 8 experts, top-2", 46_702_792_704,
+             "mistralai/Mixtral-8x7B-v0.1"),
+    ZooModel("qwen2.5-7b", "Qwen2.5 7B decoder, 28 layers, GQA (4 KV heads), QKV biases", 7_615_616_512,
+             "Qwen/Qwen2.5-7B"),
+    ZooModel("gemma-2-9b", "Gemma 2 9B decoder, 42 layers, GQA, tied embeddings, eager attention (softcapping)",
+             9_241_705_984, "google/gemma-2-9b"),
+    ZooModel("phi-3-mini", "Phi-3 mini 4K decoder, 32 layers, fused QKV and gate/up", 3_821_079_552,
+             "microsoft/Phi-3-mini-4k-instruct"),
 ]}
 
 
@@ -80,5 +93,6 @@ def get(name: str) -> ZooModel:
         return ZOO[name]
     near = difflib.get_close_matches(name, list(ZOO), n=3, cutoff=0.4)
     hint = f" Did you mean {', '.join(near)}?" if near else ""
-    raise UsageError(f"unknown model {name!r}: not a zoo name, and not FILE.py:FUNC or package.module:FUNC."
+    raise UsageError(f"unknown model {name!r}: not a zoo name, hf:ORG/NAME, a config.json (or a directory "
+                     f"holding one), FILE.py:FUNC or package.module:FUNC."
                      f"{hint} Zoo models: {', '.join(ZOO)}.")

@@ -13,6 +13,7 @@ import pytest
 import sympy
 
 from costmodel.cli import main
+from costmodel.zoo import ZOO
 
 BAD = os.path.join(os.path.dirname(__file__), "bad_models.py")
 LINEAR = f"{BAD}:tiny_linear"
@@ -84,12 +85,21 @@ def test_train_mode_and_zoo_listing(capsys):
     assert {"gpt2", "llama-2-7b", "resnet-50"} <= {m["name"] for m in json.loads(out)}
 
 
+def test_zoo_table_lists_the_shipped_configs(capsys):
+    code, out, err = run(capsys, "zoo")
+    assert code == 0, err
+    rows = {line.split()[0]: line.split()[1] for line in out.splitlines()[2:]}
+    assert rows["mixtral-8x7b"] == "46,702,792,704" and rows["llama-3-8b"] == "8,030,261,248"
+    assert rows["resnet-50"] == "25,557,032" and set(rows) == set(ZOO)
+
+
 @pytest.mark.parametrize("argv,code,needles", [
     (["analyze", LINEAR, "--input", "x:float32(batch,8)"], 2, ["malformed --input", "NAME:DTYPE[D0,D1,...]"]),
     (["analyze", LINEAR, "--input", "x:float99[batch,8]"], 2, ["unknown dtype", "float32"]),
     (["analyze", LINEAR, "--input", "x:float32[batch,8]", "--dim", "batch=four"], 2, ["'four'", "positive integer"]),
     (["analyze", LINEAR, "--input", "x:float32[batch,8]", "--dim", "=3"], 2, ["malformed --dim"]),
     (["analyze", "gtp2"], 2, ["unknown model 'gtp2'", "Did you mean gpt2"]),
+    (["analyze", "no/such/config.json"], 2, ["model config 'no/such/config.json' does not exist", "hf:ORG/NAME"]),
     (["analyze", LINEAR, "--input", "x:float32[batch,n]", "--dim", "batch=2"], 2,
      ["dimension 'n'", "has no value", "--dim n=N"]),
     (["analyze", LINEAR, "--input", "x:float32[batch,8]", "--dim", "seq=2"], 2, ["--dim seq is not a dimension"]),
