@@ -36,6 +36,7 @@ from torch.nn.utils.stateless import _reparametrize_module
 
 from . import zoo
 from .errors import AnalysisError, CostModelError, UsageError
+from .eager_paths import eager_decisions
 from .sdpa_op import route_sdpa
 from .specs import InputSpec, parse_input
 from .symbols import dim_symbol
@@ -252,8 +253,16 @@ def capture(model: nn.Module, inputs: list[InputSpec], mode: str = "inference", 
     fake_log = logging.getLogger("torch._subclasses.fake_tensor")
     level = fake_log.level
     fake_log.setLevel(logging.CRITICAL)   # it logs every failing meta kernel; our error says it once
+    n_state = len(params) + len(buffers)
+
+    def is_input(node: fx.Node) -> bool:
+        """A placeholder of the inputs (they follow the parameters and buffers)."""
+        placeholders = [n for n in node.graph.nodes if n.op == "placeholder"]
+        return placeholders.index(node) >= n_state
+
     try:
-        with fake_mode, _module_paths(model), fx_traceback.preserve_node_meta(), route_sdpa():
+        with fake_mode, _module_paths(model), fx_traceback.preserve_node_meta(), route_sdpa(), \
+                eager_decisions(is_input):
             gm = make_fx(fn, tracing_mode="real", _disable_torch_fn_metadata_mode=True)(params, buffers, values)
     except CostModelError:
         raise
@@ -342,18 +351,23 @@ def _loss(out, values, inputs: list[InputSpec], loss: str) -> torch.Tensor:
 
 @contextlib.contextmanager
 def _module_paths(model: nn.Module):
-    """Record, while tracing, the stack of module paths in fx's current node meta."""
+    """Record, while tracing, the stack of module paths in fx's current node meta, and which
+    tensors each module's forward still holds in its local variables when it returns (see
+    `_FrameLocals`)."""
     paths = {m: (n or ROOT) for n, m in model.named_modules(remove_duplicate=False)}
     stack: list[str] = []
+    frames = _FrameLocals(model)
 
     def pre(module, args):
         stack.append(paths.get(module, type(module).__name__))
         fx_traceback.get_current_meta()["nn_module_stack"] = tuple(stack)
+        frames.enter(module)
 
     def post(module, args, output):
         if stack:
             stack.pop()
         fx_traceback.get_current_meta()["nn_module_stack"] = tuple(stack)
+        frames.leave(module)
 
     h1 = nn.modules.module.register_module_forward_pre_hook(pre)
     h2 = nn.modules.module.register_module_forward_hook(post)
@@ -362,6 +376,82 @@ def _module_paths(model: nn.Module):
     finally:
         h1.remove()
         h2.remove()
+        frames.close()
+
+
+LIVE_UNTIL = "costmodel_live_until"     # node.meta key: the name of the last node its tensor lives to
+
+
+class _FrameLocals:
+    """Eager Python keeps a tensor alive while a local variable names it: `inputs_embeds` in a
+    decoder's forward lives until that forward returns, though no op reads it after the first layer.
+    The graph does not say which values are bound to names, so the frames are read: the frame of
+    each model-code forward is found when its first child module is called (it is the caller on the
+    stack then), and when the forward returns, every traced tensor still in its locals gets
+    `node.meta[LIVE_UNTIL]` = the last node traced in that forward. A forward that calls no child
+    module is not read (its locals are temporaries of a few ops)."""
+
+    def __init__(self, model: nn.Module):
+        self.codes: dict[int, object] = {}
+        for m in model.modules():
+            forward = inspect.unwrap(type(m).forward)
+            code = getattr(forward, "__code__", None)
+            if code is not None and is_model_code(getattr(forward, "__module__", "") or ""):
+                self.codes[id(m)] = code
+        self.pending: dict[int, nn.Module] = {}      # entered, frame not found yet
+        self.found: dict[int, object] = {}           # id(module) -> its forward's frame
+
+    def enter(self, module: nn.Module) -> None:
+        if self.pending:
+            self._find_frames()
+        if id(module) in self.codes:
+            self.pending[id(module)] = module
+
+    def _find_frames(self) -> None:
+        frame = sys._getframe(2)
+        while frame is not None and self.pending:
+            owner = frame.f_locals.get("self") if frame.f_code in self._pending_codes() else None
+            if owner is not None and id(owner) in self.pending:
+                self.found[id(owner)] = frame
+                del self.pending[id(owner)]
+            frame = frame.f_back
+
+    def _pending_codes(self) -> set:
+        return {self.codes[i] for i in self.pending}
+
+    def leave(self, module: nn.Module) -> None:
+        self.pending.pop(id(module), None)
+        frame = self.found.pop(id(module), None)
+        if frame is None:
+            return
+        try:
+            tensors = [t for v in frame.f_locals.values() for t in _tensors_shallow(v)]
+        finally:
+            del frame
+        if not tensors:
+            return
+        from .eager_paths import traced_node, last_traced_node
+        last = last_traced_node()
+        if last is None:
+            return
+        for t in tensors:
+            node = traced_node(t)
+            if node is not None and node is not last and node.op == "call_function":
+                node.meta[LIVE_UNTIL] = last.name
+
+    def close(self) -> None:
+        self.pending.clear()
+        self.found.clear()
+
+
+def _tensors_shallow(value, depth: int = 2) -> list[torch.Tensor]:
+    if isinstance(value, torch.Tensor):
+        return [value]
+    if depth and isinstance(value, (list, tuple)):
+        return [t for v in value for t in _tensors_shallow(v, depth - 1)]
+    if depth and isinstance(value, dict):
+        return [t for v in value.values() for t in _tensors_shallow(v, depth - 1)]
+    return []
 
 
 def _attribute_modules(graph: fx.Graph) -> None:

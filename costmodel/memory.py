@@ -37,6 +37,7 @@ from torch.utils._pytree import tree_leaves
 
 from . import optimizer as opt
 from .errors import UsageError
+from .capture import LIVE_UNTIL
 from .formulas import Evaluator, plain
 
 CATEGORIES = ("params", "grads", "optimizer_state", "activations", "temporaries")
@@ -319,6 +320,7 @@ class _Builder:
         resident = [i for i in range(len(self.buffers))]
         pending_bwd: dict[str, tuple] = {}
         output_node = None
+        step_of: dict[str, int] = {}                 # graph node -> the last step made for it
         for node in nodes:
             if node.op == "output":
                 output_node = node
@@ -330,12 +332,13 @@ class _Builder:
             module = node.meta.get("costmodel_module", "")
             if target == SDPA:
                 self._attention_forward(node, backward_of.get(node.name), pending_bwd, phase, module)
-                continue
-            if target == SDPA_BACKWARD and node.name in pending_bwd:
+            elif target == SDPA_BACKWARD and node.name in pending_bwd:
                 self._attention_backward(node, pending_bwd.pop(node.name), phase, module)
-                continue
-            self._op(node, target, phase, module)
+            else:
+                self._op(node, target, phase, module)
+            step_of[node.name] = len(self.steps) - 1
         end = len(self.steps) - 1
+        self._frame_locals(nodes, step_of)
         if self.amp:
             # autocast caches the cast copy of each weight until the autocast region (forward and
             # loss) exits, whether or not the backward needs it
@@ -400,6 +403,18 @@ class _Builder:
             self._weight_casts.extend(self.by_key[k] for k in keys if k in self.by_key)
         if getattr(node.target, "is_view", False) and phase == "forward":
             self.views[step] = [self.by_key[k] for k in keys if k in self.by_key]
+
+    def _frame_locals(self, nodes, step_of: dict[str, int]) -> None:
+        """Tensors a forward's local variables still name when it returns live until then (the
+        capture records which, as node.meta[LIVE_UNTIL])."""
+        for node in nodes:
+            until = node.meta.get(LIVE_UNTIL)
+            if until is None or until not in step_of:
+                continue
+            for key in self.node_keys.get(node.name, []):
+                i = self.by_key.get(key)
+                if i is not None and self.buffers[i].end < step_of[until]:
+                    self.buffers[i].end = step_of[until]
 
     def _is_fused_out_transposed(self, arg) -> bool:
         if not isinstance(arg, fx.Node) or str(arg.target) != "aten.transpose.int":
@@ -503,18 +518,31 @@ class _Builder:
             lse = lse / 4 * plain(self.c.to_user(k.shape[-2])) * q.dtype.itemsize
         i = self.new_buffer(("lse", node.name), sympy.expand(lse), ACTIVATIONS, step, f"{node.name}.logsumexp")
         self.buffers[i].dtype, self.buffers[i].shape = "float32", "[B, H, L]"
+        kept = [i]
+        mask = node.args[3].meta.get("val") if isinstance(node.args[3], fx.Node) else None
+        if kernel != "math-analytic" and isinstance(mask, torch.Tensor) and mask.dtype == torch.bool:
+            # SDPA turns a boolean mask into an additive one of the query's dtype before a fused
+            # kernel runs (convert_boolean_attn_mask), at the mask's full (broadcast) shape; the
+            # kernel's backward reads it again
+            size = sympy.Mul(*[plain(self.c.to_user(x)) for x in mask.shape]) * q.dtype.itemsize
+            j = self.new_buffer(("float_mask", node.name), sympy.expand(size), ACTIVATIONS, step,
+                                f"{node.name}.float_mask")
+            self.buffers[j].dtype = str(q.dtype).removeprefix("torch.")
+            self.buffers[j].shape = "[" + ", ".join(str(plain(self.c.to_user(x))) for x in mask.shape) + "]"
+            kept.append(j)
         if train:
-            pending[bwd.name] = ("fused", i, node)
+            pending[bwd.name] = ("fused", kept, node)
 
     def _attention_backward(self, node: fx.Node, pend: tuple, phase: str, module: str):
         if pend[0] == "math":
             _, gm, fwd, ns = pend
             self._splice(gm, node, ns, "backward", phase, module, fwd=fwd)
             return
-        _, lse, fwd = pend
+        _, kept, fwd = pend
         self._op(node, str(node.target), phase, module)
         step = len(self.steps) - 1
-        self.buffers[lse].end = step
+        for i in kept:                                             # logsumexp (and a converted mask)
+            self.buffers[i].end = step
         self.touch(self.node_keys.get(fwd.name, []), step)        # out is saved by the fused kernels
         if self.device == "cuda":
             q = node.args[1].meta["val"]
