@@ -384,12 +384,14 @@ LIVE_UNTIL = "costmodel_live_until"     # node.meta key: the name of the last no
 
 class _FrameLocals:
     """Eager Python keeps a tensor alive while a local variable names it: `inputs_embeds` in a
-    decoder's forward lives until that forward returns, though no op reads it after the first layer.
-    The graph does not say which values are bound to names, so the frames are read: the frame of
-    each model-code forward is found when its first child module is called (it is the caller on the
-    stack then), and when the forward returns, every traced tensor still in its locals gets
-    `node.meta[LIVE_UNTIL]` = the last node traced in that forward. A forward that calls no child
-    module is not read (its locals are temporaries of a few ops)."""
+    decoder's forward lives until that forward returns though no op reads it after the first layer;
+    `h` in `h = self.dense(x); h = self.norm(h + x)` lives through the norm. The graph does not say
+    which values are bound to names, so the frames are read. The frame of each model-code forward is
+    found when its first child module is called (it is the caller on the stack then); each time it
+    calls a child module, the tensors its locals hold then live at least until that call returns,
+    and those it still holds when it returns live until then. Each such tensor's node gets
+    `node.meta[LIVE_UNTIL]` = the last node traced before the call (or the forward) returned.
+    A forward that calls no child module is not read (its locals are temporaries of a few ops)."""
 
     def __init__(self, model: nn.Module):
         self.codes: dict[int, object] = {}
@@ -400,48 +402,57 @@ class _FrameLocals:
                 self.codes[id(m)] = code
         self.pending: dict[int, nn.Module] = {}      # entered, frame not found yet
         self.found: dict[int, object] = {}           # id(module) -> its forward's frame
+        self.calls: list[tuple[int, list]] = []      # open module calls: (id, the caller's locals then)
 
     def enter(self, module: nn.Module) -> None:
         if self.pending:
             self._find_frames()
+        caller = self.found.get(self.calls[-1][0]) if self.calls else None
+        self.calls.append((id(module), _frame_tensors(caller) if caller is not None else []))
         if id(module) in self.codes:
             self.pending[id(module)] = module
 
     def _find_frames(self) -> None:
+        codes = {self.codes[i] for i in self.pending}
         frame = sys._getframe(2)
         while frame is not None and self.pending:
-            owner = frame.f_locals.get("self") if frame.f_code in self._pending_codes() else None
+            owner = frame.f_locals.get("self") if frame.f_code in codes else None
             if owner is not None and id(owner) in self.pending:
                 self.found[id(owner)] = frame
                 del self.pending[id(owner)]
             frame = frame.f_back
 
-    def _pending_codes(self) -> set:
-        return {self.codes[i] for i in self.pending}
-
     def leave(self, module: nn.Module) -> None:
+        held = []
+        if self.calls and self.calls[-1][0] == id(module):
+            held = self.calls.pop()[1]
         self.pending.pop(id(module), None)
         frame = self.found.pop(id(module), None)
-        if frame is None:
-            return
-        try:
-            tensors = [t for v in frame.f_locals.values() for t in _tensors_shallow(v)]
-        finally:
+        if frame is not None:
+            held = held + _frame_tensors(frame)
             del frame
-        if not tensors:
-            return
-        from .eager_paths import traced_node, last_traced_node
-        last = last_traced_node()
-        if last is None:
-            return
-        for t in tensors:
-            node = traced_node(t)
-            if node is not None and node is not last and node.op == "call_function":
-                node.meta[LIVE_UNTIL] = last.name
+        if held:
+            _live_until_now(held)
 
     def close(self) -> None:
         self.pending.clear()
         self.found.clear()
+        self.calls.clear()
+
+
+def _frame_tensors(frame) -> list[torch.Tensor]:
+    return [t for v in frame.f_locals.values() for t in _tensors_shallow(v)]
+
+
+def _live_until_now(tensors: list[torch.Tensor]) -> None:
+    from .eager_paths import last_traced_node, traced_node
+    last = last_traced_node()
+    if last is None:
+        return
+    for t in tensors:
+        node = traced_node(t)
+        if node is not None and node is not last and node.op == "call_function":
+            node.meta[LIVE_UNTIL] = last.name
 
 
 def _tensors_shallow(value, depth: int = 2) -> list[torch.Tensor]:

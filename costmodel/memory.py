@@ -254,7 +254,6 @@ class _Builder:
         self.optimizer, self.device, self.attention, self.amp = optimizer, device, attention, amp
         self.steps: list[Step] = []
         self.reads: list[list[int]] = []             # step -> buffers it reads
-        self.views: list[list[int]] = []             # step -> buffers a view op there aliases
         self.buffers: list[Buffer] = []
         self.by_key: dict[object, int] = {}          # storage key -> buffer index
         self.node_keys: dict[str, list] = {}         # fx node name (or namespaced) -> storage keys
@@ -296,7 +295,6 @@ class _Builder:
     def add_step(self, node: str, target: str, module: str, phase: str, stack: tuple = ()) -> int:
         self.steps.append(Step(node, target, module, phase, stack))
         self.reads.append([])
-        self.views.append([])
         return len(self.steps) - 1
 
     # the graph
@@ -401,8 +399,6 @@ class _Builder:
         if self.amp and target == "aten._to_copy.default" and node.args and isinstance(node.args[0], fx.Node) \
                 and self.c.roles.get(node.args[0].name, ("",))[0] == "param":
             self._weight_casts.extend(self.by_key[k] for k in keys if k in self.by_key)
-        if getattr(node.target, "is_view", False) and phase == "forward":
-            self.views[step] = [self.by_key[k] for k in keys if k in self.by_key]
 
     def _frame_locals(self, nodes, step_of: dict[str, int]) -> None:
         """Tensors a forward's local variables still name when it returns live until then (the
@@ -423,14 +419,11 @@ class _Builder:
         return bool(keys) and keys[0] in self.fused_out and sorted(d % 4 for d in arg.args[1:3]) == [1, 2]
 
     def _eager_lifetimes(self) -> None:
-        """Python frames hold tensors past their last use by an op. Two habits of eager code are
-        modelled from the module calls (contiguous runs of forward ops under one module path):
-        - a module's arguments live until its forward returns (the caller's frame holds them);
-        - a storage that a module's own code takes a view of lives until the module returns (the
-          view is bound to a local: `q, k, v = self.qkv(x).split(d, -1)`).
-        Not modelled (the graph does not say which values are bound to names): a named local that
-        is read for the last time before its frame returns, e.g. `h` in `self.norm(h + x)`, which
-        eager keeps through the norm; expression temporaries are freed at last use, as eager does."""
+        """Python frames hold tensors past their last use by an op. A module's arguments live until
+        its forward returns (the caller's frame holds them), modelled from the module calls
+        (contiguous runs of forward ops under one module path). The forward's own locals are read
+        from its frame by the capture (`_frame_locals`); expression temporaries are freed at last
+        use, as eager does."""
         calls: list[list] = []       # open calls per depth: [path, index into spans]
         spans: list[list[int]] = []  # [start, end] per call
         step_calls: list[list[int]] = [[] for _ in self.steps]
@@ -464,8 +457,6 @@ class _Builder:
                     if spans[cid][0] > start:
                         extend(b, spans[cid][1])
                         break
-            for b in self.views[s]:
-                extend(b, spans[ids[-1]][1])
 
     # attention
 

@@ -198,3 +198,11 @@ class ConvNeXt(nn.Module):
 tiny_distilbert_classifier = _hf("DistilBertForSequenceClassification", "DistilBertConfig", dim=64, hidden_dim=128,
                                  n_layers=2, n_heads=4, dropout=0.1, attention_dropout=0.1, vocab_size=256,
                                  max_position_embeddings=128)
+
+
+_LONG = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+             vocab_size=128, max_position_embeddings=4096)
+long_llama = _hf("LlamaForCausalLM", "LlamaConfig", **_LONG)
+long_mistral_window = _hf("MistralForCausalLM", "MistralConfig", sliding_window=256, **_LONG)
+long_gpt2_eager = _hf("GPT2LMHeadModel", "GPT2Config", attention="eager", n_embd=64, n_layer=2, n_head=4,
+                      vocab_size=128, n_positions=4096)
