@@ -68,12 +68,32 @@ sdpa.register_autograd(_backward, setup_context=_setup_context)
 _ORIGINAL_SDPA = F.scaled_dot_product_attention
 
 
+_BADDBMM = (torch.baddbmm, torch.Tensor.baddbmm)
+
+
 class _RouteSDPA(TorchFunctionMode):
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         if func is _ORIGINAL_SDPA:
             return _call_sdpa(*args, **kwargs)
+        if func in _BADDBMM:
+            args, kwargs = _broadcast_baddbmm_input(*args, **kwargs)
         return func(*args, **kwargs)
+
+
+def _broadcast_baddbmm_input(self, batch1=None, batch2=None, *rest, **kwargs):
+    """ALiBi's `alibi.baddbmm(q, k)` adds a [B*H, 1, S] bias to [B*H, L, S] scores. PyTorch's meta
+    kernel broadcasts it with an expand that cannot take symbolic sizes (it fails with "SymIntArrayRef
+    expected to contain only concrete integers"); the same expand done first, as a view, can."""
+    b1 = batch1 if batch1 is not None else kwargs.get("batch1")
+    b2 = batch2 if batch2 is not None else kwargs.get("batch2")
+    if isinstance(self, torch.Tensor) and isinstance(b1, torch.Tensor) and isinstance(b2, torch.Tensor) \
+            and self.dim() <= 3 and b1.dim() == 3 and b2.dim() == 3:
+        shape = (b1.shape[0], b1.shape[1], b2.shape[2])
+        if tuple(self.shape) != shape:
+            self = self.expand(shape)
+    args = (self,) + tuple(a for a in (batch1, batch2) if a is not None) + rest
+    return args, kwargs
 
 
 def _call_sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
