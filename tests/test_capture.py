@@ -50,6 +50,12 @@ def test_llama_7b_shape_analysed_without_allocating(monkeypatch):
         if t.device.type == "cpu" and t.numel() > 10_000_000:
             allocated.append(t.shape)
         return t
+    # torch.device("meta") recognises factories by identity in a set it builds once per process
+    # (torch.utils._device._device_constructors, cached): build it before torch.empty is replaced,
+    # else the spy's inner call is not redirected to meta and, run alone, this test allocates the
+    # 7B weights for real.
+    with torch.device("meta"):
+        torch.empty(1)
     monkeypatch.setattr(torch, "empty", spy)
     report = costmodel.analyze("llama-2-7b")
     assert report.params == 6_738_415_616 and not allocated
