@@ -79,7 +79,8 @@ run_env() {   # label, python: the suite, then the dry run; one summary line
         > "$OUT/pytest-$label.log" 2>&1
     local rc=$?
     t1=$(date +%s)
-    suite_line="$(grep -E '(passed|failed|error)' "$OUT/pytest-$label.log" | tail -1 | sed -E 's/^=+ //; s/ =+$//')"
+    suite_line="$(grep -E '(passed|failed|error|no tests ran)' "$OUT/pytest-$label.log" | tail -1 | sed -E 's/^=+ //; s/ =+$//')"
+    [ -n "$suite_line" ] || suite_line="exit $rc: $(tail -1 "$OUT/pytest-$label.log")"
     if [ $rc -eq 0 ]; then suite_status="PASS"; else suite_status="FAIL"; FAILED=1; fi
     echo "   suite: $suite_status ($suite_line), $((t1 - t0)) s; log $OUT/pytest-$label.log"
 
