@@ -34,7 +34,7 @@ from torch.fx.experimental.proxy_tensor import make_fx
 from torch.fx.experimental.symbolic_shapes import DimDynamic, ShapeEnv
 from torch.nn.utils.stateless import _reparametrize_module
 
-from . import zoo
+from . import _torch, zoo
 from .errors import AnalysisError, CostModelError, UsageError
 from .eager_paths import eager_decisions
 from .sdpa_op import route_sdpa
@@ -238,8 +238,7 @@ def capture(model: nn.Module, inputs: list[InputSpec], mode: str = "inference", 
         # checkpointing re-runs parts of the forward during the backward.
         with traced_state(params, buffers):
             loss_value = _loss(model(*args, **kwargs), values, inputs, loss)
-            from torch._functorch._aot_autograd.logging_utils import setup_stacktrace_preservation_hooks
-            setup_stacktrace_preservation_hooks([loss_value.grad_fn])
+            _torch.preserve_backward_meta(loss_value)
             wrt = [params[i] for i in trainable]
             grads = torch.autograd.grad(loss_value, wrt, allow_unused=True)
         return [loss_value] + [g for g in grads if g is not None]
@@ -261,8 +260,8 @@ def capture(model: nn.Module, inputs: list[InputSpec], mode: str = "inference", 
         return placeholders.index(node) >= n_state
 
     try:
-        with fake_mode, _module_paths(model), fx_traceback.preserve_node_meta(), route_sdpa(), \
-                eager_decisions(is_input):
+        with _torch.symbolic_kernels(), _torch.backward_meta_fields(), fake_mode, _module_paths(model), \
+                fx_traceback.preserve_node_meta(), route_sdpa(), eager_decisions(is_input):
             gm = make_fx(fn, tracing_mode="real", _disable_torch_fn_metadata_mode=True)(params, buffers, values)
     except CostModelError:
         raise
@@ -473,7 +472,7 @@ def _attribute_modules(graph: fx.Graph) -> None:
         if node.op != "call_function":
             continue
         stack = node.meta.get("nn_module_stack", ())
-        backward = node.meta.get("autograd_backward", False)
+        backward = _torch.is_backward(node)
         if not backward:
             module = stack[-1] if stack else "(loss)"
             node.meta["costmodel_phase"] = "forward" if stack else "loss"

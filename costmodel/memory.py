@@ -35,6 +35,7 @@ import torch
 import torch.fx as fx
 from torch.utils._pytree import tree_leaves
 
+from . import _torch
 from . import optimizer as opt
 from .errors import UsageError
 from .capture import LIVE_UNTIL
@@ -573,7 +574,7 @@ class _Builder:
                 return [forward(q, k, v, mask)]
 
         try:
-            with fake_mode:
+            with _torch.symbolic_kernels(), fake_mode:
                 def like(t, grad=False):
                     if t is None:
                         return None

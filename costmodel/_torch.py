@@ -1,0 +1,276 @@
+"""Private PyTorch APIs and the differences between the torch versions costmodel supports.
+
+costmodel is tested on torch 2.11 (the oldest supported: the GPU machines' version) through 2.13
+(see `scripts/test_torch_range.sh`). Where those versions differ, the difference is handled here,
+in one small named function each, with a note on what it wraps and why; the rest of the package
+calls these and does not look at `torch.__version__`. (Other private APIs are still imported
+where they are used; they are to move here too.)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import warnings
+
+import torch
+import torch.fx as fx
+import torch.fx.proxy as fx_proxy
+import torch.fx.traceback as fx_traceback
+
+
+@contextlib.contextmanager
+def _probe_env():
+    """A throwaway shape environment with two symbolic sizes (hints 2 and 3) under fake tensors,
+    to test whether a kernel keeps sizes symbolic: yields (env, [d0, d1])."""
+    from torch._dynamo.source import ConstantSource
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.fx.experimental.symbolic_shapes import DimDynamic, ShapeEnv
+
+    env = ShapeEnv(duck_shape=False)
+    dims = []
+    for i, hint in enumerate((2, 3)):
+        source = ConstantSource(f"costmodel_probe_{i}")
+        sym = env.create_symbol(hint, source, dynamic_dim=DimDynamic.DYNAMIC)
+        dims.append(env.create_symintnode(sym, hint=hint, source=source))
+    with FakeTensorMode(shape_env=env):
+        yield env, dims
+
+
+@functools.cache
+def _cpp_matmul_is_symbolic() -> bool:
+    """Whether the C++ kernel of aten.matmul (CompositeImplicitAutograd) keeps symbolic sizes.
+
+    torch 2.11's does not: a [b, s, k] @ [k, n] product (nn.Linear without bias on a 3-D input)
+    raises "Cannot call numel() on tensor with symbolic sizes/strides", and a batched
+    [b, s, k] @ [b, k, n] product silently specialises b and s to their hints. torch 2.13's keeps
+    the symbols. Probed once (a few milliseconds)."""
+    try:
+        with _probe_env() as (env, (b, s)):
+            a = torch.empty(b, s, 4, device="meta")
+            torch.matmul(a, torch.empty(4, 5, device="meta"))
+            torch.matmul(a, torch.empty(b, 4, 5, device="meta"))
+    except Exception:   # noqa: BLE001  (2.11: RuntimeError "Cannot call numel()")
+        return False
+    return not env.guards and not env.replacements
+
+
+def _subclass_like(t: torch.Tensor) -> bool:
+    """C++ isTensorSubclassLike, for the tensors a capture sees (fake, functional, vmapped)."""
+    keys = torch._C._dispatch_keys(t)
+    return any(keys.has(getattr(torch._C.DispatchKey, k)) for k in ("Python", "Functionalize", "FuncTorchBatched")
+               if hasattr(torch._C.DispatchKey, k))
+
+
+def _should_fold(tensor1: torch.Tensor, tensor2: torch.Tensor) -> bool:
+    """C++ should_fold (aten/src/ATen/native/LinearAlgebra.cpp), without `out=`: fold the batch of
+    the larger operand into a matrix (mm/mv instead of bmm) when the smaller one needs a gradient
+    or the fold is a view."""
+    larger = tensor1.dim() >= tensor2.dim()
+    t1 = tensor1 if larger else tensor2.mT         # the C++ kernel takes this transpose here too
+    dim_t1, dim_t2 = t1.dim(), (tensor2.dim() if larger else tensor1.dim())
+    if not (dim_t1 >= 3 and dim_t2 <= 2):
+        return False
+    if (tensor2 if larger else tensor1).requires_grad:
+        return True
+    if tensor1.dim() == 2:
+        return False
+    if t1.numel() == 0:
+        return True
+    shape, strides = t1.shape, t1.stride()
+    return all(strides[i] == strides[i + 1] * shape[i + 1] for i in range(dim_t1 - 2))
+
+
+def _broadcast_batch(a, b) -> list:
+    """C++ infer_size: the broadcast of two batch shapes."""
+    n = max(len(a), len(b))
+    out = []
+    for i in range(n):
+        sa = a[len(a) - n + i] if len(a) - n + i >= 0 else 1
+        sb = b[len(b) - n + i] if len(b) - n + i >= 0 else 1
+        torch._check(sa == sb or sa == 1 or sb == 1,
+                     lambda: f"matmul: the batch dimensions {tuple(a)} and {tuple(b)} do not broadcast")
+        out.append(sb if sa == 1 else sa)
+    return out
+
+
+def _matmul(tensor1: torch.Tensor, tensor2: torch.Tensor) -> torch.Tensor:
+    """aten::matmul (no `out=`) as torch 2.13's C++ kernel (_matmul_impl) computes it, op for op,
+    written on symbolic sizes. `tests/test_torch_compat.py` checks it traces the same ops as the
+    C++ kernel wherever that one is symbolic."""
+    dim1, dim2 = tensor1.dim(), tensor2.dim()
+    torch._check(dim1 != 0 and dim2 != 0, lambda: "both arguments to matmul need to be at least 1D, but they are "
+                 f"{dim1}D and {dim2}D")
+    if dim1 == 1 and dim2 == 1:
+        return tensor1.dot(tensor2)
+    if dim1 == 2 and dim2 == 1:
+        return tensor1.mv(tensor2)
+    if dim1 == 1 and dim2 == 2:
+        return tensor1.unsqueeze(0).mm(tensor2).squeeze_(0)
+    if dim1 == 2 and dim2 == 2:
+        return tensor1.mm(tensor2)
+    if _should_fold(tensor1, tensor2):
+        transpose = dim2 > dim1
+        t1 = tensor2.mT if transpose else tensor1
+        t2 = (tensor1.t() if dim1 == 2 else tensor1) if transpose else tensor2
+        sizes1 = t1.shape
+        output_shape = list(sizes1[:-1])
+        folded = functools.reduce(lambda x, y: x * y, output_shape, 1)
+        if t2.dim() == 2:
+            output_shape.append(t2.shape[1])
+        t1_folded = t1.reshape(folded, sizes1[-1])
+        if t2.dim() == 2:
+            output = torch.ops.aten._unsafe_view(t1_folded.mm(t2), output_shape)
+            return output.mT.contiguous() if transpose else output
+        return torch.ops.aten._unsafe_view(t1_folded.mv(t2), output_shape)
+    # batched: dim1 >= 3 or dim2 >= 3
+    n = tensor1.shape[-2] if dim1 > 1 else 1
+    m1 = tensor1.shape[-1]
+    batch1 = list(tensor1.shape[:max(dim1 - 2, 0)])
+    m2 = tensor2.shape[-2] if dim2 > 1 else tensor2.shape[0]
+    p = tensor2.shape[-1] if dim2 > 1 else 1
+    batch2 = list(tensor2.shape[:max(dim2 - 2, 0)])
+    if dim1 == 3 and dim2 == 3 and batch1[0] != batch2[0]:
+        if batch1[0] == 1 and (tensor1.requires_grad or _subclass_like(tensor1)):
+            return _matmul(tensor1.squeeze(0), tensor2)
+        if batch2[0] == 1 and (tensor2.requires_grad or _subclass_like(tensor2)):
+            return _matmul(tensor1, tensor2.squeeze(0))
+    output_shape = _broadcast_batch(batch1, batch2)
+    batch = functools.reduce(lambda x, y: x * y, output_shape, 1)
+    tensor1_expanded = tensor1.expand(output_shape + [n, m1]).reshape(batch, n, m1)
+    vector_rhs = dim2 == 1
+    if vector_rhs:
+        tensor2_expanded = tensor2.expand(output_shape + [m2]).reshape(batch, m2).unsqueeze(2)
+    else:
+        tensor2_expanded = tensor2.expand(output_shape + [m2, p]).reshape(batch, m2, p)
+    if dim1 > 1:
+        output_shape.append(n)
+    if dim2 > 1:
+        output_shape.append(p)
+    product = tensor1_expanded.bmm(tensor2_expanded)
+    return torch.ops.aten._unsafe_view(product.squeeze(-1) if vector_rhs else product, output_shape)
+
+
+_matmul_override_depth = 0
+_matmul_library = None
+
+
+@contextlib.contextmanager
+def symbolic_matmul(force: bool = False):
+    """Around tracing on symbolic fake tensors: aten.matmul through `_matmul` where the C++ kernel
+    would lose the symbols (torch 2.11; `force`: everywhere, for the tests); elsewhere nothing.
+
+    Wraps `torch.library.Library("aten", "IMPL").impl("matmul", _matmul, "CompositeImplicitAutograd")`:
+    every caller of aten::matmul, C++ composites included (linear without bias, the math SDPA
+    kernel), reaches `_matmul` for the duration; the C++ kernel is restored on exit. Re-entrant.
+    Not the Python dispatcher, which also fixes matmul (through torch._decomp's matmul) but swaps
+    in other decompositions too (dropout into native_dropout, or a clone when inactive), and not
+    torch._decomp's matmul alone, which differs from the C++ kernel in ops (a view where C++ makes
+    a fresh tensor with _unsafe_view, which the memory model's lifetimes see; folding 1-D @ 3-D)."""
+    global _matmul_override_depth, _matmul_library
+    if _cpp_matmul_is_symbolic() and not force:
+        yield
+        return
+    if _matmul_override_depth == 0:
+        lib = torch.library.Library("aten", "IMPL")
+        with warnings.catch_warnings():   # "Overriding a previously registered kernel": intended
+            warnings.simplefilter("ignore", UserWarning)
+            lib.impl("matmul", _matmul, "CompositeImplicitAutograd")
+        _matmul_library = lib
+    _matmul_override_depth += 1
+    try:
+        yield
+    finally:
+        _matmul_override_depth -= 1
+        if _matmul_override_depth == 0:
+            _matmul_library._destroy()
+            _matmul_library = None
+
+
+def _floor_div(x, y):
+    return x // y
+
+
+@functools.cache
+def _meta_div_rtn_guards() -> bool:
+    """Whether `torch._meta_registrations.div_rtn` puts a guard on its operands.
+
+    It computes the output size of pooling (max_pool2d's meta kernel, through
+    pooling_output_shape_pad_lr). torch 2.11's is a port of the C++ one: `q = x // y`, then
+    `if r != 0 and ...: q -= 1`; `r != 0` on a symbolic size guards on the parity of the size
+    (a ResNet captured at height 64 holds only where (height - 1) // 2 is odd), and the
+    adjustment never applies since Python's // already rounds toward negative infinity.
+    torch 2.13's is `x // y`."""
+    import torch._meta_registrations as meta
+    div_rtn = getattr(meta, "div_rtn", None)
+    if div_rtn is None:
+        return False
+    with _probe_env() as (env, (b, s)):
+        div_rtn(b * s + 1, 2)
+    return bool(env.guards)
+
+
+@contextlib.contextmanager
+def symbolic_pooling():
+    """Around tracing: pooling's output size without a parity guard (torch 2.11); elsewhere
+    nothing. Wraps `torch._meta_registrations.div_rtn`, replaced for the duration by `x // y`,
+    which equals it on every integer (see `_meta_div_rtn_guards`), as torch 2.13 has it."""
+    if not _meta_div_rtn_guards():
+        yield
+        return
+    import torch._meta_registrations as meta
+    previous = meta.div_rtn
+    meta.div_rtn = _floor_div
+    try:
+        yield
+    finally:
+        meta.div_rtn = previous
+
+
+@contextlib.contextmanager
+def symbolic_kernels():
+    """Around make_fx on symbolic fake tensors: every kernel fix above (`symbolic_matmul`,
+    `symbolic_pooling`); each is a no-op on the versions that do not need it."""
+    with symbolic_matmul(), symbolic_pooling():
+        yield
+
+
+def preserve_backward_meta(loss: torch.Tensor) -> None:
+    """Before tracing `torch.autograd.grad(loss, ...)`: have each backward node record the
+    forward op it differentiates (node.meta["seq_nr"]) and that it belongs to the backward.
+
+    Wraps `torch._functorch._aot_autograd.logging_utils.setup_stacktrace_preservation_hooks`
+    (hooks on loss's autograd graph, as AOTAutograd installs them). Marking the backward differs
+    by version; `is_backward` reads either."""
+    from torch._functorch._aot_autograd.logging_utils import setup_stacktrace_preservation_hooks
+    setup_stacktrace_preservation_hooks([loss.grad_fn])
+
+
+@contextlib.contextmanager
+def backward_meta_fields():
+    """Around make_fx: make the marker of backward nodes reach node.meta on every version.
+
+    torch 2.13's hooks set current_meta["autograd_backward"], which fx's create_node copies to
+    node.meta. torch 2.11 has no such marker; its hooks keep current_meta["in_grad_fn"] (> 0
+    while a grad_fn runs), which create_node does not copy. Here "in_grad_fn" is added to
+    `torch.fx.proxy._COPY_META_FIELDS` (the fields copied to every new node) for the duration,
+    on versions without `torch.fx.traceback._mark_autograd_backward` only."""
+    fields = getattr(fx_proxy, "_COPY_META_FIELDS", None)
+    add = (not hasattr(fx_traceback, "_mark_autograd_backward") and isinstance(fields, list)
+           and "in_grad_fn" not in fields)
+    if add:
+        fields.append("in_grad_fn")
+    try:
+        yield
+    finally:
+        if add:
+            fields.remove("in_grad_fn")
+
+
+def is_backward(node: fx.Node) -> bool:
+    """Whether a traced node was made by the backward: inside a grad_fn, or the engine's gradient
+    accumulation between grad_fns ("is_gradient_acc", set by fx's create_node on both versions).
+    torch 2.13: node.meta["autograd_backward"]; torch 2.11: node.meta["in_grad_fn"] (see
+    `backward_meta_fields`)."""
+    meta = node.meta
+    return bool(meta.get("autograd_backward") or meta.get("in_grad_fn") or meta.get("is_gradient_acc"))
