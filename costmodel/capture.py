@@ -186,7 +186,30 @@ def capture(model: nn.Module, inputs: list[InputSpec], mode: str = "inference", 
             fixed: dict[str, int] | None = None, loss: str = "sum", amp: bool | str = False) -> Captured:
     """Trace `model` on fake inputs whose named dimensions are symbols (or, for `fixed`, integers).
     `amp`: trace the forward and loss under autocast to bfloat16 (True: CUDA's op policy; "cpu": the
-    CPU's), emulated by `costmodel.amp` since autocast does nothing to meta tensors."""
+    CPU's), emulated by `costmodel.amp` since autocast does nothing to meta tensors.
+
+    C++ composite kernels that read sizes as plain integers pin the dimensions they touch; the
+    common ones (RNNs, upsampling, padding) are routed to their Python decompositions (see
+    sdpa_op.route_sdpa). If a dimension is still pinned, the model is traced again with PyTorch's
+    Python dispatcher on for every op, and that trace is kept if it pins fewer dimensions."""
+    first = _capture(model, inputs, mode, hints, fixed, loss, amp, python_dispatcher=False)
+    if not pinned_dims(first):
+        return first
+    try:
+        second = _capture(model, inputs, mode, hints, fixed, loss, amp, python_dispatcher=True)
+    except CostModelError:
+        return first
+    return second if len(pinned_dims(second)) < len(pinned_dims(first)) else first
+
+
+def pinned_dims(c: "Captured") -> set[str]:
+    """The symbolic dimensions the trace specialised to one value."""
+    return {str(u) for sym, u in c.symbol_map.items()
+            if (rep := c.shape_env.replacements.get(sym)) is not None and rep.is_number}
+
+
+def _capture(model: nn.Module, inputs: list[InputSpec], mode: str, hints, fixed, loss: str, amp,
+             python_dispatcher: bool) -> Captured:
     if mode not in MODES:
         raise UsageError(f"unknown mode {mode!r}; accepted: {', '.join(MODES)}")
     if loss not in LOSSES:
@@ -261,7 +284,8 @@ def capture(model: nn.Module, inputs: list[InputSpec], mode: str = "inference", 
 
     try:
         with _torch.symbolic_kernels(), _torch.backward_meta_fields(), fake_mode, _module_paths(model), \
-                fx_traceback.preserve_node_meta(), route_sdpa(), eager_decisions(is_input):
+                fx_traceback.preserve_node_meta(), route_sdpa(), eager_decisions(is_input), \
+                _torch.python_dispatcher(python_dispatcher):
             gm = make_fx(fn, tracing_mode="real", _disable_torch_fn_metadata_mode=True)(params, buffers, values)
     except CostModelError:
         raise

@@ -58,6 +58,7 @@ register(aten.sym_size, aten.sym_stride, aten.sym_numel, aten.sym_storage_offset
          aten.t, aten.transpose, aten.permute, aten.expand, aten.slice, aten.select, aten.unsqueeze,
          aten.squeeze, aten.split, aten.split_with_sizes, aten.unbind, aten.chunk, aten.as_strided,
          aten.unfold, aten.diagonal, aten.view_as_real, aten.view_as_complex, aten.narrow, aten.expand_as,
+         aten.as_strided_,
          aten.view_as, aten.unflatten, aten.flatten, aten.movedim, aten.squeeze_, aten.unsqueeze_,
          aten.t_, aten.transpose_, aten.resize_, aten.set_, aten._assert_async, aten._assert_scalar,
          aten._functional_assert_async, aten._assert_tensor_metadata, aten.empty, aten.empty_like,
