@@ -37,6 +37,7 @@ from torch.nn.utils.stateless import _reparametrize_module
 from . import _torch, zoo
 from .errors import AnalysisError, CostModelError, UsageError
 from .eager_paths import eager_decisions
+from .moe import balanced_experts
 from .sdpa_op import route_sdpa
 from .specs import InputSpec, parse_input
 from .symbols import dim_symbol
@@ -183,7 +184,8 @@ def _import_factory(source: str):
 # --- capture ------------------------------------------------------------------------------------
 
 def capture(model: nn.Module, inputs: list[InputSpec], mode: str = "inference", hints: dict[str, int] | None = None,
-            fixed: dict[str, int] | None = None, loss: str = "sum", amp: bool | str = False) -> Captured:
+            fixed: dict[str, int] | None = None, loss: str = "sum", amp: bool | str = False,
+            moe_imbalance=1) -> Captured:
     """Trace `model` on fake inputs whose named dimensions are symbols (or, for `fixed`, integers).
     `amp`: trace the forward and loss under autocast to bfloat16 (True: CUDA's op policy; "cpu": the
     CPU's), emulated by `costmodel.amp` since autocast does nothing to meta tensors.
@@ -192,11 +194,11 @@ def capture(model: nn.Module, inputs: list[InputSpec], mode: str = "inference", 
     common ones (RNNs, upsampling, padding) are routed to their Python decompositions (see
     sdpa_op.route_sdpa). If a dimension is still pinned, the model is traced again with PyTorch's
     Python dispatcher on for every op, and that trace is kept if it pins fewer dimensions."""
-    first = _capture(model, inputs, mode, hints, fixed, loss, amp, python_dispatcher=False)
+    first = _capture(model, inputs, mode, hints, fixed, loss, amp, moe_imbalance, python_dispatcher=False)
     if not pinned_dims(first):
         return first
     try:
-        second = _capture(model, inputs, mode, hints, fixed, loss, amp, python_dispatcher=True)
+        second = _capture(model, inputs, mode, hints, fixed, loss, amp, moe_imbalance, python_dispatcher=True)
     except CostModelError:
         return first
     return second if len(pinned_dims(second)) < len(pinned_dims(first)) else first
@@ -208,7 +210,7 @@ def pinned_dims(c: "Captured") -> set[str]:
             if (rep := c.shape_env.replacements.get(sym)) is not None and rep.is_number}
 
 
-def _capture(model: nn.Module, inputs: list[InputSpec], mode: str, hints, fixed, loss: str, amp,
+def _capture(model: nn.Module, inputs: list[InputSpec], mode: str, hints, fixed, loss: str, amp, moe_imbalance,
              python_dispatcher: bool) -> Captured:
     if mode not in MODES:
         raise UsageError(f"unknown mode {mode!r}; accepted: {', '.join(MODES)}")
@@ -285,7 +287,7 @@ def _capture(model: nn.Module, inputs: list[InputSpec], mode: str, hints, fixed,
     try:
         with _torch.symbolic_kernels(), _torch.backward_meta_fields(), fake_mode, _module_paths(model), \
                 fx_traceback.preserve_node_meta(), route_sdpa(), eager_decisions(is_input), \
-                _torch.python_dispatcher(python_dispatcher):
+                balanced_experts(model, moe_imbalance), _torch.python_dispatcher(python_dispatcher):
             gm = make_fx(fn, tracing_mode="real", _disable_torch_fn_metadata_mode=True)(params, buffers, values)
     except CostModelError:
         raise
@@ -455,7 +457,7 @@ class _FrameLocals:
             held = held + _frame_tensors(frame)
             del frame
         if held:
-            _live_until_now(held)
+            live_until_now(held)
 
     def close(self) -> None:
         self.pending.clear()
@@ -467,7 +469,8 @@ def _frame_tensors(frame) -> list[torch.Tensor]:
     return [t for v in frame.f_locals.values() for t in _tensors_shallow(v)]
 
 
-def _live_until_now(tensors: list[torch.Tensor]) -> None:
+def live_until_now(tensors: list[torch.Tensor]) -> None:
+    """Within a trace: these tensors live at least until the last node traced so far."""
     from .eager_paths import last_traced_node, traced_node
     last = last_traced_node()
     if last is None:

@@ -36,6 +36,8 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--amp", action="store_true", help="mixed precision: float32 master weights, bf16/fp16 compute")
     p.add_argument("--attention", default="auto", help="auto | math | flash | efficient")
     p.add_argument("--loss", default="sum", help="sum | cross-entropy")
+    p.add_argument("--moe-imbalance", type=float, default=1.0, metavar="F",
+                   help="mixture-of-experts: the busiest expert's load over the mean (default 1: balanced)")
     p.add_argument("--format", default="table", help="table | json | csv | markdown")
     p.add_argument("--trust-remote-code", action="store_true",
                    help="let a Hugging Face config's auto_map run the repository's Python code (off by default)")
@@ -136,7 +138,8 @@ def _analyze_report(args, dims: dict[str, list[int]], hardware=None, tf32=False,
     return analyze(args.model, inputs=args.input or None, mode=args.mode, dtype=args.dtype,
                    optimizer=args.optimizer, attention=args.attention, loss=args.loss, dims=dims,
                    hardware=hardware, tf32=tf32, complete=complete, amp=args.amp,
-                   device=getattr(args, "device", None), trust_remote_code=args.trust_remote_code)
+                   device=getattr(args, "device", None), trust_remote_code=args.trust_remote_code,
+                   moe_imbalance=args.moe_imbalance)
 
 
 def cmd_analyze(args) -> str:

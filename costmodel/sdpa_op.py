@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
 from .errors import UsageError
+from .moe import GROUPED_MM_FUNCTIONS, call_grouped_mm
 from .rules import TensorSpec, register
 from .rules.attention import KERNELS, attention_backward, attention_forward
 
@@ -83,6 +84,8 @@ class _RouteSDPA(TorchFunctionMode):
             return _call_sdpa(*args, **kwargs)
         if func in _BADDBMM:
             args, kwargs = _broadcast_baddbmm_input(*args, **kwargs)
+        elif func in GROUPED_MM_FUNCTIONS:
+            return call_grouped_mm(*args, **kwargs)
         elif func in _PYTHON_DECOMPOSED:
             from torch._dispatch.python import enable_python_dispatcher
             with enable_python_dispatcher():

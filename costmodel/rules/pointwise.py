@@ -35,6 +35,7 @@ _UNTAGGED_POINTWISE = [
     aten.tanh_, aten.gelu_, aten.silu_, aten.hardtanh_, aten.leaky_relu_, aten.maximum, aten.minimum,
     aten.isin, aten.isnan, aten.isinf, aten.logical_not, aten.bitwise_not, aten.sgn, aten.erfinv,
     aten.nan_to_num, aten.clamp, aten.clamp_min, aten.clamp_max, aten.log_sigmoid_forward,
+    aten.floor_divide, aten.floor_divide_,
 ]
 
 
@@ -74,7 +75,7 @@ def _reduction(x: TensorSpec, out, flops_per_elem: int = 1) -> OpCost:
 @register(aten.sum, aten.mean, aten.amax, aten.amin, aten.max, aten.min, aten.prod, aten.argmax, aten.argmin,
           aten.any, aten.all, aten.cumsum, aten.cumprod, aten.count_nonzero, aten.nansum, aten.aminmax,
           aten.cummax, aten.cummin, aten.logcumsumexp, aten.sort, aten.topk, aten.median, aten.mode,
-          aten.nanmedian, aten.kthvalue, aten.unique_consecutive, aten._unique2)
+          aten.nanmedian, aten.kthvalue, aten.unique_consecutive, aten._unique2, aten.histc, aten.bincount)
 def reduction(x: TensorSpec, *args, out, **_) -> OpCost:
     """one FLOP (add, compare) per input element"""
     return _reduction(x, out)
