@@ -126,6 +126,7 @@ class Report:
         self.device: str | None = None
         self._memory: dict = {}
         self._limits: list[Limit] | None = None
+        self._interpolation = False          # not computed yet (None: computed, nothing to interpolate)
         self.warnings: list[str] = []       # assumptions and fallbacks, in the order they were made
         self.dims = list(dict.fromkeys(d for s in inputs for d in s.dim_names))
 
@@ -137,10 +138,60 @@ class Report:
 
     @property
     def symbolic(self) -> SimpleNamespace:
-        """Totals as sympy expressions in the dimension names (flops, matmul_flops, bytes, ...)."""
-        return SimpleNamespace(**self.primary.totals, params=sympy.Integer(self.params),
-                               param_bytes=sympy.Integer(self.param_bytes),
-                               peak_memory_bytes=self.memory_formula())
+        """Totals as sympy expressions in the dimension names (flops, matmul_flops, bytes, ...).
+        In a dimension the capture pins, the totals are interpolated over several captures and
+        verified (see `symbolic_method`); where no formula verifies, the dimension is reported as
+        pinned and each of its values is captured separately."""
+        totals = dict(self.primary.totals)
+        peak = self.memory_formula()
+        interp = self.interpolation
+        if interp is not None:
+            totals = dict(interp.totals)
+            if interp.peak is not None:
+                peak = interp.peak
+        return SimpleNamespace(**totals, params=sympy.Integer(self.params), param_bytes=sympy.Integer(self.param_bytes),
+                               peak_memory_bytes=peak)
+
+    @property
+    def symbolic_method(self) -> dict[str, dict]:
+        """How each symbolic total was obtained: {"flops": {"method": "traced"}, ...}, or for a pinned
+        dimension {"method": "interpolated", "dim", "degree", "points", "verified_at"} ("per-point"
+        for a peak that is no single polynomial; "pinned" where nothing verified)."""
+        metrics = list(self.primary.totals) + ["peak_memory_bytes"]
+        interp = self.interpolation
+        if interp is not None:
+            return {m: interp.method(m) for m in metrics}
+        pinned = {d: v for d, v in self.fixed.items() if d in self.dims}
+        if pinned:
+            return {m: {"method": "pinned", "at": pinned} for m in metrics}
+        return {m: {"method": "traced"} for m in metrics}
+
+    @property
+    def interpolation(self):
+        """The interpolated totals in the one dimension the capture pins (None when no dimension is
+        pinned, several are, or no polynomial verifies: see costmodel.interpolate)."""
+        if self._interpolation is False:
+            self._interpolation = None
+            pinned = {d: v for d, v in self.fixed.items() if d in self.dims}
+            if len(pinned) == 1:
+                from .interpolate import interpolate
+                (d, v), = pinned.items()
+                self._interpolation = interpolate(self, d, v)
+                if self._interpolation is None:
+                    self.warn(f"{self.model}: {d} is pinned by the capture and no polynomial in {d} verified "
+                              f"over captures at several values; each value of {d} is captured separately")
+            elif len(pinned) > 1:
+                self.warn(f"{self.model}: the capture pins {', '.join(pinned)}; formulas are not interpolated "
+                          "in more than one dimension: each point is captured separately")
+        return self._interpolation
+
+    def capture_at(self, values: dict[str, int]) -> Analysis:
+        """A capture with `values` fixed and the other dimensions symbolic."""
+        analysis = _analyze_once(self._loaded, self.inputs, self.mode, self.loss, self.optimizer, self._kernel(),
+                                 hints={d: v for d, v in self.primary.captured.hints.items() if d not in values},
+                                 fixed=dict(values), amp=self.amp, moe_imbalance=self.moe_imbalance)
+        self.analyses.append(analysis)
+        return analysis
 
     @property
     def guards(self) -> list[cap.Guard]:
@@ -157,10 +208,15 @@ class Report:
     def complexity(self) -> dict[str, dict[str, int]]:
         """Polynomial degree of each total in each symbolic dimension: {"seq": {"flops": 2, ...}}."""
         fixed = self.fixed
-        peak = self.memory_formula()
-        return {d: {**{m: degree(self.primary.totals[m], dim_symbol(d)) for m in ("flops", "matmul_flops", "bytes")},
-                    "peak_memory_bytes": degree(peak, dim_symbol(d))}
-                for d in self.primary.captured.dims if d not in fixed}
+        sym = vars(self.symbolic)
+        interp = self.interpolation
+        dims = [d for d in self.dims if d not in fixed or (interp is not None and d == interp.dim)]
+        out = {}
+        for d in dims:
+            out[d] = {m: degree(sym[m], dim_symbol(d)) for m in ("flops", "matmul_flops", "bytes")}
+            if interp is None or d != interp.dim or interp.peak is not None:
+                out[d]["peak_memory_bytes"] = degree(sym["peak_memory_bytes"], dim_symbol(d))
+        return out
 
     @property
     def unsupported(self) -> dict[str, int]:

@@ -195,13 +195,22 @@ def capture(model: nn.Module, inputs: list[InputSpec], mode: str = "inference", 
     sdpa_op.route_sdpa). If a dimension is still pinned, the model is traced again with PyTorch's
     Python dispatcher on for every op, and that trace is kept if it pins fewer dimensions."""
     first = _capture(model, inputs, mode, hints, fixed, loss, amp, moe_imbalance, python_dispatcher=False)
-    if not pinned_dims(first):
+    if not _pinned_by_size_reads(first):
         return first
     try:
         second = _capture(model, inputs, mode, hints, fixed, loss, amp, moe_imbalance, python_dispatcher=True)
     except CostModelError:
         return first
     return second if len(pinned_dims(second)) < len(pinned_dims(first)) else first
+
+
+def _pinned_by_size_reads(c: "Captured") -> bool:
+    env = c.shape_env
+    for sym in c.symbol_map:
+        rep, sloc = env.replacements.get(sym), env.replacements_slocs.get(sym)
+        if rep is not None and rep.is_number and getattr(sloc, "framework_loc", None) == CONCRETE_SIZE_READ:
+            return True
+    return False
 
 
 def pinned_dims(c: "Captured") -> set[str]:
@@ -584,8 +593,24 @@ def _record_user_locations(shape_env: ShapeEnv) -> None:
     from torch._guards import SLoc
 
     def stack_summary(is_debug: bool = False, framework_loc=None):
-        return SLoc(framework_loc, model_location(sys._getframe(1)) or None), ""
+        frame = sys._getframe(1)
+        if framework_loc is None and _reads_concrete_size(frame):
+            framework_loc = CONCRETE_SIZE_READ
+        return SLoc(framework_loc, model_location(frame) or None), ""
     shape_env._get_stack_summary = stack_summary
+
+
+CONCRETE_SIZE_READ = "a C++ kernel read a size as an integer"
+
+
+def _reads_concrete_size(frame) -> bool:
+    """Whether the guard being made comes from a C++ kernel asking for sizes as plain integers
+    (aten.size.default under fake tensors), which the Python decompositions avoid."""
+    while frame is not None:
+        if frame.f_code.co_name == "<genexpr>" and _frame_module(frame) == "torch._subclasses.fake_tensor":
+            return True
+        frame = frame.f_back
+    return False
 
 
 def specialized(c: Captured) -> dict[str, tuple[int, str]]:
