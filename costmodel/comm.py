@@ -16,6 +16,7 @@ The model, in short (each piece is documented where it is computed):
 from __future__ import annotations
 
 import math
+import numbers
 from collections import Counter
 from dataclasses import dataclass, field, replace
 from typing import Mapping, Sequence
@@ -48,13 +49,14 @@ def _check_collective(collective: str) -> None:
         raise UsageError(f"unknown collective '{collective}'; accepted: {', '.join(COLLECTIVES)}")
 
 
+# numbers.Integral / Real, so numpy and sympy integers from the caller's graph pass as well.
 def _check_int(value, name: str, minimum: int = 1) -> None:
-    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+    if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < minimum:
         raise UsageError(f"{name} must be an integer >= {minimum}, got {value!r}")
 
 
 def _check_number(value, name: str, *, positive: bool) -> None:
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    ok = isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
     if not ok or value < 0 or (positive and value == 0):
         raise UsageError(f"{name} must be a {'positive number' if positive else 'number >= 0'}, got {value!r}")
 
@@ -74,9 +76,7 @@ class Interconnect:
     inter_node_latency_s: float
 
     def __post_init__(self):
-        if not (isinstance(self.gpus_per_node, int) and not isinstance(self.gpus_per_node, bool)
-                and self.gpus_per_node >= 1):
-            raise UsageError(f"gpus_per_node must be an integer >= 1, got {self.gpus_per_node!r}")
+        _check_int(self.gpus_per_node, "gpus_per_node")
         for name in ("intra_node_bandwidth_bytes_per_s", "inter_node_bandwidth_bytes_per_s"):
             _check_number(getattr(self, name), name, positive=True)
         for name in ("intra_node_latency_s", "inter_node_latency_s"):
