@@ -185,10 +185,11 @@ def collective_time_s(collective: str, nbytes: float, placement: Placement, net:
           channels each leave a node through a different NIC, so busbw = min(intra, r * inter)
           for r ranks of the group per node (NCCL's maintainers: per-NIC bandwidth adds up,
           "up to ... the NVLink intra-node bandwidth", github.com/NVIDIA/nccl/issues/412, /652).
-    tree (all-reduce only, NCCL's): a chain inside each node, a double binary tree across nodes.
-          Latency BASE_LATENCY_S + 2 * ((r-1) * intra_latency + ceil(log2 k) * inter_latency);
-          pipelined, so time is the slower of the chain (each byte goes up and comes down:
-          2 * nbytes / intra busbw) and the network (2(k-1)/k * nbytes per node over r NICs).
+    tree (all-reduce only, NCCL's): a chain of the group's c ranks inside each node, a double
+          binary tree across the k nodes. Latency BASE_LATENCY_S + 2 * ((c-1) * intra_latency +
+          ceil(log2 k) * inter_latency) (NCCL's tree latency); pipelined, so the time is the
+          slower of the chain (each byte goes up and comes down: 2 * nbytes / intra busbw) and the
+          network (2(k-1)/k * nbytes per node, averaged over the two trees, over r NICs).
     auto: the faster, as NCCL chooses by the same kind of model. Inside a node the ring always
     wins; across 2 nodes the tree moves half the network bytes of a ring and can win.
     send_recv: BASE_LATENCY_S + one step's latency + nbytes / bandwidth, over the network when
@@ -334,7 +335,12 @@ def ddp(gradient_bytes: int, *, bucket_bytes: int | None = None) -> list[Collect
     """DDP: one all-reduce of the gradients per step, hidden under the backward (of the last
     micro-batch: accumulation runs under no_sync). bucket_bytes splits it into DDP's buckets
     (DDP_BUCKET_BYTES is its default); None: one call, the textbook figure. Per rank it sends
-    2(n-1)/n * gradient_bytes (Li et al. 2020, "PyTorch Distributed", VLDB, arXiv:2006.15704)."""
+    2(n-1)/n * gradient_bytes (Li et al. 2020, "PyTorch Distributed", VLDB, arXiv:2006.15704).
+
+    >>> # 1e9 bytes in 25 MiB buckets: ceil(1e9 / 26,214,400) = 39 calls of ceil(1e9 / 39) bytes
+    >>> [(c.collective, c.bytes, c.count) for c in ddp(10**9, bucket_bytes=DDP_BUCKET_BYTES)]
+    [('all_reduce', 25641026, 39)]
+    """
     count = 1 if not bucket_bytes else max(1, math.ceil(gradient_bytes / bucket_bytes))
     return [Collective("all_reduce", "dp", math.ceil(gradient_bytes / count), count,
                        overlap="backward", every_microbatch=False)]
@@ -345,7 +351,11 @@ def zero(stage: int, gradient_bytes: int, parameter_bytes: int) -> list[Collecti
     gradients are reduce-scattered (each rank updates its shard), the updated parameters
     all-gathered: (n-1)/n * (gradients + parameters), DDP's volume when both are one dtype.
     Stage 1 keeps whole gradients and reduces once per step; stage 2 keeps only its shard, so it
-    reduces every micro-batch (DeepSpeed). The all-gather follows the optimizer step: exposed."""
+    reduces every micro-batch (DeepSpeed). The all-gather follows the optimizer step: exposed.
+
+    >>> [(c.collective, c.overlap, c.every_microbatch) for c in zero(2, 10**9, 10**9)]
+    [('reduce_scatter', 'backward', True), ('all_gather', 'none', False)]
+    """
     if stage not in (1, 2):
         raise UsageError(f"ZeRO stage must be 1 or 2 (stage 3 is fsdp), got {stage!r}")
     return [Collective("reduce_scatter", "dp", gradient_bytes, 1, overlap="backward",
@@ -360,7 +370,11 @@ def fsdp(parameter_bytes: int, gradient_bytes: int, *, units: int = 1, microbatc
     under the forward), again for the backward (when resharded after the forward), and
     reduce-scatter its gradients (hidden under the backward). Per rank
     3 (n-1)/n * parameter bytes: 1.5x DDP (Rajbhandari et al. 2020, section 7.2.2).
-    For HSDP (dp replicas of fsdp shards) add ddp(gradient_bytes / fsdp degree) on the dp group."""
+    For HSDP (dp replicas of fsdp shards) add ddp(gradient_bytes / fsdp degree) on the dp group.
+
+    >>> [(c.collective, c.bytes, c.count, c.overlap) for c in fsdp(32 * 10**8, 32 * 10**8, units=32, microbatches=2)]
+    [('all_gather', 100000000, 64, 'forward'), ('all_gather', 100000000, 64, 'backward'), ('reduce_scatter', 100000000, 64, 'backward')]
+    """
     _check_int(units, "units")
     _check_int(microbatches, "microbatches")
     calls = units * microbatches
@@ -372,28 +386,39 @@ def fsdp(parameter_bytes: int, gradient_bytes: int, *, units: int = 1, microbatc
 
 
 def tensor_parallel(activation_bytes: int, layers: int, *, microbatches: int = 1,
-                    sequence_parallel: bool = False, recompute: bool = False) -> list[Collective]:
-    """Megatron tensor parallelism over the tp group, on the critical path (no overlap).
+                    sequence_parallel: bool = False, recompute: bool = False,
+                    overlapped: bool = False) -> list[Collective]:
+    """Megatron tensor parallelism over the tp group: a forward entry and a backward entry.
     Each transformer block all-reduces its [b, s, h] output twice in the forward (after
     attention, after the MLP) and twice in the backward (Shoeybi et al. 2019, arXiv:1909.08053,
-    section 3); full recomputation repeats the forward's two. With sequence parallelism each
-    all-reduce is an all-gather plus a reduce-scatter of the same size (Korthikanti et al. 2022,
-    arXiv:2205.05198, section 4.2.2): the same volume. activation_bytes: b * s * h * element size."""
+    section 3); full recomputation repeats the forward's two inside the backward. With sequence
+    parallelism each all-reduce is an all-gather plus a reduce-scatter of the same size
+    (Korthikanti et al. 2022, arXiv:2205.05198, section 4.2.2): the same volume.
+    activation_bytes: b * s * h * element size. On the critical path unless `overlapped` (kernels
+    that overlap TP communication with the GEMMs, e.g. Megatron's --tp-comm-overlap): then each
+    hides under its own phase.
+
+    >>> [(c.collective, c.count, c.overlap) for c in tensor_parallel(2**24, layers=32, microbatches=2)]
+    [('all_reduce', 128, 'none'), ('all_reduce', 128, 'none')]
+    """
     _check_int(layers, "layers")
     _check_int(microbatches, "microbatches")
-    per_layer = 4 + (2 if recompute else 0)
-    calls = per_layer * layers * microbatches
-    if sequence_parallel:
-        return [Collective("all_gather", "tp", activation_bytes, calls),
-                Collective("reduce_scatter", "tp", activation_bytes, calls)]
-    return [Collective("all_reduce", "tp", activation_bytes, calls)]
+    phases = (("forward", 2), ("backward", 2 + (2 if recompute else 0)))
+    kinds = ("all_gather", "reduce_scatter") if sequence_parallel else ("all_reduce",)
+    return [Collective(kind, "tp", activation_bytes, per_layer * layers * microbatches,
+                       overlap=phase if overlapped else "none")
+            for phase, per_layer in phases for kind in kinds]
 
 
 def pipeline_parallel(activation_bytes: int, *, microbatches: int = 1, interleave: int = 1) -> list[Collective]:
     """Pipeline parallelism over the pp group: each micro-batch sends its activations to the next
     stage and their gradients back, at each of a rank's v chunks' boundaries (interleaving
     multiplies the p2p communication by v: Narayanan et al. 2021, arXiv:2104.04473, section
-    2.2.2). A middle stage's count: 2 * m * v sends; exposed (on the critical path)."""
+    2.2.2). A middle stage's count: 2 * m * v sends; exposed (on the critical path).
+
+    >>> pipeline_parallel(2**24, microbatches=8, interleave=2)[0].count     # 2 * 8 * 2
+    32
+    """
     _check_int(microbatches, "microbatches")
     _check_int(interleave, "interleave")
     return [Collective("send_recv", "pp", activation_bytes, 2 * microbatches * interleave)]
@@ -404,7 +429,11 @@ def pipeline_parallel(activation_bytes: int, *, microbatches: int = 1, interleav
 def exposed_s(communication_s: float, overlappable_s: float) -> float:
     """Communication left on the critical path when it runs beside `overlappable_s` of compute:
     max(0, communication - compute). It assumes a perfect overlap up to the compute available
-    (no slowdown of the compute sharing the GPU, no first call waiting with nothing before it)."""
+    (no slowdown of the compute sharing the GPU, no first call waiting with nothing before it).
+
+    >>> exposed_s(0.015, 0.2), exposed_s(0.5, 0.2)
+    (0.0, 0.3)
+    """
     return max(0.0, communication_s - overlappable_s)
 
 

@@ -305,7 +305,9 @@ def test_tensor_and_pipeline_parallel_volumes():
     assert volume_per_rank(tensor_parallel(A, L, microbatches=m), pl) == pytest.approx(megatron)
     # Sequence parallelism: each all-reduce becomes all-gather + reduce-scatter, (t-1)/t * A each.
     sp = tensor_parallel(A, L, microbatches=m, sequence_parallel=True)
-    assert [c.collective for c in sp] == ["all_gather", "reduce_scatter"]
+    assert [(c.collective, c.overlap) for c in sp] == [("all_gather", "none"), ("reduce_scatter", "none")] * 2
+    overlapped = tensor_parallel(A, L, microbatches=m, overlapped=True)
+    assert [c.overlap for c in overlapped] == ["forward", "backward"]
     assert volume_per_rank(sp, pl) == pytest.approx(megatron)
     # Full recomputation repeats the forward's two: 6 per block.
     assert volume_per_rank(tensor_parallel(A, L, microbatches=m, recompute=True), pl) == pytest.approx(megatron * 6 / 4)
