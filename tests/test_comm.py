@@ -464,3 +464,17 @@ def test_pure_arithmetic_modules_do_not_import_torch(module):
     imported = {alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
     imported |= {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.module}
     assert not {name for name in imported if name.split(".")[0] == "torch"}, imported
+
+
+def test_readme_example():
+    h100 = load_hardware("h100-sxm")
+    groups = mesh_placements({"tp": 8, "dp": 4}, h100.gpus_per_node)
+    calls = timed(ddp(2 * 10**9) + tensor_parallel(32 * 2**20, layers=32, microbatches=4), h100.interconnect, groups)
+    # dp: one rank on each of 4 nodes, the tree (2 * log2 4 network steps) beats the ring (6):
+    # 8.4 us + 2 * 2 * 14 us + 2 * 3/4 * 2e9 / 50e9 = 0.0600644 s
+    assert calls[0].to_dict()["time_s"] == pytest.approx(8.4e-6 + 4 * 14e-6 + 1.5 * 2e9 / 50e9)
+    # tp: 2 * 2 * 32 * 4 = 512 all-reduces of 32 MiB in a node, all exposed; DDP hides under one backward.
+    tp_s = 512 * (8.4e-6 + 14 * 3.4e-6 + 2 * 7 / 8 * 32 * 2**20 / 370e9)
+    step = step_time([Stage(0.08, 0.16, 0.005, tuple(calls))], microbatches=4)
+    assert step.step_time_s == pytest.approx(4 * (0.08 + 0.16) + 0.005 + tp_s)
+    assert round(step.step_time_s, 3) == 1.075                              # as README.md prints it
