@@ -281,8 +281,11 @@ def cmd_hardware(args) -> str:
         if args.format == "json":
             return json.dumps([d.to_dict() for d in devices], indent=2)
         rows = [[d.name, _bytes(d.memory_bytes), _num(d.bandwidth_bytes_per_s, "B/s")]
-                + [_num(d.peak_flops_per_s.get(t), "FLOP/s") for t in DTYPES] for d in devices]
-        return tabulate(rows, headers=["device", "memory", "bandwidth"] + list(DTYPES))
+                + [_num(d.peak_flops_per_s.get(t), "FLOP/s") for t in DTYPES]
+                + [d.gpus_per_node, _num(d.intra_node_bandwidth_bytes_per_s, "B/s"),
+                   _num(d.inter_node_bandwidth_bytes_per_s, "B/s")] for d in devices]
+        return tabulate(rows, headers=["device", "memory", "bandwidth"] + list(DTYPES)
+                        + ["GPUs/node", "intra-node", "inter-node/GPU"])
     hw = load_hardware(args.device)
     if args.format == "json":
         return json.dumps(hw.to_dict(), indent=2)
@@ -290,7 +293,11 @@ def cmd_hardware(args) -> str:
     rows = [[t, _num(d["peak_flops_per_s"].get(t), "FLOP/s"), f"{d['ridge_point'][t]:.1f}" if t in d["ridge_point"]
              else "-"] for t in DTYPES]
     head = (f"{hw.name}: {_bytes(hw.memory_bytes)}, {_num(hw.bandwidth_bytes_per_s, 'B/s')}, "
-            f"kernel overhead {hw.kernel_overhead_s * 1e6:.1f} us\n")
+            f"kernel overhead {hw.kernel_overhead_s * 1e6:.1f} us\n"
+            f"interconnect: {hw.gpus_per_node} GPUs per node; bus bandwidth "
+            f"{_num(hw.intra_node_bandwidth_bytes_per_s, 'B/s')} inside a node, "
+            f"{_num(hw.inter_node_bandwidth_bytes_per_s, 'B/s')} per GPU across nodes; latency "
+            f"{hw.intra_node_latency_s * 1e6:.1f} us / {hw.inter_node_latency_s * 1e6:.1f} us per step\n")
     src = "\n".join(f"  {k}: {v}" for k, v in hw.sources.items())
     return head + tabulate(rows, headers=["dtype", "dense peak", "ridge (FLOP/byte)"]) + "\nsources:\n" + src
 
