@@ -64,6 +64,7 @@ def point_dict(report: Report, point: Point, depth: int | None = None) -> dict:
         "modules": point.modules(depth),
         "unsupported": report.unsupported,
         "guards": [str(g) for g in report.guards],
+        "symbolic_method": report.symbolic_method,
         "limits": limits_list(report),
         "warnings": list(report.warnings),
     }
@@ -90,6 +91,7 @@ def symbolic_only_dict(report: Report, depth: int | None = None) -> dict:
         "ops_by_target": [{"target": r["target"], "category": r["category"], "count": r["count"],
                            "flops": str(r["flops"]), "bytes": str(r["bytes"])} for r in report.by_op()],
         "unsupported": report.unsupported, "guards": [str(g) for g in report.guards],
+        "symbolic_method": report.symbolic_method,
         "limits": limits_list(report), "warnings": list(report.warnings),
     })
 
@@ -191,7 +193,10 @@ def to_table(report: Report, points: list[Point], depth: int | None = 2, top: in
     out.append(f"inputs: {', '.join(str(s) for s in report.inputs)}; parameters: {report.params:,} "
                f"({_bytes(report.param_bytes)})" + (f"; optimizer: {report.optimizer}" if report.mode == "train" else ""))
 
-    out.append(h("Formulas"))
+    interp = report.interpolation
+    at = {d: v for d, v in report.fixed.items() if d in report.dims and (interp is None or interp.dim != d)}
+    out.append(h("Formulas" + (f" (at {', '.join(f'{d} = {v}' for d, v in at.items())}: pinned by the capture)"
+                               if at else "")))
     sym = symbolic_dict(report)
     rows = [[k, v] for k, v in sym.items() if k not in ("params", "param_bytes")]
     out.append(tabulate(rows, headers=["total", "formula"], tablefmt=fmt))
@@ -199,12 +204,20 @@ def to_table(report: Report, points: list[Point], depth: int | None = 2, top: in
     if cx:
         metrics = list(next(iter(cx.values())))
         out.append("")
-        out.append(tabulate([[d] + [f"{d}^{cx[d][m]}" for m in metrics] for d in cx],
+        out.append(tabulate([[d] + [f"{d}^{cx[d][m]}" if m in cx[d] else "per point" for m in metrics] for d in cx],
                             headers=["complexity"] + metrics, tablefmt=fmt))
     pinned = cap.specialized(report.primary.captured)
     for d, (v, where) in pinned.items():
-        out.append(f"\npinned by the model: {d} = {v}" + (f" (from {where})" if where else "")
-                   + f"; other values of {d} are captured separately")
+        out.append(f"\npinned by the capture: {d} = {v}" + (f" (from {where})" if where else ""))
+        if interp is not None and interp.dim == d:
+            peak = report.symbolic_method["peak_memory_bytes"]["method"]
+            out.append(f"  formulas in {d} interpolated: degree {interp.degree} through {d} = "
+                       f"{', '.join(map(str, interp.points))}, verified at {d} = {interp.verified_at}"
+                       + ("" if peak == "interpolated" else f"; peak_memory_bytes is the capture's at {d} = {v}, "
+                          f"other values of {d} are captured separately")
+                       + (f"\n  fitted, not traced: {', '.join(interp.modules)}" if interp.modules else ""))
+        else:
+            out.append(f"  no formula in {d}: each value of {d} is captured separately")
     if report.guards:
         names = {sympy.Symbol(d, integer=True, positive=True) for d in pinned}
         shown = [g for g in report.guards if not _size_not_one(g) and not g.expr.free_symbols <= names]

@@ -131,7 +131,8 @@ def test_pinned_dimension_is_reported_and_points_recaptured(capsys):
     assert "seq" not in data["complexity"]          # a pinned dimension has no degree
     code, out, err = run(capsys, "analyze", f"{BAD}:pins_length", "--input", "x:float32[batch,seq,4]",
                          "--dim", "batch=2", "--dim", "seq=16")
-    assert "pinned by the model: seq = 16" in out and "bad_models.py:43" in out
+    assert "pinned by the capture: seq = 16" in out and "bad_models.py:43" in out
+    assert "Formulas (at seq = 16" in out and "no formula in seq" in out
 
 
 def test_guarded_formula_is_recaptured_beyond_its_range(capsys):
