@@ -69,7 +69,7 @@ sdpa.register_autograd(_backward, setup_context=_setup_context)
 _ORIGINAL_SDPA = F.scaled_dot_product_attention
 
 
-_BADDBMM = (torch.baddbmm, torch.Tensor.baddbmm)
+_BADDBMM = (torch.baddbmm, torch.Tensor.baddbmm)   # the originals (route_sdpa swaps the attributes)
 # C++ composite kernels that read sizes as plain integers, which pins every symbolic size they
 # touch (the batch of an RNN, the image size of an upsample); their Python decompositions, which
 # PyTorch's Python dispatcher runs, keep the sizes symbolic (an RNN still unrolls its sequence).
@@ -91,6 +91,13 @@ class _RouteSDPA(TorchFunctionMode):
             with enable_python_dispatcher():
                 return func(*args, **kwargs)
         return func(*args, **kwargs)
+
+
+def _broadcasting(baddbmm):
+    def call(*args, **kwargs):
+        args, kwargs = _broadcast_baddbmm_input(*args, **kwargs)
+        return baddbmm(*args, **kwargs)
+    return call
 
 
 def _broadcast_baddbmm_input(self, batch1=None, batch2=None, *rest, **kwargs):
@@ -122,12 +129,17 @@ def route_sdpa():
     and most code write it) are rerouted by swapping the attribute, which costs nothing per op; the
     torch-function mode catches the rest (a name imported before capture), at a small cost per call."""
     original = F.scaled_dot_product_attention
+    baddbmm, tensor_baddbmm = torch.baddbmm, torch.Tensor.baddbmm
     F.scaled_dot_product_attention = _call_sdpa
+    # torch.baddbmm is also called from inside other torch functions (multi_head_attention_forward),
+    # where a torch-function mode does not see it: swap the attributes too
+    torch.baddbmm, torch.Tensor.baddbmm = _broadcasting(baddbmm), _broadcasting(tensor_baddbmm)
     try:
         with _RouteSDPA():
             yield
     finally:
         F.scaled_dot_product_attention = original
+        torch.baddbmm, torch.Tensor.baddbmm = baddbmm, tensor_baddbmm
 
 
 def _check_kernel(kernel: str) -> None:
