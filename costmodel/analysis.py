@@ -11,14 +11,14 @@ import sympy
 import torch
 import torch.fx as fx
 
-from . import capture as cap
-from .cost import OpCost
-from .errors import AnalysisError, UsageError
-from .formulas import Evaluator, plain
-from .rules import TensorSpec, rule_for
-from .rules.attention import KERNELS
-from .specs import dtype_name
-from .symbols import dim_symbol
+from costmodel.capture import trace as cap
+from costmodel.rules.cost import OpCost
+from costmodel.errors import AnalysisError, UsageError
+from costmodel.formulas import Evaluator, plain
+from costmodel.rules import TensorSpec, rule_for
+from costmodel.rules.attention import KERNELS
+from costmodel.capture.specs import dtype_name
+from costmodel.symbols import dim_symbol
 
 METRICS = ("flops", "matmul_flops", "bytes_read", "bytes_written", "bytes")
 
@@ -71,7 +71,7 @@ def _spec(c: cap.Captured, value):
 
 
 def _op_dtype(args, out) -> str:
-    from .rules import tensors_in
+    from costmodel.rules import tensors_in
     for t in tensors_in(list(args)) + tensors_in(out):
         if t.dtype.is_floating_point:
             return dtype_name(t.dtype)

@@ -22,16 +22,16 @@ import networkx as nx
 import sympy
 import torch
 
-from . import capture as cap
-from . import memory
-from . import optimizer as opt
-from .analysis import METRICS, Analysis, OpRecord, cost_graph, params_of, totals_of
-from .cost import OPTIMIZER
-from .errors import AnalysisError, CaptureFailed, OutsideLimits, UsageError
-from .formulas import Evaluator, degree
-from .limits import Limit, config_limits
-from .specs import InputSpec, dtype_name, parse_dtype, parse_input
-from .symbols import dim_symbol
+from costmodel.capture import trace as cap
+from costmodel.memory import timeline as memory
+from costmodel.rules import optimizer as opt
+from costmodel.analysis import METRICS, Analysis, OpRecord, cost_graph, params_of, totals_of
+from costmodel.rules.cost import OPTIMIZER
+from costmodel.errors import AnalysisError, CaptureFailed, OutsideLimits, UsageError
+from costmodel.formulas import Evaluator, degree
+from costmodel.capture.limits import Limit, config_limits
+from costmodel.capture.specs import InputSpec, dtype_name, parse_dtype, parse_input
+from costmodel.symbols import dim_symbol
 
 ATTENTION_CHOICES = ("auto", "math", "flash", "efficient")
 
@@ -67,7 +67,7 @@ class Point:
 
     def timing(self, hw, tf32: bool = False) -> dict:
         """Roofline time on `hw`: per-op OpTimes (same order as `ops`) and their summary."""
-        from . import roofline
+        from costmodel.hardware import roofline
         times = [roofline.op_time(op["flops"], op["bytes"], op["category"], op["dtype"], hw, tf32)
                  for op in self.ops]
         model_dtype = next((op["dtype"] for op in self.ops if op["category"] in ("matmul", "conv", "attention")),
@@ -174,7 +174,7 @@ class Report:
             self._interpolation = None
             pinned = {d: v for d, v in self.fixed.items() if d in self.dims}
             if len(pinned) == 1:
-                from .interpolate import interpolate
+                from costmodel.capture.interpolate import interpolate
                 (d, v), = pinned.items()
                 self._interpolation = interpolate(self, d, v)
                 if self._interpolation is None:
@@ -273,7 +273,7 @@ class Report:
 
     def set_hardware(self, hardware, tf32: bool = False) -> None:
         """Devices to time on: names ("a100-80gb"), a comma list, .toml paths or Hardware objects."""
-        from .hardware import Hardware, parse_hardware_list
+        from costmodel.hardware.catalog import Hardware, parse_hardware_list
         if isinstance(hardware, str):
             hardware = parse_hardware_list(hardware)
         elif isinstance(hardware, Hardware):
@@ -494,7 +494,7 @@ def analyze(model, inputs: list[str] | None = None, mode: str = "inference", dty
     if attention not in ATTENTION_CHOICES:
         raise UsageError(f"unknown --attention {attention!r}; accepted: {', '.join(ATTENTION_CHOICES)}")
     opt.check(optimizer)
-    from .moe import check_imbalance
+    from costmodel.capture.moe import check_imbalance
     check_imbalance(moe_imbalance)
     torch_dtype = parse_dtype(dtype) if isinstance(dtype, str) else dtype
     loaded = cap.load_model(model, torch_dtype, trust_remote_code=trust_remote_code)
@@ -579,7 +579,7 @@ def resolve_attention(attention: str, hardware, dtype: torch.dtype) -> str:
     "math", the decomposition PyTorch runs on the meta device and FlopCounterMode counts there."""
     if attention != "auto":
         return attention
-    from .hardware import Hardware, parse_hardware_list
+    from costmodel.hardware.catalog import Hardware, parse_hardware_list
     devices = parse_hardware_list(hardware) if isinstance(hardware, str) else (
         [hardware] if isinstance(hardware, Hardware) else list(hardware or []))
     if devices and devices[0].vendor.lower() in ("nvidia", "amd"):

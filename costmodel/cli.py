@@ -11,7 +11,7 @@ import os
 import sys
 import warnings
 
-from .errors import CostModelError, UsageError
+from costmodel.errors import CostModelError, UsageError
 
 FORMATS = ("table", "json", "csv", "markdown")
 
@@ -134,7 +134,7 @@ def _check_format(fmt: str, allowed=FORMATS) -> str:
 
 
 def _analyze_report(args, dims: dict[str, list[int]], hardware=None, tf32=False, complete=True):
-    from .api import analyze
+    from costmodel.api import analyze
     return analyze(args.model, inputs=args.input or None, mode=args.mode, dtype=args.dtype,
                    optimizer=args.optimizer, attention=args.attention, loss=args.loss, dims=dims,
                    hardware=hardware, tf32=tf32, complete=complete, amp=args.amp,
@@ -143,8 +143,8 @@ def _analyze_report(args, dims: dict[str, list[int]], hardware=None, tf32=False,
 
 
 def cmd_analyze(args) -> str:
-    from . import report as fmt
-    from .specs import parse_dims
+    from costmodel.render import text as fmt
+    from costmodel.capture.specs import parse_dims
     _check_format(args.format)
     if args.by not in ("op", "module"):
         raise UsageError(f"unknown --by {args.by!r}; accepted: op, module")
@@ -186,7 +186,7 @@ def cmd_analyze(args) -> str:
 
 def _oom_verdicts(rep, points) -> None:
     """Does each point fit the first --hw device, and how far can each dimension grow at that point?"""
-    from .fit import largest_fitting, verdict
+    from costmodel.memory.fit import largest_fitting, verdict
     hw = rep.hardware[0]
     for p in points:
         v = verdict(rep, hw, p.dims)
@@ -204,7 +204,7 @@ def _comparison(rep, point) -> list[dict]:
 
 
 def _roofline_plot(rep, point, path: str) -> None:
-    from .plot import roofline_plot
+    from costmodel.render.roofline_plot import roofline_plot
     hw = rep.hardware[0]
     t = point.timing(hw, rep.tf32)
     pts = [{"intensity": ot.intensity, "flops_per_s": ot.flops_per_s, "time_s": ot.time_s, "label": op["module"],
@@ -214,10 +214,10 @@ def _roofline_plot(rep, point, path: str) -> None:
 
 
 def cmd_fit(args) -> str:
-    from .hardware import load_hardware
-    from .specs import parse_dims
+    from costmodel.hardware.catalog import load_hardware
+    from costmodel.capture.specs import parse_dims
     _check_format(args.format, ("table", "json"))
-    from .fit import fit
+    from costmodel.memory.fit import fit
     dims = parse_dims(args.dim)
     if args.max in dims:
         raise UsageError(f"--max {args.max} is solved for; do not also give --dim {args.max}")
@@ -231,7 +231,7 @@ def cmd_fit(args) -> str:
     result = fit(rep, hw, args.max, fixed, capacity_bytes=int(args.capacity) if args.capacity else None)
     if args.format == "json":
         return json.dumps(result, indent=2, default=str)
-    from .report import _bytes
+    from costmodel.render.text import _bytes
     reserve = result.get("reserve") or {}
     lines = [f"{rep.model} ({rep.mode}, {args.dtype}) on {hw.name}: {_bytes(result['capacity_bytes'])} usable"
              + (f" of {_bytes(result['memory_bytes'])}" if result.get("memory_bytes") else "")
@@ -259,18 +259,18 @@ def cmd_fit(args) -> str:
 
 
 def cmd_validate(args) -> str:
-    from .validate import run_cli
+    from costmodel.validate.engine import run_cli
     return run_cli(args)
 
 
 def cmd_hardware(args) -> str:
     from tabulate import tabulate
-    from .hardware import DTYPES, list_hardware, load_hardware
-    from .report import _bytes, _num
+    from costmodel.hardware.catalog import DTYPES, list_hardware, load_hardware
+    from costmodel.render.text import _bytes, _num
     if args.hw_command is None:
         raise UsageError("hardware needs a subcommand: list, show DEVICE, or calibrate --device cpu|cuda --out FILE")
     if args.hw_command == "calibrate":
-        from .calibrate import calibrate
+        from costmodel.hardware.calibrate import calibrate
         if args.device not in ("cpu", "cuda"):
             raise UsageError(f"unknown --device {args.device!r}; accepted: cpu, cuda")
         hw = calibrate(args.device, args.out, quick=args.quick)
@@ -304,7 +304,7 @@ def cmd_hardware(args) -> str:
 
 def cmd_zoo(args) -> str:
     from tabulate import tabulate
-    from .zoo import ZOO
+    from costmodel.capture.zoo import ZOO
     _check_format(args.format, ("table", "json"))
     if args.format == "json":
         return json.dumps([{"name": m.name, "params": m.params, "inputs": list(m.inputs),

@@ -28,8 +28,8 @@ from pathlib import Path
 
 import torch
 
-from costmodel.validate import calibrated_hardware, validate
-from costmodel.validate_plot import validation_plot
+from costmodel.validate.engine import calibrated_hardware, validate
+from costmodel.render.validation_plot import validation_plot
 
 
 @dataclass
@@ -63,7 +63,7 @@ def gpu_plan() -> list[Run]:
     ]
 
 
-from costmodel.zoo import hf_factory  # noqa: E402
+from costmodel.capture.zoo import hf_factory  # noqa: E402
 
 
 def _tiny(model_cls: str, config_cls: str, attention: str | None = "sdpa", **config):
@@ -114,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     hw = args.hw or (calibrated_hardware(device) if not args.dry_run else None)
     if hw is None:   # dry run: a quick calibration is enough to exercise the time model
-        from costmodel.calibrate import calibrate
+        from costmodel.hardware.calibrate import calibrate
         hw = calibrate("cpu", out / "calibrated-cpu.toml", quick=True)
     calibration_s = time.perf_counter() - t0
 
@@ -174,7 +174,7 @@ def _device_info(device: str) -> dict:
         p = torch.cuda.get_device_properties(torch.cuda.current_device())
         return {"kind": "cuda", "name": p.name, "memory_bytes": p.total_memory,
                 "capability": f"{p.major}.{p.minor}", "cuda": torch.version.cuda}
-    from costmodel.calibrate import _machine
+    from costmodel.hardware.calibrate import _machine
     return {"kind": "cpu", "name": _machine("cpu"), "threads": torch.get_num_threads()}
 
 

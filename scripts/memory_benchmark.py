@@ -25,7 +25,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 import torch
 
 import costmodel
-from costmodel import memtrack
+from costmodel.validate import meters as memtrack
 from tests import models as M
 from tests.models import _hf
 

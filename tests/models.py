@@ -8,7 +8,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 
-from costmodel.zoo import hf_factory as _hf
+from costmodel.capture.zoo import hf_factory as _hf
 
 
 tiny_llama_gqa = _hf("LlamaForCausalLM", "LlamaConfig", hidden_size=64, intermediate_size=128, num_hidden_layers=2,

@@ -13,7 +13,7 @@ import pytest
 import sympy
 
 from costmodel.cli import main
-from costmodel.zoo import ZOO
+from costmodel.capture.zoo import ZOO
 
 BAD = os.path.join(os.path.dirname(__file__), "bad_models.py")
 LINEAR = f"{BAD}:tiny_linear"

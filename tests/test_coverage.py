@@ -16,9 +16,9 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 import costmodel
-from costmodel import memtrack
-from costmodel.capture import first_output
-from costmodel.moe import expert_rows
+from costmodel.validate import meters as memtrack
+from costmodel.capture.trace import first_output
+from costmodel.capture.moe import expert_rows
 from fractions import Fraction
 
 from . import models as M

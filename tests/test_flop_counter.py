@@ -30,7 +30,7 @@ CASES = {
 
 
 def _shapes(specs: list[str], point: dict[str, int]) -> dict:
-    from costmodel.specs import parse_input
+    from costmodel.capture.specs import parse_input
     out = {}
     for s in specs:
         spec = parse_input(s)

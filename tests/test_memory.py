@@ -12,9 +12,10 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import costmodel
-from costmodel import memory, memtrack
+from costmodel.memory import timeline as memory
+from costmodel.validate import meters as memtrack
 from costmodel.errors import UsageError
-from costmodel.memory import CATEGORIES, auto_kernel, optimizer_temporary_bytes
+from costmodel.memory.timeline import CATEGORIES, auto_kernel, optimizer_temporary_bytes
 from costmodel.symbols import parse_formula
 
 from . import models as M

@@ -5,9 +5,9 @@ import pytest
 pytest.importorskip("matplotlib")
 
 from costmodel.errors import UsageError  # noqa: E402
-from costmodel.hardware import load_hardware  # noqa: E402
-from costmodel.plot import roofline_plot  # noqa: E402
-from costmodel.roofline import op_time  # noqa: E402
+from costmodel.hardware.catalog import load_hardware  # noqa: E402
+from costmodel.render.roofline_plot import roofline_plot  # noqa: E402
+from costmodel.hardware.roofline import op_time  # noqa: E402
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 A100 = load_hardware("a100-80gb")

@@ -9,7 +9,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import costmodel
-from costmodel.cost import OpCost
+from costmodel.rules.cost import OpCost
 from costmodel.rules import TensorSpec, is_metadata_only, rule_for
 from costmodel.symbols import symbols_for
 

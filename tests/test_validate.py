@@ -14,10 +14,10 @@ import torch
 import torch.nn as nn
 
 from costmodel import cli
-from costmodel.calibrate import calibrate
+from costmodel.hardware.calibrate import calibrate
 from costmodel.errors import AnalysisError, UsageError
-from costmodel.validate import SERIES, ValidationResult, profiler_peak_bytes, run_cli, validate
-from costmodel.validate_plot import validation_plot
+from costmodel.validate.engine import SERIES, ValidationResult, profiler_peak_bytes, run_cli, validate
+from costmodel.render.validation_plot import validation_plot
 from tests.models import _hf, tiny_resnet
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -268,7 +268,7 @@ def test_cli_usage_errors(argv, message, capsys):
 
 def test_run_cli_progress_off_for_json(monkeypatch, hw):
     seen = {}
-    import costmodel.validate as v
+    import costmodel.validate.engine as v
 
     def fake(*args, **kwargs):
         seen.update(kwargs)
@@ -282,20 +282,20 @@ def test_run_cli_progress_off_for_json(monkeypatch, hw):
 
 
 def test_progress_bar_only_on_a_terminal(monkeypatch):
-    from costmodel.validate import _progress
+    from costmodel.validate.engine import _progress
     assert _progress(3, "x", enabled=False) is None
     monkeypatch.setattr(sys.stderr, "isatty", lambda: False, raising=False)
     assert _progress(3, "x", enabled=True) is None
 
 
 def test_calibration_is_cached_per_session(monkeypatch, tmp_path):
-    import costmodel.validate as v
+    import costmodel.validate.engine as v
     calls = []
 
     def fake_calibrate(device, out_path=None, **kw):
         calls.append(device)
         return calibrate(device, out_path, quick=True)
-    monkeypatch.setattr("costmodel.calibrate.calibrate", fake_calibrate)
+    monkeypatch.setattr("costmodel.hardware.calibrate.calibrate", fake_calibrate)
     monkeypatch.setattr(v.tempfile, "gettempdir", lambda: str(tmp_path))
     monkeypatch.setattr(v, "_CALIBRATED", {})
     a = v.calibrated_hardware("cpu")

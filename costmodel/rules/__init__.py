@@ -15,7 +15,7 @@ from typing import Callable
 import sympy
 import torch
 
-from ..cost import VIEW_COST, OpCost
+from costmodel.rules.cost import VIEW_COST, OpCost
 
 Rule = Callable[..., OpCost]
 _REGISTRY: dict[object, Rule] = {}
@@ -74,7 +74,7 @@ def rule_for(op) -> Rule | None:
         return _REGISTRY[packet]
     if isinstance(op, torch._ops.OpOverload):
         if torch.Tag.pointwise in op.tags:
-            from .pointwise import pointwise_rule
+            from costmodel.rules.pointwise import pointwise_rule
             return pointwise_rule
         if is_metadata_only(op):
             return view_rule
@@ -110,4 +110,4 @@ def nbytes_of(x) -> sympy.Expr:
 
 
 
-from . import attention, conv, matmul, norm, pointwise  # noqa: E402,F401  (fill the registry)
+from costmodel.rules import attention, conv, matmul, norm, pointwise  # noqa: E402,F401  (fill the registry)

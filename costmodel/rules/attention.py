@@ -17,8 +17,8 @@ from __future__ import annotations
 
 import torch
 
-from ..cost import ATTENTION, OpCost
-from . import TensorSpec, nbytes_of, prod, register
+from costmodel.rules.cost import ATTENTION, OpCost
+from costmodel.rules import TensorSpec, nbytes_of, prod, register
 
 aten = torch.ops.aten
 

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import torch
 
-from ..cost import CONV, OpCost
-from . import TensorSpec, nbytes_of, prod, register
+from costmodel.rules.cost import CONV, OpCost
+from costmodel.rules import TensorSpec, nbytes_of, prod, register
 
 aten = torch.ops.aten
 

@@ -12,9 +12,9 @@ import json
 import sympy
 from tabulate import tabulate
 
-from . import capture as cap
-from .api import Point, Report
-from .specs import dtype_name
+from costmodel.capture import trace as cap
+from costmodel.api import Point, Report
+from costmodel.capture.specs import dtype_name
 
 GIB = 1024 ** 3
 

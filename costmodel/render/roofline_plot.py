@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Iterable, Mapping
 
 from costmodel.errors import UsageError
-from costmodel.hardware import Hardware, canonical_dtype
+from costmodel.hardware.catalog import Hardware, canonical_dtype
 
 _COLORS = {"compute": "tab:red", "memory": "tab:blue", None: "tab:gray"}
 

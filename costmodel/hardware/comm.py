@@ -196,7 +196,7 @@ def collective_time_s(collective: str, nbytes: float, placement: Placement, net:
     the group spans nodes (the slowest of its hops bounds a pipeline).
     Messages below ~1 MB are overestimated: NCCL then switches to its low-latency protocols.
 
-    >>> from costmodel.hardware import load_hardware
+    >>> from costmodel.hardware.catalog import load_hardware
     >>> a100 = load_hardware("a100-80gb").interconnect          # 230 GB/s NVLink, 3.4 us a step
     >>> node = place(8, gpus_per_node=8)
     >>> round(collective_time_s("all_reduce", 2**30, node, a100) * 1e3, 3)   # ms
@@ -303,7 +303,7 @@ def timed(collectives: Sequence[Collective], net: Interconnect, placements: Mapp
           *, algorithm: str = "auto") -> list[Collective]:
     """The same collectives with `time_s` = count * collective_time_s on their group's placement.
 
-    >>> from costmodel.hardware import load_hardware
+    >>> from costmodel.hardware.catalog import load_hardware
     >>> h100 = load_hardware("h100-sxm").interconnect
     >>> calls = timed(ddp(gradient_bytes=2 * 10**9), h100, mesh_placements({"dp": 16}, 8))
     >>> calls[0].to_dict()       # 2 nodes: ring at min(370e9, 8 * 50e9) busbw beats the tree
@@ -515,7 +515,7 @@ def step_time(stages: Sequence[Stage], *, microbatches: int = 1, interleave: int
     tokens_per_s = tokens_per_step / step; mfu = model_flops_per_step / (step * world_size *
     peak), model FLOPs without recomputation (Chowdhery et al. 2022, PaLM, appendix B).
 
-    >>> from costmodel.hardware import load_hardware
+    >>> from costmodel.hardware.catalog import load_hardware
     >>> net = load_hardware("a100-80gb").interconnect
     >>> comm = timed(ddp(2 * 10**9), net, mesh_placements({"dp": 8}, 8))    # 15.3 ms all-reduce
     >>> st = step_time([Stage(0.1, 0.2, 0.01, comm)], tokens_per_step=8 * 4096,

@@ -21,7 +21,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from .errors import UsageError
+from costmodel.errors import UsageError
 
 # Within this distance of an integer k the fitted exponent reads as O(n^k). Timing noise on a busy
 # machine moves a fitted slope by a few hundredths over a decade of sizes; a log factor adds only

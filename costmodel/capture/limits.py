@@ -27,7 +27,7 @@ import sympy
 import torch
 import torch.fx as fx
 
-from .formulas import plain
+from costmodel.formulas import plain
 
 # ops whose output holds (a subset of) the values of their first argument
 _SAME_VALUES = {
@@ -178,7 +178,7 @@ _CONFIG_KEYS = ("max_position_embeddings", "n_positions", "max_sequence_length",
 def config_limits(model: torch.nn.Module, inputs) -> list[Limit]:
     """The context a Hugging Face config declares, on the sequence dimension (the last named one)
     of each integer token input: soft limits."""
-    from .symbols import dim_symbol
+    from costmodel.symbols import dim_symbol
     config = getattr(model, "config", None)
     if config is None:
         return []

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .errors import UsageError
+from costmodel.errors import UsageError
 
 DTYPES = {
     "float32": torch.float32, "float": torch.float32, "fp32": torch.float32,

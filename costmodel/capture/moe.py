@@ -33,9 +33,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .errors import UsageError
-from .rules import TensorSpec, register
-from .cost import MATMUL, OpCost
+from costmodel.errors import UsageError
+from costmodel.rules import TensorSpec, register
+from costmodel.rules.cost import MATMUL, OpCost
 
 
 def is_experts_module(m: nn.Module) -> bool:
@@ -112,7 +112,7 @@ def balanced_loop_forward(self, hidden_states: torch.Tensor, top_k_index: torch.
         out = out * top_k_weights[token_idx, top_k_pos, None]
         final_hidden_states.index_add_(0, token_idx, out.to(final_hidden_states.dtype))
         start = start + rows
-    from .capture import live_until_now
+    from costmodel.capture.trace import live_until_now
     live_until_now([expert_mask])      # the eager loop holds its routing mask until it returns
     return final_hidden_states
 

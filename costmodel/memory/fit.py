@@ -24,11 +24,11 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
-from .errors import AnalysisError, CaptureFailed, CostModelError, OutsideLimits, UsageError
-from .formulas import degree
-from .hardware import Hardware, load_hardware
-from .memory import device_kind
-from .symbols import dim_symbol
+from costmodel.errors import AnalysisError, CaptureFailed, CostModelError, OutsideLimits, UsageError
+from costmodel.formulas import degree
+from costmodel.hardware.catalog import Hardware, load_hardware
+from costmodel.memory.timeline import device_kind
+from costmodel.symbols import dim_symbol
 
 CONTEXT_RESERVE_BYTES = 1 << 30
 FRAGMENTATION_RESERVE = 0.05

@@ -31,9 +31,9 @@ import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
-from .errors import UsageError
-from .optimizer import OPTIMIZERS
-from .specs import InputSpec, parse_input
+from costmodel.errors import UsageError
+from costmodel.rules.optimizer import OPTIMIZERS
+from costmodel.capture.specs import InputSpec, parse_input
 
 
 @dataclass
@@ -151,7 +151,7 @@ def make_inputs(specs: list[str | InputSpec], dims: dict[str, int], device: str 
 
 
 def _caller(model: nn.Module, specs: list[InputSpec], values: list[torch.Tensor]):
-    from .capture import _call_plan
+    from costmodel.capture.trace import _call_plan
     args, kwargs = _call_plan(model, specs)(values)
     return lambda: model(*args, **kwargs)
 
@@ -200,7 +200,7 @@ def measure_train_step(model: nn.Module, inputs: list[str | InputSpec], dims: di
     output, or `cross-entropy` against the first integer input), backward, `optimizer.step()`,
     `zero_grad(set_to_none=True)`. A warm-up step first allocates the optimizer state, as in any
     step after the first; parameters, buffers, inputs and that state are counted as resident."""
-    from .capture import first_output
+    from costmodel.capture.trace import first_output
     specs = [parse_input(s) if isinstance(s, str) else s for s in inputs]
     model = model.to(device).train()
     dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), None)

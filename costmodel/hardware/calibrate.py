@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from costmodel.errors import UsageError
-from costmodel.hardware import Hardware, hardware_from_dict
+from costmodel.hardware.catalog import Hardware, hardware_from_dict
 
 DEVICES = ("cpu", "cuda")
 

@@ -34,13 +34,14 @@ from torch.fx.experimental.proxy_tensor import make_fx
 from torch.fx.experimental.symbolic_shapes import DimDynamic, ShapeEnv
 from torch.nn.utils.stateless import _reparametrize_module
 
-from . import _torch, zoo
-from .errors import AnalysisError, CostModelError, UsageError
-from .eager_paths import eager_decisions
-from .moe import balanced_experts
-from .sdpa_op import route_sdpa
-from .specs import InputSpec, parse_input
-from .symbols import dim_symbol
+from costmodel import _torch
+from costmodel.capture import zoo
+from costmodel.errors import AnalysisError, CostModelError, UsageError
+from costmodel.capture.eager_paths import eager_decisions
+from costmodel.capture.moe import balanced_experts
+from costmodel.capture.sdpa import route_sdpa
+from costmodel.capture.specs import InputSpec, parse_input
+from costmodel.symbols import dim_symbol
 
 LOSSES = ("sum", "cross-entropy")
 MODES = ("inference", "train")
@@ -111,7 +112,7 @@ def resolve_source(source: str, trust_remote_code: bool = False) -> tuple[str, o
     """A MODEL string -> (name, factory, default inputs, why there are none). Hugging Face configs
     (hf:ORG/NAME, a config.json or a directory holding one) are recognised first, then zoo names,
     then FILE.py:FUNC and package.module:FUNC."""
-    from . import hf
+    from costmodel.capture import hf
     if hf.is_hf_source(source):
         model = hf.resolve(source, trust_remote_code)
         return source, model.build, [parse_input(s) for s in model.inputs], model.no_inputs
@@ -279,7 +280,7 @@ def _capture(model: nn.Module, inputs: list[InputSpec], mode: str, hints, fixed,
 
     fn = train_step if mode == "train" else inference
     if amp:
-        from .amp import emulate_autocast
+        from costmodel.capture.amp import emulate_autocast
         fn = emulate_autocast(fn, amp if isinstance(amp, str) else "cuda")
     if mode == "train" and not trainable:
         raise UsageError("--mode train needs parameters that require grad; this model has none")
@@ -317,7 +318,7 @@ def _capture(model: nn.Module, inputs: list[InputSpec], mode: str, hints, fixed,
     captured = Captured(gm, mode, [d for d in dims if d not in fixed], fixed, [], symbol_map, shape_env, roles,
                         {param_items[i][0] for i in trainable}, used_hints)
     captured.guards = _guards(captured)
-    from .limits import index_limits
+    from costmodel.capture.limits import index_limits
     captured.limits = index_limits(captured)
     return captured
 
@@ -480,7 +481,7 @@ def _frame_tensors(frame) -> list[torch.Tensor]:
 
 def live_until_now(tensors: list[torch.Tensor]) -> None:
     """Within a trace: these tensors live at least until the last node traced so far."""
-    from .eager_paths import last_traced_node, traced_node
+    from costmodel.capture.eager_paths import last_traced_node, traced_node
     last = last_traced_node()
     if last is None:
         return

@@ -27,8 +27,8 @@ from dataclasses import dataclass, field
 
 import sympy
 
-from .errors import AnalysisError
-from .symbols import dim_symbol
+from costmodel.errors import AnalysisError
+from costmodel.symbols import dim_symbol
 
 _CANDIDATES = (5, 7, 11, 13, 17, 19, 23, 29, 31, 37)   # small, prime: no accidental equality with sizes
 _MAX_DEGREE = 4

@@ -15,10 +15,10 @@ import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
-from .errors import UsageError
-from .moe import GROUPED_MM_FUNCTIONS, call_grouped_mm
-from .rules import TensorSpec, register
-from .rules.attention import KERNELS, attention_backward, attention_forward
+from costmodel.errors import UsageError
+from costmodel.capture.moe import GROUPED_MM_FUNCTIONS, call_grouped_mm
+from costmodel.rules import TensorSpec, register
+from costmodel.rules.attention import KERNELS, attention_backward, attention_forward
 
 
 @torch.library.custom_op("costmodel::sdpa", mutates_args=())

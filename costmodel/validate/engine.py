@@ -32,9 +32,9 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from . import capture as cap
-from .complexity import complexity_class, fit_exponent, time_call
-from .errors import AnalysisError, CostModelError, UsageError
+from costmodel.capture import trace as cap
+from costmodel.validate.stats import complexity_class, fit_exponent, time_call
+from costmodel.errors import AnalysisError, CostModelError, UsageError
 
 DEVICES = ("cpu", "cuda")
 FORMATS = ("table", "json", "markdown", "csv")
@@ -113,8 +113,8 @@ def validate(model, inputs: list[str] | None = None, *, dims: dict[str, list[int
     Each time is the median of at least `repeats` steps, more while under `min_time_s` of timing.
     `cross_check` (default: on the CPU) adds the profiler's allocator-level peak to each point.
     `trust_remote_code`: a Hugging Face config's auto_map code may run (as in analyze)."""
-    from .api import analyze
-    from .specs import dtype_name, parse_dtype
+    from costmodel.api import analyze
+    from costmodel.capture.specs import dtype_name, parse_dtype
 
     if device not in DEVICES:
         raise UsageError(f"unknown --device {device!r}; accepted: {', '.join(DEVICES)}")
@@ -189,7 +189,7 @@ class _Runner:
 
     def __init__(self, source, report, device: str, dtype: torch.dtype, mode: str, optimizer: str, loss: str,
                  amp: bool, trust_remote_code: bool = False):
-        from . import memtrack
+        from costmodel.validate import meters as memtrack
         self.memtrack = memtrack
         self.report, self.device, self.mode, self.loss, self.amp = report, device, mode, loss, amp
         self.specs = list(report.inputs)
@@ -377,7 +377,7 @@ def _predicted_peak(report, point, device: str, attention: str, optimizer: str, 
     if hasattr(report, "memory_at"):
         return int(report.memory_at(point.dims, device=device).peak_bytes)
     try:   # an API without memory_at: the memory model of the point's capture, built here once
-        from . import memory
+        from costmodel.memory import timeline as memory
     except ImportError:
         value = point.totals.get("peak_memory_bytes")
         return None if value is None else int(value)
@@ -392,7 +392,7 @@ def _predicted_peak(report, point, device: str, attention: str, optimizer: str, 
 
 def _hardware(hardware, device: str):
     """The device that prices the predicted time: the user's, or this machine calibrated."""
-    from .hardware import Hardware, parse_hardware_list
+    from costmodel.hardware.catalog import Hardware, parse_hardware_list
     if hardware is None:
         hw = calibrated_hardware(device)
     elif isinstance(hardware, Hardware):
@@ -411,8 +411,8 @@ _CALIBRATED: dict[str, object] = {}
 def calibrated_hardware(device: str):
     """This machine measured by `costmodel.calibrate` (about 10 s), once per shell session: kept in
     memory and in a TOML in the temp dir keyed by session id, device, torch version and threads."""
-    from .calibrate import calibrate
-    from .hardware import load_hardware
+    from costmodel.hardware.calibrate import calibrate
+    from costmodel.hardware.catalog import load_hardware
     key = f"{device}-{os.getsid(0)}-{torch.__version__}-{torch.get_num_threads()}"
     if key in _CALIBRATED:
         return _CALIBRATED[key]
@@ -466,7 +466,7 @@ def _available_cpu_bytes() -> int | None:
 def _device_name(device: str) -> str:
     if device == "cuda":
         return torch.cuda.get_device_name(torch.cuda.current_device())
-    from .calibrate import _machine
+    from costmodel.hardware.calibrate import _machine
     return _machine("cpu")
 
 
@@ -599,7 +599,7 @@ def _exp(x) -> str:
 
 
 def _measured_cells(m: dict) -> tuple[str, str]:
-    from .report import _bytes, _time
+    from costmodel.render.text import _bytes, _time
     if m.get("oom"):
         return "OOM", "OOM"
     if "skipped" in m:
@@ -610,7 +610,7 @@ def _measured_cells(m: dict) -> tuple[str, str]:
 def _table(r: ValidationResult, style: str) -> str:
     from tabulate import tabulate
 
-    from .report import _bytes, _num, _time
+    from costmodel.render.text import _bytes, _num, _time
     names = list(r.points[0].dims) if r.points else []
     cross = any("independent_peak_memory_bytes" in p.measured for p in r.points)
     threads = r.environment.get("threads")
@@ -699,7 +699,7 @@ def _blank(x):
 
 def run_cli(args) -> str:
     """`costmodel validate`: the table (or JSON, Markdown, CSV), and the plot with --plot."""
-    from .specs import parse_dims
+    from costmodel.capture.specs import parse_dims
     if args.format not in FORMATS:
         raise UsageError(f"unknown --format {args.format!r}; accepted: {', '.join(FORMATS)}")
     if args.device not in DEVICES:
@@ -708,14 +708,14 @@ def run_cli(args) -> str:
     if not dims:
         raise UsageError("validate needs the sizes to run at: --dim NAME=V1,V2,... (e.g. --dim seq=128,256,512)")
     if args.plot:
-        from .validate_plot import check_plot_path
+        from costmodel.render.validation_plot import check_plot_path
         check_plot_path(args.plot)
     result = validate(args.model, inputs=args.input or None, dims=dims, device=args.device, mode=args.mode,
                       dtype=args.dtype, optimizer=args.optimizer, attention=args.attention, loss=args.loss,
                       amp=bool(getattr(args, "amp", False)), hardware=args.hw, repeats=args.repeats,
                       progress=args.format != "json", trust_remote_code=args.trust_remote_code)
     if args.plot:
-        from .validate_plot import validation_plot
+        from costmodel.render.validation_plot import validation_plot
         validation_plot(result, args.plot)
     if args.format == "json":
         return result.to_json()

@@ -19,9 +19,9 @@ from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 
-from costmodel.comm import DEFAULT_INTERCONNECT, DEFAULT_INTERCONNECT_SOURCES, INTERCONNECT_FIELDS, Interconnect
+from costmodel.hardware.comm import DEFAULT_INTERCONNECT, DEFAULT_INTERCONNECT_SOURCES, INTERCONNECT_FIELDS, Interconnect
 from costmodel.errors import UsageError
-from costmodel.roofline import DEFAULT_EFFICIENCY
+from costmodel.hardware.roofline import DEFAULT_EFFICIENCY
 
 DTYPES = ("float32", "tf32", "bfloat16", "float16", "float8")
 DEFAULT_KERNEL_OVERHEAD_S = 5e-6
@@ -328,7 +328,7 @@ def _catalog_texts() -> list[tuple[str, str]]:
     module runs from, else the installed package `costmodel.hardware_specs`. The checkout comes
     first so that a second checkout on PYTHONPATH (a git worktree) reads its own catalog, not the
     one an editable install maps `costmodel.hardware_specs` to."""
-    entries = list((Path(__file__).resolve().parent.parent / "hardware_specs").glob("*.toml"))
+    entries = list((Path(__file__).resolve().parents[2] / "hardware_specs").glob("*.toml"))
     if not entries:
         try:
             entries = [f for f in resources.files("costmodel.hardware_specs").iterdir() if f.name.endswith(".toml")]

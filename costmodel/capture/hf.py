@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import torch.nn as nn
 
-from .errors import UsageError
+from costmodel.errors import UsageError
 
 PREFIX = "hf:"
 CONFIG = "config.json"

@@ -15,11 +15,11 @@ import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Iterable, Mapping
 
-from costmodel.cost import ATTENTION, CONV, INDEX, MATMUL
+from costmodel.rules.cost import ATTENTION, CONV, INDEX, MATMUL
 from costmodel.errors import UsageError
 
 if TYPE_CHECKING:
-    from costmodel.hardware import Hardware
+    from costmodel.hardware.catalog import Hardware
 
 # Efficiency: achievable / datasheet peak. Ceilings are what a large, well-shaped op reaches; an op
 # of ideal time t (at peak) gets ceiling * t / (t + ramp_s): half the ceiling when t == ramp_s.

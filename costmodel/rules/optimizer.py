@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .errors import UsageError
+from costmodel.errors import UsageError
 
 OPTIMIZERS = ("adamw", "adam", "sgd", "sgd-momentum", "adafactor")
 

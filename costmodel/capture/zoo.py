@@ -12,7 +12,7 @@ from typing import Callable
 
 import torch.nn as nn
 
-from .errors import UsageError
+from costmodel.errors import UsageError
 
 CONFIGS = Path(__file__).parent / "zoo_configs"
 
@@ -31,7 +31,7 @@ class ZooModel:
     @cached_property
     def hf(self):
         """The config resolved to its transformers class and default inputs (imports transformers)."""
-        from .hf import from_file
+        from costmodel.capture.hf import from_file
         return from_file(str(self.config_path), self.name)
 
     @property

@@ -35,11 +35,11 @@ import torch
 import torch.fx as fx
 from torch.utils._pytree import tree_leaves
 
-from . import _torch
-from . import optimizer as opt
-from .errors import UsageError
-from .capture import LIVE_UNTIL
-from .formulas import Evaluator, plain
+from costmodel import _torch
+from costmodel.rules import optimizer as opt
+from costmodel.errors import UsageError
+from costmodel.capture.trace import LIVE_UNTIL
+from costmodel.formulas import Evaluator, plain
 
 CATEGORIES = ("params", "grads", "optimizer_state", "activations", "temporaries")
 PARAMS, GRADS, STATE, ACTIVATIONS, TEMPORARIES = range(5)

@@ -13,7 +13,7 @@ import math
 import os
 from pathlib import Path
 
-from .errors import UsageError
+from costmodel.errors import UsageError
 
 _STYLE = {  # series -> (axis, color, marker, label)
     "measured": (0, "tab:blue", "o", "measured time"),
@@ -54,7 +54,7 @@ def validation_plot(result, out_path: str | os.PathLike, title: str | None = Non
     Figure, FigureCanvasAgg = _matplotlib()
     from matplotlib.ticker import FuncFormatter, LogLocator
 
-    from .report import _bytes, _time
+    from costmodel.render.text import _bytes, _time
     data = result.to_dict() if hasattr(result, "to_dict") else result
     points, swept = data["points"], list(data["swept"])
     out = Path(out_path)
@@ -130,7 +130,7 @@ def validation_plot(result, out_path: str | os.PathLike, title: str | None = Non
 
 
 def _value(p: dict, series: str):
-    from .validate import SERIES
+    from costmodel.validate.engine import SERIES
     section, key = SERIES[series]
     v = p[section].get(key)
     return v if isinstance(v, (int, float)) and v > 0 else None
