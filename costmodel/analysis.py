@@ -16,7 +16,6 @@ from costmodel.rules.cost import OpCost
 from costmodel.errors import AnalysisError, UsageError
 from costmodel.formulas import Evaluator, plain
 from costmodel.rules import TensorSpec, rule_for
-from costmodel.rules.attention import KERNELS
 from costmodel.capture.specs import dtype_name
 from costmodel.symbols import dim_symbol
 
@@ -44,6 +43,7 @@ class Analysis:
     ops: list[OpRecord]
     unsupported: dict[str, list[str]]   # target -> modules where it occurred
     totals: dict[str, sympy.Expr] = field(default_factory=dict)
+    kernels: dict[str, str] = field(default_factory=dict)     # the SDPA kernel of each attention node
     _evaluator: Evaluator | None = None
     _op_evaluator: Evaluator | None = None
 
@@ -78,10 +78,10 @@ def _op_dtype(args, out) -> str:
     return "float32"
 
 
-def cost_graph(c: cap.Captured, attention: str = "math") -> Analysis:
-    """Apply the rules to every aten call in the graph."""
-    if attention not in KERNELS:
-        raise UsageError(f"unknown attention kernel {attention!r}; accepted: {', '.join(KERNELS)}")
+def cost_graph(c: cap.Captured, kernels: dict[str, str] | None = None) -> Analysis:
+    """Apply the rules to every aten call in the graph. `kernels`: the SDPA kernel of each attention
+    node (rules.attention.attention_kernels), "math" where none is given."""
+    kernels = kernels or {}
     ops: list[OpRecord] = []
     unsupported: dict[str, list[str]] = collections.defaultdict(list)
     cache: dict = {}
@@ -99,9 +99,10 @@ def cost_graph(c: cap.Captured, attention: str = "math") -> Analysis:
             unsupported[str(target)].append(module)
             continue
         args, kwargs, out = _spec(c, node.args), _spec(c, dict(node.kwargs)), _spec(c, node.meta.get("val"))
-        key = (target, repr(args), repr(kwargs), repr(out))
+        kernel = kernels.get(node.name, "math")
+        key = (target, repr(args), repr(kwargs), repr(out), kernel)
         if key not in cache:
-            extra = {"kernel": attention} if target.namespace == "costmodel" else {}
+            extra = {"kernel": kernel} if node.name in kernels else {}
             try:
                 cost: OpCost = rule(*args, **kwargs, out=out, op=target, **extra)
             except Exception as e:
@@ -115,7 +116,7 @@ def cost_graph(c: cap.Captured, attention: str = "math") -> Analysis:
                              "bytes_read": sympy.sympify(cost.bytes_read),
                              "bytes_written": sympy.sympify(cost.bytes_written),
                              "bytes": sympy.sympify(cost.bytes)}))
-    analysis = Analysis(c, ops, dict(unsupported))
+    analysis = Analysis(c, ops, dict(unsupported), kernels=dict(kernels))
     analysis.totals = totals_of(ops)
     return analysis
 

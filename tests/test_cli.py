@@ -110,9 +110,9 @@ def test_zoo_table_lists_the_shipped_configs(capsys):
     (["analyze", f"{BAD}:not_a_module", "--input", "x:float32[batch,8]"], 1, ["not a torch.nn.Module"]),
     (["analyze", f"{BAD}:nope", "--input", "x:float32[batch,8]"], 2, ["has no 'nope'"]),
     (["analyze", "missing_file.py:build", "--input", "x:float32[batch,8]"], 2, ["does not exist"]),
-    (["analyze", LINEAR, "--input", "x:float32[batch,8]", "--mode", "training"], 2, ["unknown --mode", "train"]),
+    (["analyze", LINEAR, "--input", "x:float32[batch,8]", "--mode", "training"], 2, ["invalid choice: 'training'", "'train'"]),
     (["analyze", LINEAR, "--input", "x:float32[batch,8]", "--hw", "a100"], 2, ["unknown hardware 'a100'"]),
-    (["analyze", LINEAR, "--input", "x:float32[batch,8]", "--format", "yaml"], 2, ["unknown --format"]),
+    (["analyze", LINEAR, "--input", "x:float32[batch,8]", "--format", "yaml"], 2, ["invalid choice: 'yaml'", "'json'"]),
 ])
 def test_bad_input_one_paragraph_and_exit_code(capsys, argv, code, needles):
     got, out, err = run(capsys, *argv)

@@ -15,7 +15,8 @@ import costmodel
 from costmodel.memory import timeline as memory
 from costmodel.validate import meters as memtrack
 from costmodel.errors import UsageError
-from costmodel.memory.timeline import CATEGORIES, auto_kernel, optimizer_temporary_bytes
+from costmodel.memory.timeline import CATEGORIES, optimizer_temporary_bytes
+from costmodel.rules.attention import choose_kernel
 from costmodel.symbols import parse_formula
 
 from . import models as M
@@ -126,15 +127,15 @@ def test_math_attention_materialises_scores():
     assert abs(math.peak_bytes(dims) / real - 1) <= 0.05
 
 
-def test_auto_kernel_per_device():
+def test_kernel_choice_per_device():
     q32 = torch.empty(2, 4, 64, 16, device="meta")
     q16 = q32.to(torch.bfloat16)
     mask = torch.empty(2, 1, 64, 64, dtype=torch.bool, device="meta")
-    assert auto_kernel("cuda", q16, q16, q16, None, 0.0, True, None, False) == "flash"
-    assert auto_kernel("cuda", q16, q16, q16, mask, 0.0, False, None, False) == "efficient"
-    assert auto_kernel("cuda", q32, q32, q32, None, 0.1, False, None, False) == "efficient"
-    assert auto_kernel("cpu", q32, q32, q32, mask, 0.0, False, None, False) == "flash"
-    assert auto_kernel("cpu", q32, q32, q32, None, 0.1, False, None, False) == "math"   # dropout: math on CPU
+    assert choose_kernel("auto", "cuda", q16, q16, q16, None, 0.0, True, None, False) == "flash"
+    assert choose_kernel("auto", "cuda", q16, q16, q16, mask, 0.0, False, None, False) == "efficient"
+    assert choose_kernel("auto", "cuda", q32, q32, q32, None, 0.1, False, None, False) == "efficient"
+    assert choose_kernel("auto", "cpu", q32, q32, q32, mask, 0.0, False, None, False) == "flash"
+    assert choose_kernel("auto", "cpu", q32, q32, q32, None, 0.1, False, None, False) == "math"   # dropout: math on CPU
 
 
 def test_optimizer_temporaries_by_device():

@@ -18,7 +18,8 @@ b, s = symbols_for("b", "s")
 
 
 def ops_at(module_fn, inputs, mode="inference", **point):
-    report = costmodel.analyze(module_fn, inputs=inputs, mode=mode)
+    # attention as the math kernel: what these tests spell out (the fused kernels have their own test)
+    report = costmodel.analyze(module_fn, inputs=inputs, mode=mode, attention="math")
     assert report.unsupported == {}, report.unsupported_where
     return report.evaluate(**point).ops
 

@@ -16,7 +16,7 @@ import torch.nn as nn
 from costmodel import cli
 from costmodel.hardware.calibrate import calibrate
 from costmodel.errors import AnalysisError, UsageError
-from costmodel.validate.engine import SERIES, ValidationResult, profiler_peak_bytes, run_cli, validate
+from costmodel.validate.engine import SERIES, ValidationResult, profiler_peak_bytes, validate
 from costmodel.render.validation_plot import validation_plot
 from tests.models import _hf, tiny_resnet
 
@@ -254,9 +254,9 @@ def test_cli_table(hw, capsys):
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["--device", "tpu", "--dim", "seq=8,16"], "accepted: cpu, cuda"),
+    (["--device", "tpu", "--dim", "seq=8,16"], "invalid choice: 'tpu' (choose from 'cuda', 'cpu')"),
     (["--device", "cpu"], "--dim NAME=V1,V2"),
-    (["--device", "cpu", "--dim", "seq=8,16", "--format", "xml"], "accepted: table, json, markdown, csv"),
+    (["--device", "cpu", "--dim", "seq=8,16", "--format", "xml"], "invalid choice: 'xml'"),
     (["--device", "cpu", "--dim", "seq=8,16", "--plot", "out.xyz"], "cannot write '.xyz'"),
     (["--device", "cpu", "--dim", "seq=8,16", "--plot", "/no/such/dir/v.png"], "does not exist"),
 ])
@@ -266,7 +266,7 @@ def test_cli_usage_errors(argv, message, capsys):
     assert message in capsys.readouterr().err
 
 
-def test_run_cli_progress_off_for_json(monkeypatch, hw):
+def test_validate_command_progress_off_for_json(monkeypatch, hw):
     seen = {}
     import costmodel.validate.engine as v
 
@@ -277,7 +277,7 @@ def test_run_cli_progress_off_for_json(monkeypatch, hw):
     args = cli.build_parser().parse_args(["validate", "m.py:f", "--device", "cpu", "--dim", "seq=1,2",
                                           "--format", "json"])
     with pytest.raises(UsageError):
-        run_cli(args)
+        cli.cmd_validate(args)
     assert seen["progress"] is False and seen["dims"] == {"seq": [1, 2]}
 
 

@@ -33,6 +33,16 @@ class HFModel:
     inputs: tuple[str, ...]         # default input specs; empty when none can be derived
     no_inputs: str = ""             # why there are no default inputs
 
+    @property
+    def default_dims(self) -> dict[str, int]:
+        """Sizes for the named dimensions of the default inputs, used where the user gives none: batch 1,
+        sequences of 512 tokens (or the model's context, if shorter), images of 224 x 224."""
+        context = next((v for k in ("max_position_embeddings", "n_positions", "max_source_positions")
+                        if isinstance(v := getattr(self.config, k, None), int) and v > 0), None)
+        sizes = {"batch": 1, "seq": min(512, context or 512), "height": 224, "width": 224}
+        names = {d for spec in self.inputs for d in _dim_names(spec)}
+        return {d: v for d, v in sizes.items() if d in names}
+
     def build(self) -> nn.Module:
         """The model (call it under torch.device("meta") for no weights). Decoders get use_cache=False,
         so they return plain tensors; attention goes through SDPA where the class supports it."""
@@ -334,3 +344,8 @@ def _values_input(config) -> str:
 def _first_line(e: BaseException) -> str:
     text = str(e).strip()
     return text.splitlines()[0] if text else type(e).__name__
+
+
+def _dim_names(spec: str) -> list[str]:
+    body = spec[spec.index("[") + 1:spec.rindex("]")]
+    return [d.strip() for d in body.split(",") if d.strip() and not d.strip().isdigit()]

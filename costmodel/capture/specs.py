@@ -101,3 +101,20 @@ def parse_dtype(name: str) -> torch.dtype:
 
 def dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
+
+
+_SIZE_RE = re.compile(r"^\s*([0-9]*\.?[0-9]+(?:[eE][+-]?[0-9]+)?)\s*([KMGT]i?B|B)?\s*$", re.IGNORECASE)
+_UNITS = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+          "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+
+
+def parse_size(text: str, what: str = "size") -> int:
+    """parse_size("10GB") -> 10_000_000_000; "80GiB" -> 85899345920; "1e9" -> 1000000000 bytes."""
+    m = _SIZE_RE.match(str(text))
+    if not m:
+        raise UsageError(f"{what} {text!r} is not a size; give bytes (8000000000, 8e9) or a number with a unit: "
+                         f"{', '.join(u.upper().replace('I', 'i') for u in _UNITS)} (10GB = 10**9 bytes, 80GiB = 80 * 2**30)")
+    value = float(m.group(1)) * _UNITS[(m.group(2) or "B").lower()]
+    if value < 1:
+        raise UsageError(f"{what} {text!r} must be at least one byte")
+    return int(value)

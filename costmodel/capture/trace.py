@@ -38,13 +38,12 @@ from costmodel import _torch
 from costmodel.capture import zoo
 from costmodel.errors import AnalysisError, CostModelError, UsageError
 from costmodel.capture.eager_paths import eager_decisions
+from costmodel.capture.loss import compute_loss, first_output, tensors_of as _tensors  # noqa: F401 (re-exported)
 from costmodel.capture.moe import balanced_experts
 from costmodel.capture.sdpa import route_sdpa
 from costmodel.capture.specs import InputSpec, parse_input
 from costmodel.symbols import dim_symbol
 
-LOSSES = ("sum", "cross-entropy")
-MODES = ("inference", "train")
 ROOT = "(root)"   # how the root module is named in module paths; others are named_modules() names
 
 
@@ -78,6 +77,7 @@ class LoadedModel:
     module: nn.Module
     inputs: list[InputSpec]
     no_inputs: str = ""     # why a model that usually brings default inputs has none
+    default_dims: dict = field(default_factory=dict)   # sizes for dimensions the user gives none
 
 
 @dataclass
@@ -108,20 +108,20 @@ class Captured:
 
 # --- loading ------------------------------------------------------------------------------------
 
-def resolve_source(source: str, trust_remote_code: bool = False) -> tuple[str, object, list[InputSpec], str]:
-    """A MODEL string -> (name, factory, default inputs, why there are none). Hugging Face configs
-    (hf:ORG/NAME, a config.json or a directory holding one) are recognised first, then zoo names,
-    then FILE.py:FUNC and package.module:FUNC."""
+def resolve_source(source: str, trust_remote_code: bool = False) -> tuple[str, object, list[InputSpec], str, dict]:
+    """A MODEL string -> (name, factory, default inputs, why there are none, default sizes).
+    Hugging Face configs (hf:ORG/NAME, a config.json or a directory holding one) are recognised
+    first, then zoo names, then FILE.py:FUNC and package.module:FUNC."""
     from costmodel.capture import hf
     if hf.is_hf_source(source):
         model = hf.resolve(source, trust_remote_code)
-        return source, model.build, [parse_input(s) for s in model.inputs], model.no_inputs
+        return source, model.build, [parse_input(s) for s in model.inputs], model.no_inputs, model.default_dims
     if ":" not in source:
         if os.path.isdir(source) and source not in zoo.ZOO:
             hf.local_config_path(source)   # raises: the directory holds no config.json
         entry = zoo.get(source)
-        return entry.name, entry.build, [parse_input(s) for s in entry.inputs], ""
-    return source, _import_factory(source), [], ""
+        return entry.name, entry.build, [parse_input(s) for s in entry.inputs], "", entry.default_dims
+    return source, _import_factory(source), [], "", {}
 
 
 def load_model(source: str | nn.Module, dtype: torch.dtype = torch.float32,
@@ -130,13 +130,13 @@ def load_model(source: str | nn.Module, dtype: torch.dtype = torch.float32,
     a callable or a module -> the model on meta. `trust_remote_code`: a Hugging Face config's
     auto_map code may run (off by default)."""
     default_inputs: list[InputSpec] = []
-    no_inputs = ""
+    no_inputs, default_dims = "", {}
     if isinstance(source, nn.Module):
         name, factory = type(source).__name__, (lambda: source)
     elif callable(source):
         name, factory = getattr(source, "__name__", "model"), source
     elif isinstance(source, str):
-        name, factory, default_inputs, no_inputs = resolve_source(source, trust_remote_code)
+        name, factory, default_inputs, no_inputs, default_dims = resolve_source(source, trust_remote_code)
     else:
         raise UsageError(f"model {source!r} is not a zoo name, hf:ORG/NAME, config.json, FILE.py:FUNC, "
                          "package.module:FUNC or nn.Module")
@@ -151,7 +151,7 @@ def load_model(source: str | nn.Module, dtype: torch.dtype = torch.float32,
         raise AnalysisError(f"the factory of {name} returned {type(module).__name__}, not a torch.nn.Module")
     if dtype != torch.float32:
         module = module.to(dtype)
-    return LoadedModel(name, module, default_inputs, no_inputs)
+    return LoadedModel(name, module, default_inputs, no_inputs, default_dims)
 
 
 def _import_factory(source: str):
@@ -184,22 +184,25 @@ def _import_factory(source: str):
 
 # --- capture ------------------------------------------------------------------------------------
 
-def capture(model: nn.Module, inputs: list[InputSpec], mode: str = "inference", hints: dict[str, int] | None = None,
-            fixed: dict[str, int] | None = None, loss: str = "sum", amp: bool | str = False,
-            moe_imbalance=1) -> Captured:
-    """Trace `model` on fake inputs whose named dimensions are symbols (or, for `fixed`, integers).
-    `amp`: trace the forward and loss under autocast to bfloat16 (True: CUDA's op policy; "cpu": the
-    CPU's), emulated by `costmodel.amp` since autocast does nothing to meta tensors.
+def capture(model: nn.Module, inputs: list[InputSpec], options=None, hints: dict[str, int] | None = None,
+            fixed: dict[str, int] | None = None) -> Captured:
+    """Trace `model` on fake inputs whose named dimensions are symbols (or, for `fixed`, integers),
+    as `options` (costmodel.options.Options) say: inference, or a training step (forward, loss
+    against `options.targets`, backward); with `options.amp`, the forward and loss under autocast
+    to bfloat16, emulated by capture.amp since autocast does nothing to meta tensors.
 
     C++ composite kernels that read sizes as plain integers pin the dimensions they touch; the
     common ones (RNNs, upsampling, padding) are routed to their Python decompositions (see
-    sdpa_op.route_sdpa). If a dimension is still pinned, the model is traced again with PyTorch's
-    Python dispatcher on for every op, and that trace is kept if it pins fewer dimensions."""
-    first = _capture(model, inputs, mode, hints, fixed, loss, amp, moe_imbalance, python_dispatcher=False)
+    capture.sdpa.route_sdpa). If a dimension is still pinned by such a read, the model is traced
+    again with PyTorch's Python dispatcher on for every op, and that trace is kept if it pins fewer
+    dimensions."""
+    from costmodel.options import Options
+    options = options or Options()
+    first = _capture(model, inputs, options, hints, fixed, python_dispatcher=False)
     if not _pinned_by_size_reads(first):
         return first
     try:
-        second = _capture(model, inputs, mode, hints, fixed, loss, amp, moe_imbalance, python_dispatcher=True)
+        second = _capture(model, inputs, options, hints, fixed, python_dispatcher=True)
     except CostModelError:
         return first
     return second if len(pinned_dims(second)) < len(pinned_dims(first)) else first
@@ -220,14 +223,11 @@ def pinned_dims(c: "Captured") -> set[str]:
             if (rep := c.shape_env.replacements.get(sym)) is not None and rep.is_number}
 
 
-def _capture(model: nn.Module, inputs: list[InputSpec], mode: str, hints, fixed, loss: str, amp, moe_imbalance,
-             python_dispatcher: bool) -> Captured:
-    if mode not in MODES:
-        raise UsageError(f"unknown mode {mode!r}; accepted: {', '.join(MODES)}")
-    if loss not in LOSSES:
-        raise UsageError(f"unknown loss {loss!r}; accepted: {', '.join(LOSSES)}")
+def _capture(model: nn.Module, inputs: list[InputSpec], options, hints, fixed, python_dispatcher: bool) -> Captured:
+    mode, amp = options.mode, options.amp
+    targets = list(options.targets) if mode == "train" else []
     hints, fixed = dict(hints or {}), dict(fixed or {})
-    dims = list(dict.fromkeys(d for spec in inputs for d in spec.dim_names))
+    dims = list(dict.fromkeys(d for spec in inputs + targets for d in spec.dim_names))
     shape_env = ShapeEnv(duck_shape=False)
     _record_user_locations(shape_env)
     fake_mode = FakeTensorMode(shape_env=shape_env)
@@ -253,8 +253,13 @@ def _capture(model: nn.Module, inputs: list[InputSpec], mode: str, hints, fixed,
                   for _, p in param_items]
         buffers = [fake_mode.from_tensor(b, static_shapes=True) for _, b in buffer_items]
         values = [torch.empty([sizes[d] if isinstance(d, str) else d for d in spec.dims], dtype=spec.dtype,
-                              device="meta") for spec in inputs]
-    call = _call_plan(model, inputs)
+                              device="meta") for spec in inputs + targets]
+    call = call_plan(model, inputs)
+
+    def describe(shape) -> str:
+        """A traced shape in the user's dimension names, for errors."""
+        return "[" + ", ".join(str(s.node.expr.xreplace(symbol_map)) if isinstance(s, torch.SymInt) else str(s)
+                               for s in shape) + "]"
     trainable = [i for i, (_, p) in enumerate(param_items) if p.requires_grad]
 
     def traced_state(params, buffers):
@@ -272,7 +277,8 @@ def _capture(model: nn.Module, inputs: list[InputSpec], mode: str, hints, fixed,
         # The whole step, backward included, runs with the traced tensors in place: activation
         # checkpointing re-runs parts of the forward during the backward.
         with traced_state(params, buffers):
-            loss_value = _loss(model(*args, **kwargs), values, inputs, loss)
+            loss_value = compute_loss(model(*args, **kwargs), options.loss, values[:len(inputs)], inputs,
+                                      values[len(inputs):], targets, describe)
             _torch.preserve_backward_meta(loss_value)
             wrt = [params[i] for i in trainable]
             grads = torch.autograd.grad(loss_value, wrt, allow_unused=True)
@@ -281,7 +287,7 @@ def _capture(model: nn.Module, inputs: list[InputSpec], mode: str, hints, fixed,
     fn = train_step if mode == "train" else inference
     if amp:
         from costmodel.capture.amp import emulate_autocast
-        fn = emulate_autocast(fn, amp if isinstance(amp, str) else "cuda")
+        fn = emulate_autocast(fn, amp)
     if mode == "train" and not trainable:
         raise UsageError("--mode train needs parameters that require grad; this model has none")
     fake_log = logging.getLogger("torch._subclasses.fake_tensor")
@@ -297,7 +303,7 @@ def _capture(model: nn.Module, inputs: list[InputSpec], mode: str, hints, fixed,
     try:
         with _torch.symbolic_kernels(), _torch.backward_meta_fields(), fake_mode, _module_paths(model), \
                 fx_traceback.preserve_node_meta(), route_sdpa(), eager_decisions(is_input), \
-                balanced_experts(model, moe_imbalance), _torch.python_dispatcher(python_dispatcher):
+                balanced_experts(model, options.moe_imbalance), _torch.python_dispatcher(python_dispatcher):
             gm = make_fx(fn, tracing_mode="real", _disable_torch_fn_metadata_mode=True)(params, buffers, values)
     except CostModelError:
         raise
@@ -309,7 +315,7 @@ def _capture(model: nn.Module, inputs: list[InputSpec], mode: str, hints, fixed,
     roles = {}
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     names = ([("param", n) for n, _ in param_items] + [("buffer", n) for n, _ in buffer_items]
-             + [("input", s.name) for s in inputs])
+             + [("input", s.name) for s in inputs + targets])
     for node, role in zip(placeholders, names):
         roles[node.name] = role
     _attribute_modules(gm.graph)
@@ -330,8 +336,9 @@ def default_hint(name: str, index: int) -> int:
     return 2 if "batch" in name.lower() else 64 + 8 * index
 
 
-def _call_plan(model: nn.Module, inputs: list[InputSpec]):
-    """Inputs go to forward() by keyword when their name is a parameter of it, else positionally."""
+def call_plan(model: nn.Module, inputs: list[InputSpec]):
+    """values -> (args, kwargs) for forward(): by keyword when an input's name is a parameter of it,
+    else positionally; decoders get use_cache=False, Hugging Face models return_dict=True."""
     try:
         params = inspect.signature(model.forward).parameters
     except (TypeError, ValueError):
@@ -346,42 +353,6 @@ def _call_plan(model: nn.Module, inputs: list[InputSpec]):
         kwargs = {s.name: v for s, v, kw in zip(inputs, values, by_kw) if kw} | extra
         return args, kwargs
     return call
-
-
-def _tensors(out) -> list[torch.Tensor]:
-    if isinstance(out, torch.Tensor):
-        return [out]
-    if isinstance(out, dict):
-        return [t for v in out.values() for t in _tensors(v)]
-    if isinstance(out, (list, tuple)):
-        return [t for v in out for t in _tensors(v)]
-    if hasattr(out, "to_tuple"):
-        return _tensors(out.to_tuple())
-    return []
-
-
-def first_output(out) -> torch.Tensor:
-    """`logits`, `last_hidden_state` or the first tensor of a model's output."""
-    for key in ("logits", "last_hidden_state"):
-        value = out.get(key) if isinstance(out, dict) else getattr(out, key, None)
-        if isinstance(value, torch.Tensor):
-            return value
-    tensors = _tensors(out)
-    if not tensors:
-        raise AnalysisError(f"the model returned {type(out).__name__} with no tensor in it; nothing to train")
-    return tensors[0]
-
-
-def _loss(out, values, inputs: list[InputSpec], loss: str) -> torch.Tensor:
-    y = first_output(out)
-    if loss == "sum":
-        return y.sum()
-    targets = [(v, s) for v, s in zip(values, inputs) if not s.dtype.is_floating_point]
-    if not targets or tuple(targets[0][0].shape) != tuple(y.shape[:-1]):
-        raise UsageError("--loss cross-entropy needs an integer input shaped like the output without its last "
-                         f"dimension (class ids); got output {tuple(y.shape)} and inputs "
-                         f"{', '.join(str(s) for s in inputs)}")
-    return torch.nn.functional.cross_entropy(y.reshape(-1, y.shape[-1]).float(), targets[0][0].reshape(-1))
 
 
 @contextlib.contextmanager

@@ -42,6 +42,11 @@ class ZooModel:
     def inputs(self) -> tuple[str, ...]:
         return self.hf.inputs
 
+    @property
+    def default_dims(self) -> dict[str, int]:
+        """Sizes used for dimensions the user gives no value (see hf.HFModel.default_dims)."""
+        return self.hf.default_dims
+
 
 def hf_factory(model_cls: str, config_cls: str, attention: str | None = "sdpa", **config) -> Callable[[], nn.Module]:
     """A factory that builds a Hugging Face `transformers` model from a config (no download):

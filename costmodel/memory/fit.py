@@ -52,11 +52,9 @@ def _hardware(hardware) -> Hardware:
 
 
 def _kind(report, hw: Hardware, device=None) -> str:
-    """The device kind whose kernels the memory model assumes: `device`, else the report's
-    (--device), else that of the device fitted on."""
-    if device is not None:
-        return device_kind(device)
-    return report.device or device_kind(hw)
+    """The device kind whose kernels the memory model assumes: `device`, else the report's (its
+    --device, else that of its first --hw device, else cuda)."""
+    return device_kind(device) if device is not None else report.device_kind
 
 
 def verdict(report, hardware, dims: dict[str, int], capacity_bytes: int | None = None) -> dict:

@@ -12,10 +12,9 @@ Attention is modelled for the kernel the target device runs, not the one the cap
              probabilities, the probabilities (and dropout mask) saved for the backward;
   flash / efficient (CUDA), flash (CPU)   out and a float32 logsumexp [B, H, L] saved; the CUDA
              backward adds a float32 dq accumulator [B, H, L, E] and a [B, H, L] delta.
-`attention="auto"` resolves per attention node: on "cpu", what `torch._fused_sdp_choice` picks for
-the same ranks, dtypes, mask, dropout and causality (flash unless dropout or a 3-D input forces
-math); on "cuda" (the default: the contract's figure is torch.cuda.max_memory_allocated), flash for
-float16/bfloat16 without a mask, else efficient, else math when enable_gqa needs it.
+The kernel of each attention node is chosen once, by `rules.attention.choose_kernel` (for the
+device kind: "cuda" by default, the contract's figure being torch.cuda.max_memory_allocated, or
+"cpu"), and the costs and this model both use it.
 On "cuda", dropout masks are 1 byte per element (native_dropout's bool mask), not the float mask the
 meta-device trace holds.
 
@@ -44,7 +43,6 @@ from costmodel.formulas import Evaluator, plain
 CATEGORIES = ("params", "grads", "optimizer_state", "activations", "temporaries")
 PARAMS, GRADS, STATE, ACTIVATIONS, TEMPORARIES = range(5)
 DEVICE_KINDS = ("cuda", "cpu")
-ATTENTION = ("auto", "math", "flash", "efficient")
 
 SDPA = "costmodel.sdpa.default"
 SDPA_BACKWARD = "costmodel.sdpa_backward.default"
@@ -250,9 +248,9 @@ def _storage_keys(val) -> list:
 
 
 class _Builder:
-    def __init__(self, captured, *, optimizer: str, device: str, attention: str, amp: bool):
+    def __init__(self, captured, *, optimizer: str, device: str, kernels: dict[str, str], amp: bool):
         self.c = captured
-        self.optimizer, self.device, self.attention, self.amp = optimizer, device, attention, amp
+        self.optimizer, self.device, self.node_kernels, self.amp = optimizer, device, kernels, amp
         self.steps: list[Step] = []
         self.reads: list[list[int]] = []             # step -> buffers it reads
         self.buffers: list[Buffer] = []
@@ -489,14 +487,7 @@ class _Builder:
         return pairs
 
     def kernel_for(self, node: fx.Node) -> str:
-        q, k, v, mask = [a.meta.get("val") if isinstance(a, fx.Node) else None for a in node.args[:4]]
-        dropout_p, is_causal, scale, gqa = node.args[4:8]
-        if self.attention != "auto":
-            return self.attention
-        notes: list[str] = []
-        kernel = auto_kernel(self.device, q, k, v, mask, dropout_p, is_causal, scale, gqa, notes)
-        self.warnings.extend(n for n in notes if n not in self.warnings)
-        return kernel
+        return self.node_kernels[node.name]
 
     def _attention_forward(self, node: fx.Node, bwd: fx.Node | None, pending: dict, phase: str, module: str):
         kernel = self.kernel_for(node)
@@ -727,55 +718,18 @@ def _descendants(node: fx.Node) -> set:
     return seen
 
 
-def auto_kernel(device: str, q, k, v, mask, dropout_p: float, is_causal: bool, scale, gqa: bool,
-                notes: list[str] | None = None) -> str:
-    """The SDPA kernel PyTorch would run for these inputs on `device` ("cpu" or "cuda"); where it has
-    to be assumed, a sentence saying so is appended to `notes`."""
-    if device == "cpu":
-        try:
-            def small(t, last=None):
-                shape = [2] * (t.dim() - 1) + [last if last is not None else _concrete(t.shape[-1], 8)]
-                return torch.zeros(shape, dtype=t.dtype)
-            qs, ks, vs = small(q), small(k), small(v)
-            if gqa and q.dim() == 4:
-                qs = torch.zeros([2, 4, 2, qs.shape[-1]], dtype=q.dtype)
-            ms = None if mask is None else torch.zeros([2] * mask.dim(), dtype=mask.dtype)
-            choice = torch._fused_sdp_choice(qs, ks, vs, ms, float(dropout_p), bool(is_causal), scale=scale,
-                                             enable_gqa=bool(gqa))
-        except (RuntimeError, TypeError, ValueError) as e:
-            if notes is not None:
-                notes.append(f"PyTorch's CPU kernel choice could not be asked for attention of dtype {q.dtype} "
-                             f"({type(e).__name__}: {e}); assumed the math kernel")
-            return "math"
-        return "flash" if int(choice) == 1 else "math"
-    if q.dim() != 4:
-        return "math"
-    E = _concrete(q.shape[-1], None)
-    if E is None or E % 8 or E > 256:
-        return "efficient" if E is not None and E % 4 == 0 and q.dtype == torch.float32 else "math"
-    half = q.dtype in (torch.float16, torch.bfloat16)
-    if half and mask is None:
-        return "flash"
-    if gqa:
-        return "math"        # the efficient kernel has no enable_gqa; flash takes no mask
-    return "efficient" if q.dtype in (torch.float16, torch.bfloat16, torch.float32) else "math"
-
-
-def _concrete(s, default):
-    """An int for a size that is a number (or a symbol with no range), else `default`."""
-    if isinstance(s, int):
-        return s
-    if isinstance(s, torch.SymInt) and s.node.expr.is_number:
-        return int(s.node.expr)
-    return default
-
-
-def build(captured, *, optimizer: str = "adamw", device=None, attention: str = "auto",
-          amp: bool = False) -> MemoryModel:
-    """The memory model of one capture for a device kind ("cuda" default, or "cpu")."""
-    if attention not in ATTENTION:
-        raise UsageError(f"unknown --attention {attention!r}; accepted: {', '.join(ATTENTION)}")
+def build(captured, *, optimizer: str = "adamw", device=None, kernels: dict[str, str] | None = None,
+          attention: str = "auto", amp: bool = False) -> MemoryModel:
+    """The memory model of one capture for a device kind ("cuda" default, or "cpu"). `kernels`:
+    the SDPA kernel of each attention node (rules.attention.attention_kernels, the same choice the
+    costs use); without it, each node's kernel is `attention`, or with "auto" PyTorch's own choice
+    on that device."""
     opt.check(optimizer)
-    return _Builder(captured, optimizer=optimizer, device=device_kind(device), attention=attention,
-                    amp=amp).build()
-
+    kind = device_kind(device)
+    notes: list[str] = []
+    if kernels is None:
+        from costmodel.rules.attention import attention_kernels
+        kernels, notes = attention_kernels(captured.graph.graph, attention, kind)
+    model = _Builder(captured, optimizer=optimizer, device=kind, kernels=kernels, amp=amp).build()
+    model.warnings = notes + [w for w in model.warnings if w not in notes]
+    return model

@@ -104,3 +104,14 @@ def _drawable(point: Mapping) -> bool:
         return False
     intensity, rate, time_s = (float(v) for v in values)
     return math.isfinite(intensity) and intensity > 0 and rate > 0 and time_s > 0
+
+
+def point_roofline_plot(report, point, path, hw=None) -> Path:
+    """The roofline of one evaluated point of a report on `hw` (default: its first device): every op
+    with a time, labelled by its module."""
+    hw = hw if hw is not None else report.hardware[0]
+    t = point.timing(hw, report.tf32)
+    pts = [{"intensity": ot.intensity, "flops_per_s": ot.flops_per_s, "time_s": ot.time_s, "label": op["module"],
+            "bound": ot.bound} for op, ot in zip(point.ops, t["op_times"]) if ot.time_s > 0]
+    dtype = next((op["dtype"] for op in point.ops if op["category"] in ("matmul", "conv", "attention")), "float32")
+    return roofline_plot(hw, pts, path, dtype, tf32=report.tf32, title=f"{report.model} ({report.mode}) on {hw.name}")

@@ -54,7 +54,7 @@ def validation_plot(result, out_path: str | os.PathLike, title: str | None = Non
     Figure, FigureCanvasAgg = _matplotlib()
     from matplotlib.ticker import FuncFormatter, LogLocator
 
-    from costmodel.render.text import _bytes, _time
+    from costmodel.render.units import duration as _time, size as _bytes
     data = result.to_dict() if hasattr(result, "to_dict") else result
     points, swept = data["points"], list(data["swept"])
     out = Path(out_path)

@@ -56,3 +56,37 @@ def state_elements(name: str, shape: tuple[int, ...]) -> int:
             return rows + cols
         return numel
     return STATE_PER_PARAM[name] * numel
+
+
+def update_bytes(name: str, shape: tuple[int, ...], itemsize: int) -> tuple[int, int]:
+    """(bytes read, bytes written) by one parameter's update: p, g and the state read; p and the state
+    written (adafactor's factored state counted at its own, smaller, size)."""
+    numel = 1
+    for s in shape:
+        numel *= s
+    if name == "adafactor":
+        state = state_elements(name, shape)
+        return (2 * numel + state) * itemsize, (numel + state) * itemsize
+    rule = UPDATES[name]
+    return rule.reads_per_elem * numel * itemsize, rule.writes_per_elem * numel * itemsize
+
+
+def optimizer_ops(model, trainable: set[str], name: str, root: str = "(root)") -> list:
+    """One update per trainable parameter tensor, attributed to the module that owns it."""
+    import sympy
+
+    from costmodel.analysis import OpRecord
+    from costmodel.capture.specs import dtype_name
+    from costmodel.rules.cost import OPTIMIZER
+    check(name)
+    records = []
+    for pname, p in model.named_parameters():
+        if pname not in trainable:
+            continue
+        read, written = update_bytes(name, tuple(p.shape), p.element_size())
+        cost = {"flops": sympy.Integer(UPDATES[name].flops_per_elem * p.numel()), "matmul_flops": sympy.Integer(0),
+                "bytes_read": sympy.Integer(read), "bytes_written": sympy.Integer(written),
+                "bytes": sympy.Integer(read + written)}
+        records.append(OpRecord(f"{name}:{pname}", f"optimizer.{name}", pname.rpartition(".")[0] or root,
+                                "optimizer", OPTIMIZER, dtype_name(p.dtype), cost))
+    return records

@@ -32,7 +32,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from costmodel.capture import trace as cap
+from costmodel.validate.meters import measure
+from costmodel.validate.runner import Runner, build_real
 from costmodel.validate.stats import complexity_class, fit_exponent, time_call
 from costmodel.errors import AnalysisError, CostModelError, UsageError
 
@@ -91,13 +92,16 @@ class ValidationResult:
                 "doubling_ratios": self.doubling_ratios, "classes": self.classes, "errors": self.errors}
 
     def to_json(self) -> str:
-        return json.dumps(self.to_dict(), indent=2, default=_json_default)
+        from costmodel.render.json import validation_json
+        return validation_json(self)
 
     def to_table(self, style: str = "simple") -> str:
-        return _table(self, style)
+        from costmodel.render.text import validation_table
+        return validation_table(self, style)
 
     def to_csv(self) -> str:
-        return _csv(self)
+        from costmodel.render.csv import validation_csv
+        return validation_csv(self)
 
 
 # --- the engine ------------------------------------------------------------------------------------
@@ -106,7 +110,8 @@ def validate(model, inputs: list[str] | None = None, *, dims: dict[str, list[int
              mode: str = "inference", dtype: str | torch.dtype = "float32", optimizer: str = "adamw",
              attention: str = "auto", loss: str = "sum", amp: bool = False, hardware=None, repeats: int = 5,
              warmup: int = 1, min_time_s: float = 0.5, progress: bool = True,
-             cross_check: bool | None = None, trust_remote_code: bool = False) -> ValidationResult:
+             cross_check: bool | None = None, trust_remote_code: bool = False,
+             targets: list[str] | None = None) -> ValidationResult:
     """Measure `model` at every point of `dims` (a cartesian product of value lists) on `device`
     and compare with the prediction. `hardware` (a name, .toml path or Hardware) prices the predicted
     time; by default this machine is calibrated (once per shell session, cached in the temp dir).
@@ -135,15 +140,10 @@ def validate(model, inputs: list[str] | None = None, *, dims: dict[str, list[int
         raise UsageError("cross_check compares with the CPU allocator's events; it needs device='cpu' "
                          "(on CUDA the measured peak is already the allocator's)")
 
-    kwargs = {"amp": True} if amp else {}
-    try:
-        report = analyze(model, inputs=inputs, mode=mode, dtype=torch_dtype, optimizer=optimizer,
-                         attention=attention, loss=loss, dims=sweep, hardware=hw, complete=True,
-                         trust_remote_code=trust_remote_code, **kwargs)
-    except TypeError as e:
-        if "amp" in str(e):
-            raise UsageError("--amp is not available in this build") from e
-        raise
+    # the analysis models the kernels and autocast policy of the device that runs
+    report = analyze(model, inputs=inputs, mode=mode, dtype=torch_dtype, optimizer=optimizer, attention=attention,
+                     loss=loss, dims=sweep, hardware=hw, complete=True, trust_remote_code=trust_remote_code,
+                     amp=device if amp else False, device=device, targets=targets)
     missing = [d for d in report.dims if d not in sweep]
     if missing:
         raise UsageError(f"dimension {missing[0]!r} has no value; validate runs the model, give it one, "
@@ -163,7 +163,7 @@ def validate(model, inputs: list[str] | None = None, *, dims: dict[str, list[int
                 bar.set_postfix_str(" ".join(f"{k}={v}" for k, v in point_dims.items()))
             point = report.evaluate(**point_dims)
             predicted = {"time_s": point.totals.get("time_s"),
-                         "peak_memory_bytes": _predicted_peak(report, point, device, attention, optimizer, amp),
+                         "peak_memory_bytes": int(point.totals["peak_memory_bytes"]),
                          "flops": int(point.totals["flops"])}
             measured = runner.measure(point_dims, predicted["peak_memory_bytes"], repeats, warmup, min_time_s,
                                       cross_check)
@@ -185,45 +185,17 @@ def validate(model, inputs: list[str] | None = None, *, dims: dict[str, list[int
 
 
 class _Runner:
-    """The real model on the device, and one closure per point that runs the contract's scenario."""
+    """The real model on the device (validate/runner.Runner), measured point by point."""
 
     def __init__(self, source, report, device: str, dtype: torch.dtype, mode: str, optimizer: str, loss: str,
                  amp: bool, trust_remote_code: bool = False):
-        from costmodel.validate import meters as memtrack
-        self.memtrack = memtrack
-        self.report, self.device, self.mode, self.loss, self.amp = report, device, mode, loss, amp
-        self.specs = list(report.inputs)
+        self.report, self.device, self.mode = report, device, mode
         torch.manual_seed(0)
-        self.model = _build_real(source, report.model, device, trust_remote_code)
+        model = build_real(source, report.model, device, trust_remote_code)
         if not amp and dtype != torch.float32:
-            self.model = self.model.to(dtype)
-        self.model.train(mode == "train")
-        config = getattr(self.model, "config", None)
-        self.vocab = int(getattr(config, "vocab_size", None) or 100)
-        self.call_plan = cap._call_plan(self.model, self.specs)
-        self.optimizer = None
-        if mode == "train":
-            params = [p for p in self.model.parameters() if p.requires_grad]
-            if not params:
-                raise UsageError("--mode train needs parameters that require grad; this model has none")
-            self.optimizer = memtrack.make_optimizer(optimizer, params)
-
-    def _step(self, values: list[torch.Tensor]):
-        args, kwargs = self.call_plan(values)
-        model, opt, amp, device = self.model, self.optimizer, self.amp, self.device
-        if self.mode == "inference":
-            def run():
-                with torch.no_grad(), _autocast(amp, device):
-                    model(*args, **kwargs)
-            return run
-
-        def step():
-            with _autocast(amp, device):
-                loss = cap._loss(model(*args, **kwargs), values, self.specs, self.loss)
-            loss.backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-        return step
+            model = model.to(dtype)
+        self.runner = Runner(model, list(report.inputs), mode=mode, targets=report.targets, optimizer=optimizer,
+                             loss=loss, amp=amp, device=device)
 
     def measure(self, dims: dict[str, int], predicted_peak: int | None, repeats: int, warmup: int,
                 min_time_s: float, cross_check: bool) -> dict:
@@ -234,11 +206,11 @@ class _Runner:
                                    f"of the {free} bytes of RAM available; not run"}
         values = run = None
         try:
-            values = self.memtrack.make_inputs(self.specs, dims, self.device, high=self.vocab)
-            run = self._step(values)
+            values = self.runner.values(dims)
+            run = self.runner.step(values)
             run()    # warm-up: kernels chosen, lazy buffers made; in train, the optimizer state allocated
-            resident = [*self.model.parameters(), *self.model.buffers(), *values, *self._state()]
-            meter = self.memtrack.measure(run, resident=resident, device=self.device)
+            resident = self.runner.resident(values)
+            meter = measure(run, resident=resident, device=self.device)
             out = {"peak_memory_bytes": int(meter.peak_bytes)}
             if cross_check:
                 out["independent_peak_memory_bytes"] = profiler_peak_bytes(run, resident)
@@ -256,52 +228,17 @@ class _Runner:
             return {"oom": True, "error": _first_line(e)}
         finally:
             del values, run
-            if self.optimizer is not None:
-                self.optimizer.zero_grad(set_to_none=True)   # an OOM mid-backward leaves gradients behind
+            if self.runner.optimizer is not None:
+                self.runner.optimizer.zero_grad(set_to_none=True)   # an OOM mid-backward leaves gradients behind
             gc.collect()
             if self.device == "cuda":
                 torch.cuda.empty_cache()
 
-    def _state(self) -> list[torch.Tensor]:
-        if self.optimizer is None:
-            return []
-        return [t for s in self.optimizer.state.values() for t in s.values() if isinstance(t, torch.Tensor)]
-
     def close(self) -> None:
-        self.model = self.optimizer = None
+        self.runner = None
         gc.collect()
         if self.device == "cuda":
             torch.cuda.empty_cache()
-
-
-def _build_real(source, name: str, device: str, trust_remote_code: bool = False) -> torch.nn.Module:
-    """The model with real weights on `device` (the analysis built it on meta): zoo names, configs
-    and factories are called again under the device, so a large model is initialised where it runs."""
-    if isinstance(source, torch.nn.Module):
-        if any(t.is_meta for t in itertools.chain(source.parameters(), source.buffers())):
-            raise UsageError(f"validate runs the model, but {name} has meta (unallocated) weights; pass its "
-                             "factory instead of the module")
-        return source.to(device)
-    if callable(source):
-        factory = source
-    else:
-        factory = cap.resolve_source(source, trust_remote_code)[1]
-    try:
-        with torch.device(device):
-            module = factory()
-    except CostModelError:
-        raise
-    except Exception as e:
-        raise AnalysisError(f"the factory of {name} raised {type(e).__name__}: {e} while building real weights "
-                            f"on {device}") from e
-    return module.to(device)
-
-
-def _autocast(amp: bool, device: str):
-    """--amp: autocast to bfloat16, the dtype costmodel.amp emulates in the capture (no loss scaler needed)."""
-    if not amp:
-        return contextlib.nullcontext()
-    return torch.autocast(device, dtype=torch.bfloat16)
 
 
 def is_oom(e: BaseException) -> bool:
@@ -370,25 +307,6 @@ def _quiet_native_stderr():
 
 
 # --- prediction helpers ------------------------------------------------------------------------------
-
-def _predicted_peak(report, point, device: str, attention: str, optimizer: str, amp: bool) -> int | None:
-    """The memory model's peak for the kernels of the device that runs (CPU flash attention is not
-    CUDA's), whatever device kind the report's own totals assume."""
-    if hasattr(report, "memory_at"):
-        return int(report.memory_at(point.dims, device=device).peak_bytes)
-    try:   # an API without memory_at: the memory model of the point's capture, built here once
-        from costmodel.memory import timeline as memory
-    except ImportError:
-        value = point.totals.get("peak_memory_bytes")
-        return None if value is None else int(value)
-    cache = report.__dict__.setdefault("_validate_memory_models", {})
-    analysis = point.analysis
-    key = (id(analysis), device)
-    if key not in cache:
-        cache[key] = memory.build(analysis.captured, optimizer=optimizer, device=device, attention=attention,
-                                  amp=amp)
-    return int(cache[key].peak_bytes({d: point.dims[d] for d in analysis.captured.dims}))
-
 
 def _hardware(hardware, device: str):
     """The device that prices the predicted time: the user's, or this machine calibrated."""
@@ -576,152 +494,3 @@ def _progress(total: int, desc: str, enabled: bool):
     except ImportError:
         return None
     return tqdm(total=total, desc=desc, file=sys.stderr, leave=False, unit="point")
-
-
-def _json_default(x):
-    if isinstance(x, (np.integer,)):
-        return int(x)
-    if isinstance(x, (np.floating,)):
-        return float(x)
-    return str(x)
-
-
-def _signed(x) -> str:
-    return "-" if x is None else f"{x:+.1f}%"
-
-
-def _ratio(x) -> str:
-    return "-" if x is None else f"{x:.2f}"
-
-
-def _exp(x) -> str:
-    return "-" if x is None else f"{x:.2f}"
-
-
-def _measured_cells(m: dict) -> tuple[str, str]:
-    from costmodel.render.text import _bytes, _time
-    if m.get("oom"):
-        return "OOM", "OOM"
-    if "skipped" in m:
-        return "skipped", "skipped"
-    return _time(m["time_s"]), _bytes(m["peak_memory_bytes"])
-
-
-def _table(r: ValidationResult, style: str) -> str:
-    from tabulate import tabulate
-
-    from costmodel.render.text import _bytes, _num, _time
-    names = list(r.points[0].dims) if r.points else []
-    cross = any("independent_peak_memory_bytes" in p.measured for p in r.points)
-    threads = r.environment.get("threads")
-    head = (f"{r.model} ({r.mode}, {r.dtype}) on {r.device} ({r.device_name}"
-            f"{f', {threads} threads' if threads and r.device == 'cpu' else ''}): median of at least {r.repeats} "
-            f"steps; predicted time on {r.hardware or '-'}")
-    rows = []
-    for p in r.points:
-        t, peak = _measured_cells(p.measured)
-        row = [p.dims[n] for n in names] + [t, _time(p.predicted.get("time_s")), _signed(p.errors.get("time_pct")),
-                                            peak, _bytes(p.predicted.get("peak_memory_bytes")),
-                                            _signed(p.errors.get("peak_memory_pct"))]
-        if cross:
-            row += [_bytes(p.measured.get("independent_peak_memory_bytes")),
-                    _signed(p.errors.get("measured_vs_independent_pct"))]
-        row.append(_num(p.predicted.get("flops")))
-        if p.measured.get("oom") or "skipped" in p.measured:
-            fits = p.errors.get("predicted_oom")
-            row.append("predicted OOM" if fits else "predicted to fit" if fits is False else "")
-        rows.append(row)
-    headers = names + ["time", "predicted", "error", "peak", "predicted", "error"]
-    if cross:
-        headers += ["allocator peak", "peak vs allocator"]
-    headers += ["FLOPs"]
-    if any(len(row) > len(headers) for row in rows):
-        headers.append("note")
-        rows = [row + [""] * (len(headers) - len(row)) for row in rows]
-    parts = [head, "", tabulate(rows, headers=headers, tablefmt=style, disable_numparse=True)]
-
-    if r.swept:
-        exp_rows = []
-        for d in r.swept:
-            for series, label in SERIES_LABELS.items():
-                exp_rows.append([d, label, _exp(r.exponents[d].get(series)), r.classes[d].get(series) or "-"])
-        parts += ["", "Fitted exponents (least squares on log size vs log value)",
-                  tabulate(exp_rows, headers=["dim", "series", "exponent", "class"], tablefmt=style,
-                           disable_numparse=True)]
-        ratio_rows = []
-        for d in r.swept:
-            for row in r.doubling_ratios[d]:
-                at = " ".join(f"{k}={v}" for k, v in row.get("at", {}).items())
-                ratio_rows.append([d, f"{row['from']} -> {row['to']}", at] +
-                                  [_ratio(row[s]) for s in SERIES])
-        parts += ["", "Ratios between consecutive sizes (the doubling experiment)",
-                  tabulate(ratio_rows, headers=["dim", "sizes", "at"] + [SERIES_LABELS[s] for s in SERIES],
-                           tablefmt=style, disable_numparse=True)]
-    e = r.errors
-    summary = [f"time MAPE {_pct_abs(e['time_mape'])}", f"peak memory MAPE {_pct_abs(e['peak_memory_mape'])}"]
-    if e.get("measured_vs_independent_max_pct") is not None:
-        summary.append(f"measured peak vs allocator: max {e['measured_vs_independent_max_pct']:.1f}% apart")
-    if e.get("oom_points"):
-        summary.append(f"{e['oom_points']} point(s) out of memory")
-    if e.get("skipped_points"):
-        summary.append(f"{e['skipped_points']} point(s) skipped")
-    parts += ["", "Summary: " + "; ".join(summary)]
-    return "\n".join(parts) + "\n"
-
-
-def _pct_abs(x) -> str:
-    return "-" if x is None else f"{x:.1f}%"
-
-
-def _csv(r: ValidationResult) -> str:
-    import csv
-    import io
-    names = list(r.points[0].dims) if r.points else []
-    buf = io.StringIO()
-    w = csv.writer(buf, lineterminator="\n")
-    w.writerow(names + ["measured_time_s", "measured_peak_memory_bytes", "oom", "predicted_time_s",
-                        "predicted_peak_memory_bytes", "predicted_flops", "time_pct", "peak_memory_pct"])
-    for p in r.points:
-        m = p.measured
-        w.writerow([p.dims[n] for n in names] + [m.get("time_s", ""), m.get("peak_memory_bytes", ""),
-                                                  bool(m.get("oom")), _blank(p.predicted.get("time_s")),
-                                                  _blank(p.predicted.get("peak_memory_bytes")),
-                                                  p.predicted.get("flops"), _blank(p.errors.get("time_pct")),
-                                                  _blank(p.errors.get("peak_memory_pct"))])
-    return buf.getvalue()
-
-
-def _blank(x):
-    return "" if x is None else x
-
-
-# --- the command ---------------------------------------------------------------------------------
-
-def run_cli(args) -> str:
-    """`costmodel validate`: the table (or JSON, Markdown, CSV), and the plot with --plot."""
-    from costmodel.capture.specs import parse_dims
-    if args.format not in FORMATS:
-        raise UsageError(f"unknown --format {args.format!r}; accepted: {', '.join(FORMATS)}")
-    if args.device not in DEVICES:
-        raise UsageError(f"unknown --device {args.device!r}; accepted: {', '.join(DEVICES)}")
-    dims = parse_dims(args.dim)
-    if not dims:
-        raise UsageError("validate needs the sizes to run at: --dim NAME=V1,V2,... (e.g. --dim seq=128,256,512)")
-    if args.plot:
-        from costmodel.render.validation_plot import check_plot_path
-        check_plot_path(args.plot)
-    result = validate(args.model, inputs=args.input or None, dims=dims, device=args.device, mode=args.mode,
-                      dtype=args.dtype, optimizer=args.optimizer, attention=args.attention, loss=args.loss,
-                      amp=bool(getattr(args, "amp", False)), hardware=args.hw, repeats=args.repeats,
-                      progress=args.format != "json", trust_remote_code=args.trust_remote_code)
-    if args.plot:
-        from costmodel.render.validation_plot import validation_plot
-        validation_plot(result, args.plot)
-    if args.format == "json":
-        return result.to_json()
-    if args.format == "csv":
-        return result.to_csv()
-    text = result.to_table("github" if args.format == "markdown" else "simple")
-    if args.plot:
-        text += f"\nlog-log plot written to {args.plot}\n"
-    return text

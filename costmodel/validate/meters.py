@@ -12,14 +12,12 @@ per-thread blocks): those never reach the dispatcher's Python key.
     >>> measure_peak(lambda: (x + 1) * 2, resident=[x])          # x, x + 1 and the product: 3 * 4096
     12288
 
-`measure_inference` and `measure_train_step` run the contract's two scenarios on a real module:
-one no-grad forward in eval mode, and one steady-state training step (forward, loss, backward,
-`optimizer.step()`, `zero_grad(set_to_none=True)`, the optimizer state allocated by a warm-up step).
+`measure_inference` and `measure_train_step` measure the contract's two scenarios on a real module,
+as validate/runner.py runs them (the validator runs the same steps).
 """
 
 from __future__ import annotations
 
-import contextlib
 import gc
 import weakref
 from dataclasses import dataclass, field
@@ -27,12 +25,11 @@ from typing import Callable, Iterable
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 from costmodel.errors import UsageError
-from costmodel.rules.optimizer import OPTIMIZERS
+from costmodel.validate.runner import Runner, make_inputs, make_optimizer  # noqa: F401 (make_* re-exported)
 from costmodel.capture.specs import InputSpec, parse_input
 
 
@@ -128,102 +125,27 @@ def measure_peak(fn: Callable[[], object], *, resident: Iterable = (), device: s
     return measure(fn, resident=resident, device=device).peak_bytes
 
 
-# --- the contract's two scenarios on a real module -----------------------------------------------
-
-def make_inputs(specs: list[str | InputSpec], dims: dict[str, int], device: str = "cpu",
-                dtype: torch.dtype | None = None, high: int = 2) -> list[torch.Tensor]:
-    """Real tensors for input specs at `dims`: floats random normal (in `dtype` when given), integers
-    drawn from [0, high) so that any embedding table accepts them."""
-    out = []
-    for s in specs:
-        spec = parse_input(s) if isinstance(s, str) else s
-        missing = [d for d in spec.dim_names if d not in dims]
-        if missing:
-            raise UsageError(f"input {spec} needs a value for {missing[0]!r}")
-        shape = [dims[d] if isinstance(d, str) else d for d in spec.dims]
-        if spec.dtype.is_floating_point:
-            out.append(torch.randn(shape, device=device, dtype=dtype or spec.dtype))
-        elif spec.dtype == torch.bool:
-            out.append(torch.ones(shape, device=device, dtype=torch.bool))
-        else:
-            out.append(torch.randint(0, high, shape, device=device, dtype=spec.dtype))
-    return out
-
-
-def _caller(model: nn.Module, specs: list[InputSpec], values: list[torch.Tensor]):
-    from costmodel.capture.trace import _call_plan
-    args, kwargs = _call_plan(model, specs)(values)
-    return lambda: model(*args, **kwargs)
-
-
-def make_optimizer(name: str, params: list[nn.Parameter]) -> torch.optim.Optimizer:
-    """PyTorch's optimizer for a costmodel name, at its default settings (foreach/fused left to torch)."""
-    if name == "adamw":
-        return torch.optim.AdamW(params, lr=1e-3)
-    if name == "adam":
-        return torch.optim.Adam(params, lr=1e-3)
-    if name == "sgd":
-        return torch.optim.SGD(params, lr=1e-3)
-    if name == "sgd-momentum":
-        return torch.optim.SGD(params, lr=1e-3, momentum=0.9)
-    if name == "adafactor":
-        return torch.optim.Adafactor(params, lr=1e-2)
-    raise UsageError(f"unknown optimizer {name!r}; accepted: {', '.join(OPTIMIZERS)}")
-
-
-def _autocast(amp: bool, device: str):
-    if not amp:
-        return contextlib.nullcontext()
-    kind = torch.device(device).type
-    return torch.autocast(kind, dtype=torch.bfloat16 if kind == "cpu" else torch.float16)
-
+# --- the contract's two scenarios on a real module (run by validate/runner.py) ------------------
 
 def measure_inference(model: nn.Module, inputs: list[str | InputSpec], dims: dict[str, int], *,
                       device: str = "cpu", amp: bool = False) -> MeterResult:
     """One forward in eval mode under no_grad; weights, buffers and inputs counted as resident."""
-    specs = [parse_input(s) if isinstance(s, str) else s for s in inputs]
-    model = model.to(device).eval()
-    dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), None)
-    values = make_inputs(specs, dims, device, dtype=None if amp else dtype)
-    call = _caller(model, specs, values)
-
-    def run():
-        with torch.no_grad(), _autocast(amp, device):
-            call()
-    return measure(run, resident=[*model.parameters(), *model.buffers(), *values], device=device)
+    runner = Runner(model, [parse_input(s) if isinstance(s, str) else s for s in inputs], device=device, amp=amp)
+    values = runner.values(dims)
+    return measure(runner.step(values), resident=runner.resident(values), device=device)
 
 
 def measure_train_step(model: nn.Module, inputs: list[str | InputSpec], dims: dict[str, int], *,
-                       optimizer: str = "adamw", loss: str = "sum", device: str = "cpu",
-                       amp: bool = False) -> MeterResult:
-    """One steady-state training step, measured: forward in train mode, loss (`sum` of the first
-    output, or `cross-entropy` against the first integer input), backward, `optimizer.step()`,
-    `zero_grad(set_to_none=True)`. A warm-up step first allocates the optimizer state, as in any
-    step after the first; parameters, buffers, inputs and that state are counted as resident."""
-    from costmodel.capture.trace import first_output
-    specs = [parse_input(s) if isinstance(s, str) else s for s in inputs]
-    model = model.to(device).train()
-    dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), None)
-    values = make_inputs(specs, dims, device, dtype=None if amp else dtype)
-    call = _caller(model, specs, values)
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = make_optimizer(optimizer, params)
-    targets = next((v for v, s in zip(values, specs) if not s.dtype.is_floating_point), None)
-
-    def compute_loss():
-        with _autocast(amp, device):
-            y = first_output(call())
-            if loss == "sum":
-                return y.sum()
-            if loss == "cross-entropy":
-                return F.cross_entropy(y.reshape(-1, y.shape[-1]).float(), targets.reshape(-1))
-            raise UsageError(f"unknown loss {loss!r}; accepted: sum, cross-entropy")
-
-    def step():
-        compute_loss().backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-
+                       optimizer: str = "adamw", loss: str = "sum", device: str = "cpu", amp: bool = False,
+                       targets: list[str | InputSpec] = ()) -> MeterResult:
+    """One steady-state training step, measured: forward in train mode, the loss (capture/loss.py),
+    backward, `optimizer.step()`, `zero_grad(set_to_none=True)`. A warm-up step first allocates the
+    optimizer state, as in any step after the first; parameters, buffers, inputs and that state are
+    counted as resident."""
+    runner = Runner(model, [parse_input(s) if isinstance(s, str) else s for s in inputs], mode="train",
+                    targets=[parse_input(t) if isinstance(t, str) else t for t in targets], optimizer=optimizer,
+                    loss=loss, amp=amp, device=device)
+    values = runner.values(dims)
+    step = runner.step(values)
     step()   # warm-up: allocates the optimizer state
-    state = [t for s in opt.state.values() for t in s.values() if isinstance(t, torch.Tensor)]
-    return measure(step, resident=[*model.parameters(), *model.buffers(), *values, *state], device=device)
+    return measure(step, resident=runner.resident(values), device=device)
