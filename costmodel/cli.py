@@ -207,10 +207,19 @@ def _roofline_plot(rep, point, path: str) -> None:
     from costmodel.render.roofline_plot import roofline_plot
     hw = rep.hardware[0]
     t = point.timing(hw, rep.tf32)
-    pts = [{"intensity": ot.intensity, "flops_per_s": ot.flops_per_s, "time_s": ot.time_s, "label": op["module"],
-            "bound": ot.bound} for op, ot in zip(point.ops, t["op_times"]) if ot.time_s > 0]
+    pts = [{"intensity": ot.intensity, "flops_per_s": ot.flops_per_s, "time_s": ot.time_s,
+            "label": f"{op['module']} ({_op_name(op['target'])})", "bound": ot.bound}
+           for op, ot in zip(point.ops, t["op_times"]) if ot.time_s > 0]
     dtype = next((op["dtype"] for op in point.ops if op["category"] in ("matmul", "conv", "attention")), "float32")
-    roofline_plot(hw, pts, path, dtype, tf32=rep.tf32, title=f"{rep.model} ({rep.mode}) on {hw.name}")
+    at = ", ".join(f"{d}={v}" for d, v in point.dims.items())
+    roofline_plot(hw, pts, path, dtype, tf32=rep.tf32,
+                  title=f"{rep.model} ({rep.mode}, {dtype}{', ' + at if at else ''}) on {hw.name}")
+
+
+def _op_name(target: str) -> str:
+    """aten.mm.default -> mm, costmodel.sdpa.default -> sdpa: the name a reader knows the op by."""
+    parts = str(target).split(".")
+    return parts[1] if len(parts) >= 3 else str(target)
 
 
 def cmd_fit(args) -> str:
