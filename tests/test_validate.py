@@ -17,7 +17,7 @@ from costmodel import cli
 from costmodel.hardware.calibrate import calibrate
 from costmodel.errors import AnalysisError, UsageError
 from costmodel.validate.engine import SERIES, ValidationResult, profiler_peak_bytes, validate
-from costmodel.render.validation_plot import validation_plot
+from costmodel.render.validation_plot import validation_figure, validation_plot
 from tests.models import _hf, tiny_resnet
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -145,6 +145,53 @@ def test_plot_files(transformer, convnet, tmp_path):
     assert b"<svg" in (tmp_path / "c.svg").read_bytes()[:2000]
     # the JSON form draws the same
     assert validation_plot(json.loads(transformer.to_json()), tmp_path / "j.png").stat().st_size > 5000
+
+
+def _sweep(rows) -> dict:
+    """A ValidationResult's dict for seq sweeps: (seq, measured s, predicted s, measured MiB, predicted MiB)."""
+    mib = 2 ** 20
+    return {"model": "gpt2", "mode": "inference", "dtype": "float32", "device": "cpu", "swept": ["seq"],
+            "points": [{"dims": {"batch": 1, "seq": s}, "measured": {"time_s": t, "peak_memory_bytes": m * mib},
+                        "predicted": {"time_s": pt, "peak_memory_bytes": pm * mib, "flops": 2.5e8 * s}, "errors": {}}
+                       for s, t, pt, m, pm in rows],
+            "exponents": {"seq": {"measured": _slope([(r[0], r[1]) for r in rows]), "predicted": None, "flops": None,
+                                  "memory": _slope([(r[0], r[3]) for r in rows]), "predicted_memory": None}}}
+
+
+def _slope(xy) -> float:
+    """The least-squares slope of log y on log x, as the validator fits it."""
+    lx, ly = [math.log(x) for x, _ in xy], [math.log(y) for _, y in xy]
+    mx, my = sum(lx) / len(lx), sum(ly) / len(ly)
+    return sum((a - mx) * (b - my) for a, b in zip(lx, ly)) / sum((a - mx) ** 2 for a in lx)
+
+
+def _tick_labels(ax) -> list[str]:
+    """The labelled major ticks inside the axis' view."""
+    lo, hi = ax.get_ylim()
+    return [t.get_text() for t, v in zip(ax.get_yticklabels(), ax.get_yticks()) if lo <= v <= hi and t.get_text()]
+
+
+def test_plot_ticks_on_a_range_short_of_a_decade():
+    """The README's GPT-2 run: peaks from 500 to 674 MiB (a factor 1.35) and times from 0.8 to 5.7 s."""
+    fig = validation_figure(_sweep([(128, .804, .628, 500, 500), (256, 1.36, 1.28, 525, 525),
+                                    (512, 2.98, 2.67, 574, 574), (1024, 5.66, 5.79, 674, 674)]))
+    fig.canvas.draw()
+    time_ax, memory_ax = fig.axes
+    assert _tick_labels(memory_ax) == ["500 MiB", "550 MiB", "600 MiB", "650 MiB"]   # steps of 50: (674 - 500) / 3 = 58
+    assert _tick_labels(time_ax) == ["1 s", "2 s", "5 s"]
+    assert [t.get_text() for t in memory_ax.get_xticklabels()] == ["128", "256", "512", "1024"]  # the sizes that ran
+    assert [t.get_text() for t in memory_ax.get_legend().get_texts()] == ["measured peak, k=0.14", "predicted peak"]
+
+
+@pytest.mark.parametrize("peaks, labels", [
+    ((100.0, 100.2, 100.4, 100.6), ["100 MiB", "100.2 MiB", "100.4 MiB", "100.6 MiB"]),  # flat: 0.6 MiB apart
+    ((3, 30, 300, 3000), ["4 MiB", "16 MiB", "64 MiB", "256 MiB", "1 GiB"]),             # 3 decades: powers of 4
+])
+def test_plot_memory_ticks_from_flat_to_wide(peaks, labels):
+    fig = validation_figure(_sweep([(2 ** (7 + i), 0.01 * 2 ** i, 0.01 * 2 ** i, m, m) for i, m in enumerate(peaks)]))
+    fig.canvas.draw()
+    got = _tick_labels(fig.axes[1])
+    assert len(got) >= 3 and set(labels) <= set(got), got
 
 
 class OOMAbove(nn.Module):
