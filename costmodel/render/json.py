@@ -6,6 +6,7 @@ import json
 
 import sympy
 
+from costmodel.analysis import METRICS
 from costmodel.api import Point, Report
 from costmodel.capture.specs import dtype_name
 
@@ -43,13 +44,17 @@ def symbolic_dict(report: Report) -> dict:
 
 
 def symbolic_only_dict(report: Report, depth: int | None = None) -> dict:
-    """No dimension values given: the formulas, per module and per op type."""
+    """No dimension values given: the formulas, per op (`ops`, the same keys as a point's, formulas for
+    figures), per module and per op type."""
     return _jsonable({
         "model": report.model, "mode": report.mode, "dtype": dtype_name(report.dtype), "dims": {},
         "inputs": [str(s) for s in report.inputs], "totals": None, "symbolic": symbolic_dict(report),
         "complexity": report.complexity,
         "modules": [{"module": r["module"], "flops": str(r["flops"]), "bytes": str(r["bytes"])}
                     for r in report.by_module(depth)],
+        "ops": [{"name": op.name, "target": op.target, "module": op.module, "phase": op.phase,
+                 "category": op.category, "dtype": op.dtype, **{m: str(op.cost[m]) for m in METRICS if m != "bytes"}}
+                for op in report.primary.ops],
         "ops_by_target": [{"target": r["target"], "category": r["category"], "count": r["count"],
                            "flops": str(r["flops"]), "bytes": str(r["bytes"])} for r in report.by_op()],
         "unsupported": report.unsupported, "guards": [str(g) for g in report.guards],

@@ -11,7 +11,7 @@ from tabulate import tabulate
 from costmodel.api import Point, Report
 from costmodel.capture import trace as cap
 from costmodel.capture.specs import dtype_name
-from costmodel.render.json import symbolic_dict
+from costmodel.render.formulas import readable
 from costmodel.render.units import duration, fixed2, num, pct, signed_pct, size
 
 # --- tables ---------------------------------------------------------------------------------------
@@ -68,9 +68,11 @@ def to_table(report: Report, points: list[Point], depth: int | None = 2, top: in
     at = {d: v for d, v in report.fixed.items() if d in report.dims and (interp is None or interp.dim != d)}
     out.append(h("Formulas" + (f" (at {', '.join(f'{d} = {v}' for d, v in at.items())}: pinned by the capture)"
                                if at else "")))
-    sym = symbolic_dict(report)
-    rows = [[k, v] for k, v in sym.items() if k not in ("params", "param_bytes")]
-    out.append(tabulate(rows, headers=["total", "formula"], tablefmt=fmt))
+    shown, where = readable({k: v for k, v in vars(report.symbolic).items() if k not in ("params", "param_bytes")})
+    out.append(tabulate([[k, v] for k, v in shown.items()], headers=["total", "formula"], tablefmt=fmt))
+    if where:
+        out.append("where " + ", ".join(f"{name} = {definition}" for name, definition in where)
+                   + " (JSON gives the exact formulas)")
     cx = report.complexity
     if cx:
         metrics = list(next(iter(cx.values())))
