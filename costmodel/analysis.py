@@ -44,6 +44,7 @@ class Analysis:
     unsupported: dict[str, list[str]]   # target -> modules where it occurred
     totals: dict[str, sympy.Expr] = field(default_factory=dict)
     kernels: dict[str, str] = field(default_factory=dict)     # the SDPA kernel of each attention node
+    notes: list[str] = field(default_factory=list)            # assumptions made choosing them
     _evaluator: Evaluator | None = None
     _op_evaluator: Evaluator | None = None
 

@@ -150,6 +150,7 @@ class Report:
         # The device kind whose kernels the costs and memory model ("cuda" or "cpu"): --device, else
         # the first --hw device's kind, else "cuda" (the contract's figure is torch.cuda.max_memory_allocated).
         self.device_kind = device_kind
+        self.capability = ""                 # the compute capability of that device, where known
         self._memory: dict = {}
         self._limits: list[Limit] | None = None
         self._interpolation = False          # not computed yet (None: computed, nothing to interpolate)
@@ -226,7 +227,7 @@ class Report:
 
     def capture_at(self, values: dict[str, int]) -> Analysis:
         """A capture with `values` fixed and the other dimensions symbolic."""
-        analysis = _analyze_once(self._loaded, self.inputs, self.options, self.device_kind,
+        analysis = _analyze_once(self._loaded, self.inputs, self.options, self.device_kind, capability=self.capability,
                                  hints={d: v for d, v in self.primary.captured.hints.items() if d not in values},
                                  fixed=dict(values))
         self.analyses.append(analysis)
@@ -363,7 +364,7 @@ class Report:
         if key not in self._memory:
             kernels = analysis.kernels
             if kind != self.device_kind:
-                kernels, notes = attention_kernels(analysis.captured.graph.graph, self.attention, kind)
+                kernels, _ = attention_kernels(analysis.captured.graph.graph, self.attention, kind)
             self._memory[key] = memory.build(analysis.captured, optimizer=self.optimizer, device=kind,
                                              kernels=kernels, amp=bool(self.amp))
             for note in self._memory[key].warnings:
@@ -452,7 +453,8 @@ class Report:
             self.warn(f"{self.model}: the symbolic capture does not hold at {point} ({why}); "
                       "capturing that point separately")
         try:
-            analysis = _analyze_once(self._loaded, self.inputs, self.options, self.device_kind, hints=point,
+            analysis = _analyze_once(self._loaded, self.inputs, self.options, self.device_kind, capability=self.capability,
+                                     hints=point,
                                      fixed=_pins(self.primary, point))
         except AnalysisError as e:
             where = ", ".join(f"{d}={v}" for d, v in point.items())
@@ -477,11 +479,14 @@ def _truncate(module: str, depth: int | None) -> str:
 
 
 def _analyze_once(loaded: cap.LoadedModel, inputs: list[InputSpec], options: Options, device_kind: str,
-                  hints: dict[str, int] | None = None, fixed: dict[str, int] | None = None) -> Analysis:
-    """One capture, its attention kernels on `device_kind`, the costs of every op (and the optimizer)."""
+                  hints: dict[str, int] | None = None, fixed: dict[str, int] | None = None,
+                  capability: str = "") -> Analysis:
+    """One capture, its attention kernels on `device_kind` (of compute `capability`), the costs of
+    every op (and the optimizer)."""
     captured = cap.capture(loaded.module, inputs, options, hints=hints, fixed=fixed)
-    kernels, _ = attention_kernels(captured.graph.graph, options.attention, device_kind)
+    kernels, notes = attention_kernels(captured.graph.graph, options.attention, device_kind, capability)
     analysis = cost_graph(captured, kernels)
+    analysis.notes = notes
     if options.mode == "train":
         analysis.ops.extend(optimizer_ops(loaded.module, captured.trainable, options.optimizer, cap.ROOT))
         analysis.totals = totals_of(analysis.ops)
@@ -545,10 +550,14 @@ def analyze(model, inputs: list[str] | None = None, mode: str = "inference", dty
         dims.update({d: [v] for d, v in defaulted.items()})
     hints = {d: next((v for v in vs if v >= 2), None) for d, vs in dims.items()}
     hints = {d: v for d, v in hints.items() if v is not None}
-    first = _first_analysis(loaded, specs, options, kind, hints)
+    capability = devices[0].compute_capability if devices and kind == memory.device_kind(devices[0]) else ""
+    first = _first_analysis(loaded, specs, options, kind, hints, capability)
     name = model if isinstance(model, str) else loaded.name
     report = Report(name, specs, loaded, first, options, kind, devices)
+    report.capability = capability
     report.defaulted = defaulted
+    for note in first.notes:
+        report.warn(note)
     for d, v in defaulted.items():
         report.warn(f"no value given for {d}: using {name}'s default {d}={v}")
     return report
@@ -570,20 +579,20 @@ _LARGER_HINTS = (16, 256)     # retries of a failed capture at larger sizes of t
 
 
 def _first_analysis(loaded: cap.LoadedModel, specs: list[InputSpec], options: Options, kind: str,
-                    hints: dict[str, int]) -> Analysis:
+                    hints: dict[str, int], capability: str = "") -> Analysis:
     """The symbolic capture. Dimensions the user gave no value for are traced at default sizes; a
     model that cannot run that small (a conv stack longer than 72 samples) is tried again at larger
     ones. A failure says which sizes it was captured at and what the config declares for them."""
     dims = list(dict.fromkeys(d for s in specs + list(options.targets) for d in s.dim_names))
     free = [d for d in dims if d not in hints and "batch" not in d.lower()]
     try:
-        return _analyze_once(loaded, specs, options, kind, hints=hints)
+        return _analyze_once(loaded, specs, options, kind, hints=hints, capability=capability)
     except AnalysisError as first_error:
         error = first_error
     for factor in _LARGER_HINTS if free else ():
         larger = {**hints, **{d: cap.default_hint(d, dims.index(d)) * factor for d in free}}
         try:
-            return _analyze_once(loaded, specs, options, kind, hints=larger)
+            return _analyze_once(loaded, specs, options, kind, hints=larger, capability=capability)
         except AnalysisError:
             continue
     used = {d: hints.get(d, cap.default_hint(d, i)) for i, d in enumerate(dims)}

@@ -253,3 +253,26 @@ class UNet(nn.Module):
         m = F.interpolate(F.relu(self.mid(F.max_pool2d(b, 2))), scale_factor=2.0)
         u = F.interpolate(F.relu(self.u2(torch.cat([m, b], 1))), scale_factor=2.0)
         return self.out(F.relu(self.u1(torch.cat([u, a], 1))))
+
+
+class CNNMLP(nn.Module):
+    """A small image classifier (conv, pool, MLP head) for --loss cross-entropy with --target labels."""
+
+    def __init__(self, classes: int = 10):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.mlp = nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Linear(32, classes))
+
+    def forward(self, x):
+        return self.mlp(F.relu(self.conv(x)).mean((2, 3)))
+
+
+class MHAPadded(nn.Module):
+    """nn.MultiheadAttention with a key_padding_mask input."""
+
+    def __init__(self):
+        super().__init__()
+        self.m = nn.MultiheadAttention(32, 4, batch_first=True)
+
+    def forward(self, x, pad):
+        return self.m(x, x, x, key_padding_mask=pad)[0]

@@ -14,6 +14,7 @@ from __future__ import annotations
 import difflib
 import math
 import os
+import re
 import tomllib
 from dataclasses import dataclass, field
 from importlib import resources
@@ -37,7 +38,7 @@ _DTYPE_ALIASES = {
 }
 _REQUIRED = ("memory_bytes", "bandwidth_bytes_per_s", "peak_flops_per_s")
 _OPTIONAL = ("name", "vendor", "description", "kernel_overhead_s", "calibrated", "efficiency", "sources",
-             *INTERCONNECT_FIELDS)
+             "compute_capability", *INTERCONNECT_FIELDS)
 
 
 def canonical_dtype(dtype: str) -> str:
@@ -60,6 +61,9 @@ class Hardware:
     # True when the peaks are measured achievable rates (`costmodel hardware calibrate`), not
     # datasheet peaks: the roofline then scales its efficiencies so they are not applied twice.
     calibrated: bool = False
+    # NVIDIA's compute capability ("8.0" for an A100), where it decides which kernels run (flash
+    # attention needs 8.0 or newer); "" when unknown or not NVIDIA.
+    compute_capability: str = ""
     # Per-device overrides of roofline.DEFAULT_EFFICIENCY (the [efficiency] table of the file).
     efficiency: dict[str, float] = field(default_factory=dict, hash=False)
     # The interconnect (costmodel.comm): a file without these fields gets DEFAULT_INTERCONNECT,
@@ -124,6 +128,7 @@ class Hardware:
             "ridge_point": {d: p / self.bandwidth_bytes_per_s for d, p in self.peak_flops_per_s.items()},
             "kernel_overhead_s": self.kernel_overhead_s,
             "calibrated": self.calibrated,
+            "compute_capability": self.compute_capability,
             "efficiency": dict(self.efficiency),
             **{name: getattr(self, name) for name in INTERCONNECT_FIELDS},
             "sources": dict(self.sources),
@@ -222,8 +227,17 @@ def hardware_from_dict(data: dict, *, origin: str, path: str | None = None) -> H
         peak_flops_per_s={d: float(p) for d, p in peak_flops_per_s.items()},
         kernel_overhead_s=float(overhead), vendor=data.get("vendor", ""), sources=sources,
         path=path, description=data.get("description", ""), calibrated=calibrated,
+        compute_capability=_capability(data.get("compute_capability", ""), origin),
         efficiency=_efficiency(data.get("efficiency", {}), origin), **interconnect,
     )
+
+
+def _capability(value, origin: str) -> str:
+    if value == "":
+        return ""
+    if not isinstance(value, str) or not re.fullmatch(r"\d+\.\d+", value):
+        raise UsageError(f"{origin}: 'compute_capability' must be a string such as \"8.0\", got {value!r}")
+    return value
 
 
 def _interconnect(data: dict, sources: dict, origin: str) -> tuple[dict, dict]:

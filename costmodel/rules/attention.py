@@ -118,22 +118,28 @@ def sdpa_composite(q, k, v, attn_mask=None, *args, out, **_) -> OpCost:
 # --- the one choice of kernel ------------------------------------------------------------------
 
 def choose_kernel(requested: str, device: str, q, k, v, mask, dropout_p: float, is_causal: bool, scale,
-                  gqa: bool, notes: list[str] | None = None) -> str:
+                  gqa: bool, notes: list[str] | None = None, capability: str = "") -> str:
     """The SDPA kernel of one attention call: `requested` unless it is "auto", else the one PyTorch
     runs for these inputs on `device` ("cpu" or "cuda"). Costs and memory both use this choice.
     Where it has to be assumed, or a requested kernel is one PyTorch would not run, a sentence
     saying so is appended to `notes`.
     CPU: what `torch._fused_sdp_choice` picks for inputs of the same ranks, dtypes, mask, dropout
     and causality (flash unless dropout or a 3-D input forces math). CUDA: flash for float16 and
-    bfloat16 without a mask, else memory-efficient (which has no enable_gqa: math then)."""
+    bfloat16 without a mask on compute capability 8.0 or newer (`capability`, "" when unknown), else
+    memory-efficient (which has no enable_gqa: math then)."""
     if requested not in ATTENTION_CHOICES:
         raise UsageError(f"unknown attention kernel {requested!r}; accepted: {', '.join(ATTENTION_CHOICES)}")
+    old_gpu = bool(capability) and tuple(map(int, capability.split("."))) < (8, 0)
     if requested != "auto":
-        if requested == "flash" and device == "cuda" and q.dtype not in (torch.float16, torch.bfloat16) \
-                and notes is not None:
-            auto = choose_kernel("auto", device, q, k, v, mask, dropout_p, is_causal, scale, gqa)
-            notes.append(f"--attention flash: PyTorch's CUDA flash kernel takes float16 and bfloat16 only; "
-                         f"for {str(q.dtype).removeprefix('torch.')} it would run {auto}. Costed as flash, as asked")
+        if requested == "flash" and device == "cuda" and notes is not None:
+            auto = choose_kernel("auto", device, q, k, v, mask, dropout_p, is_causal, scale, gqa, capability=capability)
+            if q.dtype not in (torch.float16, torch.bfloat16):
+                notes.append(f"--attention flash: PyTorch's CUDA flash kernel takes float16 and bfloat16 only; "
+                             f"for {str(q.dtype).removeprefix('torch.')} it would run {auto}. Costed as flash, "
+                             "as asked")
+            elif old_gpu:
+                notes.append(f"--attention flash: PyTorch's flash kernel needs compute capability 8.0 or newer; "
+                             f"this GPU has {capability}, where it would run {auto}. Costed as flash, as asked")
         return requested
     if device == "cpu":
         try:
@@ -156,14 +162,14 @@ def choose_kernel(requested: str, device: str, q, k, v, mask, dropout_p: float, 
     E = _concrete(q.shape[-1], None)
     if E is None or E % 8 or E > 256:
         return "efficient" if E is not None and E % 4 == 0 and q.dtype == torch.float32 else "math"
-    if q.dtype in (torch.float16, torch.bfloat16) and mask is None:
+    if q.dtype in (torch.float16, torch.bfloat16) and mask is None and not old_gpu:
         return "flash"
     if gqa:
         return "math"        # the efficient kernel has no enable_gqa; flash takes no mask
     return "efficient" if q.dtype in (torch.float16, torch.bfloat16, torch.float32) else "math"
 
 
-def attention_kernels(graph, requested: str, device: str) -> tuple[dict[str, str], list[str]]:
+def attention_kernels(graph, requested: str, device: str, capability: str = "") -> tuple[dict[str, str], list[str]]:
     """({node name: kernel} for every costmodel::sdpa node of an fx graph and its backward, notes).
     A backward node (costmodel::sdpa_backward) takes the kernel of the forward whose q, k, v it
     differentiates."""
@@ -176,7 +182,7 @@ def attention_kernels(graph, requested: str, device: str) -> tuple[dict[str, str
             q, k, v, mask = [a.meta.get("val") if isinstance(a, fx.Node) else None for a in node.args[:4]]
             dropout_p, is_causal, scale, gqa = node.args[4:8]
             kernels[node.name] = choose_kernel(requested, device, q, k, v, mask, dropout_p, is_causal, scale, gqa,
-                                               notes)
+                                               notes, capability)
             forwards[tuple(node.args[:3])] = node.name
         elif str(node.target) == SDPA_BACKWARD_TARGET:
             forward = forwards.get(tuple(node.args[1:4]))
