@@ -11,9 +11,10 @@ import sympy
 import torch
 import torch.fx as fx
 
+from costmodel import _torch
 from costmodel.capture import trace as cap
 from costmodel.rules.cost import OpCost
-from costmodel.errors import AnalysisError, UsageError
+from costmodel.errors import AnalysisError
 from costmodel.formulas import Evaluator, plain
 from costmodel.rules import TensorSpec, rule_for
 from costmodel.capture.specs import dtype_name
@@ -90,8 +91,8 @@ def cost_graph(c: cap.Captured, kernels: dict[str, str] | None = None) -> Analys
         if node.op != "call_function":
             continue
         target = node.target
-        if not isinstance(target, torch._ops.OpOverload):
-            if isinstance(target, torch._ops.HigherOrderOperator):
+        if not _torch.is_op_overload(target):
+            if _torch.is_higher_order_op(target):
                 unsupported[str(target)].append(node.meta.get("costmodel_module", ""))
             continue   # getitem and SymInt arithmetic: shape bookkeeping, not tensor ops
         rule = rule_for(target)

@@ -22,7 +22,7 @@ def one_mode(model: str, mode: str, points: int, reference_points: int) -> dict:
     from torch.utils.flop_counter import FlopCounterMode
 
     import costmodel
-    from costmodel.capture.trace import first_output
+    from costmodel.capture.loss import first_output
     from costmodel.capture.zoo import get
 
     t0 = time.perf_counter()

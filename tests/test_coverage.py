@@ -17,7 +17,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import costmodel
 from costmodel.validate import meters as memtrack
-from costmodel.capture.trace import first_output
+from costmodel.capture.loss import first_output
 from costmodel.capture.moe import expert_rows
 from fractions import Fraction
 

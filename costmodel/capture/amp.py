@@ -25,7 +25,7 @@ import functools
 
 import torch
 from torch.overrides import TorchFunctionMode
-from torch.utils._pytree import tree_map
+from costmodel._torch import tree_map
 
 _CUDA_LOWER = {
     "linear", "matmul", "__matmul__", "__rmatmul__", "mm", "bmm", "baddbmm", "addmm", "addbmm", "addmv", "addr",

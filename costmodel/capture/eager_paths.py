@@ -29,25 +29,7 @@ import torch
 import torch.fx as fx
 
 
-def traced_node(t: torch.Tensor) -> fx.Node | None:
-    """The graph node a tensor of the running make_fx trace is, or None outside a trace."""
-    from torch.fx.experimental.proxy_tensor import get_innermost_proxy_mode, get_proxy_slot
-    mode = get_innermost_proxy_mode()
-    if mode is None:
-        return None
-    slot = get_proxy_slot(t, mode.tracer, None)
-    proxy = getattr(slot, "proxy", None)
-    return getattr(proxy, "node", None)
-
-
-def last_traced_node() -> fx.Node | None:
-    """The node most recently added to the running make_fx trace."""
-    from torch.fx.experimental.proxy_tensor import get_innermost_proxy_mode
-    mode = get_innermost_proxy_mode()
-    if mode is None:
-        return None
-    last = next(iter(reversed(mode.tracer.graph.nodes)), None)
-    return last if last is not None and last.op != "root" else None
+from costmodel._torch import traced_node  # noqa: E402
 
 
 def derived_from(t: torch.Tensor, is_input: Callable[[fx.Node], bool]) -> bool | None:

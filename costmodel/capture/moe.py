@@ -34,7 +34,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from costmodel.errors import UsageError
-from costmodel.rules import TensorSpec, register
+from costmodel.rules.registry import TensorSpec, register
 from costmodel.rules.cost import MATMUL, OpCost
 
 

@@ -12,12 +12,14 @@ from __future__ import annotations
 import contextlib
 
 import torch
+
+from costmodel import _torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
 from costmodel.errors import UsageError
 from costmodel.capture.moe import GROUPED_MM_FUNCTIONS, call_grouped_mm
-from costmodel.rules import TensorSpec, register
+from costmodel.rules.registry import TensorSpec, register
 from costmodel.rules.attention import KERNELS, attention_backward, attention_forward
 
 
@@ -73,8 +75,8 @@ _BADDBMM = (torch.baddbmm, torch.Tensor.baddbmm)   # the originals (route_sdpa s
 # C++ composite kernels that read sizes as plain integers, which pins every symbolic size they
 # touch (the batch of an RNN, the image size of an upsample); their Python decompositions, which
 # PyTorch's Python dispatcher runs, keep the sizes symbolic (an RNN still unrolls its sequence).
-_PYTHON_DECOMPOSED = {torch._VF.gru, torch._VF.lstm, torch._VF.rnn_tanh, torch._VF.rnn_relu,
-                      F.interpolate, F.upsample, F.upsample_nearest, F.upsample_bilinear, F.pad}
+_PYTHON_DECOMPOSED = _torch.rnn_functions() | {F.interpolate, F.upsample, F.upsample_nearest, F.upsample_bilinear,
+                                               F.pad}
 
 
 class _RouteSDPA(TorchFunctionMode):
@@ -87,8 +89,7 @@ class _RouteSDPA(TorchFunctionMode):
         elif func in GROUPED_MM_FUNCTIONS:
             return call_grouped_mm(*args, **kwargs)
         elif func in _PYTHON_DECOMPOSED:
-            from torch._dispatch.python import enable_python_dispatcher
-            with enable_python_dispatcher():
+            with _torch.python_dispatcher():
                 return func(*args, **kwargs)
         return func(*args, **kwargs)
 

@@ -29,16 +29,12 @@ import torch
 import torch.fx as fx
 import torch.fx.traceback as fx_traceback
 import torch.nn as nn
-from torch._subclasses.fake_tensor import FakeTensorMode
-from torch.fx.experimental.proxy_tensor import make_fx
-from torch.fx.experimental.symbolic_shapes import DimDynamic, ShapeEnv
-from torch.nn.utils.stateless import _reparametrize_module
 
 from costmodel import _torch
 from costmodel.capture import zoo
 from costmodel.errors import AnalysisError, CostModelError, UsageError
 from costmodel.capture.eager_paths import eager_decisions
-from costmodel.capture.loss import compute_loss, first_output, tensors_of as _tensors  # noqa: F401 (re-exported)
+from costmodel.capture.loss import compute_loss, tensors_of as _tensors
 from costmodel.capture.moe import balanced_experts
 from costmodel.capture.sdpa import route_sdpa
 from costmodel.capture.specs import InputSpec, parse_input
@@ -88,7 +84,7 @@ class Captured:
     fixed: dict[str, int]                    # dimensions captured at one concrete value
     guards: list[Guard]
     symbol_map: dict[sympy.Symbol, sympy.Expr]   # shape-env symbol -> expression in user symbols
-    shape_env: ShapeEnv
+    shape_env: object                          # torch's ShapeEnv
     roles: dict[str, tuple[str, str]] = field(default_factory=dict)  # placeholder -> (param|buffer|input, name)
     trainable: set[str] = field(default_factory=set)                # names of parameters that get grads
     hints: dict[str, int] = field(default_factory=dict)
@@ -211,8 +207,8 @@ def capture(model: nn.Module, inputs: list[InputSpec], options=None, hints: dict
 def _pinned_by_size_reads(c: "Captured") -> bool:
     env = c.shape_env
     for sym in c.symbol_map:
-        rep, sloc = env.replacements.get(sym), env.replacements_slocs.get(sym)
-        if rep is not None and rep.is_number and getattr(sloc, "framework_loc", None) == CONCRETE_SIZE_READ:
+        rep = env.replacements.get(sym)
+        if rep is not None and rep.is_number and _torch.replacement_framework_loc(env, sym) == CONCRETE_SIZE_READ:
             return True
     return False
 
@@ -228,10 +224,9 @@ def _capture(model: nn.Module, inputs: list[InputSpec], options, hints, fixed, p
     targets = list(options.targets) if mode == "train" else []
     hints, fixed = dict(hints or {}), dict(fixed or {})
     dims = list(dict.fromkeys(d for spec in inputs + targets for d in spec.dim_names))
-    shape_env = ShapeEnv(duck_shape=False)
-    _record_user_locations(shape_env)
-    fake_mode = FakeTensorMode(shape_env=shape_env)
-    from torch._dynamo.source import ConstantSource
+    shape_env = _torch.new_shape_env()
+    _torch.on_guard_location(shape_env, _guard_location)
+    fake_mode = _torch.fake_mode(shape_env)
 
     sizes: dict[str, int | torch.SymInt] = {}
     symbol_map: dict[sympy.Symbol, sympy.Expr] = {}
@@ -239,10 +234,7 @@ def _capture(model: nn.Module, inputs: list[InputSpec], options, hints, fixed, p
         if name in fixed:
             sizes[name] = fixed[name]
             continue
-        hint = hints.get(name, default_hint(name, i))
-        source = ConstantSource(f"dim_{name}")
-        sym = shape_env.create_symbol(hint, source, dynamic_dim=DimDynamic.DYNAMIC)
-        sizes[name] = shape_env.create_symintnode(sym, hint=hint, source=source)
+        sym, sizes[name] = _torch.symbolic_size(shape_env, name, hints.get(name, default_hint(name, i)))
         symbol_map[sym] = dim_symbol(name)
 
     model.train(mode == "train")
@@ -265,7 +257,7 @@ def _capture(model: nn.Module, inputs: list[InputSpec], options, hints, fixed, p
     def traced_state(params, buffers):
         """The model with the traced tensors in place of its meta parameters and buffers."""
         state = {n: t for (n, _), t in zip(param_items, params)} | {n: t for (n, _), t in zip(buffer_items, buffers)}
-        return _reparametrize_module(model, state, tie_weights=True)
+        return _torch.reparametrize(model, state)
 
     def inference(params, buffers, values):
         args, kwargs = call(values)
@@ -290,7 +282,7 @@ def _capture(model: nn.Module, inputs: list[InputSpec], options, hints, fixed, p
         fn = emulate_autocast(fn, amp)
     if mode == "train" and not trainable:
         raise UsageError("--mode train needs parameters that require grad; this model has none")
-    fake_log = logging.getLogger("torch._subclasses.fake_tensor")
+    fake_log = logging.getLogger(_torch.FAKE_TENSOR_LOGGER)
     level = fake_log.level
     fake_log.setLevel(logging.CRITICAL)   # it logs every failing meta kernel; our error says it once
     n_state = len(params) + len(buffers)
@@ -304,7 +296,7 @@ def _capture(model: nn.Module, inputs: list[InputSpec], options, hints, fixed, p
         with _torch.symbolic_kernels(), _torch.backward_meta_fields(), fake_mode, _module_paths(model), \
                 fx_traceback.preserve_node_meta(), route_sdpa(), eager_decisions(is_input), \
                 balanced_experts(model, options.moe_imbalance), _torch.python_dispatcher(python_dispatcher):
-            gm = make_fx(fn, tracing_mode="real", _disable_torch_fn_metadata_mode=True)(params, buffers, values)
+            gm = _torch.trace(fn, params, buffers, values)
     except CostModelError:
         raise
     except Exception as e:
@@ -452,7 +444,7 @@ def _frame_tensors(frame) -> list[torch.Tensor]:
 
 def live_until_now(tensors: list[torch.Tensor]) -> None:
     """Within a trace: these tensors live at least until the last node traced so far."""
-    from costmodel.capture.eager_paths import last_traced_node, traced_node
+    from costmodel._torch import last_traced_node, traced_node
     last = last_traced_node()
     if last is None:
         return
@@ -521,7 +513,7 @@ def _guards(c: Captured) -> list[Guard]:
 
 
 def _where(sloc) -> str:
-    """'file.py:LINE in func' of the model code that made a guard (see `_record_user_locations`)."""
+    """'file.py:LINE in func' of the model code that made a guard (see `_guard_location`)."""
     if sloc is None:
         return ""
     if getattr(sloc, "maybe_user_loc", None):
@@ -559,17 +551,9 @@ def model_location(frame=None) -> str:
     return ""
 
 
-def _record_user_locations(shape_env: ShapeEnv) -> None:
-    """Make every guard and range the shape env records carry the model's own line as its
-    `maybe_user_loc` (without dynamo, PyTorch only knows the torch frame that asked)."""
-    from torch._guards import SLoc
-
-    def stack_summary(is_debug: bool = False, framework_loc=None):
-        frame = sys._getframe(1)
-        if framework_loc is None and _reads_concrete_size(frame):
-            framework_loc = CONCRETE_SIZE_READ
-        return SLoc(framework_loc, model_location(frame) or None), ""
-    shape_env._get_stack_summary = stack_summary
+def _guard_location(frame) -> tuple[str, str]:
+    """(the model's own line, the framework label) for a guard made with `frame` on the stack."""
+    return model_location(frame), CONCRETE_SIZE_READ if _reads_concrete_size(frame) else ""
 
 
 CONCRETE_SIZE_READ = "a C++ kernel read a size as an integer"
@@ -579,7 +563,7 @@ def _reads_concrete_size(frame) -> bool:
     """Whether the guard being made comes from a C++ kernel asking for sizes as plain integers
     (aten.size.default under fake tensors), which the Python decompositions avoid."""
     while frame is not None:
-        if frame.f_code.co_name == "<genexpr>" and _frame_module(frame) == "torch._subclasses.fake_tensor":
+        if frame.f_code.co_name == "<genexpr>" and _frame_module(frame) == _torch.FAKE_TENSOR_MODULE:
             return True
         frame = frame.f_back
     return False

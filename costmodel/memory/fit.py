@@ -195,7 +195,7 @@ def largest(report, hardware, dim: str, dims: dict[str, int], capacity_bytes: in
         raise probe.failures[a]
     if not fits:
         return _search_down(probe, dim, a)
-    lo, hi, stop = a, None, None
+    lo, hi = a, None
     for _ in range(_MAX_DOUBLINGS):
         nxt = lo * 2
         if ceiling is not None and nxt > ceiling[0]:

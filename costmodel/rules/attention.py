@@ -17,9 +17,10 @@ from __future__ import annotations
 
 import torch
 
+from costmodel import _torch
 from costmodel.errors import UsageError
 from costmodel.rules.cost import ATTENTION, OpCost
-from costmodel.rules import TensorSpec, nbytes_of, prod, register
+from costmodel.rules.registry import TensorSpec, nbytes_of, prod, register
 
 aten = torch.ops.aten
 
@@ -149,8 +150,7 @@ def choose_kernel(requested: str, device: str, q, k, v, mask, dropout_p: float, 
             if gqa and q.dim() == 4:
                 qs = torch.zeros([2, 4, 2, qs.shape[-1]], dtype=q.dtype)
             ms = None if mask is None else torch.zeros([2] * mask.dim(), dtype=mask.dtype)
-            choice = torch._fused_sdp_choice(qs, ks, vs, ms, float(dropout_p), bool(is_causal), scale=scale,
-                                             enable_gqa=bool(gqa))
+            choice = _torch.fused_sdp_choice(qs, ks, vs, ms, float(dropout_p), bool(is_causal), scale, bool(gqa))
         except (RuntimeError, TypeError, ValueError) as e:
             if notes is not None:
                 notes.append(f"PyTorch's CPU kernel choice could not be asked for attention of dtype {q.dtype} "

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from costmodel.rules.cost import CONV, OpCost
-from costmodel.rules import TensorSpec, nbytes_of, prod, register
+from costmodel.rules.registry import TensorSpec, nbytes_of, prod, register
 
 aten = torch.ops.aten
 

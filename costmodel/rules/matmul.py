@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 
 from costmodel.rules.cost import MATMUL, REDUCTION, OpCost
-from costmodel.rules import TensorSpec, nbytes_of, prod, register
+from costmodel.rules.registry import TensorSpec, nbytes_of, prod, register
 
 aten = torch.ops.aten
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 
 from costmodel.rules.cost import NORM, OpCost
-from costmodel.rules import TensorSpec, nbytes_of, register
+from costmodel.rules.registry import TensorSpec, nbytes_of, register
 
 aten = torch.ops.aten
 

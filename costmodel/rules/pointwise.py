@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 
 from costmodel.rules.cost import COPY, EMBEDDING, FACTORY, INDEX, LOSS, POINTWISE, POOL, REDUCTION, SOFTMAX, OpCost
-from costmodel.rules import TensorSpec, nbytes_of, prod, register, tensors_in, view_rule
+from costmodel.rules.registry import TensorSpec, nbytes_of, prod, register, tensors_in, view_rule
 
 aten = torch.ops.aten
 

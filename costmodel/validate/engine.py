@@ -262,20 +262,13 @@ def profiler_peak_bytes(fn, resident=()) -> int:
     allocation and free as the c10 allocator reports it), plus the storages of `resident` tensors,
     which were allocated before. A different path from memtrack's dispatch-level count: it sees
     raw allocations, kernel scratch buffers included, and knows nothing of tensors or views."""
-    from torch._C._profiler import _EventType
     from torch.profiler import ProfilerActivity, profile
 
+    from costmodel._torch import profiler_allocations
     gc.collect()
     with _quiet_native_stderr(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         fn()
-    events: list[tuple[int, int]] = []
-    stack = list(prof.profiler.kineto_results.experimental_event_tree())
-    while stack:
-        e = stack.pop()
-        if e.tag == _EventType.Allocation and e.extra_fields.device.type == "cpu":
-            events.append((e.start_time_ns, e.extra_fields.alloc_size))
-        stack.extend(e.children)
-    events.sort(key=lambda ev: ev[0])
+    events = profiler_allocations(prof)
     current = peak = 0
     for _, size in events:
         current += size

@@ -25,9 +25,9 @@ from typing import Callable, Iterable
 
 import torch
 import torch.nn as nn
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_leaves
 
+from costmodel import _torch
+from costmodel._torch import tree_leaves
 from costmodel.errors import UsageError
 from costmodel.validate.runner import Runner, make_inputs, make_optimizer  # noqa: F401 (make_* re-exported)
 from costmodel.capture.specs import InputSpec, parse_input
@@ -43,7 +43,7 @@ class MeterResult:
     largest: list[tuple[int, str, tuple[int, ...]]] = field(default_factory=list)
 
 
-class LiveStorageMeter(TorchDispatchMode):
+class LiveStorageMeter(_torch.dispatch_mode_class()):
     """Counts live tensor storage bytes on `device` ("cpu"); `.peak` is the high-water mark.
 
     A storage is counted from the first time a tensor on it is seen (an op's output, an op's input,
@@ -71,7 +71,7 @@ class LiveStorageMeter(TorchDispatchMode):
         if t.device.type != self.device or t.layout != torch.strided or t.is_nested:
             return
         st = t.untyped_storage()
-        key = st._cdata
+        key = _torch.storage_key(t)
         if key in self.live:
             return
         nbytes = st.nbytes()

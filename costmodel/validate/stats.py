@@ -191,7 +191,7 @@ def measure_complexity(fn: Callable[[Any], Any], sizes: Sequence[int], make_inpu
 def _holds_cuda(x) -> bool:
     try:
         import torch
-        from torch.utils._pytree import tree_leaves
+        from costmodel._torch import tree_leaves
     except ImportError:   # pragma: no cover - torch is a dependency
         return False
     return any(isinstance(t, torch.Tensor) and t.is_cuda for t in tree_leaves(x))
