@@ -141,7 +141,8 @@ class Report:
     """What `analyze()` returns: symbolic totals, views per op and module, coverage, evaluation."""
 
     def __init__(self, model: str, inputs: list[InputSpec], loaded: cap.LoadedModel, first: Analysis,
-                 options: Options, device_kind: str, hardware: list | None = None):
+                 options: Options, device_kind: str, hardware: list | None = None, capability: str = "",
+                 defaulted: dict[str, int] | None = None):
         self.model, self.inputs, self.options = model, inputs, options
         self.params, self.param_bytes = params_of(loaded.module)
         self._loaded = loaded
@@ -150,12 +151,12 @@ class Report:
         # The device kind whose kernels the costs and memory model ("cuda" or "cpu"): --device, else
         # the first --hw device's kind, else "cuda" (the contract's figure is torch.cuda.max_memory_allocated).
         self.device_kind = device_kind
-        self.capability = ""                 # the compute capability of that device, where known
+        self.capability = capability         # the compute capability of that device, where known
         self._memory: dict = {}
         self._limits: list[Limit] | None = None
         self._interpolation = False          # not computed yet (None: computed, nothing to interpolate)
         self.warnings: list[str] = []       # assumptions and fallbacks, in the order they were made
-        self.defaulted: dict[str, int] = {}  # dimensions given the model's default size (no --dim value)
+        self.defaulted = dict(defaulted or {})   # dimensions given the model's default size (no --dim value)
         self.dims = list(dict.fromkeys(d for s in inputs + list(options.targets) for d in s.dim_names))
 
     # the options, by name (read-only)
@@ -553,9 +554,7 @@ def analyze(model, inputs: list[str] | None = None, mode: str = "inference", dty
     capability = devices[0].compute_capability if devices and kind == memory.device_kind(devices[0]) else ""
     first = _first_analysis(loaded, specs, options, kind, hints, capability)
     name = model if isinstance(model, str) else loaded.name
-    report = Report(name, specs, loaded, first, options, kind, devices)
-    report.capability = capability
-    report.defaulted = defaulted
+    report = Report(name, specs, loaded, first, options, kind, devices, capability, defaulted)
     for note in first.notes:
         report.warn(note)
     for d, v in defaulted.items():

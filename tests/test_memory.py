@@ -228,3 +228,18 @@ def test_bad_choices():
         memory.build(c, attention="paged")
     with pytest.raises(UsageError, match="device"):
         memory.build(c, device="tpu")
+
+
+@pytest.mark.parametrize("device, dtype, kernel", [("cuda", "float32", "math"), ("cuda", "bfloat16", "flash"),
+                                                   ("cpu", "float32", "flash")])
+def test_costs_and_memory_use_one_kernel_choice(device, dtype, kernel):
+    # GQA in float32 on CUDA: the efficient kernel has no enable_gqa, so PyTorch runs math; costs and
+    # memory must both say so (they once disagreed: costs "efficient", memory "math")
+    r = costmodel.analyze(M.tiny_llama_gqa, inputs=["input_ids:int64[batch,seq]"], mode="train", dtype=dtype,
+                          device=device)
+    costs = r.primary.kernels
+    memory_kernels = r.memory_model().kernels
+    assert costs and set(costs.values()) == {kernel}
+    assert memory_kernels == {kernel: sum("backward" not in n for n in costs)}
+    assert {op.target for op in r.primary.ops if op.category == "attention"} == {
+        "costmodel.sdpa.default", "costmodel.sdpa_backward.default"}
