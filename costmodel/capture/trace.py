@@ -34,7 +34,8 @@ from costmodel import _torch
 from costmodel.capture import zoo
 from costmodel.errors import AnalysisError, CostModelError, UsageError
 from costmodel.capture.eager_paths import eager_decisions
-from costmodel.capture.loss import compute_loss, tensors_of as _tensors
+from costmodel.capture import generate as gen
+from costmodel.capture.loss import compute_loss, first_output, tensors_of as _tensors
 from costmodel.capture.moe import balanced_experts
 from costmodel.capture.sdpa import route_sdpa
 from costmodel.capture.specs import InputSpec, parse_input
@@ -89,6 +90,9 @@ class Captured:
     trainable: set[str] = field(default_factory=set)                # names of parameters that get grads
     hints: dict[str, int] = field(default_factory=dict)
     limits: list = field(default_factory=list)   # limits.Limit found in the graph (tables indexed by positions)
+    step: object = None                          # generate mode: capture.generate.Step (prefill or decode)
+    cache_layers: tuple = ()                     # generate mode: the cache after the step, gen.LayerShape per layer
+    cache_bytes: sympy.Expr | None = None        # generate mode: bytes of the cache's keys and values after the step
 
     def to_user(self, value) -> sympy.Expr:
         """A SymInt / int / sympy expression of the shape env -> sympy in the user's dimension names."""
@@ -181,7 +185,7 @@ def _import_factory(source: str):
 # --- capture ------------------------------------------------------------------------------------
 
 def capture(model: nn.Module, inputs: list[InputSpec], options=None, hints: dict[str, int] | None = None,
-            fixed: dict[str, int] | None = None) -> Captured:
+            fixed: dict[str, int] | None = None, step=None) -> Captured:
     """Trace `model` on fake inputs whose named dimensions are symbols (or, for `fixed`, integers),
     as `options` (costmodel.options.Options) say: inference, or a training step (forward, loss
     against `options.targets`, backward); with `options.amp`, the forward and loss under autocast
@@ -191,14 +195,17 @@ def capture(model: nn.Module, inputs: list[InputSpec], options=None, hints: dict
     common ones (RNNs, upsampling, padding) are routed to their Python decompositions (see
     capture.sdpa.route_sdpa). If a dimension is still pinned by such a read, the model is traced
     again with PyTorch's Python dispatcher on for every op, and that trace is kept if it pins fewer
-    dimensions."""
+    dimensions.
+
+    Generate mode (`step`, a capture.generate.Step): the prefill, or the decode step on a cache of
+    `ctx` tokens (see capture/generate.py)."""
     from costmodel.options import Options
     options = options or Options()
-    first = _capture(model, inputs, options, hints, fixed, python_dispatcher=False)
+    first = _capture(model, inputs, options, hints, fixed, python_dispatcher=False, step=step)
     if not _pinned_by_size_reads(first):
         return first
     try:
-        second = _capture(model, inputs, options, hints, fixed, python_dispatcher=True)
+        second = _capture(model, inputs, options, hints, fixed, python_dispatcher=True, step=step)
     except CostModelError:
         return first
     return second if len(pinned_dims(second)) < len(pinned_dims(first)) else first
@@ -219,11 +226,13 @@ def pinned_dims(c: "Captured") -> set[str]:
             if (rep := c.shape_env.replacements.get(sym)) is not None and rep.is_number}
 
 
-def _capture(model: nn.Module, inputs: list[InputSpec], options, hints, fixed, python_dispatcher: bool) -> Captured:
+def _capture(model: nn.Module, inputs: list[InputSpec], options, hints, fixed, python_dispatcher: bool,
+             step=None) -> Captured:
     mode, amp = options.mode, options.amp
     targets = list(options.targets) if mode == "train" else []
     hints, fixed = dict(hints or {}), dict(fixed or {})
-    dims = list(dict.fromkeys(d for spec in inputs + targets for d in spec.dim_names))
+    dims = list(dict.fromkeys([d for spec in inputs + targets for d in spec.dim_names]
+                              + (step.extra_dims if step is not None else [])))
     shape_env = _torch.new_shape_env()
     _torch.on_guard_location(shape_env, _guard_location)
     fake_mode = _torch.fake_mode(shape_env)
@@ -246,7 +255,16 @@ def _capture(model: nn.Module, inputs: list[InputSpec], options, hints, fixed, p
         buffers = [fake_mode.from_tensor(b, static_shapes=True) for _, b in buffer_items]
         values = [torch.empty([sizes[d] if isinstance(d, str) else d for d in spec.dims], dtype=spec.dtype,
                               device="meta") for spec in inputs + targets]
+        decode_cache, extra_roles = None, []
+        if step is not None and step.kind == "decode":
+            decode_cache = gen.DecodeCache(model, step, sizes.get("batch"), sizes[gen.CTX], sizes)
+            values += decode_cache.placeholders()
+            extra_roles = [(gen.CACHE_ROLE, n) for n in decode_cache.names()]
+            if isinstance(sizes[gen.CTX], torch.SymInt):
+                values.append(sizes[gen.CTX])
+                extra_roles.append((gen.SIZE_ROLE, gen.CTX))
     call = call_plan(model, inputs)
+    filled: dict = {}
 
     def describe(shape) -> str:
         """A traced shape in the user's dimension names, for errors."""
@@ -276,7 +294,22 @@ def _capture(model: nn.Module, inputs: list[InputSpec], options, hints, fixed, p
             grads = torch.autograd.grad(loss_value, wrt, allow_unused=True)
         return [loss_value] + [g for g in grads if g is not None]
 
-    fn = train_step if mode == "train" else inference
+    def generation_step(params, buffers, values):
+        """The prefill (an empty cache) or the decode step (a cache of ctx tokens), as generate calls it."""
+        n = len(inputs)
+        if decode_cache is None:
+            cache = gen.new_cache(model, step.kv_dtype)
+        else:
+            k = len(decode_cache.stored) * 2
+            cache = decode_cache.install(values[n:n + k], values[n + k] if len(values) > n + k else sizes[gen.CTX])
+        args, kwargs = call(values[:n])
+        kwargs = kwargs | gen.call_kwargs(model, cache)
+        with torch.no_grad(), traced_state(params, buffers):
+            out = model(*args, **kwargs)
+        filled["cache"] = gen.returned_cache(out, cache)
+        return [first_output(out)] + gen.cache_tensors(filled["cache"])
+
+    fn = generation_step if step is not None else train_step if mode == "train" else inference
     if amp:
         from costmodel.capture.amp import emulate_autocast
         fn = emulate_autocast(fn, amp)
@@ -307,14 +340,19 @@ def _capture(model: nn.Module, inputs: list[InputSpec], options, hints, fixed, p
     roles = {}
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     names = ([("param", n) for n, _ in param_items] + [("buffer", n) for n, _ in buffer_items]
-             + [("input", s.name) for s in inputs + targets])
+             + [("input", s.name) for s in inputs + targets] + extra_roles)
     for node, role in zip(placeholders, names):
         roles[node.name] = role
     _attribute_modules(gm.graph)
     used_hints = {d: int(sizes[d]) if not isinstance(sizes[d], torch.SymInt) else sizes[d].node.hint
                   for d in dims if d not in fixed}
     captured = Captured(gm, mode, [d for d in dims if d not in fixed], fixed, [], symbol_map, shape_env, roles,
-                        {param_items[i][0] for i in trainable}, used_hints)
+                        {param_items[i][0] for i in trainable}, used_hints, step=step)
+    if step is not None:
+        from costmodel.formulas import plain
+        captured.cache_layers = gen.layer_shapes(filled["cache"], lambda s: sympy.expand(plain(captured.to_user(s))))
+        captured.cache_bytes = sympy.expand(plain(captured.to_user(
+            gen.tensor_bytes(gen.cache_tensors(filled["cache"])))))
     captured.guards = _guards(captured)
     from costmodel.capture.limits import index_limits
     captured.limits = index_limits(captured)

@@ -30,6 +30,7 @@ import torch
 import torch.fx as fx
 
 from costmodel._torch import tree_leaves
+from costmodel.capture.generate import CACHE_ROLE
 from costmodel.errors import UsageError
 from costmodel.formulas import plain
 from costmodel.memory.attention import SDPA, SDPA_BACKWARD, AttentionSteps
@@ -82,6 +83,7 @@ class _Builder(AttentionSteps, OptimizerSteps, FrameLifetimes):
         self._weight_casts: list[int] = []           # buffers of autocast's cached weight copies
         self.fused_out: set = set()                  # storages of fused attention outputs
         self.warnings: list[str] = []                # fallbacks taken, said in the report
+        self.cache_inputs: set[int] = set()          # buffers of a decode step's cache placeholders
 
     # sizes and buffers
 
@@ -120,19 +122,25 @@ class _Builder(AttentionSteps, OptimizerSteps, FrameLifetimes):
         graph = self.c.graph.graph
         nodes = list(graph.nodes)
         start = self.add_step("(start)", "", "", "start")
+        resident = []
         for node in nodes:
             if node.op != "placeholder":
                 continue
             role, name = self.c.roles.get(node.name, ("input", node.name))
-            cat = ACTIVATIONS if role == "input" else PARAMS
+            cat = ACTIVATIONS if role in ("input", CACHE_ROLE) else PARAMS
             keys = []
             for key, t in storage_keys(node.meta.get("val")):
                 if key not in self.by_key:
-                    self.new_buffer(key, self.size_of(t), cat, start, name, t)
+                    i = self.new_buffer(key, self.size_of(t), cat, start, name, t)
+                    if role == CACHE_ROLE:
+                        self.cache_inputs.add(i)
+                    else:
+                        # a decode step's cache: each layer replaces its keys and values with the
+                        # concatenation, which frees the old ones at that op (eager drops the last reference)
+                        resident.append(i)
                 keys.append(key)
             self.node_keys[node.name] = keys
         backward_of = self._pair_attention(nodes)
-        resident = [i for i in range(len(self.buffers))]
         pending_bwd: dict[str, tuple] = {}
         output_node = None
         step_of: dict[str, int] = {}                 # graph node -> the last step made for it
