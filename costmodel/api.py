@@ -142,8 +142,9 @@ class Report:
 
     def __init__(self, model: str, inputs: list[InputSpec], loaded: cap.LoadedModel, first: Analysis,
                  options: Options, device_kind: str, hardware: list | None = None, capability: str = "",
-                 defaulted: dict[str, int] | None = None):
+                 defaulted: dict[str, int] | None = None, step=None):
         self.model, self.inputs, self.options = model, inputs, options
+        self.step = step         # generate mode: the forward each capture traces (capture.generate.Step)
         self.params, self.param_bytes = params_of(loaded.module)
         self._loaded = loaded
         self.analyses = [first]
@@ -157,7 +158,8 @@ class Report:
         self._interpolation = False          # not computed yet (None: computed, nothing to interpolate)
         self.warnings: list[str] = []       # assumptions and fallbacks, in the order they were made
         self.defaulted = dict(defaulted or {})   # dimensions given the model's default size (no --dim value)
-        self.dims = list(dict.fromkeys(d for s in inputs + list(options.targets) for d in s.dim_names))
+        self.dims = list(dict.fromkeys([d for s in inputs + list(options.targets) for d in s.dim_names]
+                                       + (step.extra_dims if step is not None else [])))
 
     # the options, by name (read-only)
     mode = property(lambda self: self.options.mode)
@@ -230,7 +232,7 @@ class Report:
         """A capture with `values` fixed and the other dimensions symbolic."""
         analysis = _analyze_once(self._loaded, self.inputs, self.options, self.device_kind, capability=self.capability,
                                  hints={d: v for d, v in self.primary.captured.hints.items() if d not in values},
-                                 fixed=dict(values))
+                                 fixed=dict(values), step=self.step)
         self.analyses.append(analysis)
         return analysis
 
@@ -455,8 +457,7 @@ class Report:
                       "capturing that point separately")
         try:
             analysis = _analyze_once(self._loaded, self.inputs, self.options, self.device_kind, capability=self.capability,
-                                     hints=point,
-                                     fixed=_pins(self.primary, point))
+                                     hints=point, fixed=_pins(self.primary, point), step=self.step)
         except AnalysisError as e:
             where = ", ".join(f"{d}={v}" for d, v in point.items())
             assumed = f"; the symbolic capture assumed {why}" if failed else ""
@@ -481,10 +482,10 @@ def _truncate(module: str, depth: int | None) -> str:
 
 def _analyze_once(loaded: cap.LoadedModel, inputs: list[InputSpec], options: Options, device_kind: str,
                   hints: dict[str, int] | None = None, fixed: dict[str, int] | None = None,
-                  capability: str = "") -> Analysis:
+                  capability: str = "", step=None) -> Analysis:
     """One capture, its attention kernels on `device_kind` (of compute `capability`), the costs of
-    every op (and the optimizer)."""
-    captured = cap.capture(loaded.module, inputs, options, hints=hints, fixed=fixed)
+    every op (and the optimizer). `step`: generate mode's prefill or decode (capture.generate.Step)."""
+    captured = cap.capture(loaded.module, inputs, options, hints=hints, fixed=fixed, step=step)
     kernels, notes = attention_kernels(captured.graph.graph, options.attention, device_kind, capability)
     analysis = cost_graph(captured, kernels)
     analysis.notes = notes
@@ -498,7 +499,8 @@ def analyze(model, inputs: list[str] | None = None, mode: str = "inference", dty
             optimizer: str = "adamw", attention: str = "auto", loss: str = "sum",
             dims: dict[str, list[int] | int] | None = None, hardware=None, tf32: bool = False,
             complete: bool = False, amp: bool | str = False, device: str | None = None,
-            trust_remote_code: bool = False, moe_imbalance: float = 1, targets: list[str] | None = None) -> Report:
+            trust_remote_code: bool = False, moe_imbalance: float = 1, targets: list[str] | None = None,
+            kv_dtype: str | None = None) -> Report:
     """Capture `model` (zoo name, "hf:ORG/NAME", a config.json or its directory, "file.py:FUNC",
     "pkg.mod:FUNC", a factory or an nn.Module) with symbolic dimensions and cost every op. `inputs`
     are specs such as "input_ids:int64[batch,seq]" (zoo models and Hugging Face configs bring
@@ -515,14 +517,22 @@ def analyze(model, inputs: list[str] | None = None, mode: str = "inference", dty
     dropout masks); default the first `hardware` device's kind, else "cuda". `moe_imbalance`:
     mixture-of-experts layers route tokens evenly (1) or with the busiest expert taking this many
     times the mean (see capture.moe). `trust_remote_code=True` lets a Hugging Face config's auto_map
-    code run (the repository's own model classes); off by default."""
+    code run (the repository's own model classes); off by default.
+    `mode="generate"`: a prefill over `input_ids[batch, prompt]`, then `gen` decode steps on a KV cache
+    (stored in `kv_dtype`, default `dtype`); see costmodel.generation. The Report is a GenerateReport."""
     options = Options.make(mode=mode, dtype=dtype, optimizer=optimizer, attention=attention, loss=loss, amp=amp,
                            device=device, moe_imbalance=moe_imbalance, targets=targets or (),
-                           trust_remote_code=trust_remote_code, tf32=tf32)
+                           trust_remote_code=trust_remote_code, tf32=tf32, kv_dtype=kv_dtype)
     devices = _hardware_list(hardware)
     kind = options.device or (memory.device_kind(devices[0]) if devices else "cuda")
     loaded = cap.load_model(model, options.dtype, trust_remote_code=options.trust_remote_code)
     specs = [parse_input(s) if isinstance(s, str) else s for s in (inputs or [])] or loaded.inputs
+    default_dims = dict(loaded.default_dims)
+    if options.mode == "generate":
+        from costmodel import generation
+        given = [parse_input(s) if isinstance(s, str) else s for s in (inputs or [])]
+        specs = generation.generation_inputs(given, loaded.inputs)
+        default_dims = generation.default_dims(loaded.default_dims)
     if not specs and loaded.no_inputs:
         raise UsageError(f"model {loaded.name} has no default inputs: {loaded.no_inputs}")
     if not specs:
@@ -536,7 +546,7 @@ def analyze(model, inputs: list[str] | None = None, mode: str = "inference", dty
     specs = [_cast_input(s, options.dtype) for s in specs]
     every = specs + list(options.targets)
     dims = {d: (v if isinstance(v, list) else [v]) for d, v in (dims or {}).items()}
-    used = list(dict.fromkeys(d for s in every for d in s.dim_names))
+    used = list(dict.fromkeys([d for s in every for d in s.dim_names] + (["gen"] if options.mode == "generate" else [])))
     for d in dims:
         if d not in used:
             raise _not_a_dimension(d, every)
@@ -544,7 +554,7 @@ def analyze(model, inputs: list[str] | None = None, mode: str = "inference", dty
     missing = [d for d in used if d not in valued]
     defaulted = {}
     if complete and valued and missing:
-        defaulted = {d: loaded.default_dims[d] for d in missing if d in loaded.default_dims}
+        defaulted = {d: default_dims[d] for d in missing if d in default_dims}
         still = [d for d in missing if d not in defaulted]
         if still:
             raise _no_value(still[0], every, ", or give no values at all for formulas only")
@@ -552,8 +562,14 @@ def analyze(model, inputs: list[str] | None = None, mode: str = "inference", dty
     hints = {d: next((v for v in vs if v >= 2), None) for d, vs in dims.items()}
     hints = {d: v for d, v in hints.items() if v is not None}
     capability = devices[0].compute_capability if devices and kind == memory.device_kind(devices[0]) else ""
-    first = _first_analysis(loaded, specs, options, kind, hints, capability)
     name = model if isinstance(model, str) else loaded.name
+    if options.mode == "generate":
+        report = generation.analyze_generation(loaded, name, specs, options, kind, devices, capability, hints,
+                                               defaulted)
+        for d, v in defaulted.items():
+            report.warn(f"no value given for {d}: using {name}'s default {d}={v}")
+        return report
+    first = _first_analysis(loaded, specs, options, kind, hints, capability)
     report = Report(name, specs, loaded, first, options, kind, devices, capability, defaulted)
     for note in first.notes:
         report.warn(note)
@@ -578,20 +594,21 @@ _LARGER_HINTS = (16, 256)     # retries of a failed capture at larger sizes of t
 
 
 def _first_analysis(loaded: cap.LoadedModel, specs: list[InputSpec], options: Options, kind: str,
-                    hints: dict[str, int], capability: str = "") -> Analysis:
+                    hints: dict[str, int], capability: str = "", step=None) -> Analysis:
     """The symbolic capture. Dimensions the user gave no value for are traced at default sizes; a
     model that cannot run that small (a conv stack longer than 72 samples) is tried again at larger
     ones. A failure says which sizes it was captured at and what the config declares for them."""
-    dims = list(dict.fromkeys(d for s in specs + list(options.targets) for d in s.dim_names))
+    dims = list(dict.fromkeys([d for s in specs + list(options.targets) for d in s.dim_names]
+                              + (step.extra_dims if step is not None else [])))
     free = [d for d in dims if d not in hints and "batch" not in d.lower()]
     try:
-        return _analyze_once(loaded, specs, options, kind, hints=hints, capability=capability)
+        return _analyze_once(loaded, specs, options, kind, hints=hints, capability=capability, step=step)
     except AnalysisError as first_error:
         error = first_error
     for factor in _LARGER_HINTS if free else ():
         larger = {**hints, **{d: cap.default_hint(d, dims.index(d)) * factor for d in free}}
         try:
-            return _analyze_once(loaded, specs, options, kind, hints=larger, capability=capability)
+            return _analyze_once(loaded, specs, options, kind, hints=larger, capability=capability, step=step)
         except AnalysisError:
             continue
     used = {d: hints.get(d, cap.default_hint(d, i)) for i, d in enumerate(dims)}
