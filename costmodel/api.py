@@ -412,6 +412,11 @@ class Report:
                 raise UsageError(f"dimension {d}={v!r} must be a positive integer")
         return dict(dims)
 
+    @property
+    def default_sizes(self) -> dict[str, int]:
+        """Sizes of the dimensions a user gives no value (the model's defaults: zoo and configs)."""
+        return dict(self._loaded.default_dims)
+
     # --- limits, recaptures and warnings ---------------------------------------------------------
 
     @property

@@ -16,7 +16,7 @@ import warnings
 from costmodel.capture.loss import LOSSES
 from costmodel.capture.specs import MODEL_DTYPES, parse_dims, parse_size
 from costmodel.errors import CostModelError, UsageError
-from costmodel.options import DEVICE_KINDS, MODES
+from costmodel.options import DEVICE_KINDS, KV_DTYPES, MODES
 from costmodel.rules.attention import ATTENTION_CHOICES
 from costmodel.rules.optimizer import OPTIMIZERS
 
@@ -30,6 +30,8 @@ EXAMPLES = """examples:
   costmodel analyze hf:meta-llama/Meta-Llama-3-8B --dim batch=1 --dim seq=8192 --hw h100-sxm
   costmodel analyze my_models.py:classifier --mode train --loss cross-entropy --target "labels:int64[batch]" --dim batch=32
   costmodel fit llama-2-7b --hw a100-80gb --max seq --dim batch=1
+  costmodel analyze llama-2-7b --mode generate --dtype bfloat16 --dim batch=1,64 --dim prompt=4096 --dim gen=128 --hw a100-80gb
+  costmodel fit llama-2-7b --mode generate --dtype bfloat16 --hw a100-80gb --max batch --dim prompt=4096 --dim gen=128
   costmodel validate gpt2 --device cpu --dim batch=1 --dim seq=128,256,512
   costmodel hardware show h100-sxm
 """
@@ -58,7 +60,9 @@ def _model_args(p: argparse.ArgumentParser) -> None:
                         "--loss cross-entropy (language models default to their next token)")
     p.add_argument("--dim", action="append", default=[], metavar="NAME=V[,V...]",
                    help="value(s) of a named dimension; a comma list is a sweep")
-    p.add_argument("--mode", default="inference", choices=MODES, help="default: inference")
+    p.add_argument("--mode", default="inference", choices=MODES,
+                   help="default: inference; generate: a prefill of `prompt` tokens, then `gen` decode steps with a "
+                        "KV cache (dimensions batch, prompt, gen)")
     p.add_argument("--dtype", default="float32", choices=MODEL_DTYPES, help="default: float32")
     p.add_argument("--optimizer", default="adamw", choices=OPTIMIZERS, help="train mode; default: adamw")
     p.add_argument("--amp", action="store_true",
@@ -69,6 +73,8 @@ def _model_args(p: argparse.ArgumentParser) -> None:
                    help="train mode: sum of the first output (default), or cross-entropy against --target")
     p.add_argument("--moe-imbalance", type=float, default=1.0, metavar="F",
                    help="mixture-of-experts: the busiest expert's load over the mean (default: 1, balanced)")
+    p.add_argument("--kv-dtype", default=None, choices=KV_DTYPES,
+                   help="--mode generate: the KV cache's dtype (default: --dtype)")
     p.add_argument("--format", default="table", choices=FORMATS, help="default: table")
     p.add_argument("--trust-remote-code", action="store_true",
                    help="let a Hugging Face config's auto_map run the repository's Python code (off by default)")
@@ -216,7 +222,7 @@ def _analyze(args, dims: dict[str, list[int]], hardware=None, complete: bool = T
                        optimizer=args.optimizer, attention=args.attention, loss=args.loss, dims=dims,
                        hardware=hardware, tf32=getattr(args, "tf32", False), complete=complete, amp=args.amp,
                        device=getattr(args, "device", None), trust_remote_code=args.trust_remote_code,
-                       moe_imbalance=args.moe_imbalance, targets=args.target or None)
+                       moe_imbalance=args.moe_imbalance, targets=args.target or None, kv_dtype=args.kv_dtype)
 
 
 def cmd_analyze(args) -> str:
@@ -237,7 +243,10 @@ def cmd_analyze(args) -> str:
         if not points or not rep.hardware:
             raise UsageError("--plot draws a roofline of a concrete point on a device: give --dim values and --hw")
         from costmodel.render.roofline_plot import point_roofline_plot
-        point_roofline_plot(rep, points[-1], args.plot)
+        if rep.mode == "generate":       # the decode step at the last context: what a token costs
+            point_roofline_plot(rep.decode, points[-1].decode_point(), args.plot)
+        else:
+            point_roofline_plot(rep, points[-1], args.plot)
     comparison = points[-1].compare(rep.hardware) if points and len(rep.hardware) > 1 else None
     if args.format == "json":
         out = json.loads(json_render.to_json(rep, points, args.depth))
@@ -250,7 +259,8 @@ def cmd_analyze(args) -> str:
     if comparison:
         out += text.comparison_text(comparison)
     if args.plot:
-        out += f"\nroofline chart written to {args.plot}\n"
+        what = "of the last decode step " if rep.mode == "generate" else ""
+        out += f"\nroofline chart {what}written to {args.plot}\n"
     return out
 
 
@@ -269,7 +279,7 @@ def cmd_fit(args) -> str:
         fixed[d] = v[0]
     hw = load_hardware(args.hw)
     rep = _analyze(args, {d: [v] for d, v in fixed.items()}, hardware=hw, complete=False)
-    fixed = {**{d: v for d, v in getattr(rep._loaded, "default_dims", {}).items()
+    fixed = {**{d: v for d, v in rep.default_sizes.items()
                 if d in rep.dims and d != args.max and d not in fixed}, **fixed}
     capacity = parse_size(args.capacity, "--capacity") if args.capacity else None
     with _Progress(f"searching the largest {args.max} that fits"):
@@ -294,7 +304,7 @@ def cmd_validate(args) -> str:
     result = validate(args.model, inputs=args.input or None, dims=dims, device=args.device, mode=args.mode,
                       dtype=args.dtype, optimizer=args.optimizer, attention=args.attention, loss=args.loss,
                       amp=args.amp, hardware=args.hw, repeats=args.repeats, progress=args.format != "json",
-                      trust_remote_code=args.trust_remote_code, targets=args.target or None)
+                      trust_remote_code=args.trust_remote_code, targets=args.target or None, kv_dtype=args.kv_dtype)
     if args.plot:
         from costmodel.render.validation_plot import validation_plot
         validation_plot(result, args.plot)

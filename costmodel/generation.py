@@ -418,6 +418,10 @@ class GenerateReport(Report):
         self._symbolic = None
 
     @property
+    def default_sizes(self) -> dict[str, int]:
+        return default_dims(self._loaded.default_dims)
+
+    @property
     def interpolation(self):
         return None          # pinned dimensions are captured point by point in generate mode
 
@@ -568,7 +572,7 @@ class GeneratePoint(Point):
         super().__init__(dims, totals, prefill.analysis, None, report)
         self.prefill, self.decode_totals = prefill, decode
         self.first_ctx, self.last_ctx = dims[PROMPT], dims[PROMPT] + dims[GEN] - 1
-        self._decode_timing = None
+        self.decode_memory_bound_share: float | None = None     # of the decode steps' time, once timed
 
     @property
     def pieces(self) -> list[tuple[int, int, Analysis]]:
@@ -613,7 +617,15 @@ class GeneratePoint(Point):
         self.extra["time"] = {"device": hw.name, "tf32": tf32, "memory_bound_share": s.memory_bound_share,
                               "mfu": s.mfu, "overhead_time_s": s.overhead_time_s}
         self.extra["generate"] = self.generate_dict(t)
+        d = t["decode"]
+        self.decode_memory_bound_share = d.memory_bound_s / d.time_s if d.time_s else None
         return t
+
+    def kv_bytes_per_token(self) -> int:
+        """What one more token adds to the cache per sequence (0 once a sliding window is full)."""
+        b = self.dims[BATCH]
+        steps = self.report.steps
+        return (steps.cache_bytes(b, self.last_ctx + 1) - steps.cache_bytes(b, self.last_ctx)) // b
 
     def generate_dict(self, timing: dict | None = None) -> dict:
         """The contract's `generate` object (times null without hardware)."""

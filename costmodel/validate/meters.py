@@ -12,8 +12,8 @@ per-thread blocks): those never reach the dispatcher's Python key.
     >>> measure_peak(lambda: (x + 1) * 2, resident=[x])          # x, x + 1 and the product: 3 * 4096
     12288
 
-`measure_inference` and `measure_train_step` measure the contract's two scenarios on a real module,
-as validate/runner.py runs them (the validator runs the same steps).
+`measure_inference`, `measure_train_step` and `measure_generation` measure the contract's scenarios
+on a real module, as validate/runner.py runs them (the validator runs the same steps).
 """
 
 from __future__ import annotations
@@ -149,3 +149,14 @@ def measure_train_step(model: nn.Module, inputs: list[str | InputSpec], dims: di
     step = runner.step(values)
     step()   # warm-up: allocates the optimizer state
     return measure(step, resident=runner.resident(values), device=device)
+
+
+def measure_generation(model: nn.Module, inputs: list[str | InputSpec], dims: dict[str, int], *,
+                       device: str = "cpu", kv_dtype: torch.dtype | None = None) -> MeterResult:
+    """A greedy generation of dims["gen"] new tokens after a prompt of dims["prompt"] (the input's
+    [batch, prompt]), in eval mode under no_grad: the peak over the prefill and every decode step;
+    weights, buffers and the prompt counted as resident."""
+    runner = Runner(model.eval(), [parse_input(s) if isinstance(s, str) else s for s in inputs], mode="generate",
+                    device=device, kv_dtype=kv_dtype)
+    values = runner.values(dims)
+    return measure(runner.step(values, dims["gen"]), resident=runner.resident(values), device=device)
