@@ -48,7 +48,7 @@ from costmodel.symbols import dim_symbol
 BATCH, PROMPT, GEN, CTX = "batch", "prompt", "gen", gen.CTX
 DEFAULT_GEN = 128            # new tokens when no value is given
 MAX_PIECES = 16              # decode captures over the context axis before giving up
-_N = sympy.Symbol("n", integer=True, nonnegative=True)     # F(n) = sum_{ctx < n} f(ctx)
+_N = dim_symbol("n")         # F(n) = sum_{ctx < n} f(ctx); made as Evaluator makes its symbols
 _LOWEST_CTX = 2              # symbolic sizes start at 2 (PyTorch specialises 0 and 1)
 
 

@@ -143,12 +143,22 @@ def call_kwargs(model: nn.Module, cache) -> dict:
     return kwargs
 
 
-def returned_cache(output, cache):
-    """The cache a cached forward filled (the one passed in, as the output names it)."""
+def returned_cache(model: nn.Module, output, cache):
+    """The cache a cached forward filled (the one passed in, as the output names it). An output with
+    a cache field left None declined to cache (BertModel with is_decoder=False still writes the cache
+    it is given, but attends both ways and returns none): an AnalysisError."""
+    fields = getattr(output, "__dataclass_fields__", {})
     for name in ("cache", "past_key_values"):
         value = getattr(output, name, None)
         if value is not None:
             return value
+    declared = [n for n in ("cache", "past_key_values") if n in fields]
+    if declared:
+        decoder = getattr(getattr(model, "config", None), "is_decoder", None)
+        why = " (its config has is_decoder=False)" if decoder is False else ""
+        raise AnalysisError(f"--mode generate: the prefill filled no key/value cache: {type(model).__name__} returned "
+                            f"{declared[0]}=None for use_cache=True{why}; generate mode needs a decoder that caches "
+                            "its keys and values")
     return cache
 
 

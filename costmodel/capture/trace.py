@@ -306,7 +306,7 @@ def _capture(model: nn.Module, inputs: list[InputSpec], options, hints, fixed, p
         kwargs = kwargs | gen.call_kwargs(model, cache)
         with torch.no_grad(), traced_state(params, buffers):
             out = model(*args, **kwargs)
-        filled["cache"] = gen.returned_cache(out, cache)
+        filled["cache"] = gen.returned_cache(model, out, cache)
         return [first_output(out)] + gen.cache_tensors(filled["cache"])
 
     fn = generation_step if step is not None else train_step if mode == "train" else inference
