@@ -59,11 +59,21 @@ def cpu_runs(quick: bool) -> list[dict]:
         dims = {"batch": [1, 2], "prompt": [32], "gen": [16]}
         return [{"name": "tiny-gpt2", "model": tiny_gpt2, "dims": dims},
                 {"name": "tiny-llama-gqa", "model": tiny_llama_gqa, "dims": dims}]
-    return [{"name": "gpt2", "model": zoo_decoder("gpt2"), "dims": {"batch": [1, 4], "prompt": [128, 512], "gen": [32]}},
-            {"name": "llama-2-7b[2 layers]", "model": zoo_decoder("llama-2-7b", 2),
-             "dims": {"batch": [1], "prompt": [64, 256], "gen": [16]}},
-            {"name": "mistral-7b[2 layers]", "model": zoo_decoder("mistral-7b", 2),
-             "dims": {"batch": [1], "prompt": [64, 256], "gen": [16]}}]
+    seven_b = {"batch": [1, 2], "prompt": [32, 128], "gen": [8]}
+    return [{"name": "gpt2", "model": zoo_decoder("gpt2"), "dims": {"batch": [1, 4], "prompt": [128, 512], "gen": [16]}},
+            {"name": "llama-2-7b[2 layers]", "model": zoo_decoder("llama-2-7b", 2), "dims": seven_b},
+            {"name": "mistral-7b[2 layers]", "model": zoo_decoder("mistral-7b", 2), "dims": seven_b}]
+
+
+def wait_for_quiet(max_load: float, wait_s: float) -> float:
+    """Wait until the 1-minute load average is below max_load (at most wait_s); the load then. Other
+    work on the machine inflates measured times, so the table records the load around each run."""
+    deadline = time.time() + wait_s
+    while True:
+        load = os.getloadavg()[0]
+        if load < max_load or time.time() >= deadline:
+            return load
+        time.sleep(10)
 
 
 def pct(predicted, measured) -> float | None:
@@ -83,17 +93,21 @@ def cpu_table(args, out: Path) -> list[str]:
     from costmodel.render.validation_plot import validation_plot
     from costmodel.validate.engine import validate
 
+    wait_for_quiet(args.max_load, args.wait_s)
     hw = args.hw or calibrate("cpu", out / "calibrated-cpu.toml")
     rows = ["| model | batch | prompt | gen | peak measured | predicted | error | TTFT measured | predicted | error "
-            "| per-token measured | predicted | error | token-time slope measured / predicted (ns per ctx token) |",
-            "|---" * 14 + "|"]
+            "| per-token measured | predicted | error | token-time slope measured / predicted (ns per ctx token) "
+            "| load before / after |",
+            "|---" * 15 + "|"]
     for run in cpu_runs(args.quick):
         if args.only and run["name"] not in args.only:
             continue
+        before = wait_for_quiet(args.max_load, args.wait_s)
         t = time.perf_counter()
         r = validate(run["model"], TOKENS, dims=run["dims"], mode="generate", hardware=hw, repeats=args.repeats,
                      progress=True)
-        print(f"{run['name']}: {time.perf_counter() - t:.0f} s", file=sys.stderr)
+        load = f"{before:.1f} / {os.getloadavg()[0]:.1f}"
+        print(f"{run['name']}: {time.perf_counter() - t:.0f} s, load {load}", file=sys.stderr)
         safe = run["name"].replace("[", "-").replace(" ", "-").replace("]", "")
         (out / f"{safe}.json").write_text(r.to_json())
         validation_plot(r, out / f"{safe}.png", title=f"{run['name']} generate on {r.device_name}")
@@ -111,7 +125,7 @@ def cpu_table(args, out: Path) -> list[str]:
                 f"| {1e3 * m['time_to_first_token_s']:.1f} ms | {1e3 * q['time_to_first_token_s']:.1f} ms "
                 f"| {fmt_pct(pct(q['time_to_first_token_s'], m['time_to_first_token_s']), TIME_TARGET_PCT)} "
                 f"| {1e3 * m['token_time_s']:.2f} ms | {1e3 * q['token_time_s']:.2f} ms "
-                f"| {fmt_pct(pct(q['token_time_s'], m['token_time_s']), TIME_TARGET_PCT)} | {slope} |")
+                f"| {fmt_pct(pct(q['token_time_s'], m['token_time_s']), TIME_TARGET_PCT)} | {slope} | {load} |")
     return rows
 
 
@@ -144,8 +158,8 @@ def gpu_table(device: str) -> list[str]:
             f"| {g['tokens_per_s']:.0f} |")
     weights = report.param_bytes
     rows += ["",
-             f"largest batch at a {context}-token context (prompt {context - gen} + gen {gen}): {fit['value']} "
-             f"({fit.get('reason', fit.get('why', ''))})",
+             f"largest batch at a {context}-token context (prompt {context - gen} + gen {gen}): {fit['max']['batch']} "
+             f"(peak {fit['peak_memory_bytes'] / 2**30:.2f} GiB, in the {fit['at']['phase']}; {fit['limit']['reason']})",
              f"batch-1 decode ceiling, bandwidth / weight bytes: {hw.bandwidth_bytes_per_s:.3g} B/s / "
              f"{weights / 1e9:.2f} GB = {hw.bandwidth_bytes_per_s / weights:.0f} tokens/s"]
     return rows
@@ -154,7 +168,9 @@ def gpu_table(device: str) -> list[str]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="generation_out")
-    parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default: 1)")
+    parser.add_argument("--max-load", type=float, default=1.5, help="wait for a 1-minute load below this")
+    parser.add_argument("--wait-s", type=float, default=300.0, help="wait at most this long before each run")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--quick", action="store_true", help="the test suite's tiny decoders")
     parser.add_argument("--only", action="append", default=[], help="run only these CPU models (repeatable)")
@@ -164,8 +180,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     warnings.filterwarnings("ignore")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    torch.set_num_threads(args.threads)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     text = []

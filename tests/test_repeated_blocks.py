@@ -17,6 +17,7 @@ import torch
 import torch.nn as nn
 
 import costmodel
+from costmodel.symbols import symbols_for
 from costmodel.capture.zoo import hf_factory as _hf
 
 TEXT = ["input_ids:int64[batch,seq]"]
@@ -93,6 +94,39 @@ class InPlace(nn.Module):
     def forward(self, x):
         x.add_(1.0)
         return self.lin(x)
+
+
+class Log:
+    """An object handed to every block beside its tensors, as transformers hands each layer the KV
+    cache: the blocks append to it (the cache's update) or read a tensor it holds (the cached keys)."""
+
+    def __init__(self, scale=None):
+        self.outputs, self.scale = [], scale
+
+
+class Appending(nn.Module):
+    def __init__(self, d: int, read: bool):
+        super().__init__()
+        self.lin, self.read = nn.Linear(d, d), read
+
+    def forward(self, x, log: Log):
+        h = self.lin(x)
+        if self.read:
+            return x + h * log.scale
+        log.outputs.append(h)
+        return x + h
+
+
+class WithLog(nn.Module):
+    def __init__(self, read: bool, n: int = 3, d: int = 16):
+        super().__init__()
+        self.blocks, self.read = nn.ModuleList(Appending(d, read) for _ in range(n)), read
+
+    def forward(self, x):
+        log = Log(x.new_full((), 0.5) if self.read else None)
+        for b in self.blocks:
+            x = b(x, log)
+        return x + sum(log.outputs)
 
 
 def stack_of(block, n: int = 3, d: int = 16):
@@ -174,6 +208,19 @@ def test_blocks_that_write_are_traced_inline(block):
     full, once = reports(stack_of(block), ["x:float32[batch,seq,16]"], mode)
     assert_same(full, once, POINTS)
     assert not once.primary.captured.copied
+
+
+@pytest.mark.parametrize("read", [False, True])
+def test_blocks_given_an_object_they_change_or_read_are_traced_inline(read):
+    """A block that appends to an object it is given would not append as a copy (which runs no
+    Python), and one reading a tensor the object holds would read it from the caller's trace: both are
+    traced inline, the object as it was before the block's own trace."""
+    full, once = reports(lambda: WithLog(read), ["x:float32[batch,seq,16]"], "inference")
+    assert_same(full, once, POINTS)
+    assert not once.primary.captured.copied
+    # 3 blocks x 2 * 16 * 16 FLOPs per token in the linears (+ the sum of 3 outputs unless read)
+    assert sympy.expand(full.primary.totals["matmul_flops"]) == 1536 * symbols_for("batch", "seq")[0] \
+        * symbols_for("batch", "seq")[1]
 
 
 @pytest.mark.parametrize("mode", ["inference", "train"])

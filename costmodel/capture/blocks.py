@@ -639,9 +639,7 @@ def _is_object(x) -> bool:
                                    torch.SymBool, torch.dtype, torch.device, torch.layout, torch.memory_format,
                                    nn.Module, type, functools.partial)):
         return False
-    if callable(x) and not hasattr(x, "__dict__") or inspect.isroutine(x):
-        return False
-    return hasattr(x, "__dict__")
+    return not inspect.isroutine(x) and hasattr(x, "__dict__")
 
 
 def _state(m: nn.Module) -> dict[str, torch.Tensor]:
