@@ -6,10 +6,11 @@
 CPU: zoo decoders run a real greedy generation (`validate --mode generate`: the prefill, then `gen`
 decode steps, no early stop), measured against the prediction: peak memory (the live-storage meter
 over the whole generation; target within 5%), time to first token and the mean decode-step time
-(medians of several generations; target within 25%) on this CPU calibrated once
-(`costmodel.calibrate`). gpt2 is the zoo model whole; llama-2-7b and mistral-7b are the zoo configs
-cut to their first 2 layers (every width as published: d=4096, MHA / GQA with 8 KV heads, 32000
-tokens), which a 2-core CPU can run.
+(medians of several generations; target within 25%) on this CPU calibrated just before each
+model (`costmodel.calibrate`: on a shared machine the achievable rates move with other work).
+gpt2 is the zoo model whole; llama-2-7b and mistral-7b are the zoo configs cut to their first 2
+layers (every width as published: d=4096, MHA / GQA with 8 KV heads, 32000 tokens), which a 2-core
+CPU can run.
 
 Beside them, predicted only: llama-2-7b in bfloat16 on a100-80gb (`analyze --mode generate`): KV
 bytes per token, the largest batch at a 4k context (prompt + gen = 4096), time to first token and
@@ -93,8 +94,6 @@ def cpu_table(args, out: Path) -> list[str]:
     from costmodel.render.validation_plot import validation_plot
     from costmodel.validate.engine import validate
 
-    wait_for_quiet(args.max_load, args.wait_s)
-    hw = args.hw or calibrate("cpu", out / "calibrated-cpu.toml")
     rows = ["| model | batch | prompt | gen | peak measured | predicted | error | TTFT measured | predicted | error "
             "| per-token measured | predicted | error | token-time slope measured / predicted (ns per ctx token) "
             "| load before / after |",
@@ -103,12 +102,14 @@ def cpu_table(args, out: Path) -> list[str]:
         if args.only and run["name"] not in args.only:
             continue
         before = wait_for_quiet(args.max_load, args.wait_s)
+        safe = run["name"].replace("[", "-").replace(" ", "-").replace("]", "")
+        # calibrated just before each run: on a shared machine the rates move with other work
+        hw = args.hw or calibrate("cpu", out / f"calibrated-cpu-{safe}.toml")
         t = time.perf_counter()
         r = validate(run["model"], TOKENS, dims=run["dims"], mode="generate", hardware=hw, repeats=args.repeats,
                      progress=True)
         load = f"{before:.1f} / {os.getloadavg()[0]:.1f}"
         print(f"{run['name']}: {time.perf_counter() - t:.0f} s, load {load}", file=sys.stderr)
-        safe = run["name"].replace("[", "-").replace(" ", "-").replace("]", "")
         (out / f"{safe}.json").write_text(r.to_json())
         validation_plot(r, out / f"{safe}.png", title=f"{run['name']} generate on {r.device_name}")
         for p in r.points:
