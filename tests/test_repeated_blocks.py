@@ -164,6 +164,7 @@ def test_a_last_block_that_differs(mode):
     assert_same(full, once, POINTS)
     # in train the first block's input needs no gradient (the model's input), the others' do: two calls
     first = "blocks.0" if mode == "inference" else "blocks.1"
+    assert once.primary.captured.inline_blocks == {}
     assert once.primary.captured.copied == {"blocks.0": "blocks.0", "blocks.1": first, "blocks.2": first,
                                             "blocks.3": "blocks.3"}
 

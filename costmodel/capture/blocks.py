@@ -207,6 +207,7 @@ class RepeatedBlocks:
         self._wrappers: set[int] = set()
         self._keep: list = []              # objects whose identity is part of a key
         self._saved: dict = {}
+        self.reasons: dict[str, str] = {}  # path of a block traced inline -> why (the first reason)
         self.traced = 0                    # blocks traced on their own
         self.stood_in = 0                  # calls made stand-ins
 
@@ -264,17 +265,17 @@ class RepeatedBlocks:
         flat, spec = _torch.tree_flatten((args, kwargs))
         tensors = [x for x in flat if isinstance(x, torch.Tensor)]
         if _torch.saved_tensor_hooks_active():
-            return None
+            return self._inline(m, "called under saved-tensor hooks (activation checkpointing)")
         if any(_torch.traced_node(t) is None for t in tensors):
-            return None                   # a tensor the trace does not know (a constant)
+            return self._inline(m, "an argument is a tensor the trace does not know (a constant)")
         keys = [_torch.storage_key(t) for t in tensors]
         if len(set(keys)) != len(keys):
-            return None                   # arguments that share storage: the copy would not
+            return self._inline(m, "arguments share storage")
         try:
             call = (self.signatures[m], str(spec), tuple(self._describe(x) for x in flat),
                     torch.is_grad_enabled(), _torch.autocast_state())
         except _NotRepeatable:
-            return None
+            return self._inline(m, "a symbolic float or bool argument")
         kinds = self.kinds.setdefault(call, [])
         for reads, group in kinds:
             if self._reads_match(m, reads):
@@ -283,6 +284,10 @@ class RepeatedBlocks:
         group = self._trace(m, flat, spec, reads)
         kinds.append((reads, group))
         return group
+
+    def _inline(self, m: nn.Module, reason: str) -> None:
+        self.reasons.setdefault(self.blocks[m], reason)
+        return None
 
     def _describe(self, x):
         if isinstance(x, torch.Tensor):
@@ -398,8 +403,8 @@ class RepeatedBlocks:
             with _torch.disable_proxy_tracing():
                 fresh = [_like(t).requires_grad_(t.requires_grad) for t in [flat[i] for i in positions] + state]
                 gm = _torch.trace(step, *fresh)
-        except Exception:
-            return None
+        except Exception as e:
+            return self._inline(m, f"its own trace failed ({type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''})")
         finally:
             current_meta = _torch.current_node_meta()
             current_meta.clear()
@@ -407,11 +412,13 @@ class RepeatedBlocks:
             self.paths.stack[:] = stack
             del self.paths.frames.calls[calls:]
         if box.get("wrote"):
-            return None
-        group = _group_of(gm, box, path, tuple(self.paths.stack), names)
-        if group is not None:
-            _GROUPS[group.id] = group
-            self.traced += 1
+            return self._inline(m, "it sets attributes while running")
+        try:
+            group = _group_of(gm, box, path, tuple(self.paths.stack), names)
+        except _NotRepeatable as e:
+            return self._inline(m, str(e))
+        _GROUPS[group.id] = group
+        self.traced += 1
         return group
 
     # standing in
@@ -572,29 +579,29 @@ def _state(m: nn.Module) -> dict[str, torch.Tensor]:
     return state
 
 
-def _group_of(gm: fx.GraphModule, box: dict, path: str, stack: tuple, names: list) -> Group | None:
-    """The block's own trace split into forward and backward, or None if it cannot be repeated."""
+def _group_of(gm: fx.GraphModule, box: dict, path: str, stack: tuple, names: list) -> Group:
+    """The block's own trace split into forward and backward; _NotRepeatable(why) if it cannot be repeated."""
     from costmodel.capture.trace import attribute_modules
     nodes = list(gm.graph.nodes)
     placeholders = [n for n in nodes if n.op == "placeholder"]
     output = nodes[-1]
     seeds = box.get("seeds") or []
     if any(s is None for s in seeds):
-        return None
+        raise _NotRepeatable("a gradient seed was not traced")
     body = [n for n in nodes if n.op in ("call_function", "get_attr")]
     if seeds:
         positions = [body.index(s) for s in seeds]
         if max(positions) - min(positions) != len(seeds) - 1:
-            return None
+            raise _NotRepeatable("its trace does not split into forward and backward")
         forward, backward = body[:min(positions)], body[max(positions) + 1:]
     else:
         forward, backward = body, []
     if _mutates(forward, placeholders):
-        return None
+        raise _NotRepeatable("it writes into an argument or its state")
     attribute_modules(gm.graph)
     outputs = list(output.args[0])
     if any(not isinstance(o, fx.Node) for o in outputs):
-        return None
+        raise _NotRepeatable("it returns a value that is not a traced tensor")
     return Group(next(_ids), path, stack, gm, placeholders, forward, seeds, backward, outputs,
                  [o.meta["val"] for o in outputs], box["n_outputs"], box["differentiable"], box["grad_index"],
                  box["spec"], box["leaves"], names)

@@ -91,6 +91,7 @@ class Captured:
     hints: dict[str, int] = field(default_factory=dict)
     limits: list = field(default_factory=list)   # limits.Limit found in the graph (tables indexed by positions)
     copied: dict[str, str] = field(default_factory=dict)   # block path -> the block whose trace it copies
+    inline_blocks: dict[str, str] = field(default_factory=dict)   # repeated block traced each time -> why
 
     def to_user(self, value) -> sympy.Expr:
         """A SymInt / int / sympy expression of the shape env -> sympy in the user's dimension names."""
@@ -211,13 +212,20 @@ def capture(model: nn.Module, inputs: list[InputSpec], options=None, hints: dict
 
 def _capture_blocks(model, inputs, options, hints, fixed, python_dispatcher: bool) -> "Captured":
     exclude: frozenset = frozenset()
+    reasons: dict[str, str] = {}
     while True:
         try:
-            return _capture(model, inputs, options, hints, fixed, python_dispatcher, exclude=exclude)
+            c = _capture(model, inputs, options, hints, fixed, python_dispatcher, exclude=exclude)
+            break
         except Unrepeatable as e:
             if e.paths is None or e.paths <= exclude:
-                return _capture(model, inputs, options, hints, fixed, python_dispatcher, repeated=False)
+                c = _capture(model, inputs, options, hints, fixed, python_dispatcher, repeated=False)
+                reasons["(every block)"] = str(e)
+                break
+            reasons.update(dict.fromkeys(e.paths, str(e)))
             exclude |= e.paths
+    c.inline_blocks.update(reasons)
+    return c
 
 
 def _pinned_by_size_reads(c: "Captured") -> bool:
@@ -338,6 +346,7 @@ def _capture(model: nn.Module, inputs: list[InputSpec], options, hints, fixed, p
     captured = Captured(gm, mode, [d for d in dims if d not in fixed], fixed, [], symbol_map, shape_env, roles,
                         {param_items[i][0] for i in trainable}, used_hints)
     captured.copied = blocks.copied()
+    captured.inline_blocks = dict(blocks.reasons)
     captured.guards = _guards(captured)
     from costmodel.capture.limits import index_limits
     captured.limits = index_limits(captured)
