@@ -266,11 +266,24 @@ def backward_meta_fields():
            and "in_grad_fn" not in fields)
     if add:
         fields.append("in_grad_fn")
+    _reset_stacktrace_hooks()
     try:
         yield
     finally:
+        _reset_stacktrace_hooks()
         if add:
             fields.remove("in_grad_fn")
+
+
+def _reset_stacktrace_hooks() -> None:
+    """The stack-trace hooks of `preserve_backward_meta` queue, once per backward, an engine callback
+    that puts the stack trace back when the backward ends, and remember in a module global that it is
+    queued. A backward that raised (a capture that failed) never runs it, the global stays set, and
+    every later backward in the process leaves its last stack trace, the one that marks gradient
+    accumulations, on the nodes traced after it. Each capture starts and ends with it cleared."""
+    from torch._functorch._aot_autograd import logging_utils
+    if hasattr(logging_utils, "callback_set"):
+        logging_utils.callback_set = False
 
 
 def is_backward(node: fx.Node) -> bool:

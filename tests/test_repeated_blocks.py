@@ -196,3 +196,16 @@ def test_encoder_decoder_cross_attention(mode):
 def test_activation_checkpointing():
     full, once = reports(llama4_checkpointed, TEXT, "train")
     assert_same(full, once, POINTS)
+
+
+def test_a_failed_backward_before_leaves_no_stale_stack_trace():
+    """A backward that raised (a capture that failed earlier in the process) leaves the stack-trace
+    hooks' "callback queued" flag set; without the reset in `_torch.backward_meta_fields`, nodes
+    traced after a backward carry the gradient-accumulation marker (here: every block is then
+    traced inline, as if its gradients were summed inside and out)."""
+    from torch._functorch._aot_autograd import logging_utils
+    logging_utils.callback_set = True              # as a backward that raised leaves it
+    once = costmodel.analyze(LastDiffers, inputs=["x:float32[batch,seq,16]"], mode="train", attention="math")
+    assert once.primary.captured.inline_blocks == {}
+    assert once.primary.captured.copied == {"blocks.0": "blocks.0", "blocks.1": "blocks.1", "blocks.2": "blocks.1",
+                                            "blocks.3": "blocks.3"}

@@ -153,3 +153,4 @@ def test_profiler_allocations_are_read():
         del x
     sizes = [size for _, size in profiler_allocations(prof)]
     assert (1 << 16) * 4 in sizes and -(1 << 16) * 4 in sizes
+
