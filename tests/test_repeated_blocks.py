@@ -209,3 +209,22 @@ def test_a_failed_backward_before_leaves_no_stale_stack_trace():
     assert once.primary.captured.inline_blocks == {}
     assert once.primary.captured.copied == {"blocks.0": "blocks.0", "blocks.1": "blocks.1", "blocks.2": "blocks.1",
                                             "blocks.3": "blocks.3"}
+
+
+@pytest.mark.parametrize("mode", ["inference", "train"])
+def test_outputs_the_callers_frame_holds(mode):
+    """BLOOM's layers return their attention probabilities; the model's loop variable holds the last
+    layer's outputs until the next layer returns, so one [batch, heads, seq, seq] tensor of layer i
+    is live through layer i + 1: the copies' outputs keep the caller's hold."""
+    from . import models as M
+    full, once = reports(M.bloom, TEXT, mode, device="cpu")
+    assert_same(full, once, POINTS)
+    if mode == "inference":
+        assert once.primary.captured.copied == {"transformer.h.0": "transformer.h.0",
+                                                "transformer.h.1": "transformer.h.0"}
+    else:
+        # nothing reads the attention probabilities the layers return, so they get no gradient; a
+        # block's own backward is traced for gradients of all its outputs, so these blocks are
+        # traced each time, and the capture says why
+        assert once.primary.captured.copied == {}
+        assert "gets no gradient" in once.primary.captured.inline_blocks["(every block)"]

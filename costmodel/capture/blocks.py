@@ -452,6 +452,7 @@ class RepeatedBlocks:
         renamed: dict[str, str] = {}      # a stand-in node's name -> the last node copied for it
         ids = itertools.count(1)
         sizes: dict[str, fx.Node] = {}    # a symbolic size's expression -> the node that first has it
+        held: list = []                   # (a copied output, the node until which the caller holds it)
         for node in list(graph.nodes):
             if node.op != "call_function" or node.target not in (BLOCK, BLOCK_BACKWARD):
                 _note_size(sizes, node)
@@ -495,7 +496,10 @@ class RepeatedBlocks:
             last = made[-1].name if made else None
             for user in list(node.users):
                 index = user.args[1]
-                user.replace_all_uses_with(env[group.outputs[first_out + index]])
+                replacement = env[group.outputs[first_out + index]]
+                user.replace_all_uses_with(replacement)
+                if LIVE_UNTIL in user.meta:          # the caller's frame holds the output (see trace._FrameLocals)
+                    held.append((replacement, user.meta[LIVE_UNTIL]))
                 if last is not None:
                     renamed[user.name] = last
                 graph.erase_node(user)
@@ -506,6 +510,12 @@ class RepeatedBlocks:
             until = node.meta.get(LIVE_UNTIL)
             if until in renamed:
                 node.meta[LIVE_UNTIL] = renamed[until]
+        order = {n.name: i for i, n in enumerate(graph.nodes)}
+        for node, until in held:
+            until = renamed.get(until, until)
+            mine = node.meta.get(LIVE_UNTIL)
+            if until in order and (mine not in order or order[until] > order[mine]):
+                node.meta[LIVE_UNTIL] = until
 
     def alike(self, group: Group) -> frozenset:
         """Paths of the blocks of the same static signature as the block `group` traced."""
