@@ -153,3 +153,41 @@ def test_profiler_allocations_are_read():
         del x
     sizes = [size for _, size in profiler_allocations(prof)]
     assert (1 << 16) * 4 in sizes and -(1 << 16) * 4 in sizes
+
+
+def test_data_made_on_meta_becomes_a_graph_constant():
+    """torch.tensor(data, device=x.device) on a meta input (transformers 5.17's sdpa mask) traces as
+    the constant, with its data, moved to the meta device: not as a plain meta tensor, which the fake
+    mode rejects at the next op."""
+    from torch._subclasses.fake_tensor import FakeTensor
+    env = _torch.new_shape_env()
+    _, n = _torch.symbolic_size(env, "seq", 5)
+    fake = _torch.fake_mode(env)
+    with fake:
+        x = torch.empty(n, 2, device="meta")
+
+    def where_zero(x):
+        return torch.where(x > 0, torch.tensor(0.5, device=x.device), -1.0)
+
+    if _torch._meta_data_escapes_fake():          # why the shim is there: make_fx alone fails
+        with fake, pytest.raises(AssertionError, match="convert all Tensors to FakeTensors"):
+            make_fx(where_zero, tracing_mode="real")(x)
+
+    def f(x):
+        where = where_zero(x)
+        made = [torch.tensor([1, 2], device=x.device, dtype=torch.int32), torch.as_tensor([3.0, 4.0], device="meta"),
+                torch.asarray([5.0], device=x.device), x.new_tensor([6.0, 7.0]),
+                torch.tensor([8.0], device=x.device, requires_grad=True)]
+        assert all(isinstance(t, FakeTensor) and t.device.type == "meta" for t in made)
+        assert made[0].dtype == torch.int32 and made[3].dtype == x.dtype and made[-1].requires_grad
+        return [where] + made
+    with fake:
+        gm = _torch.trace(f, x)
+    constants = [n for n in gm.graph.nodes if n.op == "get_attr"]
+    assert [getattr(gm, n.target).tolist() for n in constants] == [0.5, [1, 2], [3.0, 4.0], [5.0], [6.0, 7.0], [8.0]]
+    for node in constants:
+        (lift,) = node.users
+        (move,) = lift.users
+        assert lift.target == torch.ops.aten.lift_fresh_copy.default and move.target == torch.ops.aten._to_copy.default
+        assert move.kwargs["device"] == torch.device("meta")
+    assert torch.tensor(0.5, device="meta").device.type == "meta"       # the mode ends with the trace
