@@ -242,14 +242,38 @@ def preserve_backward_meta(loss: torch.Tensor) -> None:
     Wraps `torch._functorch._aot_autograd.logging_utils.setup_stacktrace_preservation_hooks`
     (hooks on loss's autograd graph, as AOTAutograd installs them). Marking the backward differs
     by version; `is_backward` reads either."""
-    from torch._functorch._aot_autograd.logging_utils import setup_stacktrace_preservation_hooks
-    setup_stacktrace_preservation_hooks([loss.grad_fn])
+    preserve_backward_meta_of([loss])
 
 
 def preserve_backward_meta_of(outputs: list) -> None:
-    """`preserve_backward_meta` for several outputs (the roots of one backward)."""
+    """`preserve_backward_meta` for several outputs (the roots of one backward).
+
+    The engine's gradient accumulations (the sum of a tensor's gradients) are marked
+    node.meta["is_gradient_acc"]: torch's hook after each grad_fn sets a stack trace ending in
+    GRADIENT_ACC_SPECIAL_STACK, and its hook before the next grad_fn sets that grad_fn's forward
+    stack trace, empty unless anomaly mode recorded one. torch 2.13's `set_stack_trace([])` clears
+    the current trace; 2.11's keeps the old one, so from the first grad_fn on every backward node
+    would be marked an accumulation (and `attribute_modules` would give it the module of its
+    inputs). Each grad_fn here also gets `_clear_stale_stack_trace` as a pre-hook after torch's: the
+    2.13 behaviour on both versions."""
     from torch._functorch._aot_autograd.logging_utils import setup_stacktrace_preservation_hooks
-    setup_stacktrace_preservation_hooks([t.grad_fn for t in outputs if t.grad_fn is not None])
+    roots = [t.grad_fn for t in outputs if t.grad_fn is not None]
+    setup_stacktrace_preservation_hooks(roots)
+    seen, todo = set(), list(roots)
+    while todo:
+        fn = todo.pop()
+        if fn is None or fn in seen:
+            continue
+        seen.add(fn)
+        if not fn.metadata.get("traceback_"):
+            fn.register_prehook(_clear_stale_stack_trace)
+        todo.extend(f for f, _ in fn.next_functions)
+
+
+def _clear_stale_stack_trace(grad_outputs) -> None:
+    """Pre-hook of a grad_fn without a recorded forward stack: no stack trace while it runs (see
+    `preserve_backward_meta_of`)."""
+    fx_traceback.get_current_meta().pop("stack_trace", None)
 
 
 @contextlib.contextmanager

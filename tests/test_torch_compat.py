@@ -144,6 +144,29 @@ def test_private_api_wrappers_behave():
     assert T.traced_node(torch.zeros(1)) is None and T.last_traced_node() is None
 
 
+def test_backward_meta_marks_only_the_gradient_accumulation():
+    """preserve_backward_meta: every node of the backward is_backward, and only the engine's sum of
+    a tensor's two gradients is marked is_gradient_acc (torch 2.11 left the mark on every node after
+    the first grad_fn). Each backward node's seq_nr is that of the forward op it differentiates."""
+    import torch.fx.traceback as fx_traceback
+    w1, w2 = torch.zeros(4, 4, requires_grad=True), torch.zeros(4, 4, requires_grad=True)
+
+    def step(x, w1, w2):
+        h = x @ w1
+        loss = (h @ w2 + h).sum()           # h used twice: its gradients are summed
+        _torch.preserve_backward_meta(loss)
+        return torch.autograd.grad(loss, [w1, w2])
+    with _torch.backward_meta_fields(), fx_traceback.preserve_node_meta():
+        gm = _torch.trace(step, torch.zeros(2, 4), w1, w2)
+    nodes = [n for n in gm.graph.nodes if n.op == "call_function"]
+    forward_mm = [n for n in nodes if n.target == torch.ops.aten.mm.default and not _torch.is_backward(n)]
+    backward = nodes[nodes.index(next(n for n in nodes if n.target == torch.ops.aten.expand.default)) + 1:]
+    assert len(forward_mm) == 2 and backward and all(_torch.is_backward(n) for n in backward)
+    summed = [n for n in backward if n.meta.get("is_gradient_acc")]
+    assert [n.target for n in summed] == [torch.ops.aten.add.Tensor], [n.format_node() for n in summed]
+    backward_mm = [n for n in backward if n.target == torch.ops.aten.mm.default]
+    assert {n.meta["seq_nr"] for n in backward_mm} == {n.meta["seq_nr"] for n in forward_mm}
+
 def test_profiler_allocations_are_read():
     from torch.profiler import ProfilerActivity, profile
 
