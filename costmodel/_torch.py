@@ -235,30 +235,34 @@ def symbolic_kernels():
         yield
 
 
-def preserve_backward_meta(loss: torch.Tensor) -> None:
-    """Before tracing `torch.autograd.grad(loss, ...)`: have each backward node record the
-    forward op it differentiates (node.meta["seq_nr"]) and that it belongs to the backward.
+@contextlib.contextmanager
+def backward_meta(outputs: list):
+    """Around `torch.autograd.grad(outputs, ...)` in a trace: each backward node records the
+    forward op it differentiates (node.meta["seq_nr"]) and that it belongs to the backward
+    (marked differently by version; `is_backward` reads either), and the engine's gradient
+    accumulations (the sum of a tensor's gradients) are marked node.meta["is_gradient_acc"].
 
-    Wraps `torch._functorch._aot_autograd.logging_utils.setup_stacktrace_preservation_hooks`
-    (hooks on loss's autograd graph, as AOTAutograd installs them). Marking the backward differs
-    by version; `is_backward` reads either."""
-    preserve_backward_meta_of([loss])
+    Wraps `torch._functorch._aot_autograd.logging_utils.setup_stacktrace_preservation_hooks` (hooks
+    on the outputs' autograd graph, as AOTAutograd installs them). Its hook after each grad_fn sets
+    a stack trace ending in GRADIENT_ACC_SPECIAL_STACK, which fx copies into `is_gradient_acc`; its
+    hook before the next grad_fn sets that grad_fn's forward stack trace, empty unless anomaly mode
+    recorded one. Two gaps are closed here, on every version:
 
-
-def preserve_backward_meta_of(outputs: list) -> None:
-    """`preserve_backward_meta` for several outputs (the roots of one backward).
-
-    The engine's gradient accumulations (the sum of a tensor's gradients) are marked
-    node.meta["is_gradient_acc"]: torch's hook after each grad_fn sets a stack trace ending in
-    GRADIENT_ACC_SPECIAL_STACK, and its hook before the next grad_fn sets that grad_fn's forward
-    stack trace, empty unless anomaly mode recorded one. torch 2.13's `set_stack_trace([])` clears
-    the current trace; 2.11's keeps the old one, so from the first grad_fn on every backward node
-    would be marked an accumulation (and `attribute_modules` would give it the module of its
-    inputs). Each grad_fn here also gets `_clear_stale_stack_trace` as a pre-hook after torch's: the
-    2.13 behaviour on both versions."""
-    from torch._functorch._aot_autograd.logging_utils import setup_stacktrace_preservation_hooks
+    - torch 2.13's `set_stack_trace([])` clears the current trace; 2.11's keeps the old one, so
+      from the first grad_fn on every backward node would be marked an accumulation (and
+      `attribute_modules` would give it the module of its inputs). Each grad_fn also gets
+      `_clear_stale_stack_trace` as a pre-hook after torch's: the 2.13 behaviour on both.
+    - the trace is put back at the end by an engine callback that torch queues once per backward,
+      guarded by the module global `logging_utils.callback_set`; a backward that raises (a failed
+      capture) drops the callback and leaves the flag set for the rest of the process, after
+      which every node made after a backward (the graph's output) would be marked an accumulation.
+      Here the stack trace and the flag are put back as they were on the way out, whatever happens."""
+    from torch._functorch._aot_autograd import logging_utils
+    meta = fx_traceback.get_current_meta()
+    trace_before = meta.get("stack_trace", _ABSENT)
+    flag_before = getattr(logging_utils, "callback_set", _ABSENT)
     roots = [t.grad_fn for t in outputs if t.grad_fn is not None]
-    setup_stacktrace_preservation_hooks(roots)
+    logging_utils.setup_stacktrace_preservation_hooks(roots)
     seen, todo = set(), list(roots)
     while todo:
         fn = todo.pop()
@@ -268,11 +272,24 @@ def preserve_backward_meta_of(outputs: list) -> None:
         if not fn.metadata.get("traceback_"):
             fn.register_prehook(_clear_stale_stack_trace)
         todo.extend(f for f, _ in fn.next_functions)
+    try:
+        yield
+    finally:
+        meta = fx_traceback.get_current_meta()
+        if trace_before is _ABSENT:
+            meta.pop("stack_trace", None)
+        else:
+            meta["stack_trace"] = trace_before
+        if flag_before is not _ABSENT:
+            logging_utils.callback_set = flag_before
+
+
+_ABSENT = object()
 
 
 def _clear_stale_stack_trace(grad_outputs) -> None:
     """Pre-hook of a grad_fn without a recorded forward stack: no stack trace while it runs (see
-    `preserve_backward_meta_of`)."""
+    `backward_meta`)."""
     fx_traceback.get_current_meta().pop("stack_trace", None)
 
 

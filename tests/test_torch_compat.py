@@ -144,20 +144,23 @@ def test_private_api_wrappers_behave():
     assert T.traced_node(torch.zeros(1)) is None and T.last_traced_node() is None
 
 
-def test_backward_meta_marks_only_the_gradient_accumulation():
-    """preserve_backward_meta: every node of the backward is_backward, and only the engine's sum of
-    a tensor's two gradients is marked is_gradient_acc (torch 2.11 left the mark on every node after
-    the first grad_fn). Each backward node's seq_nr is that of the forward op it differentiates."""
+def _trace_step(step, *args):
     import torch.fx.traceback as fx_traceback
-    w1, w2 = torch.zeros(4, 4, requires_grad=True), torch.zeros(4, 4, requires_grad=True)
+    with _torch.backward_meta_fields(), fx_traceback.preserve_node_meta():
+        return _torch.trace(step, *args)
 
+
+def test_backward_meta_marks_only_the_gradient_accumulation():
+    """backward_meta: every node of the backward is_backward, and only the engine's sum of a
+    tensor's two gradients is marked is_gradient_acc (torch 2.11 left the mark on every node after
+    the first grad_fn). Each backward node's seq_nr is that of the forward op it differentiates."""
     def step(x, w1, w2):
         h = x @ w1
         loss = (h @ w2 + h).sum()           # h used twice: its gradients are summed
-        _torch.preserve_backward_meta(loss)
-        return torch.autograd.grad(loss, [w1, w2])
-    with _torch.backward_meta_fields(), fx_traceback.preserve_node_meta():
-        gm = _torch.trace(step, torch.zeros(2, 4), w1, w2)
+        with _torch.backward_meta([loss]):
+            return torch.autograd.grad(loss, [w1, w2])
+    w = torch.zeros(4, 4, requires_grad=True)
+    gm = _trace_step(step, torch.zeros(2, 4), w, w.detach().clone().requires_grad_())
     nodes = [n for n in gm.graph.nodes if n.op == "call_function"]
     forward_mm = [n for n in nodes if n.target == torch.ops.aten.mm.default and not _torch.is_backward(n)]
     backward = nodes[nodes.index(next(n for n in nodes if n.target == torch.ops.aten.expand.default)) + 1:]
@@ -166,6 +169,41 @@ def test_backward_meta_marks_only_the_gradient_accumulation():
     assert [n.target for n in summed] == [torch.ops.aten.add.Tensor], [n.format_node() for n in summed]
     backward_mm = [n for n in backward if n.target == torch.ops.aten.mm.default]
     assert {n.meta["seq_nr"] for n in backward_mm} == {n.meta["seq_nr"] for n in forward_mm}
+
+
+class _Abort(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, g):
+        raise RuntimeError("backward failed")
+
+
+def test_backward_meta_recovers_from_a_backward_that_raised():
+    """A backward that raises (a failed capture) drops torch's end-of-backward callback, which puts
+    the stack trace back: nodes made after a later backward (here the graph's output) must not be
+    marked gradient accumulations, nor the ops of a forward that follows in the same trace."""
+    def failing(x, w):
+        loss = (_Abort.apply(x @ w) * 2).sum()
+        with _torch.backward_meta([loss]):
+            return torch.autograd.grad(loss, [w])
+
+    def step(x, w):
+        loss = (x @ w).sum()
+        with _torch.backward_meta([loss]):
+            (g,) = torch.autograd.grad(loss, [w])
+        return [g, x * 3]                   # a forward op after the backward
+    w = torch.zeros(4, 4, requires_grad=True)
+    with pytest.raises(RuntimeError, match="backward failed"):
+        _trace_step(failing, torch.zeros(2, 4), w)
+    gm = _trace_step(step, torch.zeros(2, 4), w)
+    marked = [n.name for n in gm.graph.nodes if n.meta.get("is_gradient_acc")]
+    assert marked == [], marked
+    (mul,) = [n for n in gm.graph.nodes if n.target == torch.ops.aten.mul.Tensor]
+    assert not _torch.is_backward(mul)
+
 
 def test_profiler_allocations_are_read():
     from torch.profiler import ProfilerActivity, profile
