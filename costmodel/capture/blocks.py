@@ -381,10 +381,10 @@ class RepeatedBlocks:
             wrt = [t for t in tensors if t.requires_grad] if train else []
             grads, box["seeds"] = [], []
             if diff and wrt:
-                _torch.preserve_backward_meta_of(diff)
                 seeds = [torch.empty_like(o) for o in diff]
                 box["seeds"] = [_torch.traced_node(s) for s in seeds]
-                grads = list(torch.autograd.grad(diff, wrt, seeds, allow_unused=True))
+                with _torch.backward_meta(diff):
+                    grads = list(torch.autograd.grad(diff, wrt, seeds, allow_unused=True))
             box["grad_index"], kept = [], []
             it = iter(grads)
             for t in tensors:

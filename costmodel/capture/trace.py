@@ -296,9 +296,9 @@ def _capture(model: nn.Module, inputs: list[InputSpec], options, hints, fixed, p
         with traced_state(params, buffers):
             loss_value = compute_loss(model(*args, **kwargs), options.loss, values[:len(inputs)], inputs,
                                       values[len(inputs):], targets, describe)
-            _torch.preserve_backward_meta(loss_value)
             wrt = [params[i] for i in trainable]
-            grads = torch.autograd.grad(loss_value, wrt, allow_unused=True)
+            with _torch.backward_meta([loss_value]):
+                grads = torch.autograd.grad(loss_value, wrt, allow_unused=True)
         return [loss_value] + [g for g in grads if g is not None]
 
     fn = train_step if mode == "train" else inference
