@@ -526,16 +526,25 @@ class RepeatedBlocks:
         """A block argument used twice inside the block and again outside it (T5's encoder output,
         read by every decoder block): a full trace sums all its gradients in one chain, in the order
         they arrive, while the copy sums the block's own first; the totals agree but not which module
-        each addition belongs to. Such a capture is redone with every block traced."""
+        each addition belongs to. Such a capture is redone with those blocks (all of them, found in one
+        pass) traced where they run."""
+        paths: set = set()
+        found: list[str] = []
         for node in graph.nodes:
             if node.op != "call_function" or node.target is not BLOCK_BACKWARD:
                 continue
             group = self.calls[node.args[1]].group
+            if group.path in paths:
+                continue
             for user in node.users:
                 inner = group.outputs[group.n_outputs + user.args[1]]
                 if _summed(inner) and any(u.meta.get("is_gradient_acc") for u in user.users):
-                    raise Unrepeatable(f"the gradient of an argument of {group.path} is summed inside it and out",
-                                       self.alike(group))
+                    paths |= self.alike(group)
+                    found.append(group.path)
+                    break
+        if found:
+            raise Unrepeatable(f"the gradient of an argument of {' and '.join(found)} is summed inside the block "
+                               "and out", frozenset(paths))
 
     @staticmethod
     def _copy_attr(gm: fx.GraphModule, group: Group, sub: fx.Node) -> fx.Node:

@@ -22,6 +22,7 @@ import os
 import re
 import sys
 import traceback
+import weakref
 from dataclasses import dataclass, field
 
 import sympy
@@ -210,9 +211,19 @@ def capture(model: nn.Module, inputs: list[InputSpec], options=None, hints: dict
     return second if len(pinned_dims(second)) < len(pinned_dims(first)) else first
 
 
+# what earlier captures of a model learned: the blocks to trace inline (and why), per mode, so that
+# the captures of a limit search or a sweep do not each find it out again
+_INLINE_LEARNED: "weakref.WeakKeyDictionary[nn.Module, dict]" = weakref.WeakKeyDictionary()
+
+
 def _capture_blocks(model, inputs, options, hints, fixed, python_dispatcher: bool) -> "Captured":
-    exclude: frozenset = frozenset()
-    reasons: dict[str, str] = {}
+    learned = _INLINE_LEARNED.setdefault(model, {}).setdefault((options.mode, options.amp), {})
+    reasons: dict[str, str] = dict(learned)
+    if "(every block)" in reasons:
+        c = _capture(model, inputs, options, hints, fixed, python_dispatcher, repeated=False)
+        c.inline_blocks.update(reasons)
+        return c
+    exclude: frozenset = frozenset(reasons)
     while True:
         try:
             c = _capture(model, inputs, options, hints, fixed, python_dispatcher, exclude=exclude)
@@ -224,6 +235,7 @@ def _capture_blocks(model, inputs, options, hints, fixed, python_dispatcher: boo
                 break
             reasons.update(dict.fromkeys(e.paths, str(e)))
             exclude |= e.paths
+    learned.update(reasons)
     c.inline_blocks.update(reasons)
     return c
 
