@@ -167,6 +167,9 @@ def test_repeated_blocks_give_the_inline_result():
         assert sympy.simplify(getattr(repeated.symbolic, name) - getattr(inline.symbolic, name)) == 0, name
     for r in (repeated, inline):
         assert not r.primary.captured.copied and not r.decode.primary.captured.copied
+    for c in (repeated.primary.captured, repeated.decode.primary.captured):     # and say why
+        assert set(c.inline_blocks) == {f"model.layers.{i}" for i in range(3)}
+        assert all("KV cache" in why for why in c.inline_blocks.values()), c.inline_blocks
     a, b = repeated.evaluate(batch=3, prompt=20, gen=9), inline.evaluate(batch=3, prompt=20, gen=9)
     assert a.totals == b.totals and a.extra["generate"] == b.extra["generate"]
     assert a.extra["generate"]["kv_cache_bytes"] == 3 * 768 * 29      # 3 layers x 256 bytes per token

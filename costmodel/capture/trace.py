@@ -22,6 +22,7 @@ import os
 import re
 import sys
 import traceback
+import weakref
 from dataclasses import dataclass, field
 
 import sympy
@@ -92,6 +93,7 @@ class Captured:
     hints: dict[str, int] = field(default_factory=dict)
     limits: list = field(default_factory=list)   # limits.Limit found in the graph (tables indexed by positions)
     copied: dict[str, str] = field(default_factory=dict)   # block path -> the block whose trace it copies
+    inline_blocks: dict[str, str] = field(default_factory=dict)   # repeated block traced each time -> why
     step: object = None                          # generate mode: capture.generate.Step (prefill or decode)
     cache_layers: tuple = ()                     # generate mode: the cache after the step, gen.LayerShape per layer
     cache_bytes: sympy.Expr | None = None        # generate mode: bytes of the cache's keys and values after the step
@@ -216,15 +218,34 @@ def capture(model: nn.Module, inputs: list[InputSpec], options=None, hints: dict
     return second if len(pinned_dims(second)) < len(pinned_dims(first)) else first
 
 
+# what earlier captures of a model learned: the blocks to trace inline (and why), per mode, so that
+# the captures of a limit search or a sweep do not each find it out again
+_INLINE_LEARNED: "weakref.WeakKeyDictionary[nn.Module, dict]" = weakref.WeakKeyDictionary()
+
+
 def _capture_blocks(model, inputs, options, hints, fixed, python_dispatcher: bool, step=None) -> "Captured":
-    exclude: frozenset = frozenset()
+    kind = step.kind if step is not None else None        # generate mode: the prefill and the decode step apart
+    learned = _INLINE_LEARNED.setdefault(model, {}).setdefault((options.mode, options.amp, kind), {})
+    reasons: dict[str, str] = dict(learned)
+    if "(every block)" in reasons:
+        c = _capture(model, inputs, options, hints, fixed, python_dispatcher, repeated=False, step=step)
+        c.inline_blocks.update(reasons)
+        return c
+    exclude: frozenset = frozenset(reasons)
     while True:
         try:
-            return _capture(model, inputs, options, hints, fixed, python_dispatcher, exclude=exclude, step=step)
+            c = _capture(model, inputs, options, hints, fixed, python_dispatcher, exclude=exclude, step=step)
+            break
         except Unrepeatable as e:
             if e.paths is None or e.paths <= exclude:
-                return _capture(model, inputs, options, hints, fixed, python_dispatcher, repeated=False, step=step)
+                c = _capture(model, inputs, options, hints, fixed, python_dispatcher, repeated=False, step=step)
+                reasons["(every block)"] = str(e)
+                break
+            reasons.update(dict.fromkeys(e.paths, str(e)))
             exclude |= e.paths
+    learned.update(reasons)
+    c.inline_blocks.update(reasons)
+    return c
 
 
 def _pinned_by_size_reads(c: "Captured") -> bool:
@@ -305,9 +326,9 @@ def _capture(model: nn.Module, inputs: list[InputSpec], options, hints, fixed, p
         with traced_state(params, buffers):
             loss_value = compute_loss(model(*args, **kwargs), options.loss, values[:len(inputs)], inputs,
                                       values[len(inputs):], targets, describe)
-            _torch.preserve_backward_meta(loss_value)
             wrt = [params[i] for i in trainable]
-            grads = torch.autograd.grad(loss_value, wrt, allow_unused=True)
+            with _torch.backward_meta([loss_value]):
+                grads = torch.autograd.grad(loss_value, wrt, allow_unused=True)
         return [loss_value] + [g for g in grads if g is not None]
 
     def generation_step(params, buffers, values):
@@ -370,6 +391,7 @@ def _capture(model: nn.Module, inputs: list[InputSpec], options, hints, fixed, p
     captured = Captured(gm, mode, [d for d in dims if d not in fixed], fixed, [], symbol_map, shape_env, roles,
                         {param_items[i][0] for i in trainable}, used_hints, step=step)
     captured.copied = blocks.copied()
+    captured.inline_blocks = dict(blocks.reasons)
     if step is not None:
         from costmodel.formulas import plain
         captured.cache_layers = gen.layer_shapes(filled["cache"], lambda s: sympy.expand(plain(captured.to_user(s))))
