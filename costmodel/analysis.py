@@ -15,6 +15,7 @@ from . import capture as cap
 from .cost import OpCost
 from .errors import AnalysisError, UsageError
 from .formulas import Evaluator, plain
+from .kernels import ALLOC_FEATURE
 from .rules import TensorSpec, rule_for
 from .rules.attention import KERNELS
 from .specs import dtype_name
@@ -34,6 +35,10 @@ class OpRecord:
     category: str
     dtype: str
     cost: dict[str, sympy.Expr]  # METRICS -> formula
+    # The kernel class that prices it on a calibrated device (costmodel/kernels.py); attention maps
+    # each device kind to the class of the SDPA kernel that kind runs: {"cpu": ..., "cuda": ...}.
+    kernel: str | dict[str, str] = "pointwise"
+    features: dict[str, sympy.Expr] = field(default_factory=dict)   # shape features, and alloc_bytes
 
 
 @dataclass
@@ -46,6 +51,7 @@ class Analysis:
     totals: dict[str, sympy.Expr] = field(default_factory=dict)
     _evaluator: Evaluator | None = None
     _op_evaluator: Evaluator | None = None
+    _feature_evaluator: Evaluator | None = None
 
     def valid_at(self, point: dict[str, int]) -> bool:
         if any(point.get(d) != v for d, v in self.captured.fixed.items()):
@@ -109,15 +115,47 @@ def cost_graph(c: cap.Captured, attention: str = "math") -> Analysis:
                                     f"{type(e).__name__}: {e}") from e
             cache[key] = (cost, _op_dtype(args, out))
         cost, dtype = cache[key]
+        kernel = cost.kernel_class
+        if kernel.startswith("attention") and target.namespace == "costmodel":
+            kernel = attention_classes(node, kernel)
+        features = {name: sympy.sympify(v) for name, v in cost.features.items()}
+        features[ALLOC_FEATURE] = _fresh_output_bytes(target, out)
         ops.append(OpRecord(node.name, str(target), module, node.meta.get("costmodel_phase", "forward"),
                             cost.category, dtype,
                             {"flops": sympy.sympify(cost.flops), "matmul_flops": sympy.sympify(cost.matmul_flops),
                              "bytes_read": sympy.sympify(cost.bytes_read),
                              "bytes_written": sympy.sympify(cost.bytes_written),
-                             "bytes": sympy.sympify(cost.bytes)}))
+                             "bytes": sympy.sympify(cost.bytes)}, kernel, features))
     analysis = Analysis(c, ops, dict(unsupported))
     analysis.totals = totals_of(ops)
     return analysis
+
+
+def attention_classes(node: fx.Node, kernel: str) -> dict[str, str]:
+    """The kernel class of a costmodel::sdpa (or sdpa_backward) node on each device kind: the SDPA
+    kernel PyTorch runs there for these arguments (memory.auto_kernel, the one place that decides),
+    then ".backward", then ".causal" ("attention.flash.causal")."""
+    from .memory import auto_kernel
+    backward = kernel.endswith(".backward")
+    first = 1 if backward else 0
+    q, k, v, mask = [a.meta.get("val") if isinstance(a, fx.Node) else None for a in node.args[first:first + 4]]
+    dropout_p, is_causal, scale, gqa = node.args[first + 4:first + 8]
+    suffix = (".backward" if backward else "") + (".causal" if is_causal else "")
+    return {kind: f"attention.{auto_kernel(kind, q, k, v, mask, dropout_p, is_causal, scale, gqa)}{suffix}"
+            for kind in ("cpu", "cuda")}
+
+
+def _fresh_output_bytes(target, out) -> sympy.Expr:
+    """Bytes of the op's largest newly allocated output: 0 for views and in-place ops (their
+    outputs alias an input)."""
+    from .rules import tensors_in
+    schema = getattr(target, "_schema", None)
+    if schema is not None and any(r.alias_info is not None for r in schema.returns):
+        return sympy.Integer(0)
+    sizes = [sympy.sympify(t.nbytes) for t in tensors_in(out)]
+    if not sizes:
+        return sympy.Integer(0)
+    return sizes[0] if len(sizes) == 1 else sympy.Max(*sizes)
 
 
 def totals_of(ops: list[OpRecord]) -> dict[str, sympy.Expr]:

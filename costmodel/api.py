@@ -40,11 +40,13 @@ class Point:
     """Concrete figures at one point of the dimensions. `ops` (per-op figures) is computed on first
     access, so totals at a new point cost a few formula evaluations only."""
 
-    def __init__(self, dims: dict[str, int], totals: dict, analysis: Analysis, op_values):
+    def __init__(self, dims: dict[str, int], totals: dict, analysis: Analysis, op_values, attention: str = "auto"):
         self.dims, self.totals, self.analysis = dims, totals, analysis
         self.extra: dict = {}
         self._op_values = op_values
         self._ops: list[dict] | None = None
+        self._features: list[dict] | None = None
+        self.attention = attention      # the user's --attention: "auto" lets each device pick its kernel
 
     @property
     def ops(self) -> list[dict]:
@@ -57,6 +59,31 @@ class Point:
                          for i, op in enumerate(self.analysis.ops)]
         return self._ops
 
+    @property
+    def features(self) -> list[dict]:
+        """Per op (same order as `ops`), its shape features at this point: {"m": 512, "n": 768, ...}."""
+        if self._features is None:
+            a = self.analysis
+            keys = [(i, name) for i, op in enumerate(a.ops) for name in op.features]
+            if a._feature_evaluator is None:
+                a._feature_evaluator = Evaluator([a.ops[i].features[name] for i, name in keys], a.captured.dims)
+            values = a._feature_evaluator({d: self.dims[d] for d in a.captured.dims}) if keys else []
+            self._features = [{} for _ in a.ops]
+            for (i, name), value in zip(keys, values):
+                self._features[i][name] = value
+        return self._features
+
+    def kernel_class(self, i: int, hw) -> str:
+        """The kernel class that prices op `i` on `hw`: attention resolves to the SDPA kernel that
+        the device kind runs (or the one --attention names)."""
+        kernel = self.analysis.ops[i].kernel
+        if not isinstance(kernel, dict):
+            return kernel
+        if self.attention != "auto":
+            rest = kernel["cpu"].split(".", 2)[2:]
+            return ".".join(["attention", self.attention, *rest])
+        return kernel[memory.device_kind(hw)]
+
     def __repr__(self) -> str:
         return f"Point(dims={self.dims}, totals={self.totals})"
 
@@ -68,8 +95,14 @@ class Point:
     def timing(self, hw, tf32: bool = False) -> dict:
         """Roofline time on `hw`: per-op OpTimes (same order as `ops`) and their summary."""
         from . import roofline
-        times = [roofline.op_time(op["flops"], op["bytes"], op["category"], op["dtype"], hw, tf32)
-                 for op in self.ops]
+        if hw.kernels or hw.allocation:
+            features = self.features
+            times = [roofline.op_time(op["flops"], op["bytes"], op["category"], op["dtype"], hw, tf32,
+                                      kernel=self.kernel_class(i, hw), features=features[i])
+                     for i, op in enumerate(self.ops)]
+        else:
+            times = [roofline.op_time(op["flops"], op["bytes"], op["category"], op["dtype"], hw, tf32)
+                     for op in self.ops]
         model_dtype = next((op["dtype"] for op in self.ops if op["category"] in ("matmul", "conv", "attention")),
                            "float32")
         summary = roofline.summarize(times, self.totals["matmul_flops"], hw, model_dtype, tf32)
@@ -247,7 +280,7 @@ class Report:
         m = model.evaluate(values)
         totals["peak_memory_bytes"] = m.peak_bytes
         totals["memory"] = m.breakdown
-        result = Point(point, totals, analysis, op_values)
+        result = Point(point, totals, analysis, op_values, self.attention)
         result.extra["memory"] = m.extra(model)
         if self.hardware:
             result.apply_timing(self.hardware[0], self.tf32)
@@ -392,7 +425,7 @@ def optimizer_ops(model: torch.nn.Module, trainable: set[str], name: str) -> lis
         cost = {"flops": sympy.Integer(flops), "matmul_flops": sympy.Integer(0), "bytes_read": sympy.Integer(read),
                 "bytes_written": sympy.Integer(written), "bytes": sympy.Integer(read + written)}
         records.append(OpRecord(f"{name}:{pname}", f"optimizer.{name}", module, "optimizer", OPTIMIZER,
-                                dtype_name(p.dtype), cost))
+                                dtype_name(p.dtype), cost, kernel=f"optimizer.{name.replace('-', '_')}"))
     return records
 
 

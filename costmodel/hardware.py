@@ -18,6 +18,7 @@ from importlib import resources
 from pathlib import Path
 
 from costmodel.errors import UsageError
+from costmodel.kernels import AllocationTable, KernelTable, allocation_from_dict, find_table, tables_from_dict
 from costmodel.roofline import DEFAULT_EFFICIENCY
 
 DTYPES = ("float32", "tf32", "bfloat16", "float16", "float8")
@@ -33,7 +34,8 @@ _DTYPE_ALIASES = {
     "float8_e4m3fnuz": "float8", "float8_e5m2fnuz": "float8",
 }
 _REQUIRED = ("memory_bytes", "bandwidth_bytes_per_s", "peak_flops_per_s")
-_OPTIONAL = ("name", "vendor", "description", "kernel_overhead_s", "calibrated", "efficiency", "sources")
+_OPTIONAL = ("name", "vendor", "description", "kernel_overhead_s", "calibrated", "efficiency", "sources",
+             "threads", "kernels", "allocation")
 
 
 def canonical_dtype(dtype: str) -> str:
@@ -58,12 +60,22 @@ class Hardware:
     calibrated: bool = False
     # Per-device overrides of roofline.DEFAULT_EFFICIENCY (the [efficiency] table of the file).
     efficiency: dict[str, float] = field(default_factory=dict, hash=False)
+    # Measured kernel classes (`costmodel hardware calibrate`): "matmul:float32" -> KernelTable.
+    # Where an op's class has one, the roofline prices it from the table instead of the ramps.
+    kernels: dict[str, KernelTable] = field(default_factory=dict, hash=False)
+    # The CPU's price of fresh pages for large new outputs (None: not measured, or not paid).
+    allocation: AllocationTable | None = None
+    threads: int | None = None       # CPU threads the calibration ran with
 
     def __post_init__(self):
         # Own copies: the caller's dicts stay theirs. (Plain dicts, so copy/pickle/asdict work;
         # catalog entries are shared, so treat the tables as read-only.)
-        for name in ("peak_flops_per_s", "sources", "efficiency"):
+        for name in ("peak_flops_per_s", "sources", "efficiency", "kernels"):
             object.__setattr__(self, name, dict(getattr(self, name)))
+
+    def kernel_table(self, kernel: str | None, dtype: str | None) -> KernelTable | None:
+        """The most specific measured table for an op of class `kernel` in `dtype`, or None."""
+        return find_table(self.kernels, kernel, dtype)
 
     @property
     def vector_flops_per_s(self) -> float:
@@ -107,6 +119,9 @@ class Hardware:
             "efficiency": dict(self.efficiency),
             "sources": dict(self.sources),
             "path": self.path,
+            "threads": self.threads,
+            "kernels": {k: t.to_dict() for k, t in self.kernels.items()},
+            "allocation": self.allocation.to_dict() if self.allocation else None,
         }
 
 
@@ -194,6 +209,10 @@ def hardware_from_dict(data: dict, *, origin: str, path: str | None = None) -> H
     if not isinstance(sources, dict) or not all(isinstance(v, str) for v in sources.values()):
         raise UsageError(f"{origin}: 'sources' must be a table of strings (field = \"where it is "
                          f"from\"), got {sources!r}")
+    threads = data.get("threads")
+    if threads is not None and (not isinstance(threads, int) or isinstance(threads, bool) or threads < 1):
+        raise UsageError(f"{origin}: 'threads' must be a positive integer (the CPU threads of the "
+                         f"calibration), got {threads!r}")
     return Hardware(
         name=name.strip(), memory_bytes=memory_bytes,
         bandwidth_bytes_per_s=float(_positive(data["bandwidth_bytes_per_s"], "bandwidth_bytes_per_s", origin)),
@@ -201,6 +220,9 @@ def hardware_from_dict(data: dict, *, origin: str, path: str | None = None) -> H
         kernel_overhead_s=float(overhead), vendor=data.get("vendor", ""), sources=dict(sources),
         path=path, description=data.get("description", ""), calibrated=calibrated,
         efficiency=_efficiency(data.get("efficiency", {}), origin),
+        kernels=tables_from_dict(data.get("kernels", {}), origin, DTYPES),
+        allocation=allocation_from_dict(data["allocation"], origin) if "allocation" in data else None,
+        threads=threads,
     )
 
 

@@ -1,9 +1,12 @@
 """Roofline time of an op on a device: pure arithmetic on FLOPs, bytes and the device's figures.
 
-An op takes max(flops / achievable FLOP/s, bytes / achievable bandwidth) plus one kernel overhead.
-Achievable = datasheet peak * efficiency, where the efficiency has a ceiling per kind of op (data in
-DEFAULT_EFFICIENCY, overridable) and ramps up with the op's size. Matmul, conv and attention run
-on the tensor-core peak of their dtype; every other op runs on the float32 vector peak.
+Generic: an op takes max(flops / achievable FLOP/s, bytes / achievable bandwidth) plus one kernel
+overhead. Achievable = datasheet peak * efficiency, where the efficiency has a ceiling per kind of
+op (data in DEFAULT_EFFICIENCY, overridable) and ramps up with the op's size. Matmul, conv and
+attention run on the tensor-core peak of their dtype; every other op runs on the float32 vector peak.
+Calibrated: where the device file has a measured table for the op's kernel class (costmodel/kernels.py,
+written by `costmodel hardware calibrate`), the op takes that table's overhead plus its work at the
+measured rate for its size and shape, plus, on a CPU, the first touch of a large new output.
 `bound` compares the op's intensity with the ridge point (datasheet peak / datasheet bandwidth) of
 the peak it runs on, so it agrees with `costmodel hardware show` and the roofline plot.
 No torch here: numbers in, numbers out.
@@ -15,8 +18,9 @@ import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Iterable, Mapping
 
-from costmodel.cost import ATTENTION, CONV, INDEX, MATMUL
+from costmodel.cost import ATTENTION, CONV, INDEX, KERNEL_OF_CATEGORY, MATMUL, VIEW
 from costmodel.errors import UsageError
+from costmodel.kernels import ALLOC_FEATURE, FLOPS
 
 if TYPE_CHECKING:
     from costmodel.hardware import Hardware
@@ -64,6 +68,8 @@ class OpTime:
     ridge_point: float          # peak_flops_per_s / bandwidth: the intensity where bound flips
     compute_efficiency: float
     memory_efficiency: float
+    kernel: str | None = None   # the measured table that priced it ("conv.depthwise"), None: the ramps
+    allocation_s: float = 0.0   # first touch of a large new output (calibrated CPUs), inside time_s
 
     @property
     def flops_per_s(self) -> float:
@@ -108,8 +114,11 @@ def efficiencies(hw: "Hardware", overrides: Mapping[str, float] | None = None) -
 
 
 def op_time(flops, bytes, category: str, dtype: str, hw: "Hardware", tf32: bool = False,
-            efficiency: Mapping[str, float] | None = None) -> OpTime:
-    """Roofline time of one op.
+            efficiency: Mapping[str, float] | None = None, kernel: str | None = None,
+            features: Mapping[str, float] | None = None) -> OpTime:
+    """Time of one op: from the device's measured table for `kernel` (default: the category's
+    class) where it has one, else the roofline with generic efficiencies. `features` are the op's
+    shape features (m, n, k, ...) and alloc_bytes, as the rules name them.
 
     >>> t = op_time(2 * 8192**3, 3 * 8192**2 * 2, "matmul", "bfloat16", load_hardware("a100-80gb"))
     >>> t.bound, round(t.intensity), round(t.compute_efficiency, 3), round(t.time_s * 1e3, 2)
@@ -118,6 +127,10 @@ def op_time(flops, bytes, category: str, dtype: str, hw: "Hardware", tf32: bool 
     flops, bytes = float(flops), float(bytes)
     if not (flops >= 0 and bytes >= 0):
         raise UsageError(f"op_time needs flops >= 0 and bytes >= 0; got flops={flops}, bytes={bytes}")
+    if hw.kernels or hw.allocation:
+        measured = _measured_time(flops, bytes, category, dtype, hw, tf32, kernel, features or {})
+        if measured is not None:
+            return measured
     eff = efficiencies(hw, efficiency)
     tensor_key = _TENSOR_CATEGORIES.get(category)
     if tensor_key is not None:
@@ -135,13 +148,58 @@ def op_time(flops, bytes, category: str, dtype: str, hw: "Hardware", tf32: bool 
     compute_time_s = flops / (peak * compute_efficiency) if flops else 0.0
     memory_time_s = bytes / (bandwidth * memory_efficiency) if bytes else 0.0
     intensity = flops / bytes if bytes else math.inf
+    allocation_s = hw.allocation.penalty_s(float((features or {}).get(ALLOC_FEATURE, 0))) if hw.allocation else 0.0
     return OpTime(
         flops=flops, bytes=bytes,
-        time_s=max(compute_time_s, memory_time_s) + hw.kernel_overhead_s,
+        time_s=max(compute_time_s, memory_time_s) + hw.kernel_overhead_s + allocation_s,
         compute_time_s=compute_time_s, memory_time_s=memory_time_s, overhead_s=hw.kernel_overhead_s,
         intensity=intensity, bound="compute" if intensity >= ridge else "memory",
         peak_flops_per_s=peak, ridge_point=ridge,
-        compute_efficiency=compute_efficiency, memory_efficiency=memory_efficiency,
+        compute_efficiency=compute_efficiency, memory_efficiency=memory_efficiency, allocation_s=allocation_s,
+    )
+
+
+def _peak(category: str, dtype: str, hw: "Hardware", tf32: bool) -> float:
+    return hw.peak_for(dtype, tf32) if category in _TENSOR_CATEGORIES else hw.vector_flops_per_s
+
+
+def _measured_time(flops: float, bytes: float, category: str, dtype: str, hw: "Hardware", tf32: bool,
+                   kernel: str | None, features: Mapping[str, float]) -> OpTime | None:
+    """The op priced from the device's measured table of its kernel class; None if it has none."""
+    from costmodel.hardware import canonical_dtype
+    kernel = kernel or KERNEL_OF_CATEGORY.get(category)
+    key = canonical_dtype(dtype)
+    if tf32 and key == "float32" and hw.kernel_table(kernel, "tf32") is not None:
+        key = "tf32"
+    table = hw.kernel_table(kernel, key)
+    if table is None:
+        return None
+    peak = _peak(category, dtype, hw, tf32)
+    bandwidth = hw.bandwidth_bytes_per_s
+    ridge = peak / bandwidth
+    if flops == 0 and bytes == 0:
+        if category != VIEW:
+            return OpTime(0.0, 0.0, 0.0, 0.0, 0.0, 0.0, None, None, peak, ridge, 0.0, 0.0, table.kernel)
+        # A view does no work, but an eager call of it still goes through the dispatcher.
+        return OpTime(0.0, 0.0, table.overhead_s, 0.0, 0.0, table.overhead_s, None, None, peak, ridge, 0.0, 0.0,
+                      table.kernel)
+    # The measured side is the table's time (it already holds whatever bound the kernel); the
+    # other side is the ideal time at the datasheet figure, for the record.
+    kernel_s = table.kernel_time_s(flops if table.work == FLOPS else bytes, features)
+    if table.work == FLOPS:
+        compute_time_s, memory_time_s = kernel_s, bytes / bandwidth
+    else:
+        compute_time_s, memory_time_s = flops / peak, kernel_s
+    allocation_s = hw.allocation.penalty_s(float(features.get(ALLOC_FEATURE, 0))) if hw.allocation else 0.0
+    intensity = flops / bytes if bytes else math.inf
+    return OpTime(
+        flops=flops, bytes=bytes, time_s=table.overhead_s + kernel_s + allocation_s,
+        compute_time_s=compute_time_s, memory_time_s=memory_time_s, overhead_s=table.overhead_s,
+        intensity=intensity, bound="compute" if intensity >= ridge else "memory",
+        peak_flops_per_s=peak, ridge_point=ridge,
+        compute_efficiency=flops / (peak * compute_time_s) if compute_time_s else 1.0,
+        memory_efficiency=bytes / (bandwidth * memory_time_s) if memory_time_s else 1.0,
+        kernel=table.kernel, allocation_s=allocation_s,
     )
 
 

@@ -3,6 +3,10 @@
 Counted as torch.utils.flop_counter counts them: every output position of a (non-transposed)
 convolution does c_in/groups * prod(kernel) multiply-adds per output channel. Stride, padding and
 dilation enter through the output's spatial size; groups through the weight's c_in/groups.
+
+Kernel classes, from the weight against the input (the groups argument's position differs between
+the aten convolution ops, the shapes do not): conv.transposed; conv.dense (one group);
+conv.depthwise (one input channel per group); conv.grouped (the rest); ".backward" for the gradients.
 """
 
 from __future__ import annotations
@@ -25,17 +29,41 @@ def conv_flops(x_shape, w_shape, out_shape, transposed: bool):
     return 2 * batch * c_out * c_in_per_group * prod(kernel) * positions
 
 
+def conv_class(x_shape, w_shape, out_shape, transposed: bool, backward: bool = False) -> dict:
+    """kernel class and features (per-group c_in and c_out, groups, kernel area, output positions)."""
+    if transposed:   # weight [c_in, c_out / groups, *kernel]
+        cout = w_shape[1]
+        groups = out_shape[1] / cout
+        cin = x_shape[1] / groups
+    else:            # weight [c_out, c_in / groups, *kernel]
+        cout_total, cin = w_shape[0], w_shape[1]
+        groups = x_shape[1] / cin
+        cout = cout_total / groups
+    if transposed:
+        kind = "transposed"
+    elif groups == 1:
+        kind = "dense"
+    elif cin == 1:
+        kind = "depthwise"
+    else:
+        kind = "grouped"
+    features = {"cin": cin, "cout": cout, "groups": groups, "kernel": prod(w_shape[2:]),
+                "positions": out_shape[0] * prod(out_shape[2:])}
+    return {"kernel": f"conv.{kind}" + (".backward" if backward else ""), "features": features}
+
+
 @register(aten.convolution, aten._convolution, aten.cudnn_convolution, aten.convolution_overrideable)
 def convolution(x: TensorSpec, w: TensorSpec, bias: TensorSpec | None, stride, padding, dilation,
                 transposed: bool, *rest, out: TensorSpec, **_) -> OpCost:
     """out = conv(x, w) + b"""
     return OpCost(conv_flops(x.shape, w.shape, out.shape, transposed), nbytes_of([x, w, bias]),
-                  out.nbytes, CONV)
+                  out.nbytes, CONV, **conv_class(x.shape, w.shape, out.shape, transposed))
 
 
 @register(aten._slow_conv2d_forward)
 def slow_conv2d(x: TensorSpec, w: TensorSpec, kernel_size, bias, stride, padding, *, out, **_) -> OpCost:
-    return OpCost(conv_flops(x.shape, w.shape, out.shape, False), nbytes_of([x, w, bias]), out.nbytes, CONV)
+    return OpCost(conv_flops(x.shape, w.shape, out.shape, False), nbytes_of([x, w, bias]), out.nbytes, CONV,
+                  **conv_class(x.shape, w.shape, out.shape, False))
 
 
 @register(aten.convolution_backward)
@@ -58,4 +86,5 @@ def convolution_backward(grad_out: TensorSpec, x: TensorSpec, w: TensorSpec, bia
             flops += conv_flops(t(x.shape), t(grad_out.shape), t(grad_weight.shape), False)
     # grad_bias (a sum over grad_out) is not counted by FlopCounterMode; it rides in bytes only.
     read = grad_out.nbytes + (x.nbytes if output_mask[1] else 0) + (w.nbytes if output_mask[0] else 0)
-    return OpCost(flops, read, nbytes_of([o for o in out if o is not None]), CONV)
+    return OpCost(flops, read, nbytes_of([o for o in out if o is not None]), CONV,
+                  **conv_class(x.shape, w.shape, grad_out.shape, transposed, backward=True))
