@@ -409,19 +409,12 @@ def _truncate(module: str, depth: int | None) -> str:
 
 def optimizer_ops(model: torch.nn.Module, trainable: set[str], name: str) -> list[OpRecord]:
     """One update per trainable parameter tensor, attributed to the module that owns it."""
-    rule = opt.UPDATES[name]
     records = []
     for pname, p in model.named_parameters():
         if pname not in trainable:
             continue
-        numel, size = p.numel(), p.element_size()
         module = pname.rpartition(".")[0] or cap.ROOT
-        flops = rule.flops_per_elem * numel
-        if name == "adafactor":
-            state = opt.state_elements(name, tuple(p.shape))
-            read, written = (2 * numel + state) * size, (numel + state) * size
-        else:
-            read, written = rule.reads_per_elem * numel * size, rule.writes_per_elem * numel * size
+        flops, read, written = opt.update_cost(name, tuple(p.shape), p.element_size())
         cost = {"flops": sympy.Integer(flops), "matmul_flops": sympy.Integer(0), "bytes_read": sympy.Integer(read),
                 "bytes_written": sympy.Integer(written), "bytes": sympy.Integer(read + written)}
         records.append(OpRecord(f"{name}:{pname}", f"optimizer.{name}", module, "optimizer", OPTIMIZER,

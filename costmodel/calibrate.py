@@ -1,11 +1,16 @@
-"""Measure this machine: matmul FLOP/s per dtype, copy bandwidth and per-op overhead, as a device file.
+"""Measure this machine as a device file: peaks, bandwidth and per-op overhead, then one measured
+table per kernel class (costmodel/calibrate_kernels.py), so the roofline prices each op as that
+kind of kernel runs here.
 
 `calibrate("cpu", "my-cpu.toml")` times large matmuls, a large tensor copy and a tiny op with
-torch.utils.benchmark (warm-up, then the median of blocks), and writes a TOML that
-`load_hardware("my-cpu.toml")` reads. The file says `calibrated = true`: its peaks are achievable
-rates already, so the roofline measures its efficiencies relative to them (a large matmul runs at
-1.0 of the measured rate, not 0.8 of it). Bytes are counted as the cost model counts them: a copy
-reads n bytes and writes n bytes, whatever the cache does on top.
+torch.utils.benchmark (warm-up, then the median of blocks), then the kernel classes (products by
+shape, convolutions dense/depthwise/grouped/transposed, each SDPA kernel, norms, softmax,
+reductions, each common elementwise op, copies, embedding, optimizers, eager views), and writes a
+TOML that `load_hardware("my-cpu.toml")` reads. The file says `calibrated = true`: its peaks are
+achievable rates already, so the generic roofline measures its efficiencies relative to them; ops
+whose class has a table are priced from it. Bytes are counted as the cost model counts them: a copy
+reads n bytes and writes n bytes, whatever the cache does on top. The CPU threads are torch's at the
+time (`torch.set_num_threads`); a calibration holds for that thread count.
 """
 
 from __future__ import annotations
@@ -46,9 +51,13 @@ def _plan(device: str, quick: bool) -> _Plan:
 
 
 def calibrate(device: str = "cpu", out_path: str | os.PathLike | None = None, *, quick: bool = False,
-              name: str | None = None) -> Hardware:
-    """Measure `device` ("cpu" or "cuda"), write the TOML to `out_path` (if given), return it loaded."""
+              name: str | None = None, kernels: bool = True, progress=None) -> Hardware:
+    """Measure `device` ("cpu" or "cuda"), write the TOML to `out_path` (if given), return it loaded.
+    `kernels=False` measures the peaks only (the file format of earlier versions); `progress` is
+    called with the name of each kernel class as its measurement starts."""
     import torch
+
+    from .calibrate_kernels import kernel_plan, measure_kernels
 
     if device not in DEVICES:
         raise UsageError(f"--device got '{device}'; accepted: {', '.join(DEVICES)}")
@@ -76,14 +85,21 @@ def calibrate(device: str = "cpu", out_path: str | os.PathLike | None = None, *,
     sources["kernel_overhead_s"] = f"{stamp}: {detail}"
     memory_bytes, detail = _memory_bytes(device)
     sources["memory_bytes"] = f"{detail} (on {machine})"
+    tables, allocation = measure_kernels(device, kernel_plan(device, quick), stamp, progress) if kernels \
+        else ({}, None)
 
+    fields = {"name": name or f"calibrated-{device}", "vendor": _vendor(device),
+              "description": f"{machine}, measured", "calibrated": True, "memory_bytes": memory_bytes,
+              "bandwidth_bytes_per_s": bandwidth, "kernel_overhead_s": overhead_s}
+    if device == "cpu":
+        fields["threads"] = torch.get_num_threads()
+    sections = {"peak_flops_per_s": peaks, "sources": sources}
+    if allocation is not None:
+        sections["allocation"] = allocation.to_dict()
+    sections.update({f"kernels.{_toml_key(key)}": table.to_dict() for key, table in tables.items()})
     text = _to_toml(
         header=f"Written by `costmodel hardware calibrate --device {device}`: measured achievable rates.",
-        fields={"name": name or f"calibrated-{device}", "vendor": _vendor(device),
-                "description": f"{machine}, measured", "calibrated": True, "memory_bytes": memory_bytes,
-                "bandwidth_bytes_per_s": bandwidth, "kernel_overhead_s": overhead_s},
-        tables={"peak_flops_per_s": peaks, "sources": sources},
-    )
+        fields=fields, tables=sections)
     if out is not None:
         out.write_text(text, encoding="utf-8")
     return hardware_from_dict(tomllib.loads(text), origin=f"calibration of {device}",
@@ -241,11 +257,17 @@ def _machine(device: str) -> str:
 
 
 def _to_toml(header: str, fields: dict, tables: dict[str, dict]) -> str:
+    """Top-level fields, then one [table] each (its name already quoted where needed); a dict value
+    inside a table is written as dotted keys (efficiency.m = [[1.0, 0.2], ...])."""
     lines = [f"# {header}"]
     lines += [f"{key} = {_toml_value(value)}" for key, value in fields.items()]
     for table, values in tables.items():
         lines += ["", f"[{table}]"]
-        lines += [f"{_toml_key(key)} = {_toml_value(value)}" for key, value in values.items()]
+        for key, value in values.items():
+            if isinstance(value, dict):
+                lines += [f"{_toml_key(key)}.{_toml_key(k)} = {_toml_value(v)}" for k, v in value.items()]
+            else:
+                lines.append(f"{_toml_key(key)} = {_toml_value(value)}")
     return "\n".join(lines) + "\n"
 
 
@@ -254,6 +276,8 @@ def _toml_key(key: str) -> str:
 
 
 def _toml_value(value) -> str:
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, int):

@@ -112,8 +112,8 @@ class KernelTable:
     kernel: str
     dtype: str | None
     overhead_s: float                      # one call of a tiny instance: dispatch and launch
-    sizes: tuple[float, ...]               # work per call of the measured reference shapes
-    rates: tuple[float, ...]               # work per second at those sizes, overhead excluded
+    sizes: tuple[float, ...] = ()          # work per call of the measured reference shapes
+    rates: tuple[float, ...] = ()          # work per second at those sizes, overhead excluded
     efficiency: dict[str, tuple[tuple[float, float], ...]] = field(default_factory=dict, hash=False)
     how: str = ""                          # what was run, how it was timed
 
@@ -136,7 +136,7 @@ class KernelTable:
 
     def kernel_time_s(self, work: float, features: Mapping[str, float] | None = None) -> float:
         """Seconds of the kernel itself, overhead excluded."""
-        if work <= 0:
+        if work <= 0 or not self.sizes:
             return 0.0
         return work / (self.rate(work) * self.shape_efficiency(features))
 
@@ -144,8 +144,9 @@ class KernelTable:
         return self.overhead_s + self.kernel_time_s(work, features)
 
     def to_dict(self) -> dict:
-        out = {"work": self.work, "overhead_s": self.overhead_s, "sizes": list(self.sizes),
-               "rates": list(self.rates)}
+        out = {"work": self.work, "overhead_s": self.overhead_s}
+        if self.sizes:
+            out.update(sizes=list(self.sizes), rates=list(self.rates))
         if self.dtype:
             out["dtype"] = self.dtype
         if self.efficiency:
@@ -223,9 +224,10 @@ def _table(key: str, data, where: str, dtypes) -> KernelTable:
             near = difflib.get_close_matches(name, _TABLE_FIELDS, n=1)
             raise UsageError(f"{where}: unknown field '{name}'{f' (did you mean {near[0]}?)' if near else ''}; "
                              f"accepted: {', '.join(_TABLE_FIELDS)}")
-    for name in ("overhead_s", "sizes", "rates"):
-        if name not in data:
-            raise UsageError(f"{where}: missing field '{name}'")
+    if "overhead_s" not in data:
+        raise UsageError(f"{where}: missing field 'overhead_s'")
+    if ("sizes" in data) != ("rates" in data):
+        raise UsageError(f"{where}: 'sizes' and 'rates' go together (a table of overhead only has neither)")
     work = work_of(kernel)
     if data.get("work", work) != work:
         raise UsageError(f"{where}: {root(kernel)} classes are priced by {work}, but the table says "
@@ -244,8 +246,8 @@ def _table(key: str, data, where: str, dtypes) -> KernelTable:
     overhead = data["overhead_s"]
     if not _number(overhead) or not 0 <= overhead < 1:
         raise UsageError(f"{where}: 'overhead_s' must be seconds, 0 <= value < 1, got {overhead!r}")
-    sizes = _positive_list(data["sizes"], f"{where}: 'sizes'")
-    rates = _positive_list(data["rates"], f"{where}: 'rates'")
+    sizes = _positive_list(data["sizes"], f"{where}: 'sizes'") if "sizes" in data else []
+    rates = _positive_list(data["rates"], f"{where}: 'rates'") if "rates" in data else []
     if len(sizes) != len(rates):
         raise UsageError(f"{where}: 'sizes' and 'rates' must have the same length, got {len(sizes)} and {len(rates)}")
     _ascending(sizes, f"{where}: 'sizes'")

@@ -56,3 +56,16 @@ def state_elements(name: str, shape: tuple[int, ...]) -> int:
             return rows + cols
         return numel
     return STATE_PER_PARAM[name] * numel
+
+
+def update_cost(name: str, shape: tuple[int, ...], itemsize: int) -> tuple[int, int, int]:
+    """(FLOPs, bytes read, bytes written) of one parameter tensor's update."""
+    rule = UPDATES[name]
+    numel = 1
+    for s in shape:
+        numel *= s
+    if name == "adafactor":
+        state = state_elements(name, tuple(shape))
+        return rule.flops_per_elem * numel, (2 * numel + state) * itemsize, (numel + state) * itemsize
+    return (rule.flops_per_elem * numel, rule.reads_per_elem * numel * itemsize,
+            rule.writes_per_elem * numel * itemsize)

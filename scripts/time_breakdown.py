@@ -1,0 +1,85 @@
+"""Where a predicted step time differs from the measured one: predicted time per aten op against the
+profiler's self time per aten op, for one architecture of time_accuracy_benchmark.py at one point.
+
+Run by hand: `python scripts/time_breakdown.py decoder --dim batch=1 --dim seq=512 --hw cpu.toml
+[--mode train] [--threads 1]`. The profiler's own cost inflates small ops a little; the measured
+step (no profiler) is printed above the table. Ops eager runs inside a composite (linear's addmm)
+appear under their own names on both sides.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import os
+import sys
+import warnings
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+
+def main(argv=None) -> int:
+    from time_accuracy_benchmark import ARCHS
+
+    from costmodel import memtrack
+    from costmodel.api import analyze
+    from costmodel.complexity import time_call
+    from costmodel.hardware import load_hardware
+    from costmodel.specs import parse_dims
+    from costmodel.validate import _Runner
+
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("arch", choices=[a.name for a in ARCHS])
+    p.add_argument("--dim", action="append", default=[])
+    p.add_argument("--mode", default="inference")
+    p.add_argument("--hw", required=True)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--top", type=int, default=30)
+    p.add_argument("--by", choices=("op", "kernel"), default="op")
+    args = p.parse_args(argv)
+    warnings.filterwarnings("ignore")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    torch.set_num_threads(args.threads)
+    arch = next(a for a in ARCHS if a.name == args.arch)
+    dims = {d: v[0] for d, v in parse_dims(args.dim).items()} if args.dim else \
+        {d: v[0] for d, v in (arch.dims if args.mode == "inference" else arch.train_dims).items()}
+    hw = load_hardware(args.hw)
+    rep = analyze(arch.build, inputs=arch.inputs, mode=args.mode, dims={d: [v] for d, v in dims.items()},
+                  hardware=hw, complete=True)
+    pt = rep.evaluate(**dims)
+    timing = pt.timing(hw)
+    pred, count = collections.Counter(), collections.Counter()
+    for i, (op, t) in enumerate(zip(pt.ops, timing["op_times"])):
+        key = pt.kernel_class(i, hw) if args.by == "kernel" else op["target"].replace("aten.", "aten::").rsplit(".", 1)[0]
+        pred[key] += t.time_s
+        count[key] += 1
+    runner = _Runner(arch.build, rep, "cpu", torch.float32, args.mode, "adamw", "sum", False)
+    values = memtrack.make_inputs(runner.specs, dims, "cpu", high=runner.vocab)
+    step = runner._step(values)
+    measured = time_call(step, repeats=5, warmup=2, min_time_s=1.0)
+    from torch.profiler import ProfilerActivity, profile
+    iters = 3
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(iters):
+            step()
+    meas, mcount = collections.Counter(), collections.Counter()
+    for e in prof.key_averages():
+        meas[e.key] += e.self_cpu_time_total / 1e6 / iters
+        mcount[e.key] += e.count / iters
+    print(f"{arch.name} {args.mode} at {dims}, {args.threads} threads: measured {measured.median_s * 1e3:.2f} ms "
+          f"(profiled self time {sum(meas.values()) * 1e3:.2f} ms), predicted {pt.totals['time_s'] * 1e3:.2f} ms; "
+          f"load {os.getloadavg()[0]:.2f}")
+    keys = sorted(set(pred) | set(meas), key=lambda k: -max(pred.get(k, 0), meas.get(k, 0)))
+    print(f"{'':48s} {'predicted':>10s} {'n':>5s}   {'profiled':>10s} {'n':>6s}")
+    for k in keys[:args.top]:
+        print(f"{k[:48]:48s} {pred.get(k, 0) * 1e3:8.3f}ms {count.get(k, 0):5d}   "
+              f"{meas.get(k, 0) * 1e3:8.3f}ms {mcount.get(k, 0):6.0f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
