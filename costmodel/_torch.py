@@ -274,3 +274,13 @@ def is_backward(node: fx.Node) -> bool:
     `backward_meta_fields`)."""
     meta = node.meta
     return bool(meta.get("autograd_backward") or meta.get("in_grad_fn") or meta.get("is_gradient_acc"))
+
+
+def python_dispatcher(enabled: bool = True):
+    """Around make_fx: PyTorch's Python dispatcher (`torch._dispatch.python`), which runs the Python
+    decompositions of C++ composite kernels, so that sizes those kernels read as plain integers
+    stay symbolic. A no-op context when `enabled` is False."""
+    if not enabled:
+        return contextlib.nullcontext()
+    from torch._dispatch.python import enable_python_dispatcher
+    return enable_python_dispatcher()

@@ -153,11 +153,13 @@ class Report:
         self.hardware: list = []     # Hardware to time on (the first one fills time_s); see set_hardware
         self.tf32 = False
         self.amp = False
+        self.moe_imbalance = 1
         # The device kind whose kernels the memory model assumes ("cuda" or "cpu"); None: the first
         # --hw device's kind, else "cuda" (the contract's figure is torch.cuda.max_memory_allocated).
         self.device: str | None = None
         self._memory: dict = {}
         self._limits: list[Limit] | None = None
+        self._interpolation = False          # not computed yet (None: computed, nothing to interpolate)
         self.warnings: list[str] = []       # assumptions and fallbacks, in the order they were made
         self.dims = list(dict.fromkeys(d for s in inputs for d in s.dim_names))
 
@@ -169,10 +171,60 @@ class Report:
 
     @property
     def symbolic(self) -> SimpleNamespace:
-        """Totals as sympy expressions in the dimension names (flops, matmul_flops, bytes, ...)."""
-        return SimpleNamespace(**self.primary.totals, params=sympy.Integer(self.params),
-                               param_bytes=sympy.Integer(self.param_bytes),
-                               peak_memory_bytes=self.memory_formula())
+        """Totals as sympy expressions in the dimension names (flops, matmul_flops, bytes, ...).
+        In a dimension the capture pins, the totals are interpolated over several captures and
+        verified (see `symbolic_method`); where no formula verifies, the dimension is reported as
+        pinned and each of its values is captured separately."""
+        totals = dict(self.primary.totals)
+        peak = self.memory_formula()
+        interp = self.interpolation
+        if interp is not None:
+            totals = dict(interp.totals)
+            if interp.peak is not None:
+                peak = interp.peak
+        return SimpleNamespace(**totals, params=sympy.Integer(self.params), param_bytes=sympy.Integer(self.param_bytes),
+                               peak_memory_bytes=peak)
+
+    @property
+    def symbolic_method(self) -> dict[str, dict]:
+        """How each symbolic total was obtained: {"flops": {"method": "traced"}, ...}, or for a pinned
+        dimension {"method": "interpolated", "dim", "degree", "points", "verified_at"} ("per-point"
+        for a peak that is no single polynomial; "pinned" where nothing verified)."""
+        metrics = list(self.primary.totals) + ["peak_memory_bytes"]
+        interp = self.interpolation
+        if interp is not None:
+            return {m: interp.method(m) for m in metrics}
+        pinned = {d: v for d, v in self.fixed.items() if d in self.dims}
+        if pinned:
+            return {m: {"method": "pinned", "at": pinned} for m in metrics}
+        return {m: {"method": "traced"} for m in metrics}
+
+    @property
+    def interpolation(self):
+        """The interpolated totals in the one dimension the capture pins (None when no dimension is
+        pinned, several are, or no polynomial verifies: see costmodel.interpolate)."""
+        if self._interpolation is False:
+            self._interpolation = None
+            pinned = {d: v for d, v in self.fixed.items() if d in self.dims}
+            if len(pinned) == 1:
+                from .interpolate import interpolate
+                (d, v), = pinned.items()
+                self._interpolation = interpolate(self, d, v)
+                if self._interpolation is None:
+                    self.warn(f"{self.model}: {d} is pinned by the capture and no polynomial in {d} verified "
+                              f"over captures at several values; each value of {d} is captured separately")
+            elif len(pinned) > 1:
+                self.warn(f"{self.model}: the capture pins {', '.join(pinned)}; formulas are not interpolated "
+                          "in more than one dimension: each point is captured separately")
+        return self._interpolation
+
+    def capture_at(self, values: dict[str, int]) -> Analysis:
+        """A capture with `values` fixed and the other dimensions symbolic."""
+        analysis = _analyze_once(self._loaded, self.inputs, self.mode, self.loss, self.optimizer, self._kernel(),
+                                 hints={d: v for d, v in self.primary.captured.hints.items() if d not in values},
+                                 fixed=dict(values), amp=self.amp, moe_imbalance=self.moe_imbalance)
+        self.analyses.append(analysis)
+        return analysis
 
     @property
     def guards(self) -> list[cap.Guard]:
@@ -189,10 +241,15 @@ class Report:
     def complexity(self) -> dict[str, dict[str, int]]:
         """Polynomial degree of each total in each symbolic dimension: {"seq": {"flops": 2, ...}}."""
         fixed = self.fixed
-        peak = self.memory_formula()
-        return {d: {**{m: degree(self.primary.totals[m], dim_symbol(d)) for m in ("flops", "matmul_flops", "bytes")},
-                    "peak_memory_bytes": degree(peak, dim_symbol(d))}
-                for d in self.primary.captured.dims if d not in fixed}
+        sym = vars(self.symbolic)
+        interp = self.interpolation
+        dims = [d for d in self.dims if d not in fixed or (interp is not None and d == interp.dim)]
+        out = {}
+        for d in dims:
+            out[d] = {m: degree(sym[m], dim_symbol(d)) for m in ("flops", "matmul_flops", "bytes")}
+            if interp is None or d != interp.dim or interp.peak is not None:
+                out[d]["peak_memory_bytes"] = degree(sym["peak_memory_bytes"], dim_symbol(d))
+        return out
 
     @property
     def unsupported(self) -> dict[str, int]:
@@ -381,7 +438,8 @@ class Report:
                       "capturing that point separately")
         try:
             analysis = _analyze_once(self._loaded, self.inputs, self.mode, self.loss, self.optimizer,
-                                     self._kernel(), hints=point, fixed=_pins(self.primary, point), amp=self.amp)
+                                     self._kernel(), hints=point, fixed=_pins(self.primary, point), amp=self.amp,
+                                     moe_imbalance=self.moe_imbalance)
         except AnalysisError as e:
             where = ", ".join(f"{d}={v}" for d, v in point.items())
             assumed = f"; the symbolic capture assumed {why}" if failed else ""
@@ -424,8 +482,9 @@ def optimizer_ops(model: torch.nn.Module, trainable: set[str], name: str) -> lis
 
 def _analyze_once(loaded: cap.LoadedModel, inputs: list[InputSpec], mode: str, loss: str, optimizer: str,
                   kernel: str, hints: dict[str, int] | None = None, fixed: dict[str, int] | None = None,
-                  amp: bool | str = False) -> Analysis:
-    captured = cap.capture(loaded.module, inputs, mode, hints=hints, fixed=fixed, loss=loss, amp=amp)
+                  amp: bool | str = False, moe_imbalance=1) -> Analysis:
+    captured = cap.capture(loaded.module, inputs, mode, hints=hints, fixed=fixed, loss=loss, amp=amp,
+                           moe_imbalance=moe_imbalance)
     analysis = cost_graph(captured, attention=kernel)
     if mode == "train":
         analysis.ops.extend(optimizer_ops(loaded.module, captured.trainable, optimizer))
@@ -437,7 +496,7 @@ def analyze(model, inputs: list[str] | None = None, mode: str = "inference", dty
             optimizer: str = "adamw", attention: str = "auto", loss: str = "sum",
             dims: dict[str, list[int] | int] | None = None, hardware=None, tf32: bool = False,
             complete: bool = False, amp: bool | str = False, device: str | None = None,
-            trust_remote_code: bool = False) -> Report:
+            trust_remote_code: bool = False, moe_imbalance: float = 1) -> Report:
     """Capture `model` (zoo name, "hf:ORG/NAME", a config.json or its directory, "file.py:FUNC",
     "pkg.mod:FUNC", a factory or an nn.Module) with symbolic dimensions and cost every op. `inputs`
     are specs such as "input_ids:int64[batch,seq]" (zoo models and Hugging Face configs bring defaults). `dims` (optional) gives the values to be evaluated later: the first
@@ -446,6 +505,8 @@ def analyze(model, inputs: list[str] | None = None, mode: str = "inference", dty
     `amp=True`: mixed precision as torch.autocast on CUDA runs it (float32 weights, optimizer state and
     master copies; bfloat16 compute, with the casts' copies counted); needs dtype float32. `amp="cpu"`
     applies the CPU's autocast policy instead (what torch.autocast("cpu") does; used to validate).
+    `moe_imbalance`: mixture-of-experts layers route tokens evenly (1) or with the busiest expert
+    taking this many times the mean (see costmodel.moe).
     `device` ("cuda" or "cpu"): the kernels the memory model assumes; default the first --hw
     device's kind, else "cuda". `trust_remote_code=True` lets a Hugging Face config's auto_map
     code run (the repository's own model classes); off by default."""
@@ -459,6 +520,8 @@ def analyze(model, inputs: list[str] | None = None, mode: str = "inference", dty
     if attention not in ATTENTION_CHOICES:
         raise UsageError(f"unknown --attention {attention!r}; accepted: {', '.join(ATTENTION_CHOICES)}")
     opt.check(optimizer)
+    from .moe import check_imbalance
+    check_imbalance(moe_imbalance)
     torch_dtype = parse_dtype(dtype) if isinstance(dtype, str) else dtype
     loaded = cap.load_model(model, torch_dtype, trust_remote_code=trust_remote_code)
     specs = [parse_input(s) if isinstance(s, str) else s for s in (inputs or [])] or loaded.inputs
@@ -483,11 +546,12 @@ def analyze(model, inputs: list[str] | None = None, mode: str = "inference", dty
     hints = {d: next((v for v in vs if v >= 2), None) for d, vs in dims.items()}
     hints = {d: v for d, v in hints.items() if v is not None}
     kernel = resolve_attention(attention, hardware, torch_dtype)
-    first = _first_analysis(loaded, specs, mode, loss, optimizer, kernel, hints, amp)
+    first = _first_analysis(loaded, specs, mode, loss, optimizer, kernel, hints, amp, moe_imbalance)
     name = model if isinstance(model, str) else loaded.name
     report = Report(name, mode, torch_dtype, specs, loaded, first, optimizer, attention, loss,
                     params_of(loaded.module))
     report.amp = amp
+    report.moe_imbalance = moe_imbalance
     report.device = memory.device_kind(device) if device is not None else None
     if hardware:
         report.set_hardware(hardware, tf32)
@@ -498,20 +562,22 @@ _LARGER_HINTS = (16, 256)     # retries of a failed capture at larger sizes of t
 
 
 def _first_analysis(loaded: cap.LoadedModel, specs: list[InputSpec], mode: str, loss: str, optimizer: str,
-                    kernel: str, hints: dict[str, int], amp) -> Analysis:
+                    kernel: str, hints: dict[str, int], amp, moe_imbalance=1) -> Analysis:
     """The symbolic capture. Dimensions the user gave no value for are traced at default sizes; a
     model that cannot run that small (a conv stack longer than 72 samples) is tried again at larger
     ones. A failure says which sizes it was captured at and what the config declares for them."""
     dims = list(dict.fromkeys(d for s in specs for d in s.dim_names))
     free = [d for d in dims if d not in hints and "batch" not in d.lower()]
     try:
-        return _analyze_once(loaded, specs, mode, loss, optimizer, kernel, hints=hints, amp=amp)
+        return _analyze_once(loaded, specs, mode, loss, optimizer, kernel, hints=hints, amp=amp,
+                             moe_imbalance=moe_imbalance)
     except AnalysisError as first_error:
         error = first_error
     for factor in _LARGER_HINTS if free else ():
         larger = {**hints, **{d: cap.default_hint(d, dims.index(d)) * factor for d in free}}
         try:
-            return _analyze_once(loaded, specs, mode, loss, optimizer, kernel, hints=larger, amp=amp)
+            return _analyze_once(loaded, specs, mode, loss, optimizer, kernel, hints=larger, amp=amp,
+                                 moe_imbalance=moe_imbalance)
         except AnalysisError:
             continue
     used = {d: hints.get(d, cap.default_hint(d, i)) for i, d in enumerate(dims)}

@@ -37,6 +37,7 @@ from torch.nn.utils.stateless import _reparametrize_module
 from . import _torch, zoo
 from .errors import AnalysisError, CostModelError, UsageError
 from .eager_paths import eager_decisions
+from .moe import balanced_experts
 from .sdpa_op import route_sdpa
 from .specs import InputSpec, parse_input
 from .symbols import dim_symbol
@@ -183,10 +184,43 @@ def _import_factory(source: str):
 # --- capture ------------------------------------------------------------------------------------
 
 def capture(model: nn.Module, inputs: list[InputSpec], mode: str = "inference", hints: dict[str, int] | None = None,
-            fixed: dict[str, int] | None = None, loss: str = "sum", amp: bool | str = False) -> Captured:
+            fixed: dict[str, int] | None = None, loss: str = "sum", amp: bool | str = False,
+            moe_imbalance=1) -> Captured:
     """Trace `model` on fake inputs whose named dimensions are symbols (or, for `fixed`, integers).
     `amp`: trace the forward and loss under autocast to bfloat16 (True: CUDA's op policy; "cpu": the
-    CPU's), emulated by `costmodel.amp` since autocast does nothing to meta tensors."""
+    CPU's), emulated by `costmodel.amp` since autocast does nothing to meta tensors.
+
+    C++ composite kernels that read sizes as plain integers pin the dimensions they touch; the
+    common ones (RNNs, upsampling, padding) are routed to their Python decompositions (see
+    sdpa_op.route_sdpa). If a dimension is still pinned, the model is traced again with PyTorch's
+    Python dispatcher on for every op, and that trace is kept if it pins fewer dimensions."""
+    first = _capture(model, inputs, mode, hints, fixed, loss, amp, moe_imbalance, python_dispatcher=False)
+    if not _pinned_by_size_reads(first):
+        return first
+    try:
+        second = _capture(model, inputs, mode, hints, fixed, loss, amp, moe_imbalance, python_dispatcher=True)
+    except CostModelError:
+        return first
+    return second if len(pinned_dims(second)) < len(pinned_dims(first)) else first
+
+
+def _pinned_by_size_reads(c: "Captured") -> bool:
+    env = c.shape_env
+    for sym in c.symbol_map:
+        rep, sloc = env.replacements.get(sym), env.replacements_slocs.get(sym)
+        if rep is not None and rep.is_number and getattr(sloc, "framework_loc", None) == CONCRETE_SIZE_READ:
+            return True
+    return False
+
+
+def pinned_dims(c: "Captured") -> set[str]:
+    """The symbolic dimensions the trace specialised to one value."""
+    return {str(u) for sym, u in c.symbol_map.items()
+            if (rep := c.shape_env.replacements.get(sym)) is not None and rep.is_number}
+
+
+def _capture(model: nn.Module, inputs: list[InputSpec], mode: str, hints, fixed, loss: str, amp, moe_imbalance,
+             python_dispatcher: bool) -> Captured:
     if mode not in MODES:
         raise UsageError(f"unknown mode {mode!r}; accepted: {', '.join(MODES)}")
     if loss not in LOSSES:
@@ -261,7 +295,8 @@ def capture(model: nn.Module, inputs: list[InputSpec], mode: str = "inference", 
 
     try:
         with _torch.symbolic_kernels(), _torch.backward_meta_fields(), fake_mode, _module_paths(model), \
-                fx_traceback.preserve_node_meta(), route_sdpa(), eager_decisions(is_input):
+                fx_traceback.preserve_node_meta(), route_sdpa(), eager_decisions(is_input), \
+                balanced_experts(model, moe_imbalance), _torch.python_dispatcher(python_dispatcher):
             gm = make_fx(fn, tracing_mode="real", _disable_torch_fn_metadata_mode=True)(params, buffers, values)
     except CostModelError:
         raise
@@ -431,7 +466,7 @@ class _FrameLocals:
             held = held + _frame_tensors(frame)
             del frame
         if held:
-            _live_until_now(held)
+            live_until_now(held)
 
     def close(self) -> None:
         self.pending.clear()
@@ -443,7 +478,8 @@ def _frame_tensors(frame) -> list[torch.Tensor]:
     return [t for v in frame.f_locals.values() for t in _tensors_shallow(v)]
 
 
-def _live_until_now(tensors: list[torch.Tensor]) -> None:
+def live_until_now(tensors: list[torch.Tensor]) -> None:
+    """Within a trace: these tensors live at least until the last node traced so far."""
     from .eager_paths import last_traced_node, traced_node
     last = last_traced_node()
     if last is None:
@@ -557,8 +593,24 @@ def _record_user_locations(shape_env: ShapeEnv) -> None:
     from torch._guards import SLoc
 
     def stack_summary(is_debug: bool = False, framework_loc=None):
-        return SLoc(framework_loc, model_location(sys._getframe(1)) or None), ""
+        frame = sys._getframe(1)
+        if framework_loc is None and _reads_concrete_size(frame):
+            framework_loc = CONCRETE_SIZE_READ
+        return SLoc(framework_loc, model_location(frame) or None), ""
     shape_env._get_stack_summary = stack_summary
+
+
+CONCRETE_SIZE_READ = "a C++ kernel read a size as an integer"
+
+
+def _reads_concrete_size(frame) -> bool:
+    """Whether the guard being made comes from a C++ kernel asking for sizes as plain integers
+    (aten.size.default under fake tensors), which the Python decompositions avoid."""
+    while frame is not None:
+        if frame.f_code.co_name == "<genexpr>" and _frame_module(frame) == "torch._subclasses.fake_tensor":
+            return True
+        frame = frame.f_back
+    return False
 
 
 def specialized(c: Captured) -> dict[str, tuple[int, str]]:

@@ -36,6 +36,8 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--amp", action="store_true", help="mixed precision: float32 master weights, bf16/fp16 compute")
     p.add_argument("--attention", default="auto", help="auto | math | flash | efficient")
     p.add_argument("--loss", default="sum", help="sum | cross-entropy")
+    p.add_argument("--moe-imbalance", type=float, default=1.0, metavar="F",
+                   help="mixture-of-experts: the busiest expert's load over the mean (default 1: balanced)")
     p.add_argument("--format", default="table", help="table | json | csv | markdown")
     p.add_argument("--trust-remote-code", action="store_true",
                    help="let a Hugging Face config's auto_map run the repository's Python code (off by default)")
@@ -136,7 +138,8 @@ def _analyze_report(args, dims: dict[str, list[int]], hardware=None, tf32=False,
     return analyze(args.model, inputs=args.input or None, mode=args.mode, dtype=args.dtype,
                    optimizer=args.optimizer, attention=args.attention, loss=args.loss, dims=dims,
                    hardware=hardware, tf32=tf32, complete=complete, amp=args.amp,
-                   device=getattr(args, "device", None), trust_remote_code=args.trust_remote_code)
+                   device=getattr(args, "device", None), trust_remote_code=args.trust_remote_code,
+                   moe_imbalance=args.moe_imbalance)
 
 
 def cmd_analyze(args) -> str:
@@ -278,8 +281,11 @@ def cmd_hardware(args) -> str:
         if args.format == "json":
             return json.dumps([d.to_dict() for d in devices], indent=2)
         rows = [[d.name, _bytes(d.memory_bytes), _num(d.bandwidth_bytes_per_s, "B/s")]
-                + [_num(d.peak_flops_per_s.get(t), "FLOP/s") for t in DTYPES] for d in devices]
-        return tabulate(rows, headers=["device", "memory", "bandwidth"] + list(DTYPES))
+                + [_num(d.peak_flops_per_s.get(t), "FLOP/s") for t in DTYPES]
+                + [d.gpus_per_node, _num(d.intra_node_bandwidth_bytes_per_s, "B/s"),
+                   _num(d.inter_node_bandwidth_bytes_per_s, "B/s")] for d in devices]
+        return tabulate(rows, headers=["device", "memory", "bandwidth"] + list(DTYPES)
+                        + ["GPUs/node", "intra-node", "inter-node/GPU"])
     hw = load_hardware(args.device)
     if args.format == "json":
         return json.dumps(hw.to_dict(), indent=2)
@@ -287,7 +293,11 @@ def cmd_hardware(args) -> str:
     rows = [[t, _num(d["peak_flops_per_s"].get(t), "FLOP/s"), f"{d['ridge_point'][t]:.1f}" if t in d["ridge_point"]
              else "-"] for t in DTYPES]
     head = (f"{hw.name}: {_bytes(hw.memory_bytes)}, {_num(hw.bandwidth_bytes_per_s, 'B/s')}, "
-            f"kernel overhead {hw.kernel_overhead_s * 1e6:.1f} us\n")
+            f"kernel overhead {hw.kernel_overhead_s * 1e6:.1f} us\n"
+            f"interconnect: {hw.gpus_per_node} GPUs per node; bus bandwidth "
+            f"{_num(hw.intra_node_bandwidth_bytes_per_s, 'B/s')} inside a node, "
+            f"{_num(hw.inter_node_bandwidth_bytes_per_s, 'B/s')} per GPU across nodes; latency "
+            f"{hw.intra_node_latency_s * 1e6:.1f} us / {hw.inter_node_latency_s * 1e6:.1f} us per step\n")
     src = "\n".join(f"  {k}: {v}" for k, v in hw.sources.items())
     return head + tabulate(rows, headers=["dtype", "dense peak", "ridge (FLOP/byte)"]) + "\nsources:\n" + src
 

@@ -4,7 +4,9 @@ One TOML file per device in `hardware_specs/`, each figure with its source. Peak
 sparsity), keyed by the dtype the math runs in; `float32` is the CUDA-core (non-tensor) rate, which
 is also the vector peak that elementwise, norm and reduction ops run on. Capacity: a datasheet's
 "N GB" of device memory is read as N GiB (N * 1024**3), the physical DRAM; torch.cuda reports a
-little less. Bandwidth is decimal, as datasheets print it (1 GB/s = 1e9 B/s).
+little less. Bandwidth is decimal, as datasheets print it (1 GB/s = 1e9 B/s). The interconnect
+(`gpus_per_node`, intra- and inter-node bus bandwidth and per-step latency) is what
+`costmodel.comm` times collectives with; a file without it gets `comm.DEFAULT_INTERCONNECT`.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 
+from costmodel.comm import DEFAULT_INTERCONNECT, DEFAULT_INTERCONNECT_SOURCES, INTERCONNECT_FIELDS, Interconnect
 from costmodel.errors import UsageError
 from costmodel.kernels import AllocationTable, KernelTable, allocation_from_dict, find_table, tables_from_dict
 from costmodel.roofline import DEFAULT_EFFICIENCY
@@ -35,7 +38,7 @@ _DTYPE_ALIASES = {
 }
 _REQUIRED = ("memory_bytes", "bandwidth_bytes_per_s", "peak_flops_per_s")
 _OPTIONAL = ("name", "vendor", "description", "kernel_overhead_s", "calibrated", "efficiency", "sources",
-             "threads", "kernels", "allocation")
+             "threads", "kernels", "allocation", *INTERCONNECT_FIELDS)
 
 
 def canonical_dtype(dtype: str) -> str:
@@ -66,6 +69,13 @@ class Hardware:
     # The CPU's price of fresh pages for large new outputs (None: not measured, or not paid).
     allocation: AllocationTable | None = None
     threads: int | None = None       # CPU threads the calibration ran with
+    # The interconnect (costmodel.comm): a file without these fields gets DEFAULT_INTERCONNECT,
+    # and its sources say so.
+    gpus_per_node: int = DEFAULT_INTERCONNECT.gpus_per_node
+    intra_node_bandwidth_bytes_per_s: float = DEFAULT_INTERCONNECT.intra_node_bandwidth_bytes_per_s
+    inter_node_bandwidth_bytes_per_s: float = DEFAULT_INTERCONNECT.inter_node_bandwidth_bytes_per_s
+    intra_node_latency_s: float = DEFAULT_INTERCONNECT.intra_node_latency_s
+    inter_node_latency_s: float = DEFAULT_INTERCONNECT.inter_node_latency_s
 
     def __post_init__(self):
         # Own copies: the caller's dicts stay theirs. (Plain dicts, so copy/pickle/asdict work;
@@ -76,6 +86,15 @@ class Hardware:
     def kernel_table(self, kernel: str | None, dtype: str | None) -> KernelTable | None:
         """The most specific measured table for an op of class `kernel` in `dtype`, or None."""
         return find_table(self.kernels, kernel, dtype)
+
+    @property
+    def interconnect(self) -> Interconnect:
+        """The figures costmodel.comm times collectives with.
+
+        >>> load_hardware("h100-sxm").interconnect.intra_node_bandwidth_bytes_per_s
+        370000000000.0
+        """
+        return Interconnect(**{name: getattr(self, name) for name in INTERCONNECT_FIELDS})
 
     @property
     def vector_flops_per_s(self) -> float:
@@ -117,6 +136,7 @@ class Hardware:
             "kernel_overhead_s": self.kernel_overhead_s,
             "calibrated": self.calibrated,
             "efficiency": dict(self.efficiency),
+            **{name: getattr(self, name) for name in INTERCONNECT_FIELDS},
             "sources": dict(self.sources),
             "path": self.path,
             "threads": self.threads,
@@ -213,17 +233,41 @@ def hardware_from_dict(data: dict, *, origin: str, path: str | None = None) -> H
     if threads is not None and (not isinstance(threads, int) or isinstance(threads, bool) or threads < 1):
         raise UsageError(f"{origin}: 'threads' must be a positive integer (the CPU threads of the "
                          f"calibration), got {threads!r}")
+    interconnect, sources = _interconnect(data, sources, origin)
     return Hardware(
         name=name.strip(), memory_bytes=memory_bytes,
         bandwidth_bytes_per_s=float(_positive(data["bandwidth_bytes_per_s"], "bandwidth_bytes_per_s", origin)),
         peak_flops_per_s={d: float(p) for d, p in peak_flops_per_s.items()},
-        kernel_overhead_s=float(overhead), vendor=data.get("vendor", ""), sources=dict(sources),
+        kernel_overhead_s=float(overhead), vendor=data.get("vendor", ""), sources=sources,
         path=path, description=data.get("description", ""), calibrated=calibrated,
-        efficiency=_efficiency(data.get("efficiency", {}), origin),
+        efficiency=_efficiency(data.get("efficiency", {}), origin), **interconnect,
         kernels=tables_from_dict(data.get("kernels", {}), origin, DTYPES),
         allocation=allocation_from_dict(data["allocation"], origin) if "allocation" in data else None,
         threads=threads,
     )
+
+
+def _interconnect(data: dict, sources: dict, origin: str) -> tuple[dict, dict]:
+    """The interconnect fields of a file, validated; a missing one takes costmodel.comm's default
+    and a source saying it is one (so `hardware show` never passes a default off as a figure)."""
+    values, sources = {}, dict(sources)
+    for key in INTERCONNECT_FIELDS:
+        if key not in data:
+            values[key] = getattr(DEFAULT_INTERCONNECT, key)
+            sources.setdefault(key, DEFAULT_INTERCONNECT_SOURCES[key])
+            continue
+        value = data[key]
+        if key == "gpus_per_node":
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise UsageError(f"{origin}: 'gpus_per_node' must be an integer >= 1 (GPUs in one "
+                                 f"node), got {value!r}")
+        elif key.endswith("_bytes_per_s"):
+            value = float(_positive(value, key, origin))
+        elif not _is_number(value) or not math.isfinite(value) or not 0 <= value < 1:
+            raise UsageError(f"{origin}: '{key}' must be seconds per step, >= 0 and below 1 "
+                             f"(NCCL's are microseconds: 3.4e-6), got {value!r}")
+        values[key] = value if key == "gpus_per_node" else float(value)
+    return values, sources
 
 
 def _efficiency(table, origin: str) -> dict[str, float]:
@@ -258,7 +302,10 @@ def _is_number(value) -> bool:
 def _suggest(word: str, choices) -> str:
     """' (did you mean a100-40gb or a100-80gb?)': names that start with `word`, then close ones."""
     close = [c for c in choices if c.startswith(word)]
-    close += [c for c in difflib.get_close_matches(word, list(choices), n=3, cutoff=0.6) if c not in close]
+    # Close spellings, only those about as close as the closest: a typo of bandwidth_bytes_per_s
+    # is not also offered intra_node_bandwidth_bytes_per_s.
+    scored = sorted(((difflib.SequenceMatcher(None, word, c).ratio(), c) for c in choices), reverse=True)
+    close += [c for score, c in scored[:3] if score >= max(0.6, scored[0][0] - 0.1) and c not in close]
     if not close:
         return ""
     close = close[:3]
@@ -298,14 +345,16 @@ def _catalog() -> dict[str, Hardware]:
 
 
 def _catalog_texts() -> list[tuple[str, str]]:
-    """(where, text) of each device file: the installed package `costmodel.hardware_specs`, else
-    the checkout's top-level `hardware_specs/` (a source tree that was never pip-installed)."""
-    try:
-        entries = [f for f in resources.files("costmodel.hardware_specs").iterdir() if f.name.endswith(".toml")]
-    except (ModuleNotFoundError, FileNotFoundError, NotADirectoryError):
-        entries = []
+    """(where, text) of each device file: the top-level `hardware_specs/` of the source tree this
+    module runs from, else the installed package `costmodel.hardware_specs`. The checkout comes
+    first so that a second checkout on PYTHONPATH (a git worktree) reads its own catalog, not the
+    one an editable install maps `costmodel.hardware_specs` to."""
+    entries = list((Path(__file__).resolve().parent.parent / "hardware_specs").glob("*.toml"))
     if not entries:
-        entries = list((Path(__file__).resolve().parent.parent / "hardware_specs").glob("*.toml"))
+        try:
+            entries = [f for f in resources.files("costmodel.hardware_specs").iterdir() if f.name.endswith(".toml")]
+        except (ModuleNotFoundError, FileNotFoundError, NotADirectoryError):
+            entries = []
     if not entries:
         raise RuntimeError("no hardware_specs/*.toml in the installed package or next to costmodel/: "
                            "the package is installed without its device catalog")

@@ -396,6 +396,19 @@ class _Builder:
                 if key not in self._bernoulli and t.dtype.itemsize > 1:
                     self._bernoulli.add(key)
                     b.size = sympy.expand(b.size / t.dtype.itemsize)
+        if target == "aten.native_dropout.default" and self.device == "cpu":
+            # traced whole (Python dispatcher): the CPU runs dropout as input * noise with a noise
+            # tensor of the input's dtype (aten/src/ATen/native/Dropout.cpp, _dropout), not a bool mask
+            x = node.args[0].meta.get("val") if isinstance(node.args[0], fx.Node) else None
+            outs = _storage_keys(node.meta.get("val"))
+            if x is not None and len(outs) == 2 and x.dtype.itemsize > 1:
+                key = outs[1][0]
+                key = keymap.get(key, (ns, key)) if keymap is not None else key
+                b = self.buffers[self.by_key[key]]
+                if key not in self._bernoulli:
+                    self._bernoulli.add(key)
+                    b.size = sympy.expand(b.size * x.dtype.itemsize)
+                    b.dtype = str(x.dtype).removeprefix("torch.")
         self.node_keys[ns + node.name] = keys
         if self.amp and target == "aten._to_copy.default" and node.args and isinstance(node.args[0], fx.Node) \
                 and self.c.roles.get(node.args[0].name, ("",))[0] == "param":

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
 from .errors import UsageError
+from .moe import GROUPED_MM_FUNCTIONS, call_grouped_mm
 from .rules import TensorSpec, register
 from .rules.attention import KERNELS, attention_backward, attention_forward
 
@@ -69,6 +70,11 @@ _ORIGINAL_SDPA = F.scaled_dot_product_attention
 
 
 _BADDBMM = (torch.baddbmm, torch.Tensor.baddbmm)
+# C++ composite kernels that read sizes as plain integers, which pins every symbolic size they
+# touch (the batch of an RNN, the image size of an upsample); their Python decompositions, which
+# PyTorch's Python dispatcher runs, keep the sizes symbolic (an RNN still unrolls its sequence).
+_PYTHON_DECOMPOSED = {torch._VF.gru, torch._VF.lstm, torch._VF.rnn_tanh, torch._VF.rnn_relu,
+                      F.interpolate, F.upsample, F.upsample_nearest, F.upsample_bilinear, F.pad}
 
 
 class _RouteSDPA(TorchFunctionMode):
@@ -78,6 +84,12 @@ class _RouteSDPA(TorchFunctionMode):
             return _call_sdpa(*args, **kwargs)
         if func in _BADDBMM:
             args, kwargs = _broadcast_baddbmm_input(*args, **kwargs)
+        elif func in GROUPED_MM_FUNCTIONS:
+            return call_grouped_mm(*args, **kwargs)
+        elif func in _PYTHON_DECOMPOSED:
+            from torch._dispatch.python import enable_python_dispatcher
+            with enable_python_dispatcher():
+                return func(*args, **kwargs)
         return func(*args, **kwargs)
 
 

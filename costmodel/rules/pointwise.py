@@ -40,6 +40,7 @@ _UNTAGGED_POINTWISE = [
     aten.tanh_, aten.gelu_, aten.silu_, aten.hardtanh_, aten.leaky_relu_, aten.maximum, aten.minimum,
     aten.isin, aten.isnan, aten.isinf, aten.logical_not, aten.bitwise_not, aten.sgn, aten.erfinv,
     aten.nan_to_num, aten.clamp, aten.clamp_min, aten.clamp_max, aten.log_sigmoid_forward,
+    aten.floor_divide, aten.floor_divide_,
 ]
 
 
@@ -77,6 +78,7 @@ register(aten.sym_size, aten.sym_stride, aten.sym_numel, aten.sym_storage_offset
          aten.t, aten.transpose, aten.permute, aten.expand, aten.slice, aten.select, aten.unsqueeze,
          aten.squeeze, aten.split, aten.split_with_sizes, aten.unbind, aten.chunk, aten.as_strided,
          aten.unfold, aten.diagonal, aten.view_as_real, aten.view_as_complex, aten.narrow, aten.expand_as,
+         aten.as_strided_,
          aten.view_as, aten.unflatten, aten.flatten, aten.movedim, aten.squeeze_, aten.unsqueeze_,
          aten.t_, aten.transpose_, aten.resize_, aten.set_, aten._assert_async, aten._assert_scalar,
          aten._functional_assert_async, aten._assert_tensor_metadata, aten.empty, aten.empty_like,
@@ -92,7 +94,7 @@ def _reduction(x: TensorSpec, out, flops_per_elem: int = 1) -> OpCost:
 @register(aten.sum, aten.mean, aten.amax, aten.amin, aten.max, aten.min, aten.prod, aten.argmax, aten.argmin,
           aten.any, aten.all, aten.cumsum, aten.cumprod, aten.count_nonzero, aten.nansum, aten.aminmax,
           aten.cummax, aten.cummin, aten.logcumsumexp, aten.sort, aten.topk, aten.median, aten.mode,
-          aten.nanmedian, aten.kthvalue, aten.unique_consecutive, aten._unique2)
+          aten.nanmedian, aten.kthvalue, aten.unique_consecutive, aten._unique2, aten.histc, aten.bincount)
 def reduction(x: TensorSpec, *args, out, **_) -> OpCost:
     """one FLOP (add, compare) per input element"""
     return _reduction(x, out)
