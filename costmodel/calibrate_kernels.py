@@ -18,12 +18,13 @@ import math
 import statistics
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable
 
 import sympy
 import torch
 import torch.nn.functional as F
-from torch.utils._pytree import tree_map
+from torch.utils._pytree import tree_leaves, tree_map
 
 from .kernels import ALLOC_FEATURE, AllocationTable, KernelTable, work_of
 
@@ -45,19 +46,24 @@ class KernelPlan:
     bmm_cubes: tuple[int, ...]
     bmm_curve: tuple[int, ...]
     conv_batch: int
-    conv_sizes: tuple[int, ...]      # image side for the rate by size
-    conv_side: int                   # image side of the shape curves
-    conv_channels: tuple[int, ...]   # c_in (and c_out) curves of dense convolutions
+    conv_base: tuple[tuple[int, int], ...]   # (channels, image side) for the rate by size
+    conv_ref: int                    # reference channels of the shape curves
+    conv_side: int                   # reference image side of the shape curves
+    conv_sides: tuple[int, ...]      # image sides of the m curve
+    conv_channels: tuple[int, ...]   # c_in, c_out curves of dense convolutions
     conv_kernels: tuple[int, ...]    # kernel sides
+    conv_groups: tuple[int, ...]     # channels of depthwise convolutions
     attn_heads: int                  # batch * heads
     attn_e: int                      # reference head dimension
     attn_lengths: tuple[int, ...]    # L = S for the rate by size
     attn_e_curve: tuple[int, ...]
+    attn_heads_curve: tuple[int, ...]
     attn_kernels: tuple[str, ...]    # SDPA kernels this device runs
     optimizer_elements: tuple[int, ...]
     alloc_sizes: tuple[int, ...]     # bytes; empty where allocation is free (CUDA's caching allocator)
     dtypes: tuple[str, ...]          # dtypes of the FLOP-priced classes
     variants: bool = True            # causal/dropout attention, transposed and grouped convolutions
+    max_copies: int = 64             # operand copies a probe rotates through (see Prober.instance)
 
 
 _POINTWISE_ALL = ("add", "sub", "mul", "div", "neg", "abs", "relu", "threshold_backward", "gelu", "gelu_tanh",
@@ -70,9 +76,10 @@ def kernel_plan(device: str, quick: bool) -> KernelPlan:
     if quick:
         return KernelPlan(block_s=0.001, blocks=3, elements=(16, 4096, 65536), pointwise_ops=("add", "mul", "tanh"),
                           mm_ref=64, mm_cubes=(64, 128), mm_curve=(1, 16, 64), bmm_batch=4, bmm_ref=32,
-                          bmm_cubes=(32, 64), bmm_curve=(4, 32), conv_batch=1, conv_sizes=(8, 16), conv_side=8,
-                          conv_channels=(4, 16), conv_kernels=(1, 3), attn_heads=2, attn_e=16,
-                          attn_lengths=(16, 64), attn_e_curve=(16,), attn_kernels=_attention_kernels(device),
+                          bmm_cubes=(32, 64), bmm_curve=(4, 32), conv_batch=1, conv_base=((8, 8), (16, 8)), conv_ref=8,
+                          conv_side=8, conv_sides=(4, 8), conv_channels=(4, 16), conv_kernels=(1, 3),
+                          conv_groups=(4, 16), attn_heads=2, attn_e=16,
+                          attn_lengths=(16, 64), attn_e_curve=(16,), attn_heads_curve=(1,), attn_kernels=_attention_kernels(device),
                           optimizer_elements=(256, 4096), alloc_sizes=(1 << 20, 1 << 22) if device == "cpu" else (),
                           dtypes=("float32",), variants=False)
     if device == "cpu":
@@ -82,20 +89,38 @@ def kernel_plan(device: str, quick: bool) -> KernelPlan:
                           pointwise_ops=_POINTWISE_ALL, mm_ref=256, mm_cubes=(256, 512, 1024),
                           mm_curve=(1, 4, 16, 64, 256, 1024, 4096), bmm_batch=16, bmm_ref=128,
                           bmm_cubes=(64, 128, 256), bmm_curve=(1, 8, 32, 128, 512, 2048), conv_batch=4,
-                          conv_sizes=(8, 16, 32, 64), conv_side=16, conv_channels=(3, 16, 64, 256),
-                          conv_kernels=(1, 3, 5, 7), attn_heads=8, attn_e=64, attn_lengths=(32, 128, 256, 512, 1024),
-                          attn_e_curve=(16, 32, 64, 128), attn_kernels=_attention_kernels(device),
+                          conv_base=((32, 8), (64, 16), (128, 16), (128, 32)), conv_ref=128, conv_side=16,
+                          conv_sides=(2, 4, 8, 16, 32, 64), conv_channels=(3, 16, 64, 128, 512),
+                          conv_kernels=(1, 3, 5, 7), conv_groups=(16, 64, 256, 1024), attn_heads=8, attn_e=64, attn_lengths=(32, 128, 256, 512, 1024),
+                          attn_e_curve=(16, 32, 64, 128), attn_heads_curve=(1, 2, 4, 16, 32), attn_kernels=_attention_kernels(device),
                           optimizer_elements=(256, 16384, 262144, 1048576),
                           alloc_sizes=tuple(1 << p for p in range(20, 29)), dtypes=("float32",))
     return KernelPlan(block_s=0.01, blocks=7, elements=(16, 65536, 1 << 20, 1 << 24, 1 << 26, 1 << 28),
                       pointwise_ops=_POINTWISE_ALL, mm_ref=2048, mm_cubes=(1024, 2048, 4096, 8192),
                       mm_curve=(1, 8, 64, 256, 1024, 4096, 16384), bmm_batch=32, bmm_ref=512,
                       bmm_cubes=(256, 512, 1024, 2048), bmm_curve=(1, 16, 64, 256, 1024, 4096), conv_batch=32,
-                      conv_sizes=(14, 28, 56, 112), conv_side=56, conv_channels=(3, 64, 256, 1024),
-                      conv_kernels=(1, 3, 5, 7), attn_heads=64, attn_e=128,
+                      conv_base=((64, 28), (128, 56), (256, 56), (512, 28)), conv_ref=256, conv_side=28,
+                      conv_sides=(4, 7, 14, 28, 56, 112), conv_channels=(3, 32, 128, 512, 2048),
+                      conv_kernels=(1, 3, 5, 7), conv_groups=(32, 128, 512, 2048), attn_heads=64, attn_e=128,
                       attn_lengths=(128, 512, 1024, 2048, 4096, 8192), attn_e_curve=(32, 64, 128, 256),
-                      attn_kernels=_attention_kernels(device), optimizer_elements=(4096, 1 << 20, 1 << 24),
+                      attn_heads_curve=(4, 16, 256), attn_kernels=_attention_kernels(device), optimizer_elements=(4096, 1 << 20, 1 << 24),
                       alloc_sizes=(), dtypes=("bfloat16", "float16", "float32"))
+
+
+def last_level_cache_bytes(device: str) -> int:
+    """The CPU's largest cache (sysfs), or the GPU's L2; 32 MiB where it cannot be read."""
+    if device == "cuda":
+        return int(getattr(torch.cuda.get_device_properties(torch.cuda.current_device()), "L2_cache_size", 0)
+                   or 32 << 20)
+    sizes = []
+    for index in Path("/sys/devices/system/cpu/cpu0/cache").glob("index*"):
+        try:
+            text = (index / "size").read_text().strip().upper()
+            sizes.append(int(text[:-1]) * {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}[text[-1]] if text[-1] in "KMG"
+                         else int(text))
+        except (OSError, ValueError, KeyError):
+            continue
+    return max(sizes, default=32 << 20)
 
 
 def _attention_kernels(device: str) -> tuple[str, ...]:
@@ -142,6 +167,7 @@ def rule_cost(op, *args, counting: str = "math", **kwargs) -> Cost:
 class Timer:
     def __init__(self, device: str, plan: KernelPlan):
         self.device, self.plan = device, plan
+        self.calls = 0
 
     def sync(self) -> None:
         if self.device == "cuda":
@@ -156,10 +182,14 @@ class Timer:
             end.record()
             end.synchronize()
             return start.elapsed_time(end) / 1e3
-        t0 = time.perf_counter()
+        # One CPU thread: the thread's CPU time, which time slices lost to other processes do not
+        # inflate; more threads: wall time (their work is spread over threads).
+        clock = time.thread_time if torch.get_num_threads() == 1 else time.perf_counter
+        t0 = clock()
         for _ in range(number):
             call()
-        return time.perf_counter() - t0
+        self.calls += number
+        return clock() - t0
 
     def __call__(self, call) -> float:
         """Seconds per call: the fastest of `blocks` blocks, each at least `block_s` long. Other
@@ -188,6 +218,7 @@ class Measured:
     base: list[Instance]
     curves: dict[str, list[Instance]] = field(default_factory=dict)
     how: str = ""
+    by: str = "work"            # what the base instances' sizes are: their work, or a feature
 
 
 def fit(m: Measured, allocation: AllocationTable | None) -> KernelTable:
@@ -201,27 +232,29 @@ def fit(m: Measured, allocation: AllocationTable | None) -> KernelTable:
         k = i.time_s - overhead - alloc_s
         return k if k > 0.2 * i.time_s and work(i) > 0 else None   # else the overhead is all there is
 
+    def size(i: Instance) -> float:
+        return work(i) if m.by == "work" else i.cost.features[m.by]
+
     overhead = max(0.0, m.tiny.time_s)
     rates: dict[float, float] = {}
-    for i in sorted(m.base, key=work):
+    for i in sorted(m.base, key=size):
         k = kernel_s(i)
         if k is not None:
-            rates[work(i)] = work(i) / k
+            rates[size(i)] = work(i) / k
     if not rates and m.base:
-        big = max(m.base, key=work)
-        rates[work(big)] = work(big) / max(big.time_s, 1e-12)
-    base = KernelTable(m.kernel, m.dtype, overhead, tuple(rates), tuple(rates.values()), how=m.how)
+        big = max(m.base, key=size)
+        rates[size(big)] = work(big) / max(big.time_s, 1e-12)
+    base = KernelTable(m.kernel, m.dtype, overhead, tuple(rates), tuple(rates.values()), how=m.how, by=m.by)
     curves = {}
     for feature, instances in m.curves.items():
         points: dict[float, float] = {}
         for i in sorted(instances, key=lambda i: i.cost.features[feature]):
             k = kernel_s(i)
             if k is not None:
-                eff = work(i) / k / base.rate(work(i))
-                points[i.cost.features[feature]] = eff
+                points[i.cost.features[feature]] = work(i) / k / base.rate(size(i))
         if points:
             curves[feature] = tuple(points.items())
-    return KernelTable(m.kernel, m.dtype, overhead, base.sizes, base.rates, curves, m.how)
+    return KernelTable(m.kernel, m.dtype, overhead, base.sizes, base.rates, curves, m.how, m.by)
 
 
 # --- probes -------------------------------------------------------------------------------------------
@@ -236,16 +269,35 @@ class Prober:
         self.device, self.plan, self.stamp = device, plan, stamp
         self.time = Timer(device, plan)
         self.progress = progress or (lambda _: None)
+        self.cache_bytes = last_level_cache_bytes(device)
 
     def t(self, *shape, dtype=torch.float32, grad=False):
         x = torch.randn(*shape, device=self.device, dtype=dtype)
         return x.requires_grad_(grad) if grad else x
 
-    def instance(self, call, op, *args, kernel: str, counting: str = "math", **kwargs) -> Instance:
+    def instance(self, make, kernel: str, counting: str = "math") -> Instance:
+        """Time the call `make()` builds, `make()` -> (call, op, args, kwargs), over enough copies of
+        its tensors (each call uses the next copy) that they exceed twice the last-level cache: in a
+        model, an op's operands have mostly left the cache since they were last read. Its cost is
+        the rule's for `op` on the first copy's arguments."""
+        call, op, args, kwargs = make()
         cost = rule_cost(op, *args, counting=counting, **kwargs)
         if not (cost.kernel == kernel or (kernel.startswith("attention") and cost.kernel.startswith("attention"))):
             raise AssertionError(f"the probe for {kernel} runs {op}, whose rule names class {cost.kernel}")
-        return Instance(cost, self.time(call))
+        return Instance(cost, self.time(self.rotating(make, call, args, kwargs)))
+
+    def rotating(self, make, call, args, kwargs):
+        per_set = sum(t.untyped_storage().nbytes() for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor))
+        copies = max(1, min(self.plan.max_copies, (2 * self.cache_bytes) // max(1, per_set)))
+        if copies == 1:
+            return call
+        calls = [call] + [make()[0] for _ in range(copies - 1)]
+        state = [0]
+
+        def next_call():
+            state[0] = (state[0] + 1) % copies
+            return calls[state[0]]()
+        return next_call
 
     def how(self, text: str) -> str:
         return f"{text}; fastest of {self.plan.blocks} blocks of >= {self.plan.block_s * 1e3:g} ms; {self.stamp}"
@@ -258,15 +310,10 @@ class Prober:
         dt = _DTYPES[dtype]
 
         def run(m, n, k):
-            x, bias = self.t(m, k, dtype=dt), self.t(n, dtype=dt)
-            copies = max(1, min(32, (64 << 20) // max(1, n * k * x.element_size())))
-            ws = [self.t(n, k, dtype=dt) for _ in range(copies)]
-            state = [0]
-
-            def call():
-                state[0] = (state[0] + 1) % copies
-                return torch.addmm(bias, x, ws[state[0]].t())
-            return self.instance(call, aten.addmm.default, bias, x, ws[0].t(), kernel="matmul")
+            def make():
+                x, w, bias = self.t(m, k, dtype=dt), self.t(n, k, dtype=dt), self.t(n, dtype=dt)
+                return lambda: torch.addmm(bias, x, w.t()), aten.addmm.default, (bias, x, w.t()), {}
+            return self.instance(make, "matmul")
         p = self.plan
         ref = p.mm_ref
         return Measured("matmul", dtype, run(4, 4, 4), [run(n, n, n) for n in p.mm_cubes],
@@ -274,7 +321,7 @@ class Prober:
                          "k": [run(ref, ref, v) for v in p.mm_curve]},
                         self.how(f"torch.addmm(bias, x[m, k], w[n, k].t()), {dtype}; rate by size on n^3 for "
                                  f"n in {list(p.mm_cubes)}; efficiency of m, n, k in {list(p.mm_curve)} with "
-                                 f"the others {ref}; weights rotating through up to 32 copies (64 MiB)"))
+                                 f"the others {ref}"))
 
     def bmm(self, dtype: str) -> Measured:
         dt = _DTYPES[dtype]
@@ -282,8 +329,10 @@ class Prober:
         B, ref = p.bmm_batch, p.bmm_ref
 
         def run(m, n, k, batch=B):
-            a, b = self.t(batch, m, k, dtype=dt), self.t(batch, k, n, dtype=dt)
-            return self.instance(lambda: torch.bmm(a, b), aten.bmm.default, a, b, kernel="bmm")
+            def make():
+                a, b = self.t(batch, m, k, dtype=dt), self.t(batch, k, n, dtype=dt)
+                return lambda: torch.bmm(a, b), aten.bmm.default, (a, b), {}
+            return self.instance(make, "bmm")
         return Measured("bmm", dtype, run(4, 4, 4, 1), [run(n, n, n) for n in p.bmm_cubes],
                         {"m": [run(v, ref, ref) for v in p.bmm_curve], "n": [run(ref, v, ref) for v in p.bmm_curve],
                          "k": [run(ref, ref, v) for v in p.bmm_curve]},
@@ -292,66 +341,80 @@ class Prober:
 
     # --- convolutions ---------------------------------------------------------------------------------
 
-    def conv(self, kind: str, backward: bool, dtype: str) -> Measured:
-        """F.conv2d (or conv_transpose2d) as the modules call it, padding 'same'; the backward is
-        aten.convolution_backward for input, weight and bias gradients."""
+    def conv(self, kind: str, backward: str | None, dtype: str) -> Measured:
+        """F.conv2d (or conv_transpose2d) as the modules call it, padding 'same'; backward "input"
+        is aten.convolution_backward for input, weight and bias gradients, "weight" without the
+        input's (a first layer). Rates by work on growing shapes; efficiency curves of the GEMM
+        the convolution lowers to: m (positions), n (output channels), k (input channels * kernel
+        area), groups, each with the others at the reference shape."""
         dt = _DTYPES[dtype]
         p = self.plan
         B = p.conv_batch
-        kernel = f"conv.{kind}" + (".backward" if backward else "")
+        kernel = f"conv.{kind}" + ({"input": ".backward", "weight": ".backward.weight"}[backward] if backward else "")
+        mask = [backward == "input", True, True]
 
         def run(cin, cout, side, k, groups=1, batch=B):
             transposed = kind == "transposed"
             stride = 2 if transposed else 1
-            x = self.t(batch, cin, side, side, dtype=dt)
-            w = self.t(cin, cout // groups, k, k, dtype=dt) if transposed else self.t(cout, cin // groups, k, k, dtype=dt)
-            bias = self.t(cout, dtype=dt)
             pad = 0 if transposed else k // 2
-            args = (x, w, bias, [stride, stride], [pad, pad], [1, 1], transposed, [0, 0], groups)
-            if not backward:
-                fn = F.conv_transpose2d if transposed else F.conv2d
-                call = (lambda: fn(x, w, bias, stride, pad, 0, groups)) if transposed else \
-                    (lambda: fn(x, w, bias, stride, pad, 1, groups))
-                return self.instance(call, aten.convolution.default, *args, kernel=kernel)
-            out = aten.convolution.default(*args)
-            g = torch.randn_like(out)
-            bargs = (g, x, w, [cout], [stride, stride], [pad, pad], [1, 1], transposed, [0, 0], groups,
-                     [True, True, True])
-            return self.instance(lambda: aten.convolution_backward.default(*bargs), aten.convolution_backward.default,
-                                 *bargs, kernel=kernel)
 
-        side, sizes, ks = p.conv_side, p.conv_sizes, p.conv_kernels
+            def make():
+                x = self.t(batch, cin, side, side, dtype=dt)
+                w = self.t(cin, cout // groups, k, k, dtype=dt) if transposed else \
+                    self.t(cout, cin // groups, k, k, dtype=dt)
+                bias = self.t(cout, dtype=dt)
+                args = (x, w, bias, [stride, stride], [pad, pad], [1, 1], transposed, [0, 0], groups)
+                if not backward:
+                    if transposed:
+                        return lambda: F.conv_transpose2d(x, w, bias, stride, pad, 0, groups), \
+                            aten.convolution.default, args, {}
+                    return lambda: F.conv2d(x, w, bias, stride, pad, 1, groups), aten.convolution.default, args, {}
+                g = torch.randn_like(aten.convolution.default(*args))
+                bargs = (g, x, w, [cout], [stride, stride], [pad, pad], [1, 1], transposed, [0, 0], groups, mask)
+                return lambda: aten.convolution_backward.default(*bargs), aten.convolution_backward.default, bargs, {}
+            return self.instance(make, kernel)
+
+        sides, ref_side = p.conv_sides, p.conv_side
+        ref = p.conv_ref
         if kind == "dense":
-            c = 64 if self.device == "cpu" else 256
-            c = min(c, max(p.conv_channels))
-            measured = Measured(kernel, dtype, run(4, 4, 4, 1, batch=1), [run(c, c, s, 3) for s in sizes],
-                                {"cin": [run(v, c, side, 3) for v in p.conv_channels],
-                                 "cout": [run(c, v, side, 3) for v in p.conv_channels if v >= 4],
-                                 "kernel": [run(c, c, side, k) for k in ks]})
-            what = f"c_in = c_out = {c}, 3x3; curves of c_in, c_out in {list(p.conv_channels)}, kernel sides {list(ks)}"
+            base = [(c, s_) for c, s_ in p.conv_base]
+            cins = p.conv_channels if backward != "weight" else tuple(c for c in p.conv_channels if c <= ref)
+            measured = Measured(kernel, dtype, run(4, 4, 4, 1, batch=1), [run(c, c, s_, 3) for c, s_ in base],
+                                {"m": [run(ref, ref, v, 3) for v in sides],
+                                 "n": [run(ref, v, ref_side, 3) for v in p.conv_channels if v >= 8],
+                                 "k": [run(v, ref, ref_side, 3) for v in cins]
+                                 + [run(ref, ref, ref_side, k) for k in p.conv_kernels if k != 3]})
+            what = (f"3x3, (channels, side) in {base}; curves: sides {list(sides)}, c_out {list(p.conv_channels)}, "
+                    f"c_in {list(cins)}, kernel sides {list(p.conv_kernels)}, the others {ref} channels, side "
+                    f"{ref_side}")
         elif kind == "depthwise":
-            c = 64 if self.device == "cpu" else 256
-            groups_curve = sorted({max(4, v) for v in p.conv_channels} | ({1024} if self.device == "cpu" else set()))
+            c = ref
             measured = Measured(kernel, dtype, run(4, 4, 4, 3, groups=4, batch=1),
-                                [run(c, c, s, 3, groups=c) for s in sizes],
-                                {"kernel": [run(c, c, side, k, groups=c) for k in ks if k > 1],
-                                 "groups": [run(v, v, side, 3, groups=v) for v in groups_curve]})
-            what = f"{c} channels, 3x3; curves of kernel sides {[k for k in ks if k > 1]}, channels {groups_curve}"
+                                [run(c, c, v, 3, groups=c) for v in sides],
+                                {"k": [run(c, c, ref_side, k, groups=c) for k in p.conv_kernels if k > 1],
+                                 "groups": [run(v, v, ref_side, 3, groups=v) for v in p.conv_groups]})
+            what = (f"{c} channels, 3x3, sides {list(sides)}; curves: kernel sides {list(p.conv_kernels)}, "
+                    f"channels {list(p.conv_groups)}")
         elif kind == "grouped":
             g, per = 8, 16
             measured = Measured(kernel, dtype, run(8, 8, 4, 3, groups=2, batch=1),
-                                [run(g * per, g * per, s, 3, groups=g) for s in sizes],
-                                {"cin": [run(g * v, g * v, side, 3, groups=g) for v in (2, 4, 16, 64)],
-                                 "groups": [run(v * per, v * per, side, 3, groups=v) for v in (2, 8, 32)]})
-            what = f"{g} groups of {per} channels, 3x3; curves of channels per group (2..64), groups (2..32)"
+                                [run(g * per, g * per, v, 3, groups=g) for v in sides],
+                                {"k": [run(g * v, g * v, ref_side, 3, groups=g) for v in (2, 4, 16, 64)],
+                                 "groups": [run(v * per, v * per, ref_side, 3, groups=v) for v in (2, 8, 32)]})
+            what = f"{g} groups of {per} channels, 3x3, sides {list(sides)}; curves: channels per group 2..64, groups 2..32"
         else:
-            c = 64 if self.device == "cpu" else 256
-            measured = Measured(kernel, dtype, run(4, 4, 4, 2, batch=1), [run(c, c, max(2, s // 2), 2) for s in sizes],
-                                {"kernel": [run(c, c, max(2, side // 2), k) for k in (2, 3, 4)]})
-            what = f"{c} channels, 2x2 stride 2 (upsampling); curve of kernel sides 2..4"
-        measured.how = self.how(("aten.convolution_backward (input, weight and bias gradients) of " if backward else
-                                 "F.conv_transpose2d " if kind == "transposed" else "F.conv2d ")
-                                + f"{dtype}, batch {B}, image sides {list(sizes)}; {what}")
+            c = ref
+            measured = Measured(kernel, dtype, run(4, 4, 4, 2, batch=1), [run(c, c, max(2, v // 2), 2) for v in sides],
+                                {"k": [run(c, c, max(2, ref_side // 2), k) for k in (2, 3, 4)]})
+            what = f"{c} channels, 2x2 stride 2 (upsampling), input sides {[max(2, v // 2) for v in sides]}; kernel 2..4"
+        if kind in ("depthwise", "grouped"):
+            # Rates by positions: their counted work grows with the channels squared (FlopCounterMode
+            # counts a grouped weight gradient as dense), which the groups curve then carries.
+            measured.by = "m"
+        measured.how = self.how({None: "F.conv_transpose2d " if kind == "transposed" else "F.conv2d ",
+                                 "input": "aten.convolution_backward (input, weight and bias gradients) of ",
+                                 "weight": "aten.convolution_backward (weight and bias gradients) of "}[backward]
+                                + f"{dtype}, batch {B}; {what}")
         return measured
 
     # --- attention ------------------------------------------------------------------------------------
@@ -375,40 +438,44 @@ class Prober:
         p_drop = 0.1 if dropout else 0.0
 
         def run(L, E, heads=p.attn_heads):
-            q, k, v = (self.t(1, heads, L, E, dtype=dt, grad=backward) for _ in range(3))
+            def make(part="forward"):
+                q, k, v = (self.t(1, heads, L, E, dtype=dt, grad=backward) for _ in range(3))
 
-            def forward():
-                with sdpa_kernel(backend):
-                    return F.scaled_dot_product_attention(q, k, v, dropout_p=p_drop, is_causal=causal)
+                def forward():
+                    with sdpa_kernel(backend):
+                        return F.scaled_dot_product_attention(q, k, v, dropout_p=p_drop, is_causal=causal)
+                if not backward:
+                    return forward, torch.ops.costmodel.sdpa.default, (q, k, v, None, p_drop, causal, None, False), {}
+                g = torch.randn(1, heads, L, E, device=self.device, dtype=dt)
+
+                def both():
+                    torch.autograd.backward(forward(), g)
+                    q.grad = k.grad = v.grad = None
+                args = (g, q.detach(), k.detach(), v.detach(), None, p_drop, causal, None, False)
+                return both if part == "both" else forward, torch.ops.costmodel.sdpa_backward.default, args, {}
             if not backward:
-                args = (q, k, v, None, p_drop, causal, None, False)
-                return self.instance(forward, torch.ops.costmodel.sdpa.default, *args, kernel=name, counting=counting)
-            g = torch.randn(1, heads, L, E, device=self.device, dtype=dt)
-
-            def both():
-                torch.autograd.backward(forward(), g)
-                q.grad = k.grad = v.grad = None
-            args = (g, q.detach(), k.detach(), v.detach(), None, p_drop, causal, None, False)
-            cost = rule_cost(torch.ops.costmodel.sdpa_backward.default, *args, counting=counting)
-            return Instance(cost, max(self.time(both) - self.time(forward), 0.0))
+                return self.instance(make, name, counting)
+            both = self.instance(lambda: make("both"), name, counting)
+            forward = self.instance(make, name, counting)
+            return Instance(both.cost, max(both.time_s - forward.time_s, 0.0))
         lengths = p.attn_lengths
+        mid = lengths[len(lengths) // 2]
         return Measured(name, dtype, run(8, 8, heads=1), [run(L, p.attn_e) for L in lengths],
-                        {"E": [run(lengths[len(lengths) // 2], e) for e in p.attn_e_curve]},
+                        {"E": [run(mid, e) for e in p.attn_e_curve],
+                         "batch_heads": [run(mid, p.attn_e, heads=h) for h in p.attn_heads_curve]},
                         self.how(f"F.scaled_dot_product_attention under sdpa_kernel({backend.name}), {dtype}, "
                                  f"[1, {p.attn_heads}, L, {p.attn_e}], L = S in {list(lengths)}"
                                  + (", is_causal" if causal else "") + (f", dropout {p_drop}" if dropout else "")
                                  + ("; backward = forward and backward less forward" if backward else "")
-                                 + f"; curve of E in {list(p.attn_e_curve)}; FLOPs as the {counting} kernel counts"))
+                                 + f"; curves of E in {list(p.attn_e_curve)}, batch * heads in "
+                                 f"{list(p.attn_heads_curve)}; FLOPs as the {counting} kernel counts"), by="L")
 
     # --- byte-priced classes ------------------------------------------------------------------------
 
     def bytes_class(self, kernel: str, make, what: str) -> Measured:
         """`make(n)` -> (call, op, args, kwargs) with tensors of about n float32 elements."""
         sizes = self.plan.elements
-        instances = []
-        for n in sizes:
-            call, op, args, kwargs = make(n)
-            instances.append(self.instance(call, op, *args, kernel=kernel, **kwargs))
+        instances = [self.instance(lambda: make(n), kernel) for n in sizes]
         return Measured(kernel, None, instances[0], instances[1:],
                         how=self.how(f"{what}, float32, {list(sizes[1:])} elements (tiny: {sizes[0]})"))
 
@@ -692,8 +759,8 @@ def measure_kernels(device: str, plan: KernelPlan, stamp: str, progress=None) ->
         kinds = ("dense", "depthwise", "grouped", "transposed") if plan.variants else ("dense", "depthwise")
         for dtype in conv_dtypes:
             for kind in kinds:
-                for backward in (False, True):
-                    prober.progress(f"conv.{kind}{'.backward' if backward else ''} {dtype}")
+                for backward in (None, "input", "weight") if kind == "dense" else (None, "input"):
+                    prober.progress(f"conv.{kind} {backward or 'forward'} {dtype}")
                     measured.append(prober.conv(kind, backward, dtype))
         for dtype in conv_dtypes:
             for kernel in plan.attn_kernels:

@@ -7,11 +7,13 @@ one table per class it measured; the roofline prices an op with the most specifi
 ("conv.depthwise.backward", then "conv.depthwise", then "conv"), else with the generic ramps.
 
 A table says how long one call of the class takes on the device, as measured:
-    time_s = overhead_s + work / (rate(work) * prod(efficiency_f(feature_f)))
+    time_s = overhead_s + work / (rate(size) * prod(efficiency_f(feature_f)))
 `work` is the op's FLOPs (products, convolutions, attention) or its bytes (everything else), as
-the rules count them; rate() interpolates the measured rates log-log between the measured sizes
-(constant past either end); each efficiency_f is a measured curve of one shape feature (a
-product's m: one row of output per call is a matrix-vector product), 1 at the reference shape.
+the rules count them; `size` is the work itself, or the feature the table is indexed `by` (a
+convolution's output positions, attention's query length); rate() interpolates the measured rates
+log-log between the measured sizes (constant past either end); each efficiency_f is a measured
+curve of one shape feature (a product's m: one row of output per call is a matrix-vector
+product), about 1 at the reference shape the rates were measured at.
 Allocation is the CPU's price for fresh pages (glibc maps large blocks anew each time; the first
 touch of each page faults): seconds per byte of an op's largest new output, by its size.
 No torch here.
@@ -31,7 +33,8 @@ from .errors import UsageError
 FLOPS, BYTES = "flops", "bytes"
 
 # Kernel classes, by root: what the root's work is, and the classes under it. A class may add
-# ".backward" (the gradient kernel of the same op); attention classes add ".causal" last.
+# ".backward" (the gradient kernel of the same op; a convolution's without the input's gradient is
+# ".backward.weight"); attention classes add ".causal", then ".dropout".
 FAMILIES: dict[str, str] = {
     "matmul": FLOPS,        # one product: mm, addmm, linear, 2-D matmul; features m, n, k
     "bmm": FLOPS,           # batched products: bmm, baddbmm, batched matmul; features batch, m, n, k
@@ -61,8 +64,9 @@ _NAME = re.compile(r"^[a-z][a-z0-9_]*(\.[a-z0-9_]+)*$")
 FEATURES = {
     "matmul": ("m", "n", "k"),
     "bmm": ("batch", "m", "n", "k"),
-    # per group: c_in, c_out; groups; kernel: its area; positions: output positions times batch
-    "conv": ("cin", "cout", "groups", "kernel", "positions"),
+    # as the GEMM it lowers to, per group: m output positions (times batch), n output channels,
+    # k input channels times kernel area; and the groups
+    "conv": ("m", "n", "k", "groups"),
     "attention": ("batch_heads", "L", "S", "E"),
 }
 ALLOC_FEATURE = "alloc_bytes"   # every op: bytes of its largest freshly allocated output
@@ -116,14 +120,21 @@ class KernelTable:
     rates: tuple[float, ...] = ()          # work per second at those sizes, overhead excluded
     efficiency: dict[str, tuple[tuple[float, float], ...]] = field(default_factory=dict, hash=False)
     how: str = ""                          # what was run, how it was timed
+    by: str = "work"                       # what `sizes` measure: the work, or a feature's value
 
     @property
     def work(self) -> str:
         return work_of(self.kernel)
 
-    def rate(self, work: float) -> float:
-        """Work per second at `work`: log-log between the measured sizes, constant past the ends."""
-        return interpolate(self.sizes, self.rates, work)
+    def rate(self, size: float | None) -> float:
+        """Work per second at `size`: log-log between the measured sizes, constant past the ends
+        (None: the rate at the largest size)."""
+        if size is None or size <= 0:
+            return self.rates[-1]
+        return interpolate(self.sizes, self.rates, size)
+
+    def size_of(self, work: float, features: Mapping[str, float] | None) -> float | None:
+        return work if self.by == "work" else (features or {}).get(self.by)
 
     def shape_efficiency(self, features: Mapping[str, float] | None) -> float:
         """Product of the measured efficiency curves at the op's features (missing ones count 1)."""
@@ -138,7 +149,7 @@ class KernelTable:
         """Seconds of the kernel itself, overhead excluded."""
         if work <= 0 or not self.sizes:
             return 0.0
-        return work / (self.rate(work) * self.shape_efficiency(features))
+        return work / (self.rate(self.size_of(work, features)) * self.shape_efficiency(features))
 
     def time_s(self, work: float, features: Mapping[str, float] | None = None) -> float:
         return self.overhead_s + self.kernel_time_s(work, features)
@@ -149,6 +160,8 @@ class KernelTable:
             out.update(sizes=list(self.sizes), rates=list(self.rates))
         if self.dtype:
             out["dtype"] = self.dtype
+        if self.by != "work":
+            out["by"] = self.by
         if self.efficiency:
             out["efficiency"] = {k: [list(p) for p in v] for k, v in self.efficiency.items()}
         if self.how:
@@ -203,7 +216,7 @@ def find_table(tables: Mapping[str, KernelTable], kernel: str | None, dtype: str
 
 # --- the TOML schema --------------------------------------------------------------------------------
 
-_TABLE_FIELDS = ("work", "dtype", "overhead_s", "sizes", "rates", "efficiency", "how")
+_TABLE_FIELDS = ("work", "dtype", "overhead_s", "by", "sizes", "rates", "efficiency", "how")
 _ALLOC_FIELDS = ("sizes", "seconds_per_byte", "how")
 
 
@@ -269,8 +282,12 @@ def _table(key: str, data, where: str, dtypes) -> KernelTable:
     how = data.get("how", "")
     if not isinstance(how, str):
         raise UsageError(f"{where}: 'how' must be a string, got {how!r}")
+    by = data.get("by", "work")
+    if by != "work" and by not in known:
+        raise UsageError(f"{where}: 'by' must be work or a feature of {root(kernel)} classes "
+                         f"({', '.join(known) or 'none'}), got {by!r}")
     return KernelTable(kernel=kernel, dtype=dtype or None, overhead_s=float(overhead), sizes=tuple(sizes),
-                       rates=tuple(rates), efficiency=curves, how=how)
+                       rates=tuple(rates), efficiency=curves, how=how, by=by)
 
 
 def allocation_from_dict(data, origin: str) -> AllocationTable:

@@ -40,6 +40,8 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--top", type=int, default=30)
     p.add_argument("--by", choices=("op", "kernel"), default="op")
+    p.add_argument("--ops", metavar="CLASS", help="instead: each op of this kernel class (prefix) timed alone "
+                                                   "with random tensors of its shapes, against its prediction")
     args = p.parse_args(argv)
     warnings.filterwarnings("ignore")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
@@ -52,6 +54,8 @@ def main(argv=None) -> int:
                   hardware=hw, complete=True)
     pt = rep.evaluate(**dims)
     timing = pt.timing(hw)
+    if args.ops:
+        return alone(rep, pt, timing, hw, args.ops)
     pred, count = collections.Counter(), collections.Counter()
     for i, (op, t) in enumerate(zip(pt.ops, timing["op_times"])):
         key = pt.kernel_class(i, hw) if args.by == "kernel" else op["target"].replace("aten.", "aten::").rsplit(".", 1)[0]
@@ -78,6 +82,56 @@ def main(argv=None) -> int:
     for k in keys[:args.top]:
         print(f"{k[:48]:48s} {pred.get(k, 0) * 1e3:8.3f}ms {count.get(k, 0):5d}   "
               f"{meas.get(k, 0) * 1e3:8.3f}ms {mcount.get(k, 0):6.0f}")
+    return 0
+
+
+def alone(rep, pt, timing, hw, prefix: str) -> int:
+    """Each op of the class timed alone (its shapes, random data) against its predicted time."""
+    import dataclasses
+
+    from costmodel.calibrate_kernels import Timer, kernel_plan
+    nodes = {n.name: n for n in pt.analysis.captured.graph.graph.nodes}
+    timer = Timer("cpu", dataclasses.replace(kernel_plan("cpu", quick=True), block_s=0.004, blocks=7))
+
+    def hint_int(s):
+        return s if isinstance(s, int) else int(s.node.hint)
+
+    def real(x):
+        if isinstance(x, torch.fx.Node):
+            x = x.meta.get("val")
+        if isinstance(x, torch.Tensor):
+            shape = [hint_int(s) for s in x.shape]
+            if x.dtype.is_floating_point:
+                return torch.randn(shape, dtype=x.dtype)
+            if x.dtype == torch.bool:
+                return torch.rand(shape) > 0.5
+            return torch.randint(0, 2, shape, dtype=x.dtype)
+        if isinstance(x, torch.SymInt):
+            return hint_int(x)
+        if isinstance(x, (list, tuple)):
+            return type(x)(real(v) for v in x)
+        return x
+    total_p = total_m = 0.0
+    for i, (op, t) in enumerate(zip(pt.ops, timing["op_times"])):
+        kernel = pt.kernel_class(i, hw)
+        if not kernel.startswith(prefix) or op["name"] not in nodes:
+            continue
+        node = nodes[op["name"]]
+        args, kwargs = real(list(node.args)), {k: real(v) for k, v in node.kwargs.items()}
+        try:
+            import resource
+            f0, c0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt, timer.calls
+            measured = timer(lambda: node.target(*args, **kwargs))
+            faults = (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0) / max(1, timer.calls - c0)
+        except Exception as e:   # noqa: BLE001 - a diagnostic: say it and go on
+            print(f"{op['name']}: could not run alone: {e}")
+            continue
+        total_p += t.time_s
+        total_m += measured
+        feats = {k: int(v) for k, v in pt.features[i].items() if v}
+        print(f"{op['name'][:28]:28s} {kernel[:32]:32s} pred {t.time_s * 1e3:8.3f} ms  alone {measured * 1e3:8.3f} ms  "
+              f"{t.time_s / measured:5.2f}x  {faults:6.0f} faults/call {feats}")
+    print(f"total: predicted {total_p * 1e3:.2f} ms, alone {total_m * 1e3:.2f} ms")
     return 0
 
 

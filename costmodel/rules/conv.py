@@ -6,7 +6,8 @@ dilation enter through the output's spatial size; groups through the weight's c_
 
 Kernel classes, from the weight against the input (the groups argument's position differs between
 the aten convolution ops, the shapes do not): conv.transposed; conv.dense (one group);
-conv.depthwise (one input channel per group); conv.grouped (the rest); ".backward" for the gradients.
+conv.depthwise (one input channel per group); conv.grouped (the rest); ".backward" for the gradients
+(".backward.weight" when the input needs none, as in a first layer).
 """
 
 from __future__ import annotations
@@ -29,8 +30,11 @@ def conv_flops(x_shape, w_shape, out_shape, transposed: bool):
     return 2 * batch * c_out * c_in_per_group * prod(kernel) * positions
 
 
-def conv_class(x_shape, w_shape, out_shape, transposed: bool, backward: bool = False) -> dict:
-    """kernel class and features (per-group c_in and c_out, groups, kernel area, output positions)."""
+def conv_class(x_shape, w_shape, out_shape, transposed: bool, backward: bool = False,
+               input_grad: bool = True) -> dict:
+    """kernel class and features: the convolution as the GEMM it lowers to (im2col), per group:
+    m = output positions (times batch), n = output channels, k = input channels * kernel area;
+    and groups. A backward without the input's gradient (a first layer) is ".backward.weight"."""
     if transposed:   # weight [c_in, c_out / groups, *kernel]
         cout = w_shape[1]
         groups = out_shape[1] / cout
@@ -47,9 +51,9 @@ def conv_class(x_shape, w_shape, out_shape, transposed: bool, backward: bool = F
         kind = "depthwise"
     else:
         kind = "grouped"
-    features = {"cin": cin, "cout": cout, "groups": groups, "kernel": prod(w_shape[2:]),
-                "positions": out_shape[0] * prod(out_shape[2:])}
-    return {"kernel": f"conv.{kind}" + (".backward" if backward else ""), "features": features}
+    suffix = (".backward" + ("" if input_grad else ".weight")) if backward else ""
+    features = {"m": out_shape[0] * prod(out_shape[2:]), "n": cout, "k": cin * prod(w_shape[2:]), "groups": groups}
+    return {"kernel": f"conv.{kind}{suffix}", "features": features}
 
 
 @register(aten.convolution, aten._convolution, aten.cudnn_convolution, aten.convolution_overrideable)
@@ -87,4 +91,5 @@ def convolution_backward(grad_out: TensorSpec, x: TensorSpec, w: TensorSpec, bia
     # grad_bias (a sum over grad_out) is not counted by FlopCounterMode; it rides in bytes only.
     read = grad_out.nbytes + (x.nbytes if output_mask[1] else 0) + (w.nbytes if output_mask[0] else 0)
     return OpCost(flops, read, nbytes_of([o for o in out if o is not None]), CONV,
-                  **conv_class(x.shape, w.shape, grad_out.shape, transposed, backward=True))
+                  **conv_class(x.shape, w.shape, grad_out.shape, transposed, backward=True,
+                               input_grad=bool(output_mask[0])))
