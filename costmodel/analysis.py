@@ -134,13 +134,15 @@ def cost_graph(c: cap.Captured, attention: str = "math") -> Analysis:
 def attention_classes(node: fx.Node, kernel: str) -> dict[str, str]:
     """The kernel class of a costmodel::sdpa (or sdpa_backward) node on each device kind: the SDPA
     kernel PyTorch runs there for these arguments (memory.auto_kernel, the one place that decides),
-    then ".backward", then ".causal" ("attention.flash.causal")."""
+    then ".backward", ".causal", and ".dropout" for a forward that draws a dropout mask
+    ("attention.math.causal.dropout")."""
     from .memory import auto_kernel
     backward = kernel.endswith(".backward")
     first = 1 if backward else 0
     q, k, v, mask = [a.meta.get("val") if isinstance(a, fx.Node) else None for a in node.args[first:first + 4]]
     dropout_p, is_causal, scale, gqa = node.args[first + 4:first + 8]
-    suffix = (".backward" if backward else "") + (".causal" if is_causal else "")
+    suffix = (".backward" if backward else "") + (".causal" if is_causal else "") + \
+        (".dropout" if not backward and isinstance(dropout_p, (int, float)) and dropout_p > 0 else "")
     return {kind: f"attention.{auto_kernel(kind, q, k, v, mask, dropout_p, is_causal, scale, gqa)}{suffix}"
             for kind in ("cpu", "cuda")}
 

@@ -74,7 +74,7 @@ _POINTWISE_ALL = ("add", "sub", "mul", "div", "neg", "abs", "relu", "threshold_b
 
 def kernel_plan(device: str, quick: bool) -> KernelPlan:
     if quick:
-        return KernelPlan(block_s=0.001, blocks=3, elements=(16, 4096, 65536), pointwise_ops=("add", "mul", "tanh"),
+        return KernelPlan(block_s=0.001, blocks=5, elements=(16, 4096, 65536), pointwise_ops=("add", "mul", "tanh"),
                           mm_ref=64, mm_cubes=(64, 128), mm_curve=(1, 16, 64), bmm_batch=4, bmm_ref=32,
                           bmm_cubes=(32, 64), bmm_curve=(4, 32), conv_batch=1, conv_base=((8, 8), (16, 8)), conv_ref=8,
                           conv_side=8, conv_sides=(4, 8), conv_channels=(4, 16), conv_kernels=(1, 3),
@@ -786,7 +786,8 @@ def measure_kernels(device: str, plan: KernelPlan, stamp: str, progress=None) ->
         add = tables.get("pointwise.add")
         if add is not None:   # elementwise ops no probe ran are priced as an add
             tables["pointwise"] = KernelTable("pointwise", None, add.overhead_s, add.sizes, add.rates,
-                                              how="pointwise.add's table: elementwise ops without their own")
+                                              how="pointwise.add's table, for elementwise ops without their own: "
+                                                  + add.how)
         tables["view"] = prober.view()
     finally:
         torch.set_grad_enabled(grad_mode)

@@ -84,7 +84,9 @@ def work_of(kernel: str) -> str:
 def check_kernel(kernel: str, where: str = "kernel class") -> str:
     """A well-formed class name under a known root; the error names the accepted roots."""
     if not isinstance(kernel, str) or not _NAME.match(kernel) or root(kernel) not in FAMILIES:
-        near = difflib.get_close_matches(str(kernel).split(".", 1)[0], list(FAMILIES), n=1)
+        word = str(kernel).split(".", 1)[0]
+        near = [f for f in FAMILIES if word.startswith(f) or f.startswith(word)] or \
+            difflib.get_close_matches(word, list(FAMILIES), n=1)
         hint = f" (did you mean {near[0]}?)" if near else ""
         raise UsageError(f"{where} '{kernel}' is not a kernel class{hint}; a class is one of "
                          f"{', '.join(FAMILIES)}, optionally with .subclass parts (conv.depthwise.backward)")
