@@ -11,11 +11,12 @@ import sympy
 import torch
 import torch.fx as fx
 
+from . import _torch
 from . import capture as cap
 from .cost import OpCost
 from .errors import AnalysisError, UsageError
 from .formulas import Evaluator, plain
-from .kernels import ALLOC_FEATURE
+from .kernels import ALLOC_FEATURE, INTERNAL_FEATURE, WEIGHT_FEATURE
 from .rules import TensorSpec, rule_for
 from .rules.attention import KERNELS
 from .specs import dtype_name
@@ -39,6 +40,7 @@ class OpRecord:
     # each device kind to the class of the SDPA kernel that kind runs: {"cpu": ..., "cuda": ...}.
     kernel: str | dict[str, str] = "pointwise"
     features: dict[str, sympy.Expr] = field(default_factory=dict)   # shape features, and alloc_bytes
+    weights: tuple[tuple[str, int], ...] = ()   # (parameter, bytes) of the parameters it reads
 
 
 @dataclass
@@ -91,6 +93,7 @@ def cost_graph(c: cap.Captured, attention: str = "math") -> Analysis:
     ops: list[OpRecord] = []
     unsupported: dict[str, list[str]] = collections.defaultdict(list)
     cache: dict = {}
+    calls_seen: set = set()
     for node in c.graph.graph.nodes:
         if node.op != "call_function":
             continue
@@ -119,13 +122,24 @@ def cost_graph(c: cap.Captured, attention: str = "math") -> Analysis:
         if kernel.startswith("attention") and target.namespace == "costmodel":
             kernel = attention_classes(node, kernel)
         features = {name: sympy.sympify(v) for name, v in cost.features.items()}
+        kernel, features = _eager_product(node, kernel, features)
         features[ALLOC_FEATURE] = _fresh_output_bytes(target, out)
+        # Eager pays the Python binding once per call the model's code makes (the first of the ops
+        # it produced), and the autograd engine once per node of the backward graph.
+        call = (("b", node.meta.get("seq_nr")) if _torch.is_backward(node)
+                else ("f", node.meta.get("costmodel_call", node.name)))
+        if call in calls_seen:
+            features[INTERNAL_FEATURE] = sympy.Integer(1)
+        calls_seen.add(call)
+        weights = _parameters_read(c, node)
+        if weights:
+            features[WEIGHT_FEATURE] = sympy.Integer(sum(b for _, b in weights))
         ops.append(OpRecord(node.name, str(target), module, node.meta.get("costmodel_phase", "forward"),
                             cost.category, dtype,
                             {"flops": sympy.sympify(cost.flops), "matmul_flops": sympy.sympify(cost.matmul_flops),
                              "bytes_read": sympy.sympify(cost.bytes_read),
                              "bytes_written": sympy.sympify(cost.bytes_written),
-                             "bytes": sympy.sympify(cost.bytes)}, kernel, features))
+                             "bytes": sympy.sympify(cost.bytes)}, kernel, features, weights))
     analysis = Analysis(c, ops, dict(unsupported))
     analysis.totals = totals_of(ops)
     return analysis
@@ -145,6 +159,42 @@ def attention_classes(node: fx.Node, kernel: str) -> dict[str, str]:
         (".dropout" if not backward and isinstance(dropout_p, (int, float)) and dropout_p > 0 else "")
     return {kind: f"attention.{auto_kernel(kind, q, k, v, mask, dropout_p, is_causal, scale, gqa)}{suffix}"
             for kind in ("cpu", "cuda")}
+
+
+def _parameters_read(c: cap.Captured, node: fx.Node) -> tuple[tuple[str, int], ...]:
+    """(placeholder, bytes) of each parameter the op reads, directly or through views of it."""
+    from .rules import rule_for, view_rule
+    found = {}
+    for arg in node.all_input_nodes:
+        while arg.op == "call_function" and isinstance(arg.target, torch._ops.OpOverload) \
+                and rule_for(arg.target) is view_rule and arg.all_input_nodes:
+            arg = arg.all_input_nodes[0]
+        value = arg.meta.get("val")
+        if arg.op == "placeholder" and c.roles.get(arg.name, ("",))[0] == "param" and isinstance(value, torch.Tensor):
+            found[arg.name] = int(value.numel()) * value.element_size()
+    return tuple(found.items())
+
+
+def _eager_product(node: fx.Node, kernel: str, features: dict) -> tuple[str, dict]:
+    """A batched product whose second operand is one matrix broadcast over the batch (stride 0) is
+    what tracing makes of x[b, m, k] @ W[k, n]; eager folds the batch into the rows and runs one
+    product: class "matmul" with m = b * m."""
+    index = 2 if str(node.target).startswith("aten.baddbmm") else 1   # baddbmm(bias, a, b)
+    if kernel != "bmm" or len(node.args) <= index:
+        return kernel, features
+    second = node.args[index]
+    value = second.meta.get("val") if isinstance(second, fx.Node) else None
+    if not isinstance(value, torch.Tensor) or value.dim() != 3 or not _is_zero(value.stride()[0]):
+        return kernel, features
+    folded = {k: v for k, v in features.items() if k != "batch"}
+    folded["m"] = features["batch"] * features["m"]
+    return "matmul", folded
+
+
+def _is_zero(value) -> bool:
+    if isinstance(value, torch.SymInt):
+        return value.node.expr == 0
+    return value == 0
 
 
 def _fresh_output_bytes(target, out) -> sympy.Expr:

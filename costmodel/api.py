@@ -29,6 +29,7 @@ from .analysis import METRICS, Analysis, OpRecord, cost_graph, params_of, totals
 from .cost import OPTIMIZER
 from .errors import AnalysisError, CaptureFailed, OutsideLimits, UsageError
 from .formulas import Evaluator, degree
+from .kernels import COLD_FEATURE
 from .limits import Limit, config_limits
 from .specs import InputSpec, dtype_name, parse_dtype, parse_input
 from .symbols import dim_symbol
@@ -73,6 +74,21 @@ class Point:
                 self._features[i][name] = value
         return self._features
 
+    def _with_cold_weights(self, features: list[dict], cache_bytes: int) -> list[dict]:
+        """Each op's features plus the bytes of the parameters it reads that the cache no longer
+        holds: read for the first time in the step (the rest of the step went through the cache
+        since), or after more than `cache_bytes` of traffic since their last read (an RNN's weight
+        read every timestep stays)."""
+        out, seen, traffic = [], {}, 0.0
+        for record, op, f in zip(self.analysis.ops, self.ops, features):
+            cold = sum(nbytes for name, nbytes in record.weights
+                       if name not in seen or traffic - seen[name] > cache_bytes)
+            for name, _ in record.weights:
+                seen[name] = traffic
+            traffic += float(op["bytes"])
+            out.append({**f, COLD_FEATURE: cold} if cold else f)
+        return out
+
     def kernel_class(self, i: int, hw) -> str:
         """The kernel class that prices op `i` on `hw`: attention resolves to the SDPA kernel that
         the device kind runs (or the one --attention names)."""
@@ -95,17 +111,21 @@ class Point:
     def timing(self, hw, tf32: bool = False) -> dict:
         """Roofline time on `hw`: per-op OpTimes (same order as `ops`) and their summary."""
         from . import roofline
+        framework_s = 0.0
         if hw.kernels or hw.allocation:
             features = self.features
+            if hw.cache_bytes:
+                features = self._with_cold_weights(features, hw.cache_bytes)
             times = [roofline.op_time(op["flops"], op["bytes"], op["category"], op["dtype"], hw, tf32,
                                       kernel=self.kernel_class(i, hw), features=features[i])
                      for i, op in enumerate(self.ops)]
+            framework_s = roofline.framework_time_s(self.analysis.captured.module_calls, hw)
         else:
             times = [roofline.op_time(op["flops"], op["bytes"], op["category"], op["dtype"], hw, tf32)
                      for op in self.ops]
         model_dtype = next((op["dtype"] for op in self.ops if op["category"] in ("matmul", "conv", "attention")),
                            "float32")
-        summary = roofline.summarize(times, self.totals["matmul_flops"], hw, model_dtype, tf32)
+        summary = roofline.summarize(times, self.totals["matmul_flops"], hw, model_dtype, tf32, framework_s)
         return {"hardware": hw, "op_times": times, "summary": summary}
 
     def apply_timing(self, hw, tf32: bool = False) -> dict:

@@ -85,8 +85,7 @@ def calibrate(device: str = "cpu", out_path: str | os.PathLike | None = None, *,
     sources["kernel_overhead_s"] = f"{stamp}: {detail}"
     memory_bytes, detail = _memory_bytes(device)
     sources["memory_bytes"] = f"{detail} (on {machine})"
-    tables, allocation = measure_kernels(device, kernel_plan(device, quick), stamp, progress) if kernels \
-        else ({}, None)
+    measured = measure_kernels(device, kernel_plan(device, quick), stamp, progress) if kernels else None
 
     fields = {"name": name or f"calibrated-{device}", "vendor": _vendor(device),
               "description": f"{machine}, measured", "calibrated": True, "memory_bytes": memory_bytes,
@@ -94,9 +93,17 @@ def calibrate(device: str = "cpu", out_path: str | os.PathLike | None = None, *,
     if device == "cpu":
         fields["threads"] = torch.get_num_threads()
     sections = {"peak_flops_per_s": peaks, "sources": sources}
-    if allocation is not None:
-        sections["allocation"] = allocation.to_dict()
-    sections.update({f"kernels.{_toml_key(key)}": table.to_dict() for key, table in tables.items()})
+    if measured is not None:
+        fields["cache_bytes"] = measured.cache_bytes
+        sources["cache_bytes"] = "sysfs /sys/devices/system/cpu/cpu0/cache (the largest level)" if device == "cpu" \
+            else "torch.cuda.get_device_properties().L2_cache_size"
+        if measured.python_call_s is not None:
+            fields["python_call_s"] = measured.python_call_s
+            sources["python_call_s"] = f"{stamp}: a Python loop of tiny in-place adds less the same adds made by " \
+                                       f"torch._foreach_add_'s C++ loop, per op, {_threads(device)}"
+        if measured.allocation is not None:
+            sections["allocation"] = measured.allocation.to_dict()
+        sections.update({f"kernels.{_toml_key(key)}": table.to_dict() for key, table in measured.tables.items()})
     text = _to_toml(
         header=f"Written by `costmodel hardware calibrate --device {device}`: measured achievable rates.",
         fields=fields, tables=sections)

@@ -275,16 +275,18 @@ class Prober:
         x = torch.randn(*shape, device=self.device, dtype=dtype)
         return x.requires_grad_(grad) if grad else x
 
-    def instance(self, make, kernel: str, counting: str = "math") -> Instance:
-        """Time the call `make()` builds, `make()` -> (call, op, args, kwargs), over enough copies of
-        its tensors (each call uses the next copy) that they exceed twice the last-level cache: in a
-        model, an op's operands have mostly left the cache since they were last read. Its cost is
-        the rule's for `op` on the first copy's arguments."""
+    def instance(self, make, kernel: str, counting: str = "math", rotate: bool = True) -> Instance:
+        """Time the call `make()` builds, `make()` -> (call, op, args, kwargs). With `rotate`, over
+        enough copies of its tensors (each call uses the next copy) to exceed twice the last-level
+        cache: a model's activations have mostly left the cache by the time a large one is read.
+        Without (products, convolutions), in cache: their parameters' reads from memory are added
+        per op where the cache no longer holds them. Its cost is the rule's for `op` on the first
+        copy's arguments."""
         call, op, args, kwargs = make()
         cost = rule_cost(op, *args, counting=counting, **kwargs)
         if not (cost.kernel == kernel or (kernel.startswith("attention") and cost.kernel.startswith("attention"))):
             raise AssertionError(f"the probe for {kernel} runs {op}, whose rule names class {cost.kernel}")
-        return Instance(cost, self.time(self.rotating(make, call, args, kwargs)))
+        return Instance(cost, self.time(self.rotating(make, call, args, kwargs) if rotate else call))
 
     def rotating(self, make, call, args, kwargs):
         per_set = sum(t.untyped_storage().nbytes() for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor))
@@ -313,7 +315,7 @@ class Prober:
             def make():
                 x, w, bias = self.t(m, k, dtype=dt), self.t(n, k, dtype=dt), self.t(n, dtype=dt)
                 return lambda: torch.addmm(bias, x, w.t()), aten.addmm.default, (bias, x, w.t()), {}
-            return self.instance(make, "matmul")
+            return self.instance(make, "matmul", rotate=False)
         p = self.plan
         ref = p.mm_ref
         return Measured("matmul", dtype, run(4, 4, 4), [run(n, n, n) for n in p.mm_cubes],
@@ -332,7 +334,7 @@ class Prober:
             def make():
                 a, b = self.t(batch, m, k, dtype=dt), self.t(batch, k, n, dtype=dt)
                 return lambda: torch.bmm(a, b), aten.bmm.default, (a, b), {}
-            return self.instance(make, "bmm")
+            return self.instance(make, "bmm", rotate=False)
         return Measured("bmm", dtype, run(4, 4, 4, 1), [run(n, n, n) for n in p.bmm_cubes],
                         {"m": [run(v, ref, ref) for v in p.bmm_curve], "n": [run(ref, v, ref) for v in p.bmm_curve],
                          "k": [run(ref, ref, v) for v in p.bmm_curve]},
@@ -372,7 +374,7 @@ class Prober:
                 g = torch.randn_like(aten.convolution.default(*args))
                 bargs = (g, x, w, [cout], [stride, stride], [pad, pad], [1, 1], transposed, [0, 0], groups, mask)
                 return lambda: aten.convolution_backward.default(*bargs), aten.convolution_backward.default, bargs, {}
-            return self.instance(make, kernel)
+            return self.instance(make, kernel, rotate=False)
 
         sides, ref_side = p.conv_sides, p.conv_side
         ref = p.conv_ref
@@ -505,6 +507,28 @@ class Prober:
         return Measured(kernel, None, run(sizes[0]), [run(n) for n in sizes[1:]],
                         how=self.how(f"torch.optim ({name}, torch's default implementation) step over {count} "
                                      f"float32 parameters of {list(sizes[1:])} elements, per parameter"))
+
+    def module(self) -> KernelTable:
+        x = self.t(4)
+        m = torch.nn.Identity()
+        return KernelTable("module", None, self.time(lambda: m(x)),
+                           how=self.how("torch.nn.Identity()(x): an nn.Module call's hooks and dispatch (the Python "
+                                        "inside a model's forward beyond its torch calls is not measured)"))
+
+    def python_call_s(self) -> float | None:
+        """What the Python binding adds to an eager op: a Python loop of tiny in-place adds against
+        the same adds made by C++ (torch._foreach_add_'s per-tensor loop on the CPU). None on a GPU,
+        whose foreach is one fused kernel."""
+        if self.device != "cpu":
+            return None
+        ts = [self.t(4) for _ in range(64)]
+
+        def python():
+            for t in ts:
+                t.add_(1.0)
+        per_python = self.time(python) / len(ts)
+        per_cpp = self.time(lambda: torch._foreach_add_(ts, 1.0)) / len(ts)
+        return max(0.0, per_python - per_cpp)
 
     def view(self) -> KernelTable:
         x = self.t(64, 64)
@@ -741,9 +765,17 @@ def byte_classes(prober: Prober) -> list[Measured]:
     return out
 
 
-def measure_kernels(device: str, plan: KernelPlan, stamp: str, progress=None) -> tuple[dict[str, KernelTable],
-                                                                                       AllocationTable | None]:
-    """Every class's table on `device` (its keys as the device file names them) and the allocation table."""
+@dataclass
+class KernelMeasurements:
+    tables: dict[str, KernelTable]         # keyed as the device file names them ("matmul:float32")
+    allocation: AllocationTable | None
+    python_call_s: float | None
+    cache_bytes: int
+
+
+def measure_kernels(device: str, plan: KernelPlan, stamp: str, progress=None) -> KernelMeasurements:
+    """Every class's table on `device`, the allocation table, the Python binding's share of an op's
+    overhead and the cache size."""
     from .kernels import table_key
     prober = Prober(device, plan, stamp, progress)
     grad_mode = torch.is_grad_enabled()
@@ -789,6 +821,8 @@ def measure_kernels(device: str, plan: KernelPlan, stamp: str, progress=None) ->
                                               how="pointwise.add's table, for elementwise ops without their own: "
                                                   + add.how)
         tables["view"] = prober.view()
+        tables["module"] = prober.module()
+        python_call_s = prober.python_call_s()
     finally:
         torch.set_grad_enabled(grad_mode)
-    return tables, allocation
+    return KernelMeasurements(tables, allocation, python_call_s, prober.cache_bytes)

@@ -29,6 +29,7 @@ import torch
 import torch.fx as fx
 import torch.fx.traceback as fx_traceback
 import torch.nn as nn
+from torch.overrides import TorchFunctionMode
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.fx.experimental.proxy_tensor import make_fx
 from torch.fx.experimental.symbolic_shapes import DimDynamic, ShapeEnv
@@ -92,6 +93,7 @@ class Captured:
     trainable: set[str] = field(default_factory=set)                # names of parameters that get grads
     hints: dict[str, int] = field(default_factory=dict)
     limits: list = field(default_factory=list)   # limits.Limit found in the graph (tables indexed by positions)
+    module_calls: int = 0    # nn.Module forward calls in one forward: each costs its eager dispatch
 
     def to_user(self, value) -> sympy.Expr:
         """A SymInt / int / sympy expression of the shape env -> sympy in the user's dimension names."""
@@ -294,8 +296,8 @@ def _capture(model: nn.Module, inputs: list[InputSpec], mode: str, hints, fixed,
         return placeholders.index(node) >= n_state
 
     try:
-        with _torch.symbolic_kernels(), _torch.backward_meta_fields(), fake_mode, _module_paths(model), \
-                fx_traceback.preserve_node_meta(), route_sdpa(), eager_decisions(is_input), \
+        with _torch.symbolic_kernels(), _torch.backward_meta_fields(), fake_mode, _module_paths(model) as calls, \
+                fx_traceback.preserve_node_meta(), route_sdpa(), _PythonCalls(), eager_decisions(is_input), \
                 balanced_experts(model, moe_imbalance), _torch.python_dispatcher(python_dispatcher):
             gm = make_fx(fn, tracing_mode="real", _disable_torch_fn_metadata_mode=True)(params, buffers, values)
     except CostModelError:
@@ -315,7 +317,7 @@ def _capture(model: nn.Module, inputs: list[InputSpec], mode: str, hints, fixed,
     used_hints = {d: int(sizes[d]) if not isinstance(sizes[d], torch.SymInt) else sizes[d].node.hint
                   for d in dims if d not in fixed}
     captured = Captured(gm, mode, [d for d in dims if d not in fixed], fixed, [], symbol_map, shape_env, roles,
-                        {param_items[i][0] for i in trainable}, used_hints)
+                        {param_items[i][0] for i in trainable}, used_hints, module_calls=calls.count)
     captured.guards = _guards(captured)
     from .limits import index_limits
     captured.limits = index_limits(captured)
@@ -391,8 +393,10 @@ def _module_paths(model: nn.Module):
     paths = {m: (n or ROOT) for n, m in model.named_modules(remove_duplicate=False)}
     stack: list[str] = []
     frames = _FrameLocals(model)
+    calls = _Count()
 
     def pre(module, args):
+        calls.count += 1
         stack.append(paths.get(module, type(module).__name__))
         fx_traceback.get_current_meta()["nn_module_stack"] = tuple(stack)
         frames.enter(module)
@@ -406,10 +410,31 @@ def _module_paths(model: nn.Module):
     h1 = nn.modules.module.register_module_forward_pre_hook(pre)
     h2 = nn.modules.module.register_module_forward_hook(post)
     try:
-        yield
+        yield calls
     finally:
         h1.remove()
         h2.remove()
+
+
+@dataclass
+class _Count:
+    count: int = 0
+
+
+class _PythonCalls(TorchFunctionMode):
+    """Number each torch call the model's Python makes, in fx's current node meta ("costmodel_call"):
+    the aten ops one call produces (F.linear's t and addmm; nn.GRU's whole loop) share the number,
+    and eager pays the Python binding once for them, the first. A mode does not see the calls made
+    inside its own handler, so a Python-implemented function's inner calls keep the outer number."""
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        self.count += 1
+        fx_traceback.get_current_meta()["costmodel_call"] = self.count
+        return func(*args, **(kwargs or {}))
         frames.close()
 
 

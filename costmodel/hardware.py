@@ -38,7 +38,7 @@ _DTYPE_ALIASES = {
 }
 _REQUIRED = ("memory_bytes", "bandwidth_bytes_per_s", "peak_flops_per_s")
 _OPTIONAL = ("name", "vendor", "description", "kernel_overhead_s", "calibrated", "efficiency", "sources",
-             "threads", "kernels", "allocation", *INTERCONNECT_FIELDS)
+             "threads", "kernels", "allocation", "cache_bytes", "python_call_s", *INTERCONNECT_FIELDS)
 
 
 def canonical_dtype(dtype: str) -> str:
@@ -69,6 +69,12 @@ class Hardware:
     # The CPU's price of fresh pages for large new outputs (None: not measured, or not paid).
     allocation: AllocationTable | None = None
     threads: int | None = None       # CPU threads the calibration ran with
+    # Last-level cache (CPU) or L2 (GPU): a parameter read again after more traffic than this comes
+    # from memory again. None: not known, no such term.
+    cache_bytes: int | None = None
+    # What the Python binding adds to an eager op over the same op called from C++ (the 2nd..nth op
+    # of F.linear, of nn.GRU's loop; backward nodes but their first op). None: not measured.
+    python_call_s: float | None = None
     # The interconnect (costmodel.comm): a file without these fields gets DEFAULT_INTERCONNECT,
     # and its sources say so.
     gpus_per_node: int = DEFAULT_INTERCONNECT.gpus_per_node
@@ -140,6 +146,8 @@ class Hardware:
             "sources": dict(self.sources),
             "path": self.path,
             "threads": self.threads,
+            "cache_bytes": self.cache_bytes,
+            "python_call_s": self.python_call_s,
             "kernels": {k: t.to_dict() for k, t in self.kernels.items()},
             "allocation": self.allocation.to_dict() if self.allocation else None,
         }
@@ -233,6 +241,13 @@ def hardware_from_dict(data: dict, *, origin: str, path: str | None = None) -> H
     if threads is not None and (not isinstance(threads, int) or isinstance(threads, bool) or threads < 1):
         raise UsageError(f"{origin}: 'threads' must be a positive integer (the CPU threads of the "
                          f"calibration), got {threads!r}")
+    cache_bytes = data.get("cache_bytes")
+    if cache_bytes is not None and (not isinstance(cache_bytes, int) or isinstance(cache_bytes, bool)
+                                    or cache_bytes < 1):
+        raise UsageError(f"{origin}: 'cache_bytes' must be a positive integer number of bytes, got {cache_bytes!r}")
+    python_call_s = data.get("python_call_s")
+    if python_call_s is not None and (not _is_number(python_call_s) or not 0 <= python_call_s < 1):
+        raise UsageError(f"{origin}: 'python_call_s' must be seconds, 0 <= value < 1, got {python_call_s!r}")
     interconnect, sources = _interconnect(data, sources, origin)
     return Hardware(
         name=name.strip(), memory_bytes=memory_bytes,
@@ -243,7 +258,8 @@ def hardware_from_dict(data: dict, *, origin: str, path: str | None = None) -> H
         efficiency=_efficiency(data.get("efficiency", {}), origin), **interconnect,
         kernels=tables_from_dict(data.get("kernels", {}), origin, DTYPES),
         allocation=allocation_from_dict(data["allocation"], origin) if "allocation" in data else None,
-        threads=threads,
+        threads=threads, cache_bytes=cache_bytes,
+        python_call_s=float(python_call_s) if python_call_s is not None else None,
     )
 
 

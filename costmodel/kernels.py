@@ -53,6 +53,7 @@ FAMILIES: dict[str, str] = {
     "loss": BYTES,
     "optimizer": BYTES,     # .adamw, .adam, .sgd, ...: one parameter tensor's update
     "view": BYTES,          # metadata only: an eager call still costs its dispatch
+    "module": BYTES,        # an nn.Module call in eager (its hooks and dispatch), per forward call
 }
 _SUBCLASSES = {
     "conv": ("dense", "depthwise", "grouped", "transposed"),
@@ -70,6 +71,9 @@ FEATURES = {
     "attention": ("batch_heads", "L", "S", "E"),
 }
 ALLOC_FEATURE = "alloc_bytes"   # every op: bytes of its largest freshly allocated output
+INTERNAL_FEATURE = "internal"   # 1: eager runs it inside another op's call (no Python binding of its own)
+WEIGHT_FEATURE = "weight_bytes"  # bytes of the parameters it reads
+COLD_FEATURE = "cold_weight_bytes"  # of those, the ones the cache no longer holds (set per point)
 
 
 def root(kernel: str) -> str:

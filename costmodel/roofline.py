@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Iterable, Mapping
 
 from costmodel.cost import ATTENTION, CONV, INDEX, KERNEL_OF_CATEGORY, MATMUL, VIEW
 from costmodel.errors import UsageError
-from costmodel.kernels import ALLOC_FEATURE, FLOPS
+from costmodel.kernels import ALLOC_FEATURE, COLD_FEATURE, FLOPS, INTERNAL_FEATURE
 
 if TYPE_CHECKING:
     from costmodel.hardware import Hardware
@@ -87,6 +87,7 @@ class Summary:
     flops: float
     peak_flops_per_s: float        # dense peak of the model's dtype, the MFU denominator
     mfu: float | None              # flops / (time_s * peak_flops_per_s)
+    framework_time_s: float = 0.0  # eager's module calls (framework_time_s()), inside time_s and overhead
 
 
 def efficiencies(hw: "Hardware", overrides: Mapping[str, float] | None = None) -> dict[str, float]:
@@ -181,20 +182,24 @@ def _measured_time(flops: float, bytes: float, category: str, dtype: str, hw: "H
         if category != VIEW:
             return OpTime(0.0, 0.0, 0.0, 0.0, 0.0, 0.0, None, None, peak, ridge, 0.0, 0.0, table.kernel)
         # A view does no work, but an eager call of it still goes through the dispatcher.
-        return OpTime(0.0, 0.0, table.overhead_s, 0.0, 0.0, table.overhead_s, None, None, peak, ridge, 0.0, 0.0,
-                      table.kernel)
+        overhead_s = _overhead_s(table.overhead_s, hw, features)
+        return OpTime(0.0, 0.0, overhead_s, 0.0, 0.0, overhead_s, None, None, peak, ridge, 0.0, 0.0, table.kernel)
     # The measured side is the table's time (it already holds whatever bound the kernel); the
     # other side is the ideal time at the datasheet figure, for the record.
     kernel_s = table.kernel_time_s(flops if table.work == FLOPS else bytes, features)
     if table.work == FLOPS:
+        # Products and convolutions were measured with their operands in cache; parameters the
+        # cache no longer holds are read from memory first.
+        kernel_s += float(features.get(COLD_FEATURE, 0)) / bandwidth
         compute_time_s, memory_time_s = kernel_s, bytes / bandwidth
     else:
         compute_time_s, memory_time_s = flops / peak, kernel_s
     allocation_s = hw.allocation.penalty_s(float(features.get(ALLOC_FEATURE, 0))) if hw.allocation else 0.0
+    overhead_s = _overhead_s(table.overhead_s, hw, features)
     intensity = flops / bytes if bytes else math.inf
     return OpTime(
-        flops=flops, bytes=bytes, time_s=table.overhead_s + kernel_s + allocation_s,
-        compute_time_s=compute_time_s, memory_time_s=memory_time_s, overhead_s=table.overhead_s,
+        flops=flops, bytes=bytes, time_s=overhead_s + kernel_s + allocation_s,
+        compute_time_s=compute_time_s, memory_time_s=memory_time_s, overhead_s=overhead_s,
         intensity=intensity, bound="compute" if intensity >= ridge else "memory",
         peak_flops_per_s=peak, ridge_point=ridge,
         compute_efficiency=flops / (peak * compute_time_s) if compute_time_s else 1.0,
@@ -204,25 +209,41 @@ def _measured_time(flops: float, bytes: float, category: str, dtype: str, hw: "H
 
 
 def summarize(op_times: Iterable[OpTime], total_flops, hw: "Hardware", dtype: str,
-              tf32: bool = False) -> Summary:
-    """Totals over ops run one after another; MFU against the dense peak of `dtype`.
+              tf32: bool = False, framework_s: float = 0.0) -> Summary:
+    """Totals over ops run one after another, plus `framework_s` of eager framework work outside
+    the ops; MFU against the dense peak of `dtype`.
 
     `total_flops` is the numerator of MFU (the model's FLOPs, usually matmul FLOPs); per-op FLOPs
     only decide each op's time.
     """
     op_times = list(op_times)
-    time_s = math.fsum(t.time_s for t in op_times)
+    time_s = math.fsum(t.time_s for t in op_times) + framework_s
     compute_s = math.fsum(t.time_s for t in op_times if t.bound == "compute")
     memory_s = math.fsum(t.time_s for t in op_times if t.bound == "memory")
-    overhead_s = math.fsum(t.overhead_s for t in op_times)
+    overhead_s = math.fsum(t.overhead_s for t in op_times) + framework_s
     peak = hw.peak_for(dtype, tf32)
     total_flops = float(total_flops)
     return Summary(
         time_s=time_s, compute_bound_time_s=compute_s, memory_bound_time_s=memory_s,
         overhead_time_s=overhead_s, memory_bound_share=memory_s / time_s if time_s else None,
         flops=total_flops, peak_flops_per_s=peak,
-        mfu=total_flops / (time_s * peak) if time_s else None,
+        mfu=total_flops / (time_s * peak) if time_s else None, framework_time_s=framework_s,
     )
+
+
+def _overhead_s(measured_s: float, hw: "Hardware", features: Mapping[str, float]) -> float:
+    """A table's overhead was measured on calls from Python; an op eager runs inside another's call
+    (features["internal"]) skips the Python binding, down to a tenth of the measured overhead."""
+    if features.get(INTERNAL_FEATURE) and hw.python_call_s:
+        return max(measured_s - hw.python_call_s, 0.1 * measured_s)
+    return measured_s
+
+
+def framework_time_s(module_calls: int, hw: "Hardware") -> float:
+    """Eager's cost of the model's nn.Module calls (hooks, dispatch) on a device with a measured
+    "module" table; 0 elsewhere."""
+    table = hw.kernel_table("module", None)
+    return module_calls * table.overhead_s if table is not None else 0.0
 
 
 def _ramp(ideal_time_s: float, ceiling: float, ramp_s: float) -> float:

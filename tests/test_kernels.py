@@ -44,9 +44,14 @@ def test_conv_classes_come_from_groups_against_channels():
     assert [k for k, _ in convs] == ["conv.dense", "conv.depthwise", "conv.grouped", "conv.transposed"]
     # As the GEMM it lowers to: m = batch * 16 * 16 = 512 positions, n = output channels per group,
     # k = input channels per group * kernel area.
-    assert convs[0][1] == {"m": 512, "n": 8, "k": 8 * 9, "groups": 1, "alloc_bytes": 2 * 8 * 16 * 16 * 4}
-    assert {k: v for k, v in convs[1][1].items() if k != "alloc_bytes"} == {"m": 512, "n": 1, "k": 49, "groups": 8}
-    assert {k: v for k, v in convs[2][1].items() if k != "alloc_bytes"} == {"m": 512, "n": 8, "k": 4 * 9, "groups": 2}
+    def gemm(f):
+        return {k: f[k] for k in ("m", "n", "k", "groups")}
+    assert gemm(convs[0][1]) == {"m": 512, "n": 8, "k": 8 * 9, "groups": 1}
+    assert gemm(convs[1][1]) == {"m": 512, "n": 1, "k": 49, "groups": 8}
+    assert gemm(convs[2][1]) == {"m": 512, "n": 8, "k": 4 * 9, "groups": 2}
+    # its output is newly allocated: 2 * 8 * 16 * 16 floats; it reads a weight of 8 * 8 * 9 floats and a bias of 8
+    assert convs[0][1]["alloc_bytes"] == 2 * 8 * 16 * 16 * 4
+    assert convs[0][1]["weight_bytes"] == (8 * 8 * 9 + 8) * 4
 
 
 def test_conv_backward_of_a_first_layer_computes_no_input_gradient():
