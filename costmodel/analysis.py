@@ -13,10 +13,10 @@ import torch.fx as fx
 
 from . import _torch
 from . import capture as cap
-from .cost import OpCost
+from .cost import VIEW, OpCost
 from .errors import AnalysisError, UsageError
 from .formulas import Evaluator, plain
-from .kernels import ALLOC_FEATURE, INTERNAL_FEATURE, WEIGHT_FEATURE
+from .kernels import ALLOC_FEATURE, INTERNAL_FEATURE
 from .rules import TensorSpec, rule_for
 from .rules.attention import KERNELS
 from .specs import dtype_name
@@ -40,7 +40,10 @@ class OpRecord:
     # each device kind to the class of the SDPA kernel that kind runs: {"cpu": ..., "cuda": ...}.
     kernel: str | dict[str, str] = "pointwise"
     features: dict[str, sympy.Expr] = field(default_factory=dict)   # shape features, and alloc_bytes
-    weights: tuple[tuple[str, int], ...] = ()   # (parameter, bytes) of the parameters it reads
+    # The storages it reads (the node that made each, through views) with the bytes it reads of
+    # each, and the storage it writes: what the cache model of a calibrated device follows.
+    reads: tuple[tuple[str, sympy.Expr], ...] = ()
+    writes: str | None = None
 
 
 @dataclass
@@ -54,6 +57,7 @@ class Analysis:
     _evaluator: Evaluator | None = None
     _op_evaluator: Evaluator | None = None
     _feature_evaluator: Evaluator | None = None
+    _reads_evaluator: Evaluator | None = None
 
     def valid_at(self, point: dict[str, int]) -> bool:
         if any(point.get(d) != v for d, v in self.captured.fixed.items()):
@@ -131,15 +135,13 @@ def cost_graph(c: cap.Captured, attention: str = "math") -> Analysis:
         if call in calls_seen:
             features[INTERNAL_FEATURE] = sympy.Integer(1)
         calls_seen.add(call)
-        weights = _parameters_read(c, node)
-        if weights:
-            features[WEIGHT_FEATURE] = sympy.Integer(sum(b for _, b in weights))
         ops.append(OpRecord(node.name, str(target), module, node.meta.get("costmodel_phase", "forward"),
                             cost.category, dtype,
                             {"flops": sympy.sympify(cost.flops), "matmul_flops": sympy.sympify(cost.matmul_flops),
                              "bytes_read": sympy.sympify(cost.bytes_read),
                              "bytes_written": sympy.sympify(cost.bytes_written),
-                             "bytes": sympy.sympify(cost.bytes)}, kernel, features, weights))
+                             "bytes": sympy.sympify(cost.bytes)}, kernel, features,
+                            *_storages(c, node, cost.category)))
     analysis = Analysis(c, ops, dict(unsupported))
     analysis.totals = totals_of(ops)
     return analysis
@@ -161,18 +163,33 @@ def attention_classes(node: fx.Node, kernel: str) -> dict[str, str]:
             for kind in ("cpu", "cuda")}
 
 
-def _parameters_read(c: cap.Captured, node: fx.Node) -> tuple[tuple[str, int], ...]:
-    """(placeholder, bytes) of each parameter the op reads, directly or through views of it."""
-    from .rules import rule_for, view_rule
-    found = {}
+def _storages(c: cap.Captured, node: fx.Node, category: str) -> tuple[tuple, str | None]:
+    """(storage, bytes read) of each tensor the op reads, and the storage it writes. A storage is
+    named by the node that made it, found through views; a view op itself moves no data."""
+    if category == VIEW:
+        return (), None
+    reads = {}
     for arg in node.all_input_nodes:
-        while arg.op == "call_function" and isinstance(arg.target, torch._ops.OpOverload) \
-                and rule_for(arg.target) is view_rule and arg.all_input_nodes:
-            arg = arg.all_input_nodes[0]
         value = arg.meta.get("val")
-        if arg.op == "placeholder" and c.roles.get(arg.name, ("",))[0] == "param" and isinstance(value, torch.Tensor):
-            found[arg.name] = int(value.numel()) * value.element_size()
-    return tuple(found.items())
+        if not isinstance(value, torch.Tensor):
+            continue
+        reads[_base(arg)] = reads.get(_base(arg), 0) + tensor_spec(c, value).nbytes
+    writes = _base(node.args[0]) if _writes_first_input(node) and isinstance(node.args[0], fx.Node) else node.name
+    return tuple(reads.items()), writes
+
+
+def _base(node: fx.Node) -> str:
+    from .rules import rule_for, view_rule
+    while node.op == "call_function" and isinstance(node.target, torch._ops.OpOverload) \
+            and rule_for(node.target) is view_rule and node.all_input_nodes:
+        node = node.all_input_nodes[0]
+    return node.name
+
+
+def _writes_first_input(node: fx.Node) -> bool:
+    schema = getattr(node.target, "_schema", None)
+    return bool(schema and schema.returns and schema.returns[0].alias_info is not None
+                and schema.returns[0].alias_info.is_write)
 
 
 def _eager_product(node: fx.Node, kernel: str, features: dict) -> tuple[str, dict]:

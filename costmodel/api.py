@@ -74,18 +74,32 @@ class Point:
                 self._features[i][name] = value
         return self._features
 
-    def _with_cold_weights(self, features: list[dict], cache_bytes: int) -> list[dict]:
-        """Each op's features plus the bytes of the parameters it reads that the cache no longer
-        holds: read for the first time in the step (the rest of the step went through the cache
-        since), or after more than `cache_bytes` of traffic since their last read (an RNN's weight
-        read every timestep stays)."""
+    def _with_cold_inputs(self, features: list[dict], cache_bytes: int) -> list[dict]:
+        """Each op's features plus the bytes it reads that the cache no longer holds: a storage read
+        for the first time in the step (a parameter; the rest of the step went through the cache
+        since its last use), or after more than `cache_bytes` of traffic since it was last written
+        or read (an activation the backward reads again; an RNN's weight read every timestep stays).
+        An optimizer update reads its parameter, gradient and state from memory."""
+        a = self.analysis
+        keys = [(i, j) for i, record in enumerate(a.ops) for j in range(len(record.reads))]
+        if a._reads_evaluator is None:
+            a._reads_evaluator = Evaluator([a.ops[i].reads[j][1] for i, j in keys], a.captured.dims)
+        values = a._reads_evaluator({d: self.dims[d] for d in a.captured.dims}) if keys else []
+        read_bytes: list[list[float]] = [[] for _ in a.ops]
+        for (i, _), value in zip(keys, values):
+            read_bytes[i].append(float(value))
         out, seen, traffic = [], {}, 0.0
-        for record, op, f in zip(self.analysis.ops, self.ops, features):
-            cold = sum(nbytes for name, nbytes in record.weights
-                       if name not in seen or traffic - seen[name] > cache_bytes)
-            for name, _ in record.weights:
+        for record, op, f, sizes in zip(a.ops, self.ops, features, read_bytes):
+            if record.category == OPTIMIZER:
+                cold = float(op["bytes_read"])
+            else:
+                cold = sum(size for (name, _), size in zip(record.reads, sizes)
+                           if name not in seen or traffic - seen[name] > cache_bytes)
+            for name, _ in record.reads:
                 seen[name] = traffic
             traffic += float(op["bytes"])
+            if record.writes:
+                seen[record.writes] = traffic
             out.append({**f, COLD_FEATURE: cold} if cold else f)
         return out
 
@@ -115,7 +129,7 @@ class Point:
         if hw.kernels or hw.allocation:
             features = self.features
             if hw.cache_bytes:
-                features = self._with_cold_weights(features, hw.cache_bytes)
+                features = self._with_cold_inputs(features, hw.cache_bytes)
             times = [roofline.op_time(op["flops"], op["bytes"], op["category"], op["dtype"], hw, tf32,
                                       kernel=self.kernel_class(i, hw), features=features[i])
                      for i, op in enumerate(self.ops)]

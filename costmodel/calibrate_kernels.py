@@ -275,13 +275,11 @@ class Prober:
         x = torch.randn(*shape, device=self.device, dtype=dtype)
         return x.requires_grad_(grad) if grad else x
 
-    def instance(self, make, kernel: str, counting: str = "math", rotate: bool = True) -> Instance:
-        """Time the call `make()` builds, `make()` -> (call, op, args, kwargs). With `rotate`, over
-        enough copies of its tensors (each call uses the next copy) to exceed twice the last-level
-        cache: a model's activations have mostly left the cache by the time a large one is read.
-        Without (products, convolutions), in cache: their parameters' reads from memory are added
-        per op where the cache no longer holds them. Its cost is the rule's for `op` on the first
-        copy's arguments."""
+    def instance(self, make, kernel: str, counting: str = "math", rotate: bool = False) -> Instance:
+        """Time the call `make()` builds, `make()` -> (call, op, args, kwargs), its operands in cache
+        as far as they fit (the roofline adds the reads of those a model's cache no longer holds).
+        With `rotate`, over enough copies of its tensors (each call the next) to exceed twice the
+        last-level cache instead. Its cost is the rule's for `op` on the first copy's arguments."""
         call, op, args, kwargs = make()
         cost = rule_cost(op, *args, counting=counting, **kwargs)
         if not (cost.kernel == kernel or (kernel.startswith("attention") and cost.kernel.startswith("attention"))):

@@ -72,8 +72,7 @@ FEATURES = {
 }
 ALLOC_FEATURE = "alloc_bytes"   # every op: bytes of its largest freshly allocated output
 INTERNAL_FEATURE = "internal"   # 1: eager runs it inside another op's call (no Python binding of its own)
-WEIGHT_FEATURE = "weight_bytes"  # bytes of the parameters it reads
-COLD_FEATURE = "cold_weight_bytes"  # of those, the ones the cache no longer holds (set per point)
+COLD_FEATURE = "cold_bytes"     # bytes it reads that the cache no longer holds (set per point)
 
 
 def root(kernel: str) -> str:

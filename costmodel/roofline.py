@@ -186,11 +186,11 @@ def _measured_time(flops: float, bytes: float, category: str, dtype: str, hw: "H
         return OpTime(0.0, 0.0, overhead_s, 0.0, 0.0, overhead_s, None, None, peak, ridge, 0.0, 0.0, table.kernel)
     # The measured side is the table's time (it already holds whatever bound the kernel); the
     # other side is the ideal time at the datasheet figure, for the record.
-    kernel_s = table.kernel_time_s(flops if table.work == FLOPS else bytes, features)
+    # Tables were measured with the operands in cache (as far as they fit); what the cache no
+    # longer holds is read from memory first.
+    kernel_s = table.kernel_time_s(flops if table.work == FLOPS else bytes, features) + \
+        float(features.get(COLD_FEATURE, 0)) / bandwidth
     if table.work == FLOPS:
-        # Products and convolutions were measured with their operands in cache; parameters the
-        # cache no longer holds are read from memory first.
-        kernel_s += float(features.get(COLD_FEATURE, 0)) / bandwidth
         compute_time_s, memory_time_s = kernel_s, bytes / bandwidth
     else:
         compute_time_s, memory_time_s = flops / peak, kernel_s
