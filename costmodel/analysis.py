@@ -13,10 +13,10 @@ import torch.fx as fx
 
 from . import _torch
 from . import capture as cap
-from .cost import VIEW, OpCost
+from .cost import CONV, COPY, NORM, POINTWISE, SOFTMAX, VIEW, OpCost
 from .errors import AnalysisError, UsageError
 from .formulas import Evaluator, plain
-from .kernels import ALLOC_FEATURE, INTERNAL_FEATURE
+from .kernels import ALLOC_FEATURE, INTERNAL_FEATURE, STRIDED_FEATURE
 from .rules import TensorSpec, rule_for
 from .rules.attention import KERNELS
 from .specs import dtype_name
@@ -127,6 +127,7 @@ def cost_graph(c: cap.Captured, attention: str = "math") -> Analysis:
             kernel = attention_classes(node, kernel)
         features = {name: sympy.sympify(v) for name, v in cost.features.items()}
         kernel, features = _eager_product(node, kernel, features)
+        kernel, features = _strided_inputs(c, node, cost.category, kernel, features)
         features[ALLOC_FEATURE] = _fresh_output_bytes(target, out)
         # Eager pays the Python binding once per call the model's code makes (the first of the ops
         # it produced), and the autograd engine once per node of the backward graph.
@@ -206,6 +207,36 @@ def _eager_product(node: fx.Node, kernel: str, features: dict) -> tuple[str, dic
     folded = {k: v for k, v in features.items() if k != "batch"}
     folded["m"] = features["batch"] * features["m"]
     return "matmul", folded
+
+
+def _strided_inputs(c: cap.Captured, node: fx.Node, category: str, kernel, features: dict):
+    """Inputs whose memory order is permuted (a channels-last view of a channels-first tensor):
+    an elementwise op or a copy reads them with strided loads (classes "pointwise.strided",
+    "copy.strided"); a norm, softmax or convolution first copies them contiguous
+    (feature strided_bytes, priced as that copy)."""
+    if category not in (POINTWISE, COPY, NORM, SOFTMAX, CONV) or not isinstance(kernel, str):
+        return kernel, features
+    strided = [tensor_spec(c, a.meta["val"]).nbytes for a in node.all_input_nodes
+               if isinstance(a.meta.get("val"), torch.Tensor) and _permuted(a.meta["val"])]
+    if not strided:
+        return kernel, features
+    if category == POINTWISE:
+        return "pointwise.strided", features
+    if category == COPY:
+        return "copy.strided", features
+    return kernel, {**features, STRIDED_FEATURE: sympy.Add(*strided)}
+
+
+def _permuted(value: torch.Tensor) -> bool:
+    """Strides not in decreasing order over the dimensions of more than one element (at the
+    sizes of the trace: a permutation does not depend on them)."""
+    def hint(x):
+        return int(x.node.hint) if isinstance(x, torch.SymInt) else int(x)
+    try:
+        dims = [(hint(st), hint(sz)) for st, sz in zip(value.stride(), value.shape) if hint(sz) != 1]
+    except (TypeError, RuntimeError, NotImplementedError):
+        return False
+    return any(a < b for (a, _), (b, _) in zip(dims, dims[1:]))
 
 
 def _is_zero(value) -> bool:

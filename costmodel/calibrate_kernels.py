@@ -168,6 +168,10 @@ class Timer:
     def __init__(self, device: str, plan: KernelPlan):
         self.device, self.plan = device, plan
         self.calls = 0
+        # Set once the allocation probe has priced a fresh page: each block's page faults are then
+        # taken out of its time, so that a table holds the kernel, whatever glibc's heap did to
+        # the probe (the roofline adds the faults a model's large outputs pay).
+        self.fault_s_per_byte = 0.0
 
     def sync(self) -> None:
         if self.device == "cuda":
@@ -185,11 +189,13 @@ class Timer:
         # One CPU thread: the thread's CPU time, which time slices lost to other processes do not
         # inflate; more threads: wall time (their work is spread over threads).
         clock = time.thread_time if torch.get_num_threads() == 1 else time.perf_counter
+        faults = _minor_faults()
         t0 = clock()
         for _ in range(number):
             call()
+        elapsed = clock() - t0
         self.calls += number
-        return clock() - t0
+        return max(elapsed - (_minor_faults() - faults) * PAGE * self.fault_s_per_byte, 0.1 * elapsed)
 
     def __call__(self, call) -> float:
         """Seconds per call: the fastest of `blocks` blocks, each at least `block_s` long. Other
@@ -199,6 +205,17 @@ class Timer:
         once = self.block(call, 1)
         number = max(1, min(100_000, math.ceil(self.plan.block_s / max(once, 1e-7))))
         return min(self.block(call, number) / number for _ in range(self.plan.blocks))
+
+
+PAGE = 4096
+
+
+def _minor_faults() -> int:
+    try:
+        import resource
+        return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    except (ImportError, OSError):
+        return 0
 
 
 # --- fitting ------------------------------------------------------------------------------------------
@@ -275,15 +292,18 @@ class Prober:
         x = torch.randn(*shape, device=self.device, dtype=dtype)
         return x.requires_grad_(grad) if grad else x
 
-    def instance(self, make, kernel: str, counting: str = "math", rotate: bool = False) -> Instance:
+    def instance(self, make, kernel: str, counting: str = "math", rotate: bool = False,
+                 rule_class: str | None = None) -> Instance:
         """Time the call `make()` builds, `make()` -> (call, op, args, kwargs), its operands in cache
         as far as they fit (the roofline adds the reads of those a model's cache no longer holds).
         With `rotate`, over enough copies of its tensors (each call the next) to exceed twice the
         last-level cache instead. Its cost is the rule's for `op` on the first copy's arguments."""
         call, op, args, kwargs = make()
         cost = rule_cost(op, *args, counting=counting, **kwargs)
-        if not (cost.kernel == kernel or (kernel.startswith("attention") and cost.kernel.startswith("attention"))):
+        expected = rule_class or kernel     # strided variants: the analysis, not the rule, names them
+        if not (cost.kernel == expected or (kernel.startswith("attention") and cost.kernel.startswith("attention"))):
             raise AssertionError(f"the probe for {kernel} runs {op}, whose rule names class {cost.kernel}")
+        cost.kernel = kernel
         return Instance(cost, self.time(self.rotating(make, call, args, kwargs) if rotate else call))
 
     def rotating(self, make, call, args, kwargs):
@@ -472,10 +492,10 @@ class Prober:
 
     # --- byte-priced classes ------------------------------------------------------------------------
 
-    def bytes_class(self, kernel: str, make, what: str) -> Measured:
+    def bytes_class(self, kernel: str, make, what: str, rule_class: str | None = None) -> Measured:
         """`make(n)` -> (call, op, args, kwargs) with tensors of about n float32 elements."""
         sizes = self.plan.elements
-        instances = [self.instance(lambda: make(n), kernel) for n in sizes]
+        instances = [self.instance(lambda: make(n), kernel, rule_class=rule_class) for n in sizes]
         return Measured(kernel, None, instances[0], instances[1:],
                         how=self.how(f"{what}, float32, {list(sizes[1:])} elements (tiny: {sizes[0]})"))
 
@@ -756,10 +776,27 @@ def byte_classes(prober: Prober) -> list[Measured]:
         ("pool.avg", avg_pool, "F.avg_pool2d(x, 2), 64 channels"),
         ("pool.adaptive", adaptive_pool, "F.adaptive_avg_pool2d(x, 1), 64 channels"),
     ]
+    def nhwc(n):
+        """a channels-first tensor's channels-last view (as x.permute(0, 2, 3, 1) makes it)"""
+        return image(n).permute(0, 2, 3, 1)
+
+    def copy_strided(n):
+        x = nhwc(n)
+        return lambda: x.contiguous(), aten.clone.default, (x,), {}
+
+    def add_strided(n):
+        x = nhwc(n)
+        y = torch.randn(x.shape, device=x.device)
+        return lambda: y + x, aten.add.Tensor, (y, x), {}
+
     out = []
     for kernel, make, what in specs:
         prober.progress(kernel)
         out.append(prober.bytes_class(kernel, make, what))
+    out.append(prober.bytes_class("copy.strided", copy_strided, "x.permute(0, 2, 3, 1).contiguous(), 64 channels",
+                                  rule_class="copy"))
+    out.append(prober.bytes_class("pointwise.strided", add_strided, "y + x.permute(0, 2, 3, 1), 64 channels",
+                                  rule_class="pointwise.add"))
     return out
 
 
@@ -781,6 +818,8 @@ def measure_kernels(device: str, plan: KernelPlan, stamp: str, progress=None) ->
     try:
         prober.progress("allocation")
         allocation = prober.allocation()
+        if allocation is not None:
+            prober.time.fault_s_per_byte = max(allocation.seconds_per_byte)
         measured: list[Measured] = []
         for dtype in plan.dtypes:
             prober.progress(f"matmul {dtype}")

@@ -40,14 +40,15 @@ FAMILIES: dict[str, str] = {
     "bmm": FLOPS,           # batched products: bmm, baddbmm, batched matmul; features batch, m, n, k
     "conv": FLOPS,          # .dense, .depthwise, .grouped, .transposed; features below
     "attention": FLOPS,     # .math, .flash, .efficient, .cudnn: the SDPA kernel the device runs
-    "pointwise": BYTES,     # elementwise; .<aten op> per op (pointwise.tanh, pointwise.gelu_tanh)
+    "pointwise": BYTES,     # elementwise; .<aten op> per op (pointwise.tanh, pointwise.gelu_tanh);
+                            # .strided: any elementwise op with a permuted input
     "random": BYTES,        # random fills (bernoulli_, rand, normal_); .dropout (mask and scale)
     "reduction": BYTES,     # sum, mean, amax, var, ...
     "norm": BYTES,          # .layer, .rms, .batch, .batch.eval, .group
     "softmax": BYTES,       # softmax and log_softmax
     "embedding": BYTES,
     "index": BYTES,         # gather, index_select; .scatter: index_put, scatter, slice_backward
-    "copy": BYTES,          # clone, cat, _to_copy, contiguous, pad
+    "copy": BYTES,          # clone, cat, _to_copy, contiguous, pad; .strided: from a permuted input
     "fill": BYTES,          # zeros, ones, full, arange: written, not read
     "pool": BYTES,          # .max, .avg, .adaptive, .upsample
     "loss": BYTES,
@@ -73,6 +74,7 @@ FEATURES = {
 ALLOC_FEATURE = "alloc_bytes"   # every op: bytes of its largest freshly allocated output
 INTERNAL_FEATURE = "internal"   # 1: eager runs it inside another op's call (no Python binding of its own)
 COLD_FEATURE = "cold_bytes"     # bytes it reads that the cache no longer holds (set per point)
+STRIDED_FEATURE = "strided_bytes"  # permuted inputs a norm, softmax or convolution copies contiguous first
 
 
 def root(kernel: str) -> str:

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Iterable, Mapping
 
 from costmodel.cost import ATTENTION, CONV, INDEX, KERNEL_OF_CATEGORY, MATMUL, VIEW
 from costmodel.errors import UsageError
-from costmodel.kernels import ALLOC_FEATURE, COLD_FEATURE, FLOPS, INTERNAL_FEATURE
+from costmodel.kernels import ALLOC_FEATURE, COLD_FEATURE, FLOPS, INTERNAL_FEATURE, STRIDED_FEATURE
 
 if TYPE_CHECKING:
     from costmodel.hardware import Hardware
@@ -194,6 +194,10 @@ def _measured_time(flops: float, bytes: float, category: str, dtype: str, hw: "H
         compute_time_s, memory_time_s = kernel_s, bytes / bandwidth
     else:
         compute_time_s, memory_time_s = flops / peak, kernel_s
+    strided = float(features.get(STRIDED_FEATURE, 0))
+    copy = hw.kernel_table("copy.strided", None) if strided else None
+    if copy is not None and copy.kernel == "copy.strided":    # the contiguous copy the kernel makes first
+        kernel_s += copy.kernel_time_s(2 * strided)
     allocation_s = hw.allocation.penalty_s(float(features.get(ALLOC_FEATURE, 0))) if hw.allocation else 0.0
     overhead_s = _overhead_s(table.overhead_s, hw, features)
     intensity = flops / bytes if bytes else math.inf
