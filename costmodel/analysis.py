@@ -16,13 +16,15 @@ from . import capture as cap
 from .cost import CONV, COPY, NORM, POINTWISE, SOFTMAX, VIEW, OpCost
 from .errors import AnalysisError, UsageError
 from .formulas import Evaluator, plain
-from .kernels import ALLOC_FEATURE, INTERNAL_FEATURE, STRIDED_FEATURE
+from .kernels import ALLOC_FEATURE, INTERNAL_FEATURE, SHAPE_ONLY_FEATURE, STRIDED_FEATURE
 from .rules import TensorSpec, rule_for
 from .rules.attention import KERNELS
 from .specs import dtype_name
 from .symbols import dim_symbol
 
 METRICS = ("flops", "matmul_flops", "bytes_read", "bytes_written", "bytes")
+SHAPE_ONLY = {"aten.sym_size.int", "aten.sym_stride.int", "aten.sym_numel.default",
+              "aten.sym_storage_offset.default"}
 
 
 @dataclass
@@ -132,10 +134,13 @@ def cost_graph(c: cap.Captured, attention: str = "math") -> Analysis:
         # Eager pays the Python binding once per call the model's code makes (the first of the ops
         # it produced), and the autograd engine once per node of the backward graph.
         call = (("b", node.meta.get("seq_nr")) if _torch.is_backward(node)
-                else ("f", node.meta.get("costmodel_call", node.name)))
-        if call in calls_seen:
+                else ("f", node.meta.get(cap.PYTHON_CALL, node.name)))
+        if str(target) in SHAPE_ONLY:        # tracing's size reads: eager dispatches nothing
+            features[SHAPE_ONLY_FEATURE] = sympy.Integer(1)
+        elif call in calls_seen:
             features[INTERNAL_FEATURE] = sympy.Integer(1)
-        calls_seen.add(call)
+        else:
+            calls_seen.add(call)
         ops.append(OpRecord(node.name, str(target), module, node.meta.get("costmodel_phase", "forward"),
                             cost.category, dtype,
                             {"flops": sympy.sympify(cost.flops), "matmul_flops": sympy.sympify(cost.matmul_flops),

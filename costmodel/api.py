@@ -75,11 +75,12 @@ class Point:
         return self._features
 
     def _with_cold_inputs(self, features: list[dict], cache_bytes: int) -> list[dict]:
-        """Each op's features plus the bytes it reads that the cache no longer holds: a storage read
-        for the first time in the step (a parameter; the rest of the step went through the cache
-        since its last use), or after more than `cache_bytes` of traffic since it was last written
-        or read (an activation the backward reads again; an RNN's weight read every timestep stays).
-        An optimizer update reads its parameter, gradient and state from memory."""
+        """Each op's features plus the bytes it reads that the cache no longer holds: all of a
+        storage read for the first time in the step (a parameter; the rest of the step went through
+        the cache since its last use), else the part that its own size plus the traffic since it
+        was last written or read puts beyond `cache_bytes` (an activation the backward reads again
+        is gone; an RNN's weight read every timestep stays). An optimizer update reads its
+        parameter, gradient and state from memory."""
         a = self.analysis
         keys = [(i, j) for i, record in enumerate(a.ops) for j in range(len(record.reads))]
         if a._reads_evaluator is None:
@@ -92,9 +93,9 @@ class Point:
         for record, op, f, sizes in zip(a.ops, self.ops, features, read_bytes):
             if record.category == OPTIMIZER:
                 cold = float(op["bytes_read"])
-            else:
-                cold = sum(size for (name, _), size in zip(record.reads, sizes)
-                           if name not in seen or traffic - seen[name] > cache_bytes)
+            else:   # what of it no longer fits: its own bytes plus the traffic since, beyond the cache
+                cold = sum(size if name not in seen else min(size, max(0.0, traffic - seen[name] + size - cache_bytes))
+                           for (name, _), size in zip(record.reads, sizes))
             for name, _ in record.reads:
                 seen[name] = traffic
             traffic += float(op["bytes"])

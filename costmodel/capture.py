@@ -297,7 +297,8 @@ def _capture(model: nn.Module, inputs: list[InputSpec], mode: str, hints, fixed,
 
     try:
         with _torch.symbolic_kernels(), _torch.backward_meta_fields(), fake_mode, _module_paths(model) as calls, \
-                fx_traceback.preserve_node_meta(), route_sdpa(), _PythonCalls(), eager_decisions(is_input), \
+                fx_traceback.preserve_node_meta(), route_sdpa(), _torch.copied_meta_field(PYTHON_CALL), \
+                _PythonCalls(), eager_decisions(is_input), \
                 balanced_experts(model, moe_imbalance), _torch.python_dispatcher(python_dispatcher):
             gm = make_fx(fn, tracing_mode="real", _disable_torch_fn_metadata_mode=True)(params, buffers, values)
     except CostModelError:
@@ -421,8 +422,11 @@ class _Count:
     count: int = 0
 
 
+PYTHON_CALL = "costmodel_call"
+
+
 class _PythonCalls(TorchFunctionMode):
-    """Number each torch call the model's Python makes, in fx's current node meta ("costmodel_call"):
+    """Number each torch call the model's Python makes, in fx's current node meta (PYTHON_CALL):
     the aten ops one call produces (F.linear's t and addmm; nn.GRU's whole loop) share the number,
     and eager pays the Python binding once for them, the first. A mode does not see the calls made
     inside its own handler, so a Python-implemented function's inner calls keep the outer number."""
@@ -433,7 +437,7 @@ class _PythonCalls(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         self.count += 1
-        fx_traceback.get_current_meta()["costmodel_call"] = self.count
+        fx_traceback.get_current_meta()[PYTHON_CALL] = self.count
         return func(*args, **(kwargs or {}))
         frames.close()
 

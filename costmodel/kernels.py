@@ -73,6 +73,7 @@ FEATURES = {
 }
 ALLOC_FEATURE = "alloc_bytes"   # every op: bytes of its largest freshly allocated output
 INTERNAL_FEATURE = "internal"   # 1: eager runs it inside another op's call (no Python binding of its own)
+SHAPE_ONLY_FEATURE = "shape_only"  # 1: a size read of the trace (sym_size): eager dispatches nothing
 COLD_FEATURE = "cold_bytes"     # bytes it reads that the cache no longer holds (set per point)
 STRIDED_FEATURE = "strided_bytes"  # permuted inputs a norm, softmax or convolution copies contiguous first
 

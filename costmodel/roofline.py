@@ -20,7 +20,8 @@ from typing import TYPE_CHECKING, Iterable, Mapping
 
 from costmodel.cost import ATTENTION, CONV, INDEX, KERNEL_OF_CATEGORY, MATMUL, VIEW
 from costmodel.errors import UsageError
-from costmodel.kernels import ALLOC_FEATURE, COLD_FEATURE, FLOPS, INTERNAL_FEATURE, STRIDED_FEATURE
+from costmodel.kernels import (ALLOC_FEATURE, COLD_FEATURE, FLOPS, INTERNAL_FEATURE, SHAPE_ONLY_FEATURE,
+                               STRIDED_FEATURE)
 
 if TYPE_CHECKING:
     from costmodel.hardware import Hardware
@@ -179,7 +180,7 @@ def _measured_time(flops: float, bytes: float, category: str, dtype: str, hw: "H
     bandwidth = hw.bandwidth_bytes_per_s
     ridge = peak / bandwidth
     if flops == 0 and bytes == 0:
-        if category != VIEW:
+        if category != VIEW or features.get(SHAPE_ONLY_FEATURE):
             return OpTime(0.0, 0.0, 0.0, 0.0, 0.0, 0.0, None, None, peak, ridge, 0.0, 0.0, table.kernel)
         # A view does no work, but an eager call of it still goes through the dispatcher.
         overhead_s = _overhead_s(table.overhead_s, hw, features)
