@@ -9,6 +9,7 @@ import argparse
 import json
 import os
 import sys
+import time
 import warnings
 
 from .errors import CostModelError, UsageError
@@ -85,7 +86,8 @@ def build_parser() -> argparse.ArgumentParser:
     hc = hs.add_parser("calibrate")
     hc.add_argument("--device", required=True, help="cpu | cuda")
     hc.add_argument("--out", required=True, help="the .toml file to write")
-    hc.add_argument("--quick", action="store_true", help="small sizes (about a second; less accurate)")
+    hc.add_argument("--quick", action="store_true", help="small sizes (a few seconds; for tests, not for predictions)")
+    hc.add_argument("--name", help="the device's name in the file (default calibrated-DEVICE)")
 
     sub.add_parser("zoo", help="the built-in models").add_argument("--format", default="table")
     return parser
@@ -273,8 +275,14 @@ def cmd_hardware(args) -> str:
         from .calibrate import calibrate
         if args.device not in ("cpu", "cuda"):
             raise UsageError(f"unknown --device {args.device!r}; accepted: cpu, cuda")
-        hw = calibrate(args.device, args.out, quick=args.quick)
-        return f"wrote {args.out}: " + json.dumps(hw.to_dict(), default=str)
+        start = time.perf_counter()
+        hw = calibrate(args.device, args.out, quick=args.quick, name=args.name)
+        peaks = ", ".join(f"{d} {_num(p, 'FLOP/s')}" for d, p in hw.peak_flops_per_s.items())
+        return (f"wrote {args.out}: {hw.name}, {len(hw.kernels)} kernel classes measured in "
+                f"{time.perf_counter() - start:.0f} s"
+                + (f" at {hw.threads} CPU threads" if hw.threads else "")
+                + f"; matmul peaks {peaks}, bandwidth {_num(hw.bandwidth_bytes_per_s, 'B/s')}, "
+                f"use it with --hw {args.out}")
     _check_format(args.format, ("table", "json"))
     if args.hw_command == "list":
         devices = list_hardware()

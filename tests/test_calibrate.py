@@ -103,3 +103,13 @@ def test_cuda_calibration_round_trips(tmp_path):
 def test_cuda_without_a_gpu_is_a_usage_error(tmp_path):
     with pytest.raises(UsageError, match="sees no CUDA device"):
         calibrate("cuda", tmp_path / "gpu.toml")
+
+
+def test_calibrate_command_writes_a_named_device(tmp_path, one_thread, capsys):
+    from costmodel.cli import main
+    out = tmp_path / "mine.toml"
+    assert main(["hardware", "calibrate", "--device", "cpu", "--out", str(out), "--quick", "--name", "my-cpu"]) == 0
+    printed = capsys.readouterr().out
+    assert printed.startswith(f"wrote {out}: my-cpu, ") and f"--hw {out}" in printed
+    hw = load_hardware(str(out))
+    assert hw.name == "my-cpu" and hw.kernels and hw.threads == 1
