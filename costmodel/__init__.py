@@ -2,7 +2,7 @@
 dimensions the user names. See `costmodel.analyze` and the `costmodel` command."""
 
 from .api import Point, Report, analyze
-from .complexity import measure_complexity
+from .validate.stats import measure_complexity
 from .errors import AnalysisError, CostModelError, UsageError
 from .symbols import dim_symbol, symbols_for
 

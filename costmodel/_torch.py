@@ -299,3 +299,155 @@ def python_dispatcher(enabled: bool = True):
         return contextlib.nullcontext()
     from torch._dispatch.python import enable_python_dispatcher
     return enable_python_dispatcher()
+
+
+# --- the private APIs the rest of the package uses, one small function each --------------------
+
+def new_shape_env():
+    """A symbolic shape environment that does not merge equal sizes into one symbol (duck shaping
+    off): batch and seq stay two symbols even when their hints are equal."""
+    from torch.fx.experimental.symbolic_shapes import ShapeEnv
+    return ShapeEnv(duck_shape=False)
+
+
+def fake_mode(shape_env):
+    """A FakeTensorMode over `shape_env` (torch._subclasses.fake_tensor)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    return FakeTensorMode(shape_env=shape_env)
+
+
+FAKE_TENSOR_LOGGER = "torch._subclasses.fake_tensor"    # logs every failing meta kernel
+FAKE_TENSOR_MODULE = "torch._subclasses.fake_tensor"    # where C++ kernels' concrete size reads land
+
+
+def symbolic_size(shape_env, name: str, hint: int):
+    """(sympy symbol, SymInt) of a new size named `name`, traced at `hint`, never specialised to it."""
+    from torch._dynamo.source import ConstantSource
+    from torch.fx.experimental.symbolic_shapes import DimDynamic
+    source = ConstantSource(f"dim_{name}")
+    sym = shape_env.create_symbol(hint, source, dynamic_dim=DimDynamic.DYNAMIC)
+    return sym, shape_env.create_symintnode(sym, hint=hint, source=source)
+
+
+def on_guard_location(shape_env, locate) -> None:
+    """Make every guard and range `shape_env` records carry `locate(frame)` ("file:line in func") as
+    its user location, and `framework(frame)`'s label, by replacing its stack summary (without
+    dynamo, PyTorch only knows the torch frame that asked). `locate` returns (user_loc, framework_loc)."""
+    from torch._guards import SLoc
+
+    def stack_summary(is_debug: bool = False, framework_loc=None):
+        import sys
+        user, framework = locate(sys._getframe(1))
+        return SLoc(framework_loc or framework, user or None), ""
+    shape_env._get_stack_summary = stack_summary
+
+
+def replacement_framework_loc(shape_env, sym) -> object:
+    """The framework location recorded with the replacement (pin) of `sym`, or None."""
+    sloc = shape_env.replacements_slocs.get(sym)
+    return getattr(sloc, "framework_loc", None)
+
+
+def trace(fn, *args):
+    """make_fx of `fn` on `args` (fake tensors already), without fx's per-call torch-function
+    metadata mode (the capture records module paths itself)."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+    return make_fx(fn, tracing_mode="real", _disable_torch_fn_metadata_mode=True)(*args)
+
+
+def trace_plain(fn, *args):
+    """make_fx of `fn` as is (the math attention decomposition)."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+    return make_fx(fn, tracing_mode="real")(*args)
+
+
+def reparametrize(module, state: dict):
+    """Context: `module` with the tensors of `state` in place of its parameters and buffers
+    (torch.nn.utils.stateless._reparametrize_module, tied weights kept tied)."""
+    from torch.nn.utils.stateless import _reparametrize_module
+    return _reparametrize_module(module, state, tie_weights=True)
+
+
+def tree_leaves(tree) -> list:
+    from torch.utils._pytree import tree_leaves as leaves
+    return leaves(tree)
+
+
+def tree_map(fn, tree):
+    from torch.utils._pytree import tree_map as tmap
+    return tmap(fn, tree)
+
+
+def storage_key(t: torch.Tensor):
+    """An identity of a tensor's storage, the same for every view of it (its C pointer)."""
+    return t.untyped_storage()._cdata
+
+
+def dispatch_mode_class():
+    """torch.utils._python_dispatch.TorchDispatchMode: what the live-storage meter subclasses."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+    return TorchDispatchMode
+
+
+def fused_sdp_choice(q, k, v, mask, dropout_p: float, is_causal: bool, scale, enable_gqa: bool) -> int:
+    """torch._fused_sdp_choice: the SDPA backend PyTorch runs for these inputs on their device
+    (1 is flash; on the CPU, 0 is math)."""
+    return int(torch._fused_sdp_choice(q, k, v, mask, dropout_p, is_causal, scale=scale, enable_gqa=enable_gqa))
+
+
+def traced_node(t: torch.Tensor):
+    """The graph node a tensor of the running make_fx trace is, or None outside a trace."""
+    from torch.fx.experimental.proxy_tensor import get_innermost_proxy_mode, get_proxy_slot
+    mode = get_innermost_proxy_mode()
+    if mode is None:
+        return None
+    slot = get_proxy_slot(t, mode.tracer, None)
+    proxy = getattr(slot, "proxy", None)
+    return getattr(proxy, "node", None)
+
+
+def last_traced_node():
+    """The node most recently added to the running make_fx trace, or None."""
+    from torch.fx.experimental.proxy_tensor import get_innermost_proxy_mode
+    mode = get_innermost_proxy_mode()
+    if mode is None:
+        return None
+    last = next(iter(reversed(mode.tracer.graph.nodes)), None)
+    return last if last is not None and last.op != "root" else None
+
+
+def is_op_overload(target) -> bool:
+    return isinstance(target, torch._ops.OpOverload)
+
+
+def is_higher_order_op(target) -> bool:
+    return isinstance(target, torch._ops.HigherOrderOperator)
+
+
+def rnn_functions() -> set:
+    """The C++ composite RNN entry points nn.RNN/LSTM/GRU call (torch._VF)."""
+    return {torch._VF.gru, torch._VF.lstm, torch._VF.rnn_tanh, torch._VF.rnn_relu}
+
+
+def sympy_functions():
+    """torch.utils._sympy.functions: the sympy functions shapes are written in (FloorDiv, ...)."""
+    import torch.utils._sympy.functions as functions
+    return functions
+
+
+def profiler_allocations(prof) -> list[tuple[int, int]]:
+    """(time ns, bytes) of every CPU allocation and free (negative) a torch.profiler run recorded."""
+    from torch._C._profiler import _EventType
+    events: list[tuple[int, int]] = []
+    stack = list(prof.profiler.kineto_results.experimental_event_tree())
+    while stack:
+        e = stack.pop()
+        if e.tag == _EventType.Allocation and e.extra_fields.device.type == "cpu":
+            events.append((e.start_time_ns, e.extra_fields.alloc_size))
+        stack.extend(e.children)
+    return sorted(events)
+
+
+def scaled_mm(a, b, scale_a, scale_b, out_dtype):
+    """torch._scaled_mm: the float8 matmul (Hopper, Ada)."""
+    return torch._scaled_mm(a, b, scale_a, scale_b, out_dtype=out_dtype)

@@ -11,16 +11,15 @@ import sympy
 import torch
 import torch.fx as fx
 
-from . import _torch
-from . import capture as cap
-from .cost import CONV, COPY, NORM, POINTWISE, SOFTMAX, VIEW, OpCost
-from .errors import AnalysisError, UsageError
-from .formulas import Evaluator, plain
-from .kernels import ALLOC_FEATURE, INTERNAL_FEATURE, SHAPE_ONLY_FEATURE, STRIDED_FEATURE
-from .rules import TensorSpec, rule_for
-from .rules.attention import KERNELS
-from .specs import dtype_name
-from .symbols import dim_symbol
+from costmodel import _torch
+from costmodel.capture import trace as cap
+from costmodel.rules.cost import CONV, COPY, NORM, POINTWISE, SOFTMAX, VIEW, OpCost
+from costmodel.errors import AnalysisError
+from costmodel.formulas import Evaluator, plain
+from costmodel.hardware.kernels import ALLOC_FEATURE, INTERNAL_FEATURE, SHAPE_ONLY_FEATURE, STRIDED_FEATURE
+from costmodel.rules import TensorSpec, rule_for
+from costmodel.capture.specs import dtype_name
+from costmodel.symbols import dim_symbol
 
 METRICS = ("flops", "matmul_flops", "bytes_read", "bytes_written", "bytes")
 SHAPE_ONLY = {"aten.sym_size.int", "aten.sym_stride.int", "aten.sym_numel.default",
@@ -38,9 +37,8 @@ class OpRecord:
     category: str
     dtype: str
     cost: dict[str, sympy.Expr]  # METRICS -> formula
-    # The kernel class that prices it on a calibrated device (costmodel/kernels.py); attention maps
-    # each device kind to the class of the SDPA kernel that kind runs: {"cpu": ..., "cuda": ...}.
-    kernel: str | dict[str, str] = "pointwise"
+    # The kernel class that prices it on a calibrated device (costmodel/hardware/kernels.py).
+    kernel: str = "pointwise"
     features: dict[str, sympy.Expr] = field(default_factory=dict)   # shape features, and alloc_bytes
     # The storages it reads (the node that made each, through views) with the bytes it reads of
     # each, and the storage it writes: what the cache model of a calibrated device follows.
@@ -56,6 +54,8 @@ class Analysis:
     ops: list[OpRecord]
     unsupported: dict[str, list[str]]   # target -> modules where it occurred
     totals: dict[str, sympy.Expr] = field(default_factory=dict)
+    kernels: dict[str, str] = field(default_factory=dict)     # the SDPA kernel of each attention node
+    notes: list[str] = field(default_factory=list)            # assumptions made choosing them
     _evaluator: Evaluator | None = None
     _op_evaluator: Evaluator | None = None
     _feature_evaluator: Evaluator | None = None
@@ -85,17 +85,17 @@ def _spec(c: cap.Captured, value):
 
 
 def _op_dtype(args, out) -> str:
-    from .rules import tensors_in
+    from costmodel.rules import tensors_in
     for t in tensors_in(list(args)) + tensors_in(out):
         if t.dtype.is_floating_point:
             return dtype_name(t.dtype)
     return "float32"
 
 
-def cost_graph(c: cap.Captured, attention: str = "math") -> Analysis:
-    """Apply the rules to every aten call in the graph."""
-    if attention not in KERNELS:
-        raise UsageError(f"unknown attention kernel {attention!r}; accepted: {', '.join(KERNELS)}")
+def cost_graph(c: cap.Captured, kernels: dict[str, str] | None = None) -> Analysis:
+    """Apply the rules to every aten call in the graph. `kernels`: the SDPA kernel of each attention
+    node (rules.attention.attention_kernels), "math" where none is given."""
+    kernels = kernels or {}
     ops: list[OpRecord] = []
     unsupported: dict[str, list[str]] = collections.defaultdict(list)
     cache: dict = {}
@@ -104,8 +104,8 @@ def cost_graph(c: cap.Captured, attention: str = "math") -> Analysis:
         if node.op != "call_function":
             continue
         target = node.target
-        if not isinstance(target, torch._ops.OpOverload):
-            if isinstance(target, torch._ops.HigherOrderOperator):
+        if not _torch.is_op_overload(target):
+            if _torch.is_higher_order_op(target):
                 unsupported[str(target)].append(node.meta.get("costmodel_module", ""))
             continue   # getitem and SymInt arithmetic: shape bookkeeping, not tensor ops
         rule = rule_for(target)
@@ -114,9 +114,10 @@ def cost_graph(c: cap.Captured, attention: str = "math") -> Analysis:
             unsupported[str(target)].append(module)
             continue
         args, kwargs, out = _spec(c, node.args), _spec(c, dict(node.kwargs)), _spec(c, node.meta.get("val"))
-        key = (target, repr(args), repr(kwargs), repr(out))
+        kernel = kernels.get(node.name, "math")
+        key = (target, repr(args), repr(kwargs), repr(out), kernel)
         if key not in cache:
-            extra = {"kernel": attention} if target.namespace == "costmodel" else {}
+            extra = {"kernel": kernel} if node.name in kernels else {}
             try:
                 cost: OpCost = rule(*args, **kwargs, out=out, op=target, **extra)
             except Exception as e:
@@ -124,49 +125,52 @@ def cost_graph(c: cap.Captured, attention: str = "math") -> Analysis:
                                     f"{type(e).__name__}: {e}") from e
             cache[key] = (cost, _op_dtype(args, out))
         cost, dtype = cache[key]
-        kernel = cost.kernel_class
-        if kernel.startswith("attention") and target.namespace == "costmodel":
-            kernel = attention_classes(node, kernel)
-        features = {name: sympy.sympify(v) for name, v in cost.features.items()}
-        kernel, features = _eager_product(node, kernel, features)
-        kernel, features = _strided_inputs(c, node, cost.category, kernel, features)
-        features[ALLOC_FEATURE] = _fresh_output_bytes(target, out)
-        # Eager pays the Python binding once per call the model's code makes (the first of the ops
-        # it produced), and the autograd engine once per node of the backward graph.
-        call = (("b", node.meta.get("seq_nr")) if _torch.is_backward(node)
-                else ("f", node.meta.get(cap.PYTHON_CALL, node.name)))
-        if str(target) in SHAPE_ONLY:        # tracing's size reads: eager dispatches nothing
-            features[SHAPE_ONLY_FEATURE] = sympy.Integer(1)
-        elif call in calls_seen:
-            features[INTERNAL_FEATURE] = sympy.Integer(1)
-        else:
-            calls_seen.add(call)
+        kernel_class, features = _timing_class(c, node, cost, kernel, calls_seen)
         ops.append(OpRecord(node.name, str(target), module, node.meta.get("costmodel_phase", "forward"),
                             cost.category, dtype,
                             {"flops": sympy.sympify(cost.flops), "matmul_flops": sympy.sympify(cost.matmul_flops),
                              "bytes_read": sympy.sympify(cost.bytes_read),
                              "bytes_written": sympy.sympify(cost.bytes_written),
-                             "bytes": sympy.sympify(cost.bytes)}, kernel, features,
+                             "bytes": sympy.sympify(cost.bytes)}, kernel_class, features,
                             *_storages(c, node, cost.category)))
-    analysis = Analysis(c, ops, dict(unsupported))
+    analysis = Analysis(c, ops, dict(unsupported), kernels=dict(kernels))
     analysis.totals = totals_of(ops)
     return analysis
 
 
-def attention_classes(node: fx.Node, kernel: str) -> dict[str, str]:
-    """The kernel class of a costmodel::sdpa (or sdpa_backward) node on each device kind: the SDPA
-    kernel PyTorch runs there for these arguments (memory.auto_kernel, the one place that decides),
-    then ".backward", ".causal", and ".dropout" for a forward that draws a dropout mask
-    ("attention.math.causal.dropout")."""
-    from .memory import auto_kernel
+def _timing_class(c: cap.Captured, node: fx.Node, cost: OpCost, attention_kernel: str, calls_seen: set):
+    """The op's kernel class and features for a calibrated device: the rule's, with attention as
+    the kernel chosen for the node ("attention.flash.backward.causal"), a broadcast-weight bmm as
+    eager's folded product, permuted inputs, the bytes of its largest new output, and whether eager
+    runs it inside another op's Python call (`calls_seen`: the calls and backward nodes met so far)."""
+    kernel = cost.kernel_class
+    if kernel.startswith("attention") and node.target.namespace == "costmodel":
+        kernel = _attention_class(node, kernel, attention_kernel)
+    features = {name: sympy.sympify(v) for name, v in cost.features.items()}
+    kernel, features = _eager_product(node, kernel, features)
+    kernel, features = _strided_inputs(c, node, cost.category, kernel, features)
+    features[ALLOC_FEATURE] = _fresh_output_bytes(node.target, _spec(c, node.meta.get("val")))
+    # Eager pays the Python binding once per call the model's code makes (the first of the ops
+    # it produced), and the autograd engine once per node of the backward graph.
+    call = (("b", node.meta.get("seq_nr")) if _torch.is_backward(node)
+            else ("f", node.meta.get(cap.PYTHON_CALL, node.name)))
+    if str(node.target) in SHAPE_ONLY:        # tracing's size reads: eager dispatches nothing
+        features[SHAPE_ONLY_FEATURE] = sympy.Integer(1)
+    elif call in calls_seen:
+        features[INTERNAL_FEATURE] = sympy.Integer(1)
+    else:
+        calls_seen.add(call)
+    return kernel, features
+
+
+def _attention_class(node: fx.Node, kernel: str, attention_kernel: str) -> str:
+    """"attention.<kernel>", then ".backward", ".causal", and ".dropout" for a forward that draws a
+    dropout mask ("attention.math.causal.dropout")."""
     backward = kernel.endswith(".backward")
     first = 1 if backward else 0
-    q, k, v, mask = [a.meta.get("val") if isinstance(a, fx.Node) else None for a in node.args[first:first + 4]]
-    dropout_p, is_causal, scale, gqa = node.args[first + 4:first + 8]
-    suffix = (".backward" if backward else "") + (".causal" if is_causal else "") + \
-        (".dropout" if not backward and isinstance(dropout_p, (int, float)) and dropout_p > 0 else "")
-    return {kind: f"attention.{auto_kernel(kind, q, k, v, mask, dropout_p, is_causal, scale, gqa)}{suffix}"
-            for kind in ("cpu", "cuda")}
+    dropout_p, is_causal = node.args[first + 4:first + 6]
+    return (f"attention.{attention_kernel}" + (".backward" if backward else "") + (".causal" if is_causal else "")
+            + (".dropout" if not backward and isinstance(dropout_p, (int, float)) and dropout_p > 0 else ""))
 
 
 def _storages(c: cap.Captured, node: fx.Node, category: str) -> tuple[tuple, str | None]:
@@ -185,7 +189,7 @@ def _storages(c: cap.Captured, node: fx.Node, category: str) -> tuple[tuple, str
 
 
 def _base(node: fx.Node) -> str:
-    from .rules import rule_for, view_rule
+    from costmodel.rules import rule_for, view_rule
     while node.op == "call_function" and isinstance(node.target, torch._ops.OpOverload) \
             and rule_for(node.target) is view_rule and node.all_input_nodes:
         node = node.all_input_nodes[0]
@@ -253,7 +257,7 @@ def _is_zero(value) -> bool:
 def _fresh_output_bytes(target, out) -> sympy.Expr:
     """Bytes of the op's largest newly allocated output: 0 for views and in-place ops (their
     outputs alias an input)."""
-    from .rules import tensors_in
+    from costmodel.rules import tensors_in
     schema = getattr(target, "_schema", None)
     if schema is not None and any(r.alias_info is not None for r in schema.returns):
         return sympy.Integer(0)

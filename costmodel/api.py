@@ -22,32 +22,31 @@ import networkx as nx
 import sympy
 import torch
 
-from . import capture as cap
-from . import memory
-from . import optimizer as opt
-from .analysis import METRICS, Analysis, OpRecord, cost_graph, params_of, totals_of
-from .cost import OPTIMIZER
-from .errors import AnalysisError, CaptureFailed, OutsideLimits, UsageError
-from .formulas import Evaluator, degree
-from .kernels import COLD_FEATURE
-from .limits import Limit, config_limits
-from .specs import InputSpec, dtype_name, parse_dtype, parse_input
-from .symbols import dim_symbol
-
-ATTENTION_CHOICES = ("auto", "math", "flash", "efficient")
+from costmodel.analysis import METRICS, Analysis, cost_graph, params_of, totals_of
+from costmodel.capture import trace as cap
+from costmodel.capture.limits import Limit, config_limits
+from costmodel.capture.specs import InputSpec, parse_input
+from costmodel.errors import AnalysisError, CaptureFailed, OutsideLimits, UsageError
+from costmodel.formulas import Evaluator, degree
+from costmodel.hardware.kernels import COLD_FEATURE
+from costmodel.memory import timeline as memory
+from costmodel.options import Options
+from costmodel.rules.attention import attention_kernels
+from costmodel.rules.cost import OPTIMIZER
+from costmodel.rules.optimizer import optimizer_ops
+from costmodel.symbols import dim_symbol
 
 
 class Point:
     """Concrete figures at one point of the dimensions. `ops` (per-op figures) is computed on first
     access, so totals at a new point cost a few formula evaluations only."""
 
-    def __init__(self, dims: dict[str, int], totals: dict, analysis: Analysis, op_values, attention: str = "auto"):
-        self.dims, self.totals, self.analysis = dims, totals, analysis
+    def __init__(self, dims: dict[str, int], totals: dict, analysis: Analysis, op_values, report: "Report"):
+        self.dims, self.totals, self.analysis, self.report = dims, totals, analysis, report
         self.extra: dict = {}
         self._op_values = op_values
         self._ops: list[dict] | None = None
         self._features: list[dict] | None = None
-        self.attention = attention      # the user's --attention: "auto" lets each device pick its kernel
 
     @property
     def ops(self) -> list[dict]:
@@ -59,6 +58,14 @@ class Point:
                           "intensity": None, "bound": None, "time_s": None}
                          for i, op in enumerate(self.analysis.ops)]
         return self._ops
+
+    def __repr__(self) -> str:
+        return f"Point(dims={self.dims}, totals={self.totals})"
+
+    def modules(self, depth: int | None = None) -> list[dict]:
+        """Figures per module path cut at `depth` components, largest FLOPs first."""
+        rows = _rollup(self.ops, lambda op: {"module": _truncate(op["module"], depth)})
+        return sorted(rows, key=lambda r: -r["flops"])
 
     @property
     def features(self) -> list[dict]:
@@ -73,6 +80,32 @@ class Point:
             for (i, name), value in zip(keys, values):
                 self._features[i][name] = value
         return self._features
+
+    def kernel_class(self, i: int) -> str:
+        """The kernel class that prices op `i` on a calibrated device (costmodel/hardware/kernels.py)."""
+        return self.analysis.ops[i].kernel
+
+    def timing(self, hw, tf32: bool = False) -> dict:
+        """Roofline time on `hw`: per-op OpTimes (same order as `ops`) and their summary. A device
+        with measured kernel tables prices each op by its class, what it reads the cache no longer
+        holds, and eager's module calls (costmodel/hardware/roofline.py)."""
+        from costmodel.hardware import roofline
+        framework_s = 0.0
+        if hw.kernels or hw.allocation:
+            features = self.features
+            if hw.cache_bytes:
+                features = self._with_cold_inputs(features, hw.cache_bytes)
+            times = [roofline.op_time(op["flops"], op["bytes"], op["category"], op["dtype"], hw, tf32,
+                                      kernel=self.kernel_class(i), features=features[i])
+                     for i, op in enumerate(self.ops)]
+            framework_s = roofline.framework_time_s(self.analysis.captured.module_calls, hw)
+        else:
+            times = [roofline.op_time(op["flops"], op["bytes"], op["category"], op["dtype"], hw, tf32)
+                     for op in self.ops]
+        model_dtype = next((op["dtype"] for op in self.ops if op["category"] in ("matmul", "conv", "attention")),
+                           "float32")
+        summary = roofline.summarize(times, self.totals["matmul_flops"], hw, model_dtype, tf32, framework_s)
+        return {"hardware": hw, "op_times": times, "summary": summary}
 
     def _with_cold_inputs(self, features: list[dict], cache_bytes: int) -> list[dict]:
         """Each op's features plus the bytes it reads that the cache no longer holds: all of a
@@ -104,45 +137,6 @@ class Point:
             out.append({**f, COLD_FEATURE: cold} if cold else f)
         return out
 
-    def kernel_class(self, i: int, hw) -> str:
-        """The kernel class that prices op `i` on `hw`: attention resolves to the SDPA kernel that
-        the device kind runs (or the one --attention names)."""
-        kernel = self.analysis.ops[i].kernel
-        if not isinstance(kernel, dict):
-            return kernel
-        if self.attention != "auto":
-            rest = kernel["cpu"].split(".", 2)[2:]
-            return ".".join(["attention", self.attention, *rest])
-        return kernel[memory.device_kind(hw)]
-
-    def __repr__(self) -> str:
-        return f"Point(dims={self.dims}, totals={self.totals})"
-
-    def modules(self, depth: int | None = None) -> list[dict]:
-        """Figures per module path cut at `depth` components, largest FLOPs first."""
-        rows = _rollup(self.ops, lambda op: {"module": _truncate(op["module"], depth)})
-        return sorted(rows, key=lambda r: -r["flops"])
-
-    def timing(self, hw, tf32: bool = False) -> dict:
-        """Roofline time on `hw`: per-op OpTimes (same order as `ops`) and their summary."""
-        from . import roofline
-        framework_s = 0.0
-        if hw.kernels or hw.allocation:
-            features = self.features
-            if hw.cache_bytes:
-                features = self._with_cold_inputs(features, hw.cache_bytes)
-            times = [roofline.op_time(op["flops"], op["bytes"], op["category"], op["dtype"], hw, tf32,
-                                      kernel=self.kernel_class(i, hw), features=features[i])
-                     for i, op in enumerate(self.ops)]
-            framework_s = roofline.framework_time_s(self.analysis.captured.module_calls, hw)
-        else:
-            times = [roofline.op_time(op["flops"], op["bytes"], op["category"], op["dtype"], hw, tf32)
-                     for op in self.ops]
-        model_dtype = next((op["dtype"] for op in self.ops if op["category"] in ("matmul", "conv", "attention")),
-                           "float32")
-        summary = roofline.summarize(times, self.totals["matmul_flops"], hw, model_dtype, tf32, framework_s)
-        return {"hardware": hw, "op_times": times, "summary": summary}
-
     def apply_timing(self, hw, tf32: bool = False) -> dict:
         """Fill time_s, intensity and bound into the ops and totals from the roofline on `hw`."""
         t = self.timing(hw, tf32)
@@ -157,6 +151,37 @@ class Point:
         """Figures per aten op (with how many times it occurs), largest FLOPs first."""
         rows = _rollup(self.ops, lambda op: {"target": op["target"], "category": op["category"]}, count=True)
         return sorted(rows, key=lambda r: (-r["flops"], -r["bytes"]))
+
+    def compare(self, devices: list) -> list[dict]:
+        """The roofline of this point on each device: [{"device", "time_s", "memory_bound_share", "mfu"}]."""
+        rows = []
+        for hw in devices:
+            s = self.timing(hw, self.report.tf32)["summary"]
+            rows.append({"device": hw.name, "time_s": s.time_s, "memory_bound_share": s.memory_bound_share,
+                         "mfu": s.mfu})
+        return rows
+
+    def verdict(self, hw=None, capacity_bytes: int | None = None, limits: bool = True) -> dict:
+        """Does this point fit `hw` (default: the report's first device), by how much, what is live at
+        the peak, and (with `limits`) how far each dimension can grow from here: the contract's `oom`
+        object, also kept in `extra["oom"]` for the JSON.
+            {"device", "capacity_bytes", "peak_memory_bytes", "fits", "margin_bytes", "memory", "at",
+             "largest_fitting": {dim: {"value", "limit": {"kind", "reason", ...}, "description"}}}"""
+        from costmodel.memory.fit import largest_fitting, verdict
+        hw = hw if hw is not None else (self.report.hardware[0] if self.report.hardware else None)
+        if hw is None:
+            raise UsageError("an OOM verdict needs a device: give hw (a name such as 'a100-80gb', a .toml path or "
+                             "a Hardware), or set_hardware on the report")
+        result = verdict(self.report, hw, self.dims, capacity_bytes)
+        if limits:
+            result["largest_fitting"] = {d: {**l.to_dict(), "description": l.describe()}
+                                         for d, l in largest_fitting(self.report, hw, self.dims, capacity_bytes).items()}
+        self.extra["oom"] = result
+        return result
+
+    def fits(self, hw=None, capacity_bytes: int | None = None) -> bool:
+        """Whether this point's peak fits `hw` (its usable capacity: see memory.fit.usable_bytes)."""
+        return self.verdict(hw, capacity_bytes, limits=False)["fits"]
 
 
 def _rollup(ops: list[dict], key, count: bool = False) -> list[dict]:
@@ -178,25 +203,36 @@ def _rollup(ops: list[dict], key, count: bool = False) -> list[dict]:
 class Report:
     """What `analyze()` returns: symbolic totals, views per op and module, coverage, evaluation."""
 
-    def __init__(self, model: str, mode: str, dtype: torch.dtype, inputs: list[InputSpec], loaded: cap.LoadedModel,
-                 first: Analysis, optimizer: str, attention: str, loss: str, params: tuple[int, int]):
-        self.model, self.mode, self.dtype, self.inputs = model, mode, dtype, inputs
-        self.optimizer, self.attention, self.loss = optimizer, attention, loss
-        self.params, self.param_bytes = params
+    def __init__(self, model: str, inputs: list[InputSpec], loaded: cap.LoadedModel, first: Analysis,
+                 options: Options, device_kind: str, hardware: list | None = None, capability: str = "",
+                 defaulted: dict[str, int] | None = None):
+        self.model, self.inputs, self.options = model, inputs, options
+        self.params, self.param_bytes = params_of(loaded.module)
         self._loaded = loaded
         self.analyses = [first]
-        self.hardware: list = []     # Hardware to time on (the first one fills time_s); see set_hardware
-        self.tf32 = False
-        self.amp = False
-        self.moe_imbalance = 1
-        # The device kind whose kernels the memory model assumes ("cuda" or "cpu"); None: the first
-        # --hw device's kind, else "cuda" (the contract's figure is torch.cuda.max_memory_allocated).
-        self.device: str | None = None
+        self.hardware: list = list(hardware or [])   # Hardware to time on (the first one fills time_s)
+        # The device kind whose kernels the costs and memory model ("cuda" or "cpu"): --device, else
+        # the first --hw device's kind, else "cuda" (the contract's figure is torch.cuda.max_memory_allocated).
+        self.device_kind = device_kind
+        self.capability = capability         # the compute capability of that device, where known
         self._memory: dict = {}
         self._limits: list[Limit] | None = None
         self._interpolation = False          # not computed yet (None: computed, nothing to interpolate)
         self.warnings: list[str] = []       # assumptions and fallbacks, in the order they were made
-        self.dims = list(dict.fromkeys(d for s in inputs for d in s.dim_names))
+        self.defaulted = dict(defaulted or {})   # dimensions given the model's default size (no --dim value)
+        self.dims = list(dict.fromkeys(d for s in inputs + list(options.targets) for d in s.dim_names))
+
+    # the options, by name (read-only)
+    mode = property(lambda self: self.options.mode)
+    dtype = property(lambda self: self.options.dtype)
+    optimizer = property(lambda self: self.options.optimizer)
+    attention = property(lambda self: self.options.attention)
+    loss = property(lambda self: self.options.loss)
+    amp = property(lambda self: self.options.amp)
+    tf32 = property(lambda self: self.options.tf32)
+    device = property(lambda self: self.options.device)
+    moe_imbalance = property(lambda self: self.options.moe_imbalance)
+    targets = property(lambda self: list(self.options.targets))
 
     # --- symbolic views -----------------------------------------------------------------------
 
@@ -242,7 +278,7 @@ class Report:
             self._interpolation = None
             pinned = {d: v for d, v in self.fixed.items() if d in self.dims}
             if len(pinned) == 1:
-                from .interpolate import interpolate
+                from costmodel.capture.interpolate import interpolate
                 (d, v), = pinned.items()
                 self._interpolation = interpolate(self, d, v)
                 if self._interpolation is None:
@@ -255,9 +291,9 @@ class Report:
 
     def capture_at(self, values: dict[str, int]) -> Analysis:
         """A capture with `values` fixed and the other dimensions symbolic."""
-        analysis = _analyze_once(self._loaded, self.inputs, self.mode, self.loss, self.optimizer, self._kernel(),
+        analysis = _analyze_once(self._loaded, self.inputs, self.options, self.device_kind, capability=self.capability,
                                  hints={d: v for d, v in self.primary.captured.hints.items() if d not in values},
-                                 fixed=dict(values), amp=self.amp, moe_imbalance=self.moe_imbalance)
+                                 fixed=dict(values))
         self.analyses.append(analysis)
         return analysis
 
@@ -339,14 +375,12 @@ class Report:
 
     # --- evaluation ---------------------------------------------------------------------------
 
-    def set_hardware(self, hardware, tf32: bool = False) -> None:
-        """Devices to time on: names ("a100-80gb"), a comma list, .toml paths or Hardware objects."""
-        from .hardware import Hardware, parse_hardware_list
-        if isinstance(hardware, str):
-            hardware = parse_hardware_list(hardware)
-        elif isinstance(hardware, Hardware):
-            hardware = [hardware]
-        self.hardware, self.tf32 = list(hardware or []), tf32
+    def set_hardware(self, hardware, tf32: bool | None = None) -> None:
+        """Devices to time on: names ("a100-80gb"), a comma list, .toml paths or Hardware objects. The
+        kernels the costs and memory model stay those of the report's device kind."""
+        self.hardware = _hardware_list(hardware)
+        if tf32 is not None:
+            self.options = self.options.with_(tf32=tf32)
 
     def evaluate(self, **dims: int) -> Point:
         """Concrete totals and per-op figures at one point (recaptures where the formulas do not hold)."""
@@ -372,7 +406,7 @@ class Report:
         m = model.evaluate(values)
         totals["peak_memory_bytes"] = m.peak_bytes
         totals["memory"] = m.breakdown
-        result = Point(point, totals, analysis, op_values, self.attention)
+        result = Point(point, totals, analysis, op_values, self)
         result.extra["memory"] = m.extra(model)
         if self.hardware:
             result.apply_timing(self.hardware[0], self.tf32)
@@ -381,23 +415,34 @@ class Report:
     # --- memory ---------------------------------------------------------------------------------
 
     def memory_device(self, device=None) -> str:
-        """The device kind the memory model assumes: `device`, else `self.device`, else the first
-        --hw device's kind, else "cuda"."""
-        return memory.device_kind(device if device is not None else
-                                  self.device if self.device is not None else
-                                  self.hardware[0] if self.hardware else None)
+        """The device kind the memory model assumes: `device` (a kind, name or Hardware), else the
+        report's (`device_kind`)."""
+        return memory.device_kind(device) if device is not None else self.device_kind
 
     def memory_model(self, device=None, analysis: Analysis | None = None) -> memory.MemoryModel:
-        """The liveness model of one capture (the primary by default) for a device kind; built once."""
+        """The liveness model of one capture (the primary by default) for a device kind; built once.
+        Its attention kernels are the costs' own (analysis.kernels) on the report's device kind."""
         analysis = analysis or self.primary
         kind = self.memory_device(device)
         key = (id(analysis), kind)
         if key not in self._memory:
+            kernels = analysis.kernels
+            if kind != self.device_kind:
+                kernels, _ = attention_kernels(analysis.captured.graph.graph, self.attention, kind)
             self._memory[key] = memory.build(analysis.captured, optimizer=self.optimizer, device=kind,
-                                             attention=self.attention, amp=self.amp)
+                                             kernels=kernels, amp=bool(self.amp))
             for note in self._memory[key].warnings:
                 self.warn(note)
         return self._memory[key]
+
+    def fit(self, dim: str, dims: dict[str, int], hw=None, capacity_bytes: int | None = None) -> dict:
+        """The largest value of `dim` whose peak fits `hw` (default: the first device), the others at
+        `dims`: memory.fit.fit's result (value, why the search stopped, the peak and its breakdown)."""
+        from costmodel.memory.fit import fit
+        hw = hw if hw is not None else (self.hardware[0] if self.hardware else None)
+        if hw is None:
+            raise UsageError("fit needs a device: give hw (a name such as 'a100-80gb', a .toml path or a Hardware)")
+        return fit(self, hw, dim, dims, capacity_bytes)
 
     def memory_formula(self, device=None) -> sympy.Expr:
         """Peak memory bytes as a formula in the dimensions: Max(...) over the candidate peaks."""
@@ -472,9 +517,9 @@ class Report:
             self.warn(f"{self.model}: the symbolic capture does not hold at {point} ({why}); "
                       "capturing that point separately")
         try:
-            analysis = _analyze_once(self._loaded, self.inputs, self.mode, self.loss, self.optimizer,
-                                     self._kernel(), hints=point, fixed=_pins(self.primary, point), amp=self.amp,
-                                     moe_imbalance=self.moe_imbalance)
+            analysis = _analyze_once(self._loaded, self.inputs, self.options, self.device_kind, capability=self.capability,
+                                     hints=point,
+                                     fixed=_pins(self.primary, point))
         except AnalysisError as e:
             where = ", ".join(f"{d}={v}" for d, v in point.items())
             assumed = f"; the symbolic capture assumed {why}" if failed else ""
@@ -482,9 +527,6 @@ class Report:
                                 str(e)) from e
         self.analyses.append(analysis)
         return analysis
-
-    def _kernel(self) -> str:
-        return resolve_attention(self.attention, self.hardware, self.dtype)
 
 
 def _pins(a: Analysis, point: dict[str, int]) -> dict[str, int]:
@@ -500,29 +542,17 @@ def _truncate(module: str, depth: int | None) -> str:
     return ".".join(module.split(".")[:depth])
 
 
-def optimizer_ops(model: torch.nn.Module, trainable: set[str], name: str) -> list[OpRecord]:
-    """One update per trainable parameter tensor, attributed to the module that owns it."""
-    records = []
-    for pname, p in model.named_parameters():
-        if pname not in trainable:
-            continue
-        module = pname.rpartition(".")[0] or cap.ROOT
-        flops, read, written = opt.update_cost(name, tuple(p.shape), p.element_size())
-        cost = {"flops": sympy.Integer(flops), "matmul_flops": sympy.Integer(0), "bytes_read": sympy.Integer(read),
-                "bytes_written": sympy.Integer(written), "bytes": sympy.Integer(read + written)}
-        records.append(OpRecord(f"{name}:{pname}", f"optimizer.{name}", module, "optimizer", OPTIMIZER,
-                                dtype_name(p.dtype), cost, kernel=f"optimizer.{name.replace('-', '_')}"))
-    return records
-
-
-def _analyze_once(loaded: cap.LoadedModel, inputs: list[InputSpec], mode: str, loss: str, optimizer: str,
-                  kernel: str, hints: dict[str, int] | None = None, fixed: dict[str, int] | None = None,
-                  amp: bool | str = False, moe_imbalance=1) -> Analysis:
-    captured = cap.capture(loaded.module, inputs, mode, hints=hints, fixed=fixed, loss=loss, amp=amp,
-                           moe_imbalance=moe_imbalance)
-    analysis = cost_graph(captured, attention=kernel)
-    if mode == "train":
-        analysis.ops.extend(optimizer_ops(loaded.module, captured.trainable, optimizer))
+def _analyze_once(loaded: cap.LoadedModel, inputs: list[InputSpec], options: Options, device_kind: str,
+                  hints: dict[str, int] | None = None, fixed: dict[str, int] | None = None,
+                  capability: str = "") -> Analysis:
+    """One capture, its attention kernels on `device_kind` (of compute `capability`), the costs of
+    every op (and the optimizer)."""
+    captured = cap.capture(loaded.module, inputs, options, hints=hints, fixed=fixed)
+    kernels, notes = attention_kernels(captured.graph.graph, options.attention, device_kind, capability)
+    analysis = cost_graph(captured, kernels)
+    analysis.notes = notes
+    if options.mode == "train":
+        analysis.ops.extend(optimizer_ops(loaded.module, captured.trainable, options.optimizer, cap.ROOT))
         analysis.totals = totals_of(analysis.ops)
     return analysis
 
@@ -531,88 +561,100 @@ def analyze(model, inputs: list[str] | None = None, mode: str = "inference", dty
             optimizer: str = "adamw", attention: str = "auto", loss: str = "sum",
             dims: dict[str, list[int] | int] | None = None, hardware=None, tf32: bool = False,
             complete: bool = False, amp: bool | str = False, device: str | None = None,
-            trust_remote_code: bool = False, moe_imbalance: float = 1) -> Report:
+            trust_remote_code: bool = False, moe_imbalance: float = 1, targets: list[str] | None = None) -> Report:
     """Capture `model` (zoo name, "hf:ORG/NAME", a config.json or its directory, "file.py:FUNC",
     "pkg.mod:FUNC", a factory or an nn.Module) with symbolic dimensions and cost every op. `inputs`
-    are specs such as "input_ids:int64[batch,seq]" (zoo models and Hugging Face configs bring defaults). `dims` (optional) gives the values to be evaluated later: the first
-    value of each is used as the tracing size, so branches taken at that size are the ones costed.
-    `complete=True` (the CLI's way) requires a value for every dimension once any has one.
+    are specs such as "input_ids:int64[batch,seq]" (zoo models and Hugging Face configs bring
+    defaults). `dims` (optional) gives the values to be evaluated later: the first value of each is
+    used as the tracing size, so branches taken at that size are the ones costed. `complete=True`
+    (the CLI's way) requires a value for every dimension once any has one.
+    `mode`: "inference" (one no-grad forward) or "train" (forward, loss, backward, optimizer step);
+    `loss`: "sum" of the first output, or "cross-entropy" against `targets` (specs of training
+    targets, e.g. "labels:int64[batch]"; by default the next token of a language model's input).
     `amp=True`: mixed precision as torch.autocast on CUDA runs it (float32 weights, optimizer state and
     master copies; bfloat16 compute, with the casts' copies counted); needs dtype float32. `amp="cpu"`
     applies the CPU's autocast policy instead (what torch.autocast("cpu") does; used to validate).
-    `moe_imbalance`: mixture-of-experts layers route tokens evenly (1) or with the busiest expert
-    taking this many times the mean (see costmodel.moe).
-    `device` ("cuda" or "cpu"): the kernels the memory model assumes; default the first --hw
-    device's kind, else "cuda". `trust_remote_code=True` lets a Hugging Face config's auto_map
+    `device` ("cuda" or "cpu"): whose kernels the costs and memory model (the attention kernel,
+    dropout masks); default the first `hardware` device's kind, else "cuda". `moe_imbalance`:
+    mixture-of-experts layers route tokens evenly (1) or with the busiest expert taking this many
+    times the mean (see capture.moe). `trust_remote_code=True` lets a Hugging Face config's auto_map
     code run (the repository's own model classes); off by default."""
-    if amp not in (False, True, "cuda", "cpu"):
-        raise UsageError(f"amp={amp!r}; accepted: False, True (CUDA's autocast policy), 'cuda', 'cpu'")
-    if amp and (dtype not in ("float32", torch.float32)):
-        raise UsageError(f"--amp keeps float32 weights and casts to bfloat16 where autocast does; it takes "
-                         f"--dtype float32, got --dtype {dtype_name(dtype) if isinstance(dtype, torch.dtype) else dtype}")
-    if mode not in cap.MODES:
-        raise UsageError(f"unknown --mode {mode!r}; accepted: {', '.join(cap.MODES)}")
-    if attention not in ATTENTION_CHOICES:
-        raise UsageError(f"unknown --attention {attention!r}; accepted: {', '.join(ATTENTION_CHOICES)}")
-    opt.check(optimizer)
-    from .moe import check_imbalance
-    check_imbalance(moe_imbalance)
-    torch_dtype = parse_dtype(dtype) if isinstance(dtype, str) else dtype
-    loaded = cap.load_model(model, torch_dtype, trust_remote_code=trust_remote_code)
+    options = Options.make(mode=mode, dtype=dtype, optimizer=optimizer, attention=attention, loss=loss, amp=amp,
+                           device=device, moe_imbalance=moe_imbalance, targets=targets or (),
+                           trust_remote_code=trust_remote_code, tf32=tf32)
+    devices = _hardware_list(hardware)
+    kind = options.device or (memory.device_kind(devices[0]) if devices else "cuda")
+    loaded = cap.load_model(model, options.dtype, trust_remote_code=options.trust_remote_code)
     specs = [parse_input(s) if isinstance(s, str) else s for s in (inputs or [])] or loaded.inputs
     if not specs and loaded.no_inputs:
         raise UsageError(f"model {loaded.name} has no default inputs: {loaded.no_inputs}")
     if not specs:
         raise UsageError(f"model {loaded.name} needs --input specs (NAME:DTYPE[D0,D1,...]); zoo models and "
                          "Hugging Face configs have defaults, factories do not")
-    names = [s.name for s in specs]
+    names = [s.name for s in specs + list(options.targets)]
     if len(set(names)) != len(names):
-        raise UsageError(f"input names must be distinct; got {', '.join(names)}")
-    specs = [_cast_input(s, torch_dtype) for s in specs]
+        raise UsageError(f"input and target names must be distinct; got {', '.join(names)}")
+    if options.targets and options.mode != "train":
+        raise UsageError("--target is a training target: it takes --mode train (and --loss cross-entropy)")
+    specs = [_cast_input(s, options.dtype) for s in specs]
+    every = specs + list(options.targets)
     dims = {d: (v if isinstance(v, list) else [v]) for d, v in (dims or {}).items()}
-    used = list(dict.fromkeys(d for s in specs for d in s.dim_names))
+    used = list(dict.fromkeys(d for s in every for d in s.dim_names))
     for d in dims:
         if d not in used:
-            raise _not_a_dimension(d, specs)
+            raise _not_a_dimension(d, every)
     valued = [d for d, vs in dims.items() if vs]
     missing = [d for d in used if d not in valued]
+    defaulted = {}
     if complete and valued and missing:
-        raise _no_value(missing[0], specs, ", or give no values at all for formulas only")
+        defaulted = {d: loaded.default_dims[d] for d in missing if d in loaded.default_dims}
+        still = [d for d in missing if d not in defaulted]
+        if still:
+            raise _no_value(still[0], every, ", or give no values at all for formulas only")
+        dims.update({d: [v] for d, v in defaulted.items()})
     hints = {d: next((v for v in vs if v >= 2), None) for d, vs in dims.items()}
     hints = {d: v for d, v in hints.items() if v is not None}
-    kernel = resolve_attention(attention, hardware, torch_dtype)
-    first = _first_analysis(loaded, specs, mode, loss, optimizer, kernel, hints, amp, moe_imbalance)
+    capability = devices[0].compute_capability if devices and kind == memory.device_kind(devices[0]) else ""
+    first = _first_analysis(loaded, specs, options, kind, hints, capability)
     name = model if isinstance(model, str) else loaded.name
-    report = Report(name, mode, torch_dtype, specs, loaded, first, optimizer, attention, loss,
-                    params_of(loaded.module))
-    report.amp = amp
-    report.moe_imbalance = moe_imbalance
-    report.device = memory.device_kind(device) if device is not None else None
-    if hardware:
-        report.set_hardware(hardware, tf32)
+    report = Report(name, specs, loaded, first, options, kind, devices, capability, defaulted)
+    for note in first.notes:
+        report.warn(note)
+    for d, v in defaulted.items():
+        report.warn(f"no value given for {d}: using {name}'s default {d}={v}")
     return report
+
+
+def _hardware_list(hardware) -> list:
+    """Devices from a name, a comma list, a .toml path, a Hardware or a list of them."""
+    from costmodel.hardware.catalog import Hardware, parse_hardware_list
+    if not hardware:
+        return []
+    if isinstance(hardware, str):
+        return parse_hardware_list(hardware)
+    if isinstance(hardware, Hardware):
+        return [hardware]
+    return [parse_hardware_list(h)[0] if isinstance(h, str) else h for h in hardware]
 
 
 _LARGER_HINTS = (16, 256)     # retries of a failed capture at larger sizes of the dims without values
 
 
-def _first_analysis(loaded: cap.LoadedModel, specs: list[InputSpec], mode: str, loss: str, optimizer: str,
-                    kernel: str, hints: dict[str, int], amp, moe_imbalance=1) -> Analysis:
+def _first_analysis(loaded: cap.LoadedModel, specs: list[InputSpec], options: Options, kind: str,
+                    hints: dict[str, int], capability: str = "") -> Analysis:
     """The symbolic capture. Dimensions the user gave no value for are traced at default sizes; a
     model that cannot run that small (a conv stack longer than 72 samples) is tried again at larger
     ones. A failure says which sizes it was captured at and what the config declares for them."""
-    dims = list(dict.fromkeys(d for s in specs for d in s.dim_names))
+    dims = list(dict.fromkeys(d for s in specs + list(options.targets) for d in s.dim_names))
     free = [d for d in dims if d not in hints and "batch" not in d.lower()]
     try:
-        return _analyze_once(loaded, specs, mode, loss, optimizer, kernel, hints=hints, amp=amp,
-                             moe_imbalance=moe_imbalance)
+        return _analyze_once(loaded, specs, options, kind, hints=hints, capability=capability)
     except AnalysisError as first_error:
         error = first_error
     for factor in _LARGER_HINTS if free else ():
         larger = {**hints, **{d: cap.default_hint(d, dims.index(d)) * factor for d in free}}
         try:
-            return _analyze_once(loaded, specs, mode, loss, optimizer, kernel, hints=larger, amp=amp,
-                                 moe_imbalance=moe_imbalance)
+            return _analyze_once(loaded, specs, options, kind, hints=larger, capability=capability)
         except AnalysisError:
             continue
     used = {d: hints.get(d, cap.default_hint(d, i)) for i, d in enumerate(dims)}
@@ -632,20 +674,6 @@ def _no_value(dim: str, specs: list[InputSpec], also: str = "") -> UsageError:
     users = [str(s) for s in specs if dim in s.dim_names]
     return UsageError(f"dimension {dim!r} (used by {', '.join(users)}) has no value; give it one, "
                       f"e.g. --dim {dim}=N{also}")
-
-
-def resolve_attention(attention: str, hardware, dtype: torch.dtype) -> str:
-    """The SDPA kernel whose costs are counted. "auto": on a GPU in --hw (the first device), the one
-    PyTorch would pick there (flash for float16/bfloat16, memory-efficient for float32); without a GPU,
-    "math", the decomposition PyTorch runs on the meta device and FlopCounterMode counts there."""
-    if attention != "auto":
-        return attention
-    from .hardware import Hardware, parse_hardware_list
-    devices = parse_hardware_list(hardware) if isinstance(hardware, str) else (
-        [hardware] if isinstance(hardware, Hardware) else list(hardware or []))
-    if devices and devices[0].vendor.lower() in ("nvidia", "amd"):
-        return "flash" if dtype in (torch.float16, torch.bfloat16) else "efficient"
-    return "math"
 
 
 def _cast_input(spec: InputSpec, dtype: torch.dtype) -> InputSpec:

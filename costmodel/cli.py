@@ -1,4 +1,4 @@
-"""The `costmodel` command: a thin shell over the API. The only module that prints or exits.
+"""The `costmodel` command: argparse -> the API -> render. The only module that prints or exits.
 
 Exit codes: 0 success, 1 the analysis failed, 2 bad usage. Results on stdout, warnings on stderr.
 """
@@ -9,12 +9,30 @@ import argparse
 import json
 import os
 import sys
+import threading
 import time
 import warnings
 
-from .errors import CostModelError, UsageError
+from costmodel.capture.loss import LOSSES
+from costmodel.capture.specs import MODEL_DTYPES, parse_dims, parse_size
+from costmodel.errors import CostModelError, UsageError
+from costmodel.options import DEVICE_KINDS, MODES
+from costmodel.rules.attention import ATTENTION_CHOICES
+from costmodel.rules.optimizer import OPTIMIZERS
 
 FORMATS = ("table", "json", "csv", "markdown")
+
+EXAMPLES = """examples:
+  costmodel analyze gpt2 --dim batch=8 --dim seq=1024 --hw a100-80gb
+  costmodel analyze llama-2-7b --mode train --dtype bfloat16 --dim batch=1 --dim seq=512,1024,2048 --format json
+  costmodel analyze resnet-50 --dim batch=16                      (height and width default to 224)
+  costmodel analyze my_models.py:build --input "x:float32[batch,3,height,width]" --dim batch=16 --dim height=224 --dim width=224
+  costmodel analyze hf:meta-llama/Meta-Llama-3-8B --dim batch=1 --dim seq=8192 --hw h100-sxm
+  costmodel analyze my_models.py:classifier --mode train --loss cross-entropy --target "labels:int64[batch]" --dim batch=32
+  costmodel fit llama-2-7b --hw a100-80gb --max seq --dim batch=1
+  costmodel validate gpt2 --device cpu --dim batch=1 --dim seq=128,256,512
+  costmodel hardware show h100-sxm
+"""
 
 
 class _Parser(argparse.ArgumentParser):
@@ -24,72 +42,91 @@ class _Parser(argparse.ArgumentParser):
         sys.exit(2)
 
 
+def _sub(sub, name: str, help: str, description: str | None = None):
+    return sub.add_parser(name, help=help, description=description or help, epilog=EXAMPLES,
+                          formatter_class=lambda prog: argparse.RawDescriptionHelpFormatter(prog, width=110))
+
+
 def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", help="zoo name (see `costmodel zoo`), hf:ORG/NAME (its config.json only), a config.json "
                                  "or a directory holding one, FILE.py:FUNC or package.module:FUNC")
     p.add_argument("--input", action="append", default=[], metavar="SPEC",
-                   help="NAME:DTYPE[D0,D1,...], e.g. input_ids:int64[batch,seq] (zoo models and configs have defaults)")
+                   help="NAME:DTYPE[D0,D1,...], e.g. input_ids:int64[batch,seq]; repeat for several inputs "
+                        "(zoo models and configs have defaults)")
+    p.add_argument("--target", action="append", default=[], metavar="SPEC",
+                   help="a training target, not a forward() argument, e.g. labels:int64[batch] for "
+                        "--loss cross-entropy (language models default to their next token)")
     p.add_argument("--dim", action="append", default=[], metavar="NAME=V[,V...]",
                    help="value(s) of a named dimension; a comma list is a sweep")
-    p.add_argument("--mode", default="inference", help="inference | train")
-    p.add_argument("--dtype", default="float32", help="float32 | bfloat16 | float16")
-    p.add_argument("--optimizer", default="adamw", help="adamw | adam | sgd | sgd-momentum | adafactor")
-    p.add_argument("--amp", action="store_true", help="mixed precision: float32 master weights, bf16/fp16 compute")
-    p.add_argument("--attention", default="auto", help="auto | math | flash | efficient")
-    p.add_argument("--loss", default="sum", help="sum | cross-entropy")
+    p.add_argument("--mode", default="inference", choices=MODES, help="default: inference")
+    p.add_argument("--dtype", default="float32", choices=MODEL_DTYPES, help="default: float32")
+    p.add_argument("--optimizer", default="adamw", choices=OPTIMIZERS, help="train mode; default: adamw")
+    p.add_argument("--amp", action="store_true",
+                   help="mixed precision: float32 weights and optimizer, bfloat16 autocast compute")
+    p.add_argument("--attention", default="auto", choices=ATTENTION_CHOICES,
+                   help="SDPA kernel; default auto: the one PyTorch picks on --device")
+    p.add_argument("--loss", default="sum", choices=LOSSES,
+                   help="train mode: sum of the first output (default), or cross-entropy against --target")
     p.add_argument("--moe-imbalance", type=float, default=1.0, metavar="F",
-                   help="mixture-of-experts: the busiest expert's load over the mean (default 1: balanced)")
-    p.add_argument("--format", default="table", help="table | json | csv | markdown")
+                   help="mixture-of-experts: the busiest expert's load over the mean (default: 1, balanced)")
+    p.add_argument("--format", default="table", choices=FORMATS, help="default: table")
     p.add_argument("--trust-remote-code", action="store_true",
                    help="let a Hugging Face config's auto_map run the repository's Python code (off by default)")
 
 
+def _device_arg(p: argparse.ArgumentParser, required: bool = False, help: str | None = None) -> None:
+    p.add_argument("--device", choices=DEVICE_KINDS, default=None, required=required,
+                   help=help or "whose kernels the costs and memory model (attention kernel, dropout masks); "
+                                "default: the kind of the first --hw device, else cuda")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="costmodel", description="Static FLOPs, bytes, memory and roofline time of PyTorch "
-                                                   "models, as formulas in the dimensions you name.")
+                                                   "models, as formulas in the dimensions you name.",
+                     epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", parser_class=_Parser)
 
-    a = sub.add_parser("analyze", help="capture a model and cost every op")
+    a = _sub(sub, "analyze", "capture a model and cost every op")
     _model_args(a)
     a.add_argument("--hw", help="device name(s) from `costmodel hardware list`, comma separated, or a .toml path")
-    a.add_argument("--device", choices=("cpu", "cuda"), default=None,
-                   help="whose kernels the memory and bytes model (attention kernel, dropout masks); "
-                        "default: the kind of the first --hw device, else cuda")
+    _device_arg(a)
     a.add_argument("--tf32", action="store_true", help="float32 matmuls run on TF32 tensor cores")
-    a.add_argument("--by", default="module", help="op | module: the roll-up to print")
-    a.add_argument("--depth", type=int, default=2, help="module path components in the roll-up (default 2)")
-    a.add_argument("--top", type=int, default=10, help="rows in the top-ops table")
+    a.add_argument("--by", default="module", choices=("op", "module"), help="the roll-up to print; default: module")
+    a.add_argument("--depth", type=int, default=2, help="module path components in the roll-up; default: 2")
+    a.add_argument("--top", type=int, default=10, help="rows in the top-ops table; default: 10")
     a.add_argument("--plot", help="write a roofline chart (PNG/SVG/PDF) of the last point on the first --hw")
 
-    f = sub.add_parser("fit", help="largest value of a dimension whose peak memory fits a device")
+    f = _sub(sub, "fit", "largest value of a dimension whose peak memory fits a device")
     _model_args(f)
     f.add_argument("--hw", required=True, help="device name or .toml path")
-    f.add_argument("--device", choices=("cpu", "cuda"), default=None,
-                   help="whose kernels the memory model assumes; default: the kind of the --hw device")
+    _device_arg(f, help="whose kernels the memory model assumes; default: the kind of the --hw device")
     f.add_argument("--max", required=True, metavar="DIM", help="the dimension to maximise")
-    f.add_argument("--capacity", type=float, help="usable bytes (default: the device's, less the reserve)")
+    f.add_argument("--capacity", help="usable memory: bytes or with a unit (10GB, 80GiB, 500MiB); default: the "
+                                      "device's, less the CUDA context and fragmentation reserve")
 
-    v = sub.add_parser("validate", help="run the real model at several sizes and compare with the prediction")
+    v = _sub(sub, "validate", "run the real model at several sizes and compare with the prediction")
     _model_args(v)
-    v.add_argument("--device", required=True, help="cpu | cuda")
+    _device_arg(v, required=True, help="where the real model runs")
     v.add_argument("--hw", help="device spec for the predicted time (default: calibrate the local device)")
-    v.add_argument("--plot", help="write a log-log plot of measured vs predicted")
-    v.add_argument("--repeats", type=int, default=5)
+    v.add_argument("--plot", help="write a log-log plot of measured vs predicted (PNG/SVG/PDF)")
+    v.add_argument("--repeats", type=int, default=5,
+                   help="timed steps per point, at least (more while under half a second); default: 5")
 
-    h = sub.add_parser("hardware", help="the device catalog")
+    h = _sub(sub, "hardware", "the device catalog")
     hs = h.add_subparsers(dest="hw_command", parser_class=_Parser)
-    hl = hs.add_parser("list")
-    hl.add_argument("--format", default="table")
-    hsh = hs.add_parser("show")
+    hl = hs.add_parser("list", help="every device: memory, bandwidth, peaks, interconnect")
+    hl.add_argument("--format", default="table", choices=("table", "json"))
+    hsh = hs.add_parser("show", help="one device with its ridge points and sources")
     hsh.add_argument("device")
-    hsh.add_argument("--format", default="table")
-    hc = hs.add_parser("calibrate")
-    hc.add_argument("--device", required=True, help="cpu | cuda")
+    hsh.add_argument("--format", default="table", choices=("table", "json"))
+    hc = hs.add_parser("calibrate", help="measure this machine into a device file")
+    hc.add_argument("--device", required=True, choices=DEVICE_KINDS)
     hc.add_argument("--out", required=True, help="the .toml file to write")
     hc.add_argument("--quick", action="store_true", help="small sizes (a few seconds; for tests, not for predictions)")
-    hc.add_argument("--name", help="the device's name in the file (default calibrated-DEVICE)")
+    hc.add_argument("--name", help="the device's name in the file; default: calibrated-DEVICE")
 
-    sub.add_parser("zoo", help="the built-in models").add_argument("--format", default="table")
+    z = sub.add_parser("zoo", help="the built-in models")
+    z.add_argument("--format", default="table", choices=("table", "json"))
     return parser
 
 
@@ -103,6 +140,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help(sys.stderr)
         return 2
     _quiet_libraries()
+    _user_path()
     try:
         text = COMMANDS[args.command](args)
     except CostModelError as e:
@@ -129,97 +167,99 @@ def _quiet_libraries() -> None:
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 
-def _check_format(fmt: str, allowed=FORMATS) -> str:
-    if fmt not in allowed:
-        raise UsageError(f"unknown --format {fmt!r}; accepted: {', '.join(allowed)}")
-    return fmt
+def _user_path() -> None:
+    """`package.module:FUNC` from the project folder: the current folder on the path, as `python -m`
+    puts it there."""
+    cwd = os.getcwd()
+    if cwd not in sys.path and "" not in sys.path:
+        sys.path.insert(0, cwd)
 
 
-def _analyze_report(args, dims: dict[str, list[int]], hardware=None, tf32=False, complete=True):
-    from .api import analyze
-    return analyze(args.model, inputs=args.input or None, mode=args.mode, dtype=args.dtype,
-                   optimizer=args.optimizer, attention=args.attention, loss=args.loss, dims=dims,
-                   hardware=hardware, tf32=tf32, complete=complete, amp=args.amp,
-                   device=getattr(args, "device", None), trust_remote_code=args.trust_remote_code,
-                   moe_imbalance=args.moe_imbalance)
+class _Progress:
+    """Elapsed seconds on a terminal while a long step runs (a capture of a large model takes tens
+    of seconds): `with _Progress("capturing llama-2-70b (train)"): ...`. Nothing when stderr is not a TTY."""
+
+    def __init__(self, label: str, after_s: float = 1.0):
+        self.label, self.after_s = label, after_s
+        self._stop = threading.Event()
+        self._thread = None
+
+    def __enter__(self):
+        if sys.stderr.isatty():
+            self._thread = threading.Thread(target=self._run, daemon=True)
+            self._thread.start()
+        return self
+
+    def _run(self):
+        start = time.monotonic()
+        shown = False
+        while not self._stop.wait(0.5):
+            elapsed = time.monotonic() - start
+            if elapsed >= self.after_s:
+                sys.stderr.write(f"\r{self.label}... {elapsed:.0f} s")
+                sys.stderr.flush()
+                shown = True
+        if shown:
+            sys.stderr.write("\r" + " " * (len(self.label) + 16) + "\r")
+            sys.stderr.flush()
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+        return False
+
+
+def _analyze(args, dims: dict[str, list[int]], hardware=None, complete: bool = True):
+    from costmodel.api import analyze
+    with _Progress(f"capturing {args.model} ({args.mode})"):
+        return analyze(args.model, inputs=args.input or None, mode=args.mode, dtype=args.dtype,
+                       optimizer=args.optimizer, attention=args.attention, loss=args.loss, dims=dims,
+                       hardware=hardware, tf32=getattr(args, "tf32", False), complete=complete, amp=args.amp,
+                       device=getattr(args, "device", None), trust_remote_code=args.trust_remote_code,
+                       moe_imbalance=args.moe_imbalance, targets=args.target or None)
 
 
 def cmd_analyze(args) -> str:
-    from . import report as fmt
-    from .specs import parse_dims
-    _check_format(args.format)
-    if args.by not in ("op", "module"):
-        raise UsageError(f"unknown --by {args.by!r}; accepted: op, module")
+    from costmodel.render import csv as csv_render
+    from costmodel.render import json as json_render
+    from costmodel.render import text
     if args.depth is not None and args.depth < 1:
         raise UsageError(f"--depth must be >= 1; got {args.depth}")
     dims = parse_dims(args.dim)
-    rep = _analyze_report(args, dims, hardware=args.hw, tf32=args.tf32)
-    valued = {d: v for d, v in dims.items() if v}
-    points = []
-    if valued:
-        points = rep.points(valued)
+    rep = _analyze(args, dims, hardware=args.hw)
+    valued = {d: v for d, v in dims.items() if v} | {d: [v] for d, v in rep.defaulted.items()}
+    points = rep.points(valued) if valued else []
     if points and rep.hardware:
-        _oom_verdicts(rep, points)
+        with _Progress("searching the largest sizes that fit"):
+            for p in points:
+                p.verdict()
     if args.plot:
         if not points or not rep.hardware:
             raise UsageError("--plot draws a roofline of a concrete point on a device: give --dim values and --hw")
-        _roofline_plot(rep, points[-1], args.plot)
-    comparison = _comparison(rep, points[-1]) if points and len(rep.hardware) > 1 else None
+        from costmodel.render.roofline_plot import point_roofline_plot
+        point_roofline_plot(rep, points[-1], args.plot)
+    comparison = points[-1].compare(rep.hardware) if points and len(rep.hardware) > 1 else None
     if args.format == "json":
-        text = fmt.to_json(rep, points, args.depth)
+        out = json.loads(json_render.to_json(rep, points, args.depth))
         if comparison:
-            data = json.loads(text)
-            data["comparison"] = comparison
-            text = json.dumps(data, indent=2)
-        return text
+            out["comparison"] = comparison
+        return json.dumps(out, indent=2)
     if args.format == "csv":
-        return fmt.to_csv(rep, points)
-    text = fmt.to_table(rep, points, args.depth, args.top, args.by, "github" if args.format == "markdown" else "simple")
+        return csv_render.to_csv(rep, points)
+    out = text.to_table(rep, points, args.depth, args.top, args.by, "github" if args.format == "markdown" else "simple")
     if comparison:
-        from tabulate import tabulate
-        text += "\nDevices compared at the last point\n" + tabulate(
-            [[c["device"], fmt._time(c["time_s"]), f"{(c['memory_bound_share'] or 0) * 100:.0f}%",
-              f"{(c['mfu'] or 0) * 100:.0f}%"] for c in comparison],
-            headers=["device", "time", "memory-bound", "MFU"]) + "\n"
+        out += text.comparison_text(comparison)
     if args.plot:
-        text += f"\nroofline chart written to {args.plot}\n"
-    return text
-
-
-def _oom_verdicts(rep, points) -> None:
-    """Does each point fit the first --hw device, and how far can each dimension grow at that point?"""
-    from .fit import largest_fitting, verdict
-    hw = rep.hardware[0]
-    for p in points:
-        v = verdict(rep, hw, p.dims)
-        v["largest_fitting"] = {d: {**l.to_dict(), "description": l.describe()}
-                                for d, l in largest_fitting(rep, hw, p.dims).items()}
-        p.extra["oom"] = v
-
-
-def _comparison(rep, point) -> list[dict]:
-    rows = []
-    for hw in rep.hardware:
-        s = point.timing(hw, rep.tf32)["summary"]
-        rows.append({"device": hw.name, "time_s": s.time_s, "memory_bound_share": s.memory_bound_share, "mfu": s.mfu})
-    return rows
-
-
-def _roofline_plot(rep, point, path: str) -> None:
-    from .plot import roofline_plot
-    hw = rep.hardware[0]
-    t = point.timing(hw, rep.tf32)
-    pts = [{"intensity": ot.intensity, "flops_per_s": ot.flops_per_s, "time_s": ot.time_s, "label": op["module"],
-            "bound": ot.bound} for op, ot in zip(point.ops, t["op_times"]) if ot.time_s > 0]
-    dtype = next((op["dtype"] for op in point.ops if op["category"] in ("matmul", "conv", "attention")), "float32")
-    roofline_plot(hw, pts, path, dtype, tf32=rep.tf32, title=f"{rep.model} ({rep.mode}) on {hw.name}")
+        out += f"\nroofline chart written to {args.plot}\n"
+    return out
 
 
 def cmd_fit(args) -> str:
-    from .hardware import load_hardware
-    from .specs import parse_dims
-    _check_format(args.format, ("table", "json"))
-    from .fit import fit
+    from costmodel.hardware.catalog import load_hardware
+    from costmodel.render.text import fit_text
+    if args.format not in ("table", "json"):
+        raise UsageError(f"fit prints a table or JSON; got --format {args.format}")
     dims = parse_dims(args.dim)
     if args.max in dims:
         raise UsageError(f"--max {args.max} is solved for; do not also give --dim {args.max}")
@@ -229,96 +269,81 @@ def cmd_fit(args) -> str:
             raise UsageError(f"fit takes one value per fixed dimension; got --dim {d}={','.join(map(str, v))}")
         fixed[d] = v[0]
     hw = load_hardware(args.hw)
-    rep = _analyze_report(args, {d: [v] for d, v in fixed.items()}, hardware=hw, complete=False)
-    result = fit(rep, hw, args.max, fixed, capacity_bytes=int(args.capacity) if args.capacity else None)
+    rep = _analyze(args, {d: [v] for d, v in fixed.items()}, hardware=hw, complete=False)
+    fixed = {**{d: v for d, v in getattr(rep._loaded, "default_dims", {}).items()
+                if d in rep.dims and d != args.max and d not in fixed}, **fixed}
+    capacity = parse_size(args.capacity, "--capacity") if args.capacity else None
+    with _Progress(f"searching the largest {args.max} that fits"):
+        result = rep.fit(args.max, fixed, hw, capacity_bytes=capacity)
     if args.format == "json":
         return json.dumps(result, indent=2, default=str)
-    from .report import _bytes
-    reserve = result.get("reserve") or {}
-    lines = [f"{rep.model} ({rep.mode}, {args.dtype}) on {hw.name}: {_bytes(result['capacity_bytes'])} usable"
-             + (f" of {_bytes(result['memory_bytes'])}" if result.get("memory_bytes") else "")
-             + (f" (reserved: {_bytes(reserve['context_bytes'])} CUDA context, "
-                f"{reserve['fragmentation'] * 100:.0f}% fragmentation)"
-                if reserve.get("context_bytes") is not None and reserve.get("fragmentation") is not None
-                else " (--capacity)")]
-    for d, v in result["max"].items():
-        others = ", ".join(f"{k}={x}" for k, x in result.get("dims", {}).items() if k != d)
-        limit = result["limit"]
-        if limit["kind"] == "capacity":
-            why = (f"at {d}={limit['next_value']}: {_bytes(limit['next_peak_bytes'])}, does not fit"
-                   if limit.get("next_value") else "the next value does not fit")
-        elif limit["kind"] == "model":
-            why = f"the model's limit: {limit['reason']}" + (
-                f"; memory alone allows {result['memory_only_value']}" if result.get("memory_only_value") else "")
-        else:
-            why = f"above {v} the model could not be captured: {limit['reason']}"
-        lines.append(f"largest {d} that fits: {v}" + (f" at {others}" if others else "")
-                     + f" (peak {_bytes(result['peak_memory_bytes'])}; {why})")
-    if result.get("memory"):
-        lines.append("at the peak: " + ", ".join(f"{k.replace('_', ' ')} {_bytes(b)}"
-                                                 for k, b in sorted(result["memory"].items(), key=lambda kv: -kv[1]) if b))
-    return "\n".join(lines)
+    return fit_text(rep, hw, result)
 
 
 def cmd_validate(args) -> str:
-    from .validate import run_cli
-    return run_cli(args)
+    from costmodel.validate.engine import DEVICES, validate
+    if args.format not in ("table", "json", "markdown", "csv"):
+        raise UsageError(f"unknown --format {args.format!r}")
+    if args.device not in DEVICES:
+        raise UsageError(f"unknown --device {args.device!r}; accepted: {', '.join(DEVICES)}")
+    dims = parse_dims(args.dim)
+    if not dims:
+        raise UsageError("validate needs the sizes to run at: --dim NAME=V1,V2,... (e.g. --dim seq=128,256,512)")
+    if args.plot:
+        from costmodel.render.validation_plot import check_plot_path
+        check_plot_path(args.plot)
+    result = validate(args.model, inputs=args.input or None, dims=dims, device=args.device, mode=args.mode,
+                      dtype=args.dtype, optimizer=args.optimizer, attention=args.attention, loss=args.loss,
+                      amp=args.amp, hardware=args.hw, repeats=args.repeats, progress=args.format != "json",
+                      trust_remote_code=args.trust_remote_code, targets=args.target or None)
+    if args.plot:
+        from costmodel.render.validation_plot import validation_plot
+        validation_plot(result, args.plot)
+    if args.format == "json":
+        return result.to_json()
+    if args.format == "csv":
+        return result.to_csv()
+    out = result.to_table("github" if args.format == "markdown" else "simple")
+    if args.plot:
+        out += f"\nlog-log plot written to {args.plot}\n"
+    return out
 
 
 def cmd_hardware(args) -> str:
-    from tabulate import tabulate
-    from .hardware import DTYPES, list_hardware, load_hardware
-    from .report import _bytes, _num
+    from costmodel.hardware.catalog import list_hardware, load_hardware
+    from costmodel.render.text import hardware_list_text, hardware_show_text
     if args.hw_command is None:
         raise UsageError("hardware needs a subcommand: list, show DEVICE, or calibrate --device cpu|cuda --out FILE")
     if args.hw_command == "calibrate":
-        from .calibrate import calibrate
-        if args.device not in ("cpu", "cuda"):
-            raise UsageError(f"unknown --device {args.device!r}; accepted: cpu, cuda")
+        from costmodel.hardware.calibrate import calibrate
+        from costmodel.render.units import num
         start = time.perf_counter()
-        hw = calibrate(args.device, args.out, quick=args.quick, name=args.name)
-        peaks = ", ".join(f"{d} {_num(p, 'FLOP/s')}" for d, p in hw.peak_flops_per_s.items())
+        with _Progress(f"calibrating {args.device}"):
+            hw = calibrate(args.device, args.out, quick=args.quick, name=args.name)
+        peaks = ", ".join(f"{d} {num(p, 'FLOP/s')}" for d, p in hw.peak_flops_per_s.items())
         return (f"wrote {args.out}: {hw.name}, {len(hw.kernels)} kernel classes measured in "
-                f"{time.perf_counter() - start:.0f} s"
-                + (f" at {hw.threads} CPU threads" if hw.threads else "")
-                + f"; matmul peaks {peaks}, bandwidth {_num(hw.bandwidth_bytes_per_s, 'B/s')}, "
+                f"{time.perf_counter() - start:.0f} s" + (f" at {hw.threads} CPU threads" if hw.threads else "")
+                + f"; matmul peaks {peaks}, bandwidth {num(hw.bandwidth_bytes_per_s, 'B/s')}; "
                 f"use it with --hw {args.out}")
-    _check_format(args.format, ("table", "json"))
     if args.hw_command == "list":
         devices = list_hardware()
         if args.format == "json":
             return json.dumps([d.to_dict() for d in devices], indent=2)
-        rows = [[d.name, _bytes(d.memory_bytes), _num(d.bandwidth_bytes_per_s, "B/s")]
-                + [_num(d.peak_flops_per_s.get(t), "FLOP/s") for t in DTYPES]
-                + [d.gpus_per_node, _num(d.intra_node_bandwidth_bytes_per_s, "B/s"),
-                   _num(d.inter_node_bandwidth_bytes_per_s, "B/s")] for d in devices]
-        return tabulate(rows, headers=["device", "memory", "bandwidth"] + list(DTYPES)
-                        + ["GPUs/node", "intra-node", "inter-node/GPU"])
+        return hardware_list_text(devices)
     hw = load_hardware(args.device)
     if args.format == "json":
         return json.dumps(hw.to_dict(), indent=2)
-    d = hw.to_dict()
-    rows = [[t, _num(d["peak_flops_per_s"].get(t), "FLOP/s"), f"{d['ridge_point'][t]:.1f}" if t in d["ridge_point"]
-             else "-"] for t in DTYPES]
-    head = (f"{hw.name}: {_bytes(hw.memory_bytes)}, {_num(hw.bandwidth_bytes_per_s, 'B/s')}, "
-            f"kernel overhead {hw.kernel_overhead_s * 1e6:.1f} us\n"
-            f"interconnect: {hw.gpus_per_node} GPUs per node; bus bandwidth "
-            f"{_num(hw.intra_node_bandwidth_bytes_per_s, 'B/s')} inside a node, "
-            f"{_num(hw.inter_node_bandwidth_bytes_per_s, 'B/s')} per GPU across nodes; latency "
-            f"{hw.intra_node_latency_s * 1e6:.1f} us / {hw.inter_node_latency_s * 1e6:.1f} us per step\n")
-    src = "\n".join(f"  {k}: {v}" for k, v in hw.sources.items())
-    return head + tabulate(rows, headers=["dtype", "dense peak", "ridge (FLOP/byte)"]) + "\nsources:\n" + src
+    return hardware_show_text(hw)
 
 
 def cmd_zoo(args) -> str:
-    from tabulate import tabulate
-    from .zoo import ZOO
-    _check_format(args.format, ("table", "json"))
+    from costmodel.capture.zoo import ZOO
+    from costmodel.render.text import zoo_text
     if args.format == "json":
         return json.dumps([{"name": m.name, "params": m.params, "inputs": list(m.inputs),
-                            "description": m.description} for m in ZOO.values()], indent=2)
-    return tabulate([[m.name, f"{m.params:,}", " ".join(m.inputs), m.description] for m in ZOO.values()],
-                    headers=["model", "parameters", "default inputs", "description"])
+                            "default_dims": m.default_dims, "description": m.description} for m in ZOO.values()],
+                          indent=2)
+    return zoo_text(ZOO.values())
 
 
 COMMANDS = {"analyze": cmd_analyze, "fit": cmd_fit, "validate": cmd_validate, "hardware": cmd_hardware,

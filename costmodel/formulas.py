@@ -11,7 +11,9 @@ from __future__ import annotations
 import math
 
 import sympy
-import torch.utils._sympy.functions as tf
+from costmodel._torch import sympy_functions
+
+tf = sympy_functions()
 
 _REWRITES = {
     tf.FloorDiv: lambda a, b: sympy.floor(a / b),

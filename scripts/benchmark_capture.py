@@ -22,8 +22,8 @@ def one_mode(model: str, mode: str, points: int, reference_points: int) -> dict:
     from torch.utils.flop_counter import FlopCounterMode
 
     import costmodel
-    from costmodel.capture import first_output
-    from costmodel.zoo import get
+    from costmodel.capture.loss import first_output
+    from costmodel.capture.zoo import get
 
     t0 = time.perf_counter()
     report = costmodel.analyze(model, mode=mode)

@@ -9,8 +9,8 @@ import argparse
 import torch
 from torch.utils import benchmark
 
-from costmodel.calibrate import calibrate
-from costmodel.roofline import op_time
+from costmodel.hardware.calibrate import calibrate
+from costmodel.hardware.roofline import op_time
 
 
 def ops():

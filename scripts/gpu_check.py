@@ -28,8 +28,8 @@ from pathlib import Path
 
 import torch
 
-from costmodel.validate import calibrated_hardware, validate
-from costmodel.validate_plot import validation_plot
+from costmodel.validate.engine import calibrated_hardware, validate
+from costmodel.render.validation_plot import validation_figure
 
 
 @dataclass
@@ -53,6 +53,9 @@ def gpu_plan() -> list[Run]:
     return [
         Run("gpt2-inference", "gpt2", {"batch": [8], "seq": [128, 256, 512, 1024]}),
         Run("gpt2-train", "gpt2", {"batch": [8], "seq": [128, 256, 512, 1024]}, mode="train"),
+        # long context: SDPA without padding builds no mask in eager (issue 9); peak ~ seq^1
+        Run("long-context-llama-train", _long_llama(), {"batch": [1], "seq": [4096, 8192, 16384]}, mode="train",
+            inputs=["input_ids:int64[batch,seq]"]),
         # GPT-2 stops at 1024 positions; Llama's rotary embeddings go to 4096 (its config's maximum)
         Run("llama-2-7b-inference", "llama-2-7b", {"batch": [1], "seq": [512, 1024, 2048, 4096]}),
         Run("resnet-50-inference", "resnet-50", {"batch": [32], "size": [64, 128, 224, 320]}, inputs=_SQUARE),
@@ -63,7 +66,17 @@ def gpu_plan() -> list[Run]:
     ]
 
 
-from costmodel.zoo import hf_factory  # noqa: E402
+from costmodel.capture.zoo import hf_factory  # noqa: E402
+
+
+def _long_llama():
+    """A 4-layer Llama of width 1024 with a 32k context: attention's seq^2 work and the seq^1 peak
+    of fused attention show within a second per step."""
+    build = hf_factory("LlamaForCausalLM", "LlamaConfig", hidden_size=1024, intermediate_size=2816,
+                       num_hidden_layers=4, num_attention_heads=16, num_key_value_heads=4, vocab_size=32000,
+                       max_position_embeddings=32768)
+    build.__name__ = "llama-4x1024-32k"
+    return build
 
 
 def _tiny(model_cls: str, config_cls: str, attention: str | None = "sdpa", **config):
@@ -91,8 +104,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dry-run", action="store_true", help="CPU, tiny models: check the pipeline without a GPU")
     parser.add_argument("--hw", help="device spec for predicted times (default: calibrate this GPU)")
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--budget-s", type=float, default=420.0,
-                        help="start no new run after this many seconds (default 420: 7 of the 8 minutes)")
+    parser.add_argument("--budget-s", type=float, default=330.0,
+                        help="start no new run after this many seconds (default 330: the 8 minutes less the "
+                             "GPU tests and the last run)")
     parser.add_argument("--only", action="append", default=[], help="run only these names (repeatable)")
     args = parser.parse_args(argv)
 
@@ -114,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     hw = args.hw or (calibrated_hardware(device) if not args.dry_run else None)
     if hw is None:   # dry run: a quick calibration is enough to exercise the time model
-        from costmodel.calibrate import calibrate
+        from costmodel.hardware.calibrate import calibrate
         hw = calibrate("cpu", out / "calibrated-cpu.toml", quick=True)
     calibration_s = time.perf_counter() - t0
 
@@ -138,9 +152,6 @@ def main(argv: list[str] | None = None) -> int:
             result = validate(run.model, run.inputs, dims=run.dims, device=device, mode=run.mode, dtype=run.dtype,
                               optimizer=run.optimizer, hardware=hw, repeats=repeats, progress=True, **run.kwargs)
             entry["result"] = result.to_dict()
-            plot = out / f"{run.name}.png"
-            validation_plot(result, plot, title=f"{run.name} on {record['device']['name']}")
-            entry["plot"] = plot.name
             results.append((run, result))
         except Exception as e:  # one failing run must not hide the others
             entry["error"] = f"{type(e).__name__}: {e}"
@@ -155,17 +166,28 @@ def main(argv: list[str] | None = None) -> int:
         _write(out, record, results, start)     # after every run: a timeout still leaves a report
     text = _write(out, record, results, start)
     print(text)
-    print(f"gpu_check: wrote {out}/gpu_check.json, gpu_check.md and {len(results)} plot(s) in "
-          f"{record['total_s']:.0f} s", file=sys.stderr)
+    print(f"gpu_check: wrote {out}/gpu_check.json, gpu_check.md and gpu_check_plots.pdf ({len(results)} "
+          f"page(s)) in {record['total_s']:.0f} s", file=sys.stderr)
     failed = [r for r in record["runs"] if "error" in r]
     return 1 if failed and not results else 0
 
 
 def _write(out: Path, record: dict, results, start: float) -> str:
+    """gpu_check.json, gpu_check.md and gpu_check_plots.pdf (one page per run): rewritten after
+    every run, so a timeout still leaves a report."""
     record["total_s"] = time.perf_counter() - start
+    tests = out / "pytest_cuda.txt"
+    if tests.exists():
+        lines = tests.read_text().strip().splitlines()
+        record["gpu_tests"] = lines[-1] if lines else "(no output)"
     (out / "gpu_check.json").write_text(json.dumps(record, indent=2, default=str))
     text = _markdown(record, results)
     (out / "gpu_check.md").write_text(text)
+    if results:
+        from matplotlib.backends.backend_pdf import PdfPages
+        with PdfPages(out / "gpu_check_plots.pdf") as pdf:
+            for run, result in results:
+                pdf.savefig(validation_figure(result, title=f"{run.name} on {record['device']['name']}"))
     return text
 
 
@@ -174,7 +196,7 @@ def _device_info(device: str) -> dict:
         p = torch.cuda.get_device_properties(torch.cuda.current_device())
         return {"kind": "cuda", "name": p.name, "memory_bytes": p.total_memory,
                 "capability": f"{p.major}.{p.minor}", "cuda": torch.version.cuda}
-    from costmodel.calibrate import _machine
+    from costmodel.hardware.calibrate import _machine
     return {"kind": "cpu", "name": _machine("cpu"), "threads": torch.get_num_threads()}
 
 
@@ -205,9 +227,10 @@ def _markdown(record: dict, results) -> str:
              f"(calibration {record['calibration_s']:.0f} s); total {record['total_s']:.0f} s"), "",
             tabulate(rows, headers=["run", "mode", "points", "time MAPE", "peak MAPE", "swept",
                                     "time exponent measured / predicted", "peak exponent measured / predicted",
-                                    "OOM", "note"], tablefmt="github"), ""]
+                                    "OOM", "note"], tablefmt="github"), "",
+            f"GPU tests (pytest -m cuda): {record.get('gpu_tests', 'not run')}", ""]
     for run, result in results:
-        head += [f"## {run.name}", "", result.to_table("github"), f"![{run.name}]({run.name}.png)", ""]
+        head += [f"## {run.name}", "", result.to_table("github"), "(plot: gpu_check_plots.pdf)", ""]
     return "\n".join(head) + "\n"
 
 

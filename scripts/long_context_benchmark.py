@@ -28,7 +28,7 @@ import torch  # noqa: E402
 
 import costmodel  # noqa: E402
 from costmodel import memtrack  # noqa: E402
-from costmodel.zoo import hf_factory  # noqa: E402
+from costmodel.capture.zoo import hf_factory  # noqa: E402
 
 SMALL = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
              num_key_value_heads=2, vocab_size=256, max_position_embeddings=16384)

@@ -8,7 +8,8 @@
 Measured: costmodel.memtrack (live tensor storage bytes on the CPU, each storage once; on CUDA
 max_memory_allocated) over one no-grad forward, or one steady-state AdamW step. Predicted:
 costmodel.analyze(...).evaluate(...).totals["peak_memory_bytes"] for the same device kind.
-"dev" models were looked at while the model was built; "held-out" ones were not.
+"dev" models were looked at while the model was built; "held-out" ones were not; "coverage" ones are
+the architectures that need more than a plain trace (experts, ALiBi, unrolled RNNs, windows, U-Net).
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 import torch
 
 import costmodel
-from costmodel import memtrack
+from costmodel.validate import meters as memtrack
 from tests import models as M
 from tests.models import _hf
 
@@ -58,6 +59,13 @@ MODELS = {
                                  max_position_embeddings=512), TEXT, SEQ),
     "convnext": ("held-out", _hf("ConvNextModel", "ConvNextConfig", attention=None, num_stages=2,
                                  hidden_sizes=[16, 32], depths=[1, 1]), IMAGE, {"batch": 4, "height": 64, "width": 64}),
+    # coverage (issue 10): captured with balanced experts, ALiBi, unrolled recurrences, windows, U-Net
+    "mixtral-grouped": ("coverage", M.mixtral_grouped, TEXT, {"batch": 2, "seq": 128}),
+    "bloom": ("coverage", M.bloom, TEXT, SEQ),
+    "gru": ("coverage", M.GRUTagger, ["ids:int64[batch,seq]"], {"batch": 4, "seq": 16}),
+    "lstm": ("coverage", M.LSTM, ["x:float32[batch,seq,16]"], {"batch": 4, "seq": 16}),
+    "swin": ("coverage", M.swin, ["pixel_values:float32[batch,3,32,32]"], {"batch": 8}),
+    "unet": ("coverage", M.UNet, ["x:float32[batch,3,height,width]"], {"batch": 4, "height": 64, "width": 64}),
 }
 
 
@@ -99,7 +107,7 @@ def main() -> int:
             rows.append(r)
             print(f"{r['model']:12s} {r['set']:9s} {r['mode']:14s} {r['predicted']:>14,d} {r['measured']:>14,d} "
                   f"{r['error'] * 100:>+7.1f}%  {r['attention'] or '-'}", flush=True)
-    for group in ("dev", "held-out", None):
+    for group in ("dev", "held-out", "coverage", None):
         errs = [abs(r["error"]) for r in rows if group is None or r["set"] == group]
         if errs:
             print(f"{group or 'all':9s} mean |error| {sum(errs) / len(errs) * 100:.1f}%, worst "

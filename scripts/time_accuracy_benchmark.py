@@ -32,7 +32,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from costmodel.zoo import hf_factory  # noqa: E402
+from costmodel.capture.zoo import hf_factory  # noqa: E402
 
 
 # --- architectures --------------------------------------------------------------------------------
@@ -146,8 +146,8 @@ def wait_for_quiet(max_load: float, wait_s: float) -> float | None:
 
 
 def hardware_for(device: str, threads: int | None, out: Path, hw: str | None, quick: bool):
-    from costmodel.calibrate import calibrate
-    from costmodel.hardware import load_hardware
+    from costmodel.hardware.calibrate import calibrate
+    from costmodel.hardware.catalog import load_hardware
     if hw:
         return load_hardware(hw)
     path = out / f"calibrated-{device}-{threads or 'gpu'}{'-quick' if quick else ''}.toml"
@@ -161,7 +161,7 @@ def hardware_for(device: str, threads: int | None, out: Path, hw: str | None, qu
 
 
 def run_one(arch: Arch, mode: str, device: str, hw, repeats: int, quick: bool):
-    from costmodel.validate import validate
+    from costmodel.validate.engine import validate
     dims = arch.dims if mode == "inference" else arch.train_dims
     if device == "cuda":
         dims = (arch.cuda_dims if mode == "inference" else arch.cuda_train_dims) or dims

@@ -25,12 +25,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 def main(argv=None) -> int:
     from time_accuracy_benchmark import ARCHS
 
-    from costmodel import memtrack
     from costmodel.api import analyze
-    from costmodel.complexity import time_call
-    from costmodel.hardware import load_hardware
-    from costmodel.specs import parse_dims
-    from costmodel.validate import _Runner
+    from costmodel.capture.specs import parse_dims
+    from costmodel.hardware.catalog import load_hardware
+    from costmodel.validate.engine import _Runner
+    from costmodel.validate.stats import time_call
 
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("arch", choices=[a.name for a in ARCHS])
@@ -58,12 +57,12 @@ def main(argv=None) -> int:
         return alone(rep, pt, timing, hw, args.ops)
     pred, count = collections.Counter(), collections.Counter()
     for i, (op, t) in enumerate(zip(pt.ops, timing["op_times"])):
-        key = pt.kernel_class(i, hw) if args.by == "kernel" else op["target"].replace("aten.", "aten::").rsplit(".", 1)[0]
+        key = pt.kernel_class(i) if args.by == "kernel" else op["target"].replace("aten.", "aten::").rsplit(".", 1)[0]
         pred[key] += t.time_s
         count[key] += 1
-    runner = _Runner(arch.build, rep, "cpu", torch.float32, args.mode, "adamw", "sum", False)
-    values = memtrack.make_inputs(runner.specs, dims, "cpu", high=runner.vocab)
-    step = runner._step(values)
+    runner = _Runner(arch.build, rep, "cpu", torch.float32, args.mode, "adamw", "sum", False).runner
+    values = runner.values(dims)
+    step = runner.step(values)
     measured = time_call(step, repeats=5, warmup=2, min_time_s=1.0)
     iters = 3
     meas, mcount = collections.Counter(), collections.Counter()
@@ -110,7 +109,7 @@ def alone(rep, pt, timing, hw, prefix: str) -> int:
     """Each op of the class timed alone (its shapes, random data) against its predicted time."""
     import dataclasses
 
-    from costmodel.calibrate_kernels import Timer, kernel_plan
+    from costmodel.hardware.calibrate_kernels import Timer, kernel_plan
     nodes = {n.name: n for n in pt.analysis.captured.graph.graph.nodes}
     timer = Timer("cpu", dataclasses.replace(kernel_plan("cpu", quick=True), block_s=0.004, blocks=7))
 
@@ -135,7 +134,7 @@ def alone(rep, pt, timing, hw, prefix: str) -> int:
         return x
     total_p = total_m = 0.0
     for i, (op, t) in enumerate(zip(pt.ops, timing["op_times"])):
-        kernel = pt.kernel_class(i, hw)
+        kernel = pt.kernel_class(i)
         if not kernel.startswith(prefix) or op["name"] not in nodes:
             continue
         node = nodes[op["name"]]

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 
-from costmodel.zoo import hf_factory as _hf
+from costmodel.capture.zoo import hf_factory as _hf
 
 
 def runs(quick: bool) -> list[dict]:
@@ -62,9 +62,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    from costmodel.calibrate import calibrate
-    from costmodel.validate import validate
-    from costmodel.validate_plot import validation_plot
+    from costmodel.hardware.calibrate import calibrate
+    from costmodel.validate.engine import validate
+    from costmodel.render.validation_plot import validation_plot
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

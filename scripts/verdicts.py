@@ -23,7 +23,7 @@ import warnings
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 from costmodel.cli import main                 # noqa: E402
-from costmodel.zoo import ZOO                  # noqa: E402
+from costmodel.capture.zoo import ZOO                  # noqa: E402
 
 MODELS = os.path.join(os.path.dirname(__file__), "..", "tests", "models.py")
 _TEXT = {"batch": 2, "seq": 128}

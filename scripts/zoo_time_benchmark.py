@@ -12,7 +12,7 @@ import argparse
 import torch
 from tabulate import tabulate
 
-from costmodel.validate import validate
+from costmodel.validate.engine import validate
 
 CASES = [
     ("gpt2", {"batch": [1], "seq": [256, 512]}),

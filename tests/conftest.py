@@ -6,7 +6,7 @@ import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.utils.flop_counter import FlopCounterMode
 
-from costmodel.capture import first_output
+from costmodel.capture.loss import first_output
 
 
 def flop_counter_total(factory, inputs: dict[str, tuple[tuple[int, ...], torch.dtype]], mode: str) -> int:

@@ -8,7 +8,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 
-from costmodel.zoo import hf_factory as _hf
+from costmodel.capture.zoo import hf_factory as _hf
 
 
 tiny_llama_gqa = _hf("LlamaForCausalLM", "LlamaConfig", hidden_size=64, intermediate_size=128, num_hidden_layers=2,
@@ -206,3 +206,73 @@ long_llama = _hf("LlamaForCausalLM", "LlamaConfig", **_LONG)
 long_mistral_window = _hf("MistralForCausalLM", "MistralConfig", sliding_window=256, **_LONG)
 long_gpt2_eager = _hf("GPT2LMHeadModel", "GPT2Config", attention="eager", n_embd=64, n_layer=2, n_head=4,
                       vocab_size=128, n_positions=4096)
+
+
+# --- architectures whose capture needs more than a plain trace (tests/test_coverage.py) ----------
+
+_MOE = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+            vocab_size=64, max_position_embeddings=256)
+mixtral_eager = _hf("MixtralForCausalLM", "MixtralConfig", attention="eager", experts_implementation="eager",
+                    num_local_experts=4, num_experts_per_tok=2, **_MOE)
+mixtral_grouped = _hf("MixtralForCausalLM", "MixtralConfig", attention="eager", experts_implementation="grouped_mm",
+                      num_local_experts=4, num_experts_per_tok=2, **_MOE)
+qwen_moe_eager = _hf("Qwen2MoeForCausalLM", "Qwen2MoeConfig", attention="eager", experts_implementation="eager",
+                     moe_intermediate_size=16, shared_expert_intermediate_size=48, num_experts=4,
+                     num_experts_per_tok=2, **_MOE)
+bloom = _hf("BloomForCausalLM", "BloomConfig", attention="eager", hidden_size=32, n_layer=2, n_head=4, vocab_size=64)
+swin = _hf("SwinForImageClassification", "SwinConfig", attention=None, image_size=32, patch_size=4, embed_dim=8,
+           depths=[1, 1], num_heads=[2, 2], window_size=4, num_labels=5)
+
+
+class GRUTagger(nn.Module):
+    """A bidirectional 2-layer GRU over token embeddings, tagging each position."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(50, 8)
+        self.gru = nn.GRU(8, 12, num_layers=2, bidirectional=True, batch_first=True)
+        self.out = nn.Linear(24, 5)
+
+    def forward(self, ids):
+        return self.out(self.gru(self.emb(ids))[0])
+
+
+class UNet(nn.Module):
+    """Two poolings down, two nearest upsamplings (F.interpolate, scale 2) up, skip concatenations."""
+
+    def __init__(self, c: int = 4):
+        super().__init__()
+        self.d1, self.d2 = nn.Conv2d(3, c, 3, padding=1), nn.Conv2d(c, 2 * c, 3, padding=1)
+        self.mid = nn.Conv2d(2 * c, 2 * c, 3, padding=1)
+        self.u2, self.u1 = nn.Conv2d(4 * c, c, 3, padding=1), nn.Conv2d(2 * c, c, 3, padding=1)
+        self.out = nn.Conv2d(c, 2, 1)
+
+    def forward(self, x):
+        a = F.relu(self.d1(x))
+        b = F.relu(self.d2(F.max_pool2d(a, 2)))
+        m = F.interpolate(F.relu(self.mid(F.max_pool2d(b, 2))), scale_factor=2.0)
+        u = F.interpolate(F.relu(self.u2(torch.cat([m, b], 1))), scale_factor=2.0)
+        return self.out(F.relu(self.u1(torch.cat([u, a], 1))))
+
+
+class CNNMLP(nn.Module):
+    """A small image classifier (conv, pool, MLP head) for --loss cross-entropy with --target labels."""
+
+    def __init__(self, classes: int = 10):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.mlp = nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Linear(32, classes))
+
+    def forward(self, x):
+        return self.mlp(F.relu(self.conv(x)).mean((2, 3)))
+
+
+class MHAPadded(nn.Module):
+    """nn.MultiheadAttention with a key_padding_mask input."""
+
+    def __init__(self):
+        super().__init__()
+        self.m = nn.MultiheadAttention(32, 4, batch_first=True)
+
+    def forward(self, x, pad):
+        return self.m(x, x, x, key_padding_mask=pad)[0]

@@ -4,10 +4,10 @@ import pytest
 import torch
 from torch.utils import benchmark
 
-from costmodel.calibrate import calibrate
+from costmodel.hardware.calibrate import calibrate
 from costmodel.errors import UsageError
-from costmodel.hardware import load_hardware
-from costmodel.roofline import op_time
+from costmodel.hardware.catalog import load_hardware
+from costmodel.hardware.roofline import op_time
 
 
 @pytest.fixture

@@ -13,7 +13,7 @@ import pytest
 import sympy
 
 from costmodel.cli import main
-from costmodel.zoo import ZOO
+from costmodel.capture.zoo import ZOO
 
 BAD = os.path.join(os.path.dirname(__file__), "bad_models.py")
 LINEAR = f"{BAD}:tiny_linear"
@@ -110,9 +110,9 @@ def test_zoo_table_lists_the_shipped_configs(capsys):
     (["analyze", f"{BAD}:not_a_module", "--input", "x:float32[batch,8]"], 1, ["not a torch.nn.Module"]),
     (["analyze", f"{BAD}:nope", "--input", "x:float32[batch,8]"], 2, ["has no 'nope'"]),
     (["analyze", "missing_file.py:build", "--input", "x:float32[batch,8]"], 2, ["does not exist"]),
-    (["analyze", LINEAR, "--input", "x:float32[batch,8]", "--mode", "training"], 2, ["unknown --mode", "train"]),
+    (["analyze", LINEAR, "--input", "x:float32[batch,8]", "--mode", "training"], 2, ["invalid choice: 'training'", "'train'"]),
     (["analyze", LINEAR, "--input", "x:float32[batch,8]", "--hw", "a100"], 2, ["unknown hardware 'a100'"]),
-    (["analyze", LINEAR, "--input", "x:float32[batch,8]", "--format", "yaml"], 2, ["unknown --format"]),
+    (["analyze", LINEAR, "--input", "x:float32[batch,8]", "--format", "yaml"], 2, ["invalid choice: 'yaml'", "'json'"]),
 ])
 def test_bad_input_one_paragraph_and_exit_code(capsys, argv, code, needles):
     got, out, err = run(capsys, *argv)
@@ -131,7 +131,8 @@ def test_pinned_dimension_is_reported_and_points_recaptured(capsys):
     assert "seq" not in data["complexity"]          # a pinned dimension has no degree
     code, out, err = run(capsys, "analyze", f"{BAD}:pins_length", "--input", "x:float32[batch,seq,4]",
                          "--dim", "batch=2", "--dim", "seq=16")
-    assert "pinned by the model: seq = 16" in out and "bad_models.py:43" in out
+    assert "pinned by the capture: seq = 16" in out and "bad_models.py:43" in out
+    assert "Formulas (at seq = 16" in out and "no formula in seq" in out
 
 
 def test_guarded_formula_is_recaptured_beyond_its_range(capsys):

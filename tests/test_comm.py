@@ -14,14 +14,14 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-import costmodel.comm as comm
+import costmodel.hardware.comm as comm
 from costmodel.cli import main
-from costmodel.comm import (BASE_LATENCY_S, DEFAULT_INTERCONNECT, INTERCONNECT_FIELDS, Collective, Interconnect,
+from costmodel.hardware.comm import (BASE_LATENCY_S, DEFAULT_INTERCONNECT, INTERCONNECT_FIELDS, Collective, Interconnect,
                             Placement, Stage, bubble_fraction, bytes_sent_per_rank, collective_time_s, ddp,
                             exposed_s, fsdp, mesh_placements, pipeline_parallel, place, step_time,
                             tensor_parallel, timed, volume_per_rank, zero)
 from costmodel.errors import UsageError
-from costmodel.hardware import list_hardware, load_hardware
+from costmodel.hardware.catalog import list_hardware, load_hardware
 
 ROOT = Path(__file__).resolve().parent.parent
 GB = 1e9
@@ -460,7 +460,7 @@ def test_docstring_examples_run():
 
 @pytest.mark.parametrize("module", ["comm.py", "roofline.py"])
 def test_pure_arithmetic_modules_do_not_import_torch(module):
-    tree = ast.parse((ROOT / "costmodel" / module).read_text())
+    tree = ast.parse((ROOT / "costmodel" / "hardware" / module).read_text())
     imported = {alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
     imported |= {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.module}
     assert not {name for name in imported if name.split(".")[0] == "torch"}, imported

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import costmodel
-from costmodel.complexity import (ComplexityResult, complexity_class, doubling_ratios, fit_exponent,
+from costmodel.validate.stats import (ComplexityResult, complexity_class, doubling_ratios, fit_exponent,
                                   measure_complexity, time_call)
 from costmodel.errors import UsageError
 

@@ -4,8 +4,8 @@ import pytest
 
 import costmodel
 from costmodel.errors import UsageError
-from costmodel.fit import CONTEXT_RESERVE_BYTES, FRAGMENTATION_RESERVE, fit, largest_fitting, usable_bytes, verdict
-from costmodel.hardware import load_hardware
+from costmodel.memory.fit import CONTEXT_RESERVE_BYTES, FRAGMENTATION_RESERVE, fit, largest_fitting, usable_bytes, verdict
+from costmodel.hardware.catalog import load_hardware
 
 from . import models as M
 

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from costmodel.errors import UsageError
-from costmodel.hardware import DTYPES, list_hardware, load_hardware, parse_hardware_list
+from costmodel.hardware.catalog import DTYPES, list_hardware, load_hardware, parse_hardware_list
 
 ROOT = Path(__file__).resolve().parent.parent
 CATALOG = ("v100-16gb", "v100-32gb", "a100-40gb", "a100-80gb", "a100-80gb-pcie", "h100-sxm",

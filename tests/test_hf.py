@@ -17,8 +17,8 @@ import sympy
 import torch
 
 import costmodel
-from costmodel import hf
-from costmodel.capture import load_model
+from costmodel.capture import hf
+from costmodel.capture.trace import load_model
 from costmodel.cli import main
 from costmodel.errors import UsageError
 from tests import models
@@ -195,8 +195,8 @@ def test_missing_paths_say_what_is_accepted(tmp_path):
 
 
 def test_validate_builds_real_weights_from_the_config():
-    from costmodel.validate import _build_real
-    model = _build_real(str(LLAMA_DIR), "tiny-llama", "cpu")
+    from costmodel.validate.runner import build_real
+    model = build_real(str(LLAMA_DIR), "tiny-llama", "cpu")
     assert all(p.device.type == "cpu" for p in model.parameters())
     assert sum(p.numel() for p in model.parameters()) == TINY_LLAMA_PARAMS
 

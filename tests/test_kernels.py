@@ -9,11 +9,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from costmodel.api import analyze
-from costmodel.calibrate import _to_toml, _toml_key
 from costmodel.errors import UsageError
-from costmodel.hardware import Hardware, load_hardware
-from costmodel.kernels import AllocationTable, KernelTable, chain, check_kernel, find_table, interpolate
-from costmodel.roofline import op_time
+from costmodel.hardware.calibrate import _to_toml, _toml_key
+from costmodel.hardware.catalog import Hardware, load_hardware
+from costmodel.hardware.kernels import AllocationTable, KernelTable, chain, check_kernel, find_table, interpolate
+from costmodel.hardware.roofline import op_time
 
 
 def classes(report, point: dict, device: str = "cpu") -> list[tuple[str, str, dict]]:

@@ -16,8 +16,8 @@ import torch
 import costmodel
 from costmodel.cli import main
 from costmodel.errors import AnalysisError, OutsideLimits, UsageError
-from costmodel.fit import fit, largest_fitting
-from costmodel.memtrack import measure_train_step
+from costmodel.memory.fit import fit, largest_fitting
+from costmodel.validate.meters import measure_train_step
 
 from . import models as M
 

@@ -1,4 +1,4 @@
-"""Long sequences: the peak is what eager allocates, mask for mask (see costmodel/eager_paths.py).
+"""Long sequences: the peak is what eager allocates, mask for mask (see costmodel/capture/eager_paths.py).
 
 Hugging Face decoders with SDPA and no padding build no attention mask in eager (is_causal=True):
 their peak is seq^1. Where eager does build an S x S tensor (a sliding window shorter than the
@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import costmodel
-from costmodel import memtrack
+from costmodel.validate import meters as memtrack
 
 from . import models as M
 

@@ -12,9 +12,11 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import costmodel
-from costmodel import memory, memtrack
+from costmodel.memory import timeline as memory
+from costmodel.validate import meters as memtrack
 from costmodel.errors import UsageError
-from costmodel.memory import CATEGORIES, auto_kernel, optimizer_temporary_bytes
+from costmodel.memory.timeline import CATEGORIES, optimizer_temporary_bytes
+from costmodel.rules.attention import choose_kernel
 from costmodel.symbols import parse_formula
 
 from . import models as M
@@ -125,15 +127,15 @@ def test_math_attention_materialises_scores():
     assert abs(math.peak_bytes(dims) / real - 1) <= 0.05
 
 
-def test_auto_kernel_per_device():
+def test_kernel_choice_per_device():
     q32 = torch.empty(2, 4, 64, 16, device="meta")
     q16 = q32.to(torch.bfloat16)
     mask = torch.empty(2, 1, 64, 64, dtype=torch.bool, device="meta")
-    assert auto_kernel("cuda", q16, q16, q16, None, 0.0, True, None, False) == "flash"
-    assert auto_kernel("cuda", q16, q16, q16, mask, 0.0, False, None, False) == "efficient"
-    assert auto_kernel("cuda", q32, q32, q32, None, 0.1, False, None, False) == "efficient"
-    assert auto_kernel("cpu", q32, q32, q32, mask, 0.0, False, None, False) == "flash"
-    assert auto_kernel("cpu", q32, q32, q32, None, 0.1, False, None, False) == "math"   # dropout: math on CPU
+    assert choose_kernel("auto", "cuda", q16, q16, q16, None, 0.0, True, None, False) == "flash"
+    assert choose_kernel("auto", "cuda", q16, q16, q16, mask, 0.0, False, None, False) == "efficient"
+    assert choose_kernel("auto", "cuda", q32, q32, q32, None, 0.1, False, None, False) == "efficient"
+    assert choose_kernel("auto", "cpu", q32, q32, q32, mask, 0.0, False, None, False) == "flash"
+    assert choose_kernel("auto", "cpu", q32, q32, q32, None, 0.1, False, None, False) == "math"   # dropout: math on CPU
 
 
 def test_optimizer_temporaries_by_device():
@@ -226,3 +228,18 @@ def test_bad_choices():
         memory.build(c, attention="paged")
     with pytest.raises(UsageError, match="device"):
         memory.build(c, device="tpu")
+
+
+@pytest.mark.parametrize("device, dtype, kernel", [("cuda", "float32", "math"), ("cuda", "bfloat16", "flash"),
+                                                   ("cpu", "float32", "flash")])
+def test_costs_and_memory_use_one_kernel_choice(device, dtype, kernel):
+    # GQA in float32 on CUDA: the efficient kernel has no enable_gqa, so PyTorch runs math; costs and
+    # memory must both say so (they once disagreed: costs "efficient", memory "math")
+    r = costmodel.analyze(M.tiny_llama_gqa, inputs=["input_ids:int64[batch,seq]"], mode="train", dtype=dtype,
+                          device=device)
+    costs = r.primary.kernels
+    memory_kernels = r.memory_model().kernels
+    assert costs and set(costs.values()) == {kernel}
+    assert memory_kernels == {kernel: sum("backward" not in n for n in costs)}
+    assert {op.target for op in r.primary.ops if op.category == "attention"} == {
+        "costmodel.sdpa.default", "costmodel.sdpa_backward.default"}

@@ -4,9 +4,9 @@ import torch
 import torch.nn as nn
 from torch.distributed._tools.mem_tracker import MemTracker
 
-from costmodel.memtrack import make_inputs, make_optimizer, measure, measure_inference, measure_peak, \
+from costmodel.validate.meters import make_inputs, make_optimizer, measure, measure_inference, measure_peak, \
     measure_train_step
-from costmodel.optimizer import OPTIMIZERS
+from costmodel.rules.optimizer import OPTIMIZERS
 
 KB4 = 1024 * 4          # one float32 tensor of 1024 elements: 4096 bytes
 

@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 
 import costmodel
 from costmodel.cli import main
-from costmodel.memtrack import measure_inference, measure_train_step
+from costmodel.validate.meters import measure_inference, measure_train_step
 
 from .conftest import flop_counter_total
 from .random_nets import IMAGE_KINDS, TOKEN_KINDS, RandomNet, inputs_of, module_source

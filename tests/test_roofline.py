@@ -8,10 +8,10 @@ import math
 
 import pytest
 
-from costmodel.cost import ATTENTION, CATEGORIES, CONV, COPY, FACTORY, INDEX, MATMUL, NORM, POINTWISE, VIEW
+from costmodel.rules.cost import ATTENTION, CATEGORIES, CONV, COPY, FACTORY, INDEX, MATMUL, NORM, POINTWISE, VIEW
 from costmodel.errors import UsageError
-from costmodel.hardware import Hardware, list_hardware, load_hardware
-from costmodel.roofline import DEFAULT_EFFICIENCY, efficiencies, op_time, summarize
+from costmodel.hardware.catalog import Hardware, list_hardware, load_hardware
+from costmodel.hardware.roofline import DEFAULT_EFFICIENCY, efficiencies, op_time, summarize
 
 A100 = load_hardware("a100-80gb")
 BW = 2.039e12

@@ -9,7 +9,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import costmodel
-from costmodel.cost import OpCost
+from costmodel.rules.cost import OpCost
 from costmodel.rules import TensorSpec, is_metadata_only, rule_for
 from costmodel.symbols import symbols_for
 
@@ -18,7 +18,8 @@ b, s = symbols_for("b", "s")
 
 
 def ops_at(module_fn, inputs, mode="inference", **point):
-    report = costmodel.analyze(module_fn, inputs=inputs, mode=mode)
+    # attention as the math kernel: what these tests spell out (the fused kernels have their own test)
+    report = costmodel.analyze(module_fn, inputs=inputs, mode=mode, attention="math")
     assert report.unsupported == {}, report.unsupported_where
     return report.evaluate(**point).ops
 

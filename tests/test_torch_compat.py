@@ -100,3 +100,56 @@ def test_pooling_shape_stays_symbolic():
             y = F.max_pool2d(x, kernel_size=3, stride=2, padding=1)
     assert not env.guards, [str(g.expr) for g in env.guards]
     assert not all(isinstance(d, int) for d in y.shape)
+
+
+# --- every private API costmodel touches, through costmodel._torch: it still exists and behaves ----
+
+def test_private_api_wrappers_behave():
+    import torch.nn as nn
+
+    from costmodel import _torch as T
+    env = T.new_shape_env()
+    sym, n = T.symbolic_size(env, "seq", 7)
+    assert str(sym).startswith("s") and int(n.node.hint) == 7
+    seen = []
+    T.on_guard_location(env, lambda frame: (seen.append(frame) or "here.py:1 in f", ""))
+    with T.fake_mode(env):
+        x = torch.empty(n, 3, device="meta")
+        if x.shape[0] > 3:          # a guard: its location comes from our locator
+            pass
+    assert seen and any(getattr(g.sloc, "maybe_user_loc", None) == "here.py:1 in f" for g in env.guards)
+
+    lin = nn.Linear(3, 2)
+    w = torch.zeros(2, 3)
+    with T.reparametrize(lin, {"weight": w, "bias": torch.zeros(2)}):
+        assert lin.weight is w
+    assert T.tree_leaves({"a": [1, (2, 3)]}) == [1, 2, 3] and T.tree_map(lambda v: v * 2, [1, [2]]) == [2, [4]]
+    t = torch.zeros(4)
+    assert T.storage_key(t) == T.storage_key(t[1:]) != T.storage_key(torch.zeros(4))
+    assert issubclass(T.dispatch_mode_class(), object)
+    q = torch.zeros(2, 2, 2, 8)
+    assert T.fused_sdp_choice(q, q, q, None, 0.0, True, None, False) in (0, 1)
+    assert T.is_op_overload(torch.ops.aten.mm.default) and not T.is_op_overload(torch.mm)
+    assert torch._VF.lstm in T.rnn_functions()
+    assert hasattr(T.sympy_functions(), "FloorDiv")
+
+    def f(a):
+        node = T.traced_node(a)
+        assert node is not None and node.op == "placeholder"
+        b = a + 1
+        assert T.last_traced_node().name == T.traced_node(b).name
+        return b
+    gm = T.trace_plain(f, torch.zeros(3))
+    assert [n.op for n in gm.graph.nodes] == ["placeholder", "call_function", "output"]
+    assert T.traced_node(torch.zeros(1)) is None and T.last_traced_node() is None
+
+
+def test_profiler_allocations_are_read():
+    from torch.profiler import ProfilerActivity, profile
+
+    from costmodel._torch import profiler_allocations
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        x = torch.ones(1 << 16)
+        del x
+    sizes = [size for _, size in profiler_allocations(prof)]
+    assert (1 << 16) * 4 in sizes and -(1 << 16) * 4 in sizes

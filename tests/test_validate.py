@@ -14,10 +14,10 @@ import torch
 import torch.nn as nn
 
 from costmodel import cli
-from costmodel.calibrate import calibrate
+from costmodel.hardware.calibrate import calibrate
 from costmodel.errors import AnalysisError, UsageError
-from costmodel.validate import SERIES, ValidationResult, profiler_peak_bytes, run_cli, validate
-from costmodel.validate_plot import validation_plot
+from costmodel.validate.engine import SERIES, ValidationResult, profiler_peak_bytes, validate
+from costmodel.render.validation_plot import validation_figure, validation_plot
 from tests.models import _hf, tiny_resnet
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -147,6 +147,53 @@ def test_plot_files(transformer, convnet, tmp_path):
     assert validation_plot(json.loads(transformer.to_json()), tmp_path / "j.png").stat().st_size > 5000
 
 
+def _sweep(rows) -> dict:
+    """A ValidationResult's dict for seq sweeps: (seq, measured s, predicted s, measured MiB, predicted MiB)."""
+    mib = 2 ** 20
+    return {"model": "gpt2", "mode": "inference", "dtype": "float32", "device": "cpu", "swept": ["seq"],
+            "points": [{"dims": {"batch": 1, "seq": s}, "measured": {"time_s": t, "peak_memory_bytes": m * mib},
+                        "predicted": {"time_s": pt, "peak_memory_bytes": pm * mib, "flops": 2.5e8 * s}, "errors": {}}
+                       for s, t, pt, m, pm in rows],
+            "exponents": {"seq": {"measured": _slope([(r[0], r[1]) for r in rows]), "predicted": None, "flops": None,
+                                  "memory": _slope([(r[0], r[3]) for r in rows]), "predicted_memory": None}}}
+
+
+def _slope(xy) -> float:
+    """The least-squares slope of log y on log x, as the validator fits it."""
+    lx, ly = [math.log(x) for x, _ in xy], [math.log(y) for _, y in xy]
+    mx, my = sum(lx) / len(lx), sum(ly) / len(ly)
+    return sum((a - mx) * (b - my) for a, b in zip(lx, ly)) / sum((a - mx) ** 2 for a in lx)
+
+
+def _tick_labels(ax) -> list[str]:
+    """The labelled major ticks inside the axis' view."""
+    lo, hi = ax.get_ylim()
+    return [t.get_text() for t, v in zip(ax.get_yticklabels(), ax.get_yticks()) if lo <= v <= hi and t.get_text()]
+
+
+def test_plot_ticks_on_a_range_short_of_a_decade():
+    """The README's GPT-2 run: peaks from 500 to 674 MiB (a factor 1.35) and times from 0.8 to 5.7 s."""
+    fig = validation_figure(_sweep([(128, .804, .628, 500, 500), (256, 1.36, 1.28, 525, 525),
+                                    (512, 2.98, 2.67, 574, 574), (1024, 5.66, 5.79, 674, 674)]))
+    fig.canvas.draw()
+    time_ax, memory_ax = fig.axes
+    assert _tick_labels(memory_ax) == ["500 MiB", "550 MiB", "600 MiB", "650 MiB"]   # steps of 50: (674 - 500) / 3 = 58
+    assert _tick_labels(time_ax) == ["1 s", "2 s", "5 s"]
+    assert [t.get_text() for t in memory_ax.get_xticklabels()] == ["128", "256", "512", "1024"]  # the sizes that ran
+    assert [t.get_text() for t in memory_ax.get_legend().get_texts()] == ["measured peak, k=0.14", "predicted peak"]
+
+
+@pytest.mark.parametrize("peaks, labels", [
+    ((100.0, 100.2, 100.4, 100.6), ["100 MiB", "100.2 MiB", "100.4 MiB", "100.6 MiB"]),  # flat: 0.6 MiB apart
+    ((3, 30, 300, 3000), ["4 MiB", "16 MiB", "64 MiB", "256 MiB", "1 GiB"]),             # 3 decades: powers of 4
+])
+def test_plot_memory_ticks_from_flat_to_wide(peaks, labels):
+    fig = validation_figure(_sweep([(2 ** (7 + i), 0.01 * 2 ** i, 0.01 * 2 ** i, m, m) for i, m in enumerate(peaks)]))
+    fig.canvas.draw()
+    got = _tick_labels(fig.axes[1])
+    assert len(got) >= 3 and set(labels) <= set(got), got
+
+
 class OOMAbove(nn.Module):
     """Runs out of memory (simulated) when the sequence is longer than `limit`."""
 
@@ -254,9 +301,9 @@ def test_cli_table(hw, capsys):
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["--device", "tpu", "--dim", "seq=8,16"], "accepted: cpu, cuda"),
+    (["--device", "tpu", "--dim", "seq=8,16"], "invalid choice: 'tpu' (choose from 'cuda', 'cpu')"),
     (["--device", "cpu"], "--dim NAME=V1,V2"),
-    (["--device", "cpu", "--dim", "seq=8,16", "--format", "xml"], "accepted: table, json, markdown, csv"),
+    (["--device", "cpu", "--dim", "seq=8,16", "--format", "xml"], "invalid choice: 'xml'"),
     (["--device", "cpu", "--dim", "seq=8,16", "--plot", "out.xyz"], "cannot write '.xyz'"),
     (["--device", "cpu", "--dim", "seq=8,16", "--plot", "/no/such/dir/v.png"], "does not exist"),
 ])
@@ -266,9 +313,9 @@ def test_cli_usage_errors(argv, message, capsys):
     assert message in capsys.readouterr().err
 
 
-def test_run_cli_progress_off_for_json(monkeypatch, hw):
+def test_validate_command_progress_off_for_json(monkeypatch, hw):
     seen = {}
-    import costmodel.validate as v
+    import costmodel.validate.engine as v
 
     def fake(*args, **kwargs):
         seen.update(kwargs)
@@ -277,25 +324,25 @@ def test_run_cli_progress_off_for_json(monkeypatch, hw):
     args = cli.build_parser().parse_args(["validate", "m.py:f", "--device", "cpu", "--dim", "seq=1,2",
                                           "--format", "json"])
     with pytest.raises(UsageError):
-        run_cli(args)
+        cli.cmd_validate(args)
     assert seen["progress"] is False and seen["dims"] == {"seq": [1, 2]}
 
 
 def test_progress_bar_only_on_a_terminal(monkeypatch):
-    from costmodel.validate import _progress
+    from costmodel.validate.engine import _progress
     assert _progress(3, "x", enabled=False) is None
     monkeypatch.setattr(sys.stderr, "isatty", lambda: False, raising=False)
     assert _progress(3, "x", enabled=True) is None
 
 
 def test_calibration_is_cached_per_session(monkeypatch, tmp_path):
-    import costmodel.validate as v
+    import costmodel.validate.engine as v
     calls = []
 
     def fake_calibrate(device, out_path=None, **kw):
         calls.append(device)
         return calibrate(device, out_path, quick=True)
-    monkeypatch.setattr("costmodel.calibrate.calibrate", fake_calibrate)
+    monkeypatch.setattr("costmodel.hardware.calibrate.calibrate", fake_calibrate)
     monkeypatch.setattr(v.tempfile, "gettempdir", lambda: str(tmp_path))
     monkeypatch.setattr(v, "_CALIBRATED", {})
     a = v.calibrated_hardware("cpu")
@@ -320,7 +367,8 @@ def test_cuda_validation_bf16_train():
 
 def test_gpu_check_dry_run(tmp_path, monkeypatch, capsys):
     """scripts/gpu_check.py's pipeline on the CPU (its --dry-run, here with one tiny run to keep the
-    test short): the JSON, the Markdown report and a plot per run appear; a failing run is recorded."""
+    test short): the JSON, the Markdown report and one PDF of plots appear (at most 8 files, as the
+    device tool brings back); a failing run is recorded."""
     import importlib.util
     spec = importlib.util.spec_from_file_location("gpu_check", ROOT / "scripts" / "gpu_check.py")
     gpu_check = importlib.util.module_from_spec(spec)
@@ -338,5 +386,6 @@ def test_gpu_check_dry_run(tmp_path, monkeypatch, capsys):
     assert "shape not supported" in broken["error"]
     report = (tmp_path / "gpu_check.md").read_text()
     assert "| linear" in report and "shape not supported" in report
-    assert (tmp_path / "linear.png").stat().st_size > 5000
+    assert (tmp_path / "gpu_check_plots.pdf").read_bytes().startswith(b"%PDF")
+    assert len(list(tmp_path.iterdir())) <= 8
     assert "| linear" in capsys.readouterr().out

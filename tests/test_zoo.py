@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import costmodel
-from costmodel.zoo import CONFIGS, ZOO, get
+from costmodel.capture.zoo import CONFIGS, ZOO, get
 from costmodel.errors import UsageError
 
 ROOT = Path(__file__).parent.parent
@@ -64,8 +64,8 @@ def test_every_entry_is_a_shipped_config_json():
 
 def test_pyproject_ships_the_zoo_configs():
     setuptools = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
-    assert "costmodel" in setuptools["packages"]
-    assert setuptools["package-data"]["costmodel"] == ["zoo_configs/*.json"]
+    assert "costmodel.capture" in setuptools["packages"]
+    assert setuptools["package-data"]["costmodel.capture"] == ["zoo_configs/*.json"]
 
 
 def test_zoo_config_path_is_the_same_model_as_the_zoo_name():

@@ -19,14 +19,19 @@ from __future__ import annotations
 
 import torch
 
-from ..cost import ATTENTION, OpCost
-from . import TensorSpec, nbytes_of, prod, register
+from costmodel import _torch
+from costmodel.errors import UsageError
+from costmodel.rules.cost import ATTENTION, OpCost
+from costmodel.rules.registry import TensorSpec, nbytes_of, prod, register
 
 aten = torch.ops.aten
 
 SOFTMAX_FLOPS = 5            # scale, max-subtract, exp, sum, divide per score
 SOFTMAX_BACKWARD_FLOPS = 4   # dP * P, row sum, subtract, multiply
 KERNELS = ("math", "flash", "efficient")
+ATTENTION_CHOICES = ("auto",) + KERNELS
+SDPA_TARGET = "costmodel.sdpa.default"
+SDPA_BACKWARD_TARGET = "costmodel.sdpa_backward.default"
 
 
 def _dims(q: TensorSpec, k: TensorSpec, v: TensorSpec):
@@ -117,3 +122,87 @@ def sdpa_composite(q, k, v, attn_mask=None, *args, out, **_) -> OpCost:
     o = out[0] if isinstance(out, tuple) else out
     return attention_forward(q, k, v, o, attn_mask, kernel="math")
 
+
+
+# --- the one choice of kernel ------------------------------------------------------------------
+
+def choose_kernel(requested: str, device: str, q, k, v, mask, dropout_p: float, is_causal: bool, scale,
+                  gqa: bool, notes: list[str] | None = None, capability: str = "") -> str:
+    """The SDPA kernel of one attention call: `requested` unless it is "auto", else the one PyTorch
+    runs for these inputs on `device` ("cpu" or "cuda"). Costs and memory both use this choice.
+    Where it has to be assumed, or a requested kernel is one PyTorch would not run, a sentence
+    saying so is appended to `notes`.
+    CPU: what `torch._fused_sdp_choice` picks for inputs of the same ranks, dtypes, mask, dropout
+    and causality (flash unless dropout or a 3-D input forces math). CUDA: flash for float16 and
+    bfloat16 without a mask on compute capability 8.0 or newer (`capability`, "" when unknown), else
+    memory-efficient (which has no enable_gqa: math then)."""
+    if requested not in ATTENTION_CHOICES:
+        raise UsageError(f"unknown attention kernel {requested!r}; accepted: {', '.join(ATTENTION_CHOICES)}")
+    old_gpu = bool(capability) and tuple(map(int, capability.split("."))) < (8, 0)
+    if requested != "auto":
+        if requested == "flash" and device == "cuda" and notes is not None:
+            auto = choose_kernel("auto", device, q, k, v, mask, dropout_p, is_causal, scale, gqa, capability=capability)
+            if q.dtype not in (torch.float16, torch.bfloat16):
+                notes.append(f"--attention flash: PyTorch's CUDA flash kernel takes float16 and bfloat16 only; "
+                             f"for {str(q.dtype).removeprefix('torch.')} it would run {auto}. Costed as flash, "
+                             "as asked")
+            elif old_gpu:
+                notes.append(f"--attention flash: PyTorch's flash kernel needs compute capability 8.0 or newer; "
+                             f"this GPU has {capability}, where it would run {auto}. Costed as flash, as asked")
+        return requested
+    if device == "cpu":
+        try:
+            def small(t):
+                return torch.zeros([2] * (t.dim() - 1) + [_concrete(t.shape[-1], 8)], dtype=t.dtype)
+            qs, ks, vs = small(q), small(k), small(v)
+            if gqa and q.dim() == 4:
+                qs = torch.zeros([2, 4, 2, qs.shape[-1]], dtype=q.dtype)
+            ms = None if mask is None else torch.zeros([2] * mask.dim(), dtype=mask.dtype)
+            choice = _torch.fused_sdp_choice(qs, ks, vs, ms, float(dropout_p), bool(is_causal), scale, bool(gqa))
+        except (RuntimeError, TypeError, ValueError) as e:
+            if notes is not None:
+                notes.append(f"PyTorch's CPU kernel choice could not be asked for attention of dtype {q.dtype} "
+                             f"({type(e).__name__}: {e}); assumed the math kernel")
+            return "math"
+        return "flash" if int(choice) == 1 else "math"
+    if q.dim() != 4:
+        return "math"
+    E = _concrete(q.shape[-1], None)
+    if E is None or E % 8 or E > 256:
+        return "efficient" if E is not None and E % 4 == 0 and q.dtype == torch.float32 else "math"
+    if q.dtype in (torch.float16, torch.bfloat16) and mask is None and not old_gpu:
+        return "flash"
+    if gqa:
+        return "math"        # the efficient kernel has no enable_gqa; flash takes no mask
+    return "efficient" if q.dtype in (torch.float16, torch.bfloat16, torch.float32) else "math"
+
+
+def attention_kernels(graph, requested: str, device: str, capability: str = "") -> tuple[dict[str, str], list[str]]:
+    """({node name: kernel} for every costmodel::sdpa node of an fx graph and its backward, notes).
+    A backward node (costmodel::sdpa_backward) takes the kernel of the forward whose q, k, v it
+    differentiates."""
+    import torch.fx as fx
+    kernels, notes, forwards = {}, [], {}
+    for node in graph.nodes:
+        if node.op != "call_function":
+            continue
+        if str(node.target) == SDPA_TARGET:
+            q, k, v, mask = [a.meta.get("val") if isinstance(a, fx.Node) else None for a in node.args[:4]]
+            dropout_p, is_causal, scale, gqa = node.args[4:8]
+            kernels[node.name] = choose_kernel(requested, device, q, k, v, mask, dropout_p, is_causal, scale, gqa,
+                                               notes, capability)
+            forwards[tuple(node.args[:3])] = node.name
+        elif str(node.target) == SDPA_BACKWARD_TARGET:
+            forward = forwards.get(tuple(node.args[1:4]))
+            if forward is not None:
+                kernels[node.name] = kernels[forward]
+    return kernels, list(dict.fromkeys(notes))
+
+
+def _concrete(s, default):
+    """An int for a size that is a number, else `default`."""
+    if isinstance(s, int):
+        return s
+    if isinstance(s, torch.SymInt) and s.node.expr.is_number:
+        return int(s.node.expr)
+    return default

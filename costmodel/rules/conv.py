@@ -14,8 +14,8 @@ from __future__ import annotations
 
 import torch
 
-from ..cost import CONV, OpCost
-from . import TensorSpec, nbytes_of, prod, register
+from costmodel.rules.cost import CONV, OpCost
+from costmodel.rules.registry import TensorSpec, nbytes_of, prod, register
 
 aten = torch.ops.aten
 

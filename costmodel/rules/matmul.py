@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import torch
 
-from ..cost import MATMUL, REDUCTION, OpCost
-from . import TensorSpec, nbytes_of, prod, register
+from costmodel.rules.cost import MATMUL, REDUCTION, OpCost
+from costmodel.rules.registry import TensorSpec, nbytes_of, prod, register
 
 aten = torch.ops.aten
 

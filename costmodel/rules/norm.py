@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import torch
 
-from ..cost import NORM, OpCost
-from . import TensorSpec, nbytes_of, register
+from costmodel.rules.cost import NORM, OpCost
+from costmodel.rules.registry import TensorSpec, nbytes_of, register
 
 aten = torch.ops.aten
 

@@ -16,8 +16,8 @@ from __future__ import annotations
 
 import torch
 
-from ..cost import COPY, EMBEDDING, FACTORY, INDEX, LOSS, POINTWISE, POOL, REDUCTION, SOFTMAX, OpCost
-from . import TensorSpec, nbytes_of, prod, register, tensors_in, view_rule
+from costmodel.rules.cost import COPY, EMBEDDING, FACTORY, INDEX, LOSS, POINTWISE, POOL, REDUCTION, SOFTMAX, OpCost
+from costmodel.rules.registry import TensorSpec, nbytes_of, prod, register, tensors_in, view_rule
 
 aten = torch.ops.aten
 

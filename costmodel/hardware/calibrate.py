@@ -1,0 +1,295 @@
+"""Measure this machine as a device file: peaks, bandwidth and per-op overhead, then one measured
+table per kernel class (costmodel/hardware/calibrate_kernels.py), so the roofline prices each op as that
+kind of kernel runs here.
+
+`calibrate("cpu", "my-cpu.toml")` times large matmuls, a large tensor copy and a tiny op with
+torch.utils.benchmark (warm-up, then the median of blocks), then the kernel classes (products by
+shape, convolutions dense/depthwise/grouped/transposed, each SDPA kernel, norms, softmax,
+reductions, each common elementwise op, copies, embedding, optimizers, eager views), and writes a
+TOML that `load_hardware("my-cpu.toml")` reads. The file says `calibrated = true`: its peaks are
+achievable rates already, so the generic roofline measures its efficiencies relative to them; ops
+whose class has a table are priced from it. Bytes are counted as the cost model counts them: a copy
+reads n bytes and writes n bytes, whatever the cache does on top. The CPU threads are torch's at the
+time (`torch.set_num_threads`); a calibration holds for that thread count.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import platform
+import re
+import time
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+
+from costmodel.errors import UsageError
+from costmodel.hardware.catalog import Hardware, hardware_from_dict
+
+DEVICES = ("cpu", "cuda")
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """How hard to measure: full runs take ~10 s on a 2-core CPU; quick ones are for tests."""
+    max_matmul_n: int
+    target_call_s: float      # grow the matmul until one call takes this long
+    min_run_time_s: float     # per measurement, after warm-up
+    copy_bytes: int
+
+
+def _plan(device: str, quick: bool) -> _Plan:
+    if quick:
+        return _Plan(max_matmul_n=512, target_call_s=0.002, min_run_time_s=0.05, copy_bytes=16 << 20)
+    if device == "cpu":
+        # 256 MiB is 8x this machine's 32 MiB L3 and still small for any host.
+        return _Plan(max_matmul_n=4096, target_call_s=0.1, min_run_time_s=1.0, copy_bytes=256 << 20)
+    # 1 GiB: 20x an H100's 50 MB L2. 8192^3 bf16 GEMMs reach cuBLAS' large-shape rate.
+    return _Plan(max_matmul_n=8192, target_call_s=0.002, min_run_time_s=0.5, copy_bytes=1 << 30)
+
+
+def calibrate(device: str = "cpu", out_path: str | os.PathLike | None = None, *, quick: bool = False,
+              name: str | None = None, kernels: bool = True, progress=None) -> Hardware:
+    """Measure `device` ("cpu" or "cuda"), write the TOML to `out_path` (if given), return it loaded.
+    `kernels=False` measures the peaks only (the file format of earlier versions); `progress` is
+    called with the name of each kernel class as its measurement starts."""
+    import torch
+
+    from costmodel.hardware.calibrate_kernels import kernel_plan, measure_kernels
+
+    if device not in DEVICES:
+        raise UsageError(f"--device got '{device}'; accepted: {', '.join(DEVICES)}")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise UsageError(f"--device cuda, but torch {torch.__version__} sees no CUDA device; "
+                         f"use --device cpu")
+    out = Path(out_path) if out_path is not None else None
+    if out is not None and not out.parent.is_dir():
+        raise UsageError(f"--out '{out}': directory '{out.parent}' does not exist")
+    plan = _plan(device, quick)
+    machine = _machine(device)
+    stamp = f"measured by costmodel hardware calibrate on {datetime.date.today().isoformat()}, " \
+            f"torch {torch.__version__}, {machine}"
+
+    peaks, sources = {}, {}
+    for dtype in _dtypes(device):
+        measured = _matmul_flops_per_s(device, dtype, plan)
+        if measured is None:
+            continue
+        peaks[dtype], detail = measured
+        sources[f"peak_flops_per_s.{dtype}"] = f"{stamp}: {detail}"
+    bandwidth, detail = _copy_bandwidth(device, plan)
+    sources["bandwidth_bytes_per_s"] = f"{stamp}: {detail}"
+    overhead_s, detail = _op_overhead_s(device, plan)
+    sources["kernel_overhead_s"] = f"{stamp}: {detail}"
+    memory_bytes, detail = _memory_bytes(device)
+    sources["memory_bytes"] = f"{detail} (on {machine})"
+    measured = measure_kernels(device, kernel_plan(device, quick), stamp, progress) if kernels else None
+
+    fields = {"name": name or f"calibrated-{device}", "vendor": _vendor(device),
+              "description": f"{machine}, measured", "calibrated": True, "memory_bytes": memory_bytes,
+              "bandwidth_bytes_per_s": bandwidth, "kernel_overhead_s": overhead_s}
+    if device == "cpu":
+        fields["threads"] = torch.get_num_threads()
+    sections = {"peak_flops_per_s": peaks, "sources": sources}
+    if measured is not None:
+        fields["cache_bytes"] = measured.cache_bytes
+        sources["cache_bytes"] = "sysfs /sys/devices/system/cpu/cpu0/cache (the largest level)" if device == "cpu" \
+            else "torch.cuda.get_device_properties().L2_cache_size"
+        if measured.python_call_s is not None:
+            fields["python_call_s"] = measured.python_call_s
+            sources["python_call_s"] = f"{stamp}: a Python loop of tiny in-place adds less the same adds made by " \
+                                       f"torch._foreach_add_'s C++ loop, per op, {_threads(device)}"
+        if measured.allocation is not None:
+            sections["allocation"] = measured.allocation.to_dict()
+        sections.update({f"kernels.{_toml_key(key)}": table.to_dict() for key, table in measured.tables.items()})
+    text = _to_toml(
+        header=f"Written by `costmodel hardware calibrate --device {device}`: measured achievable rates.",
+        fields=fields, tables=sections)
+    if out is not None:
+        out.write_text(text, encoding="utf-8")
+    return hardware_from_dict(tomllib.loads(text), origin=f"calibration of {device}",
+                              path=str(out) if out is not None else None)
+
+
+def _vendor(device: str) -> str:
+    """Who made the measured device: attention="auto" models a GPU's fused kernels by vendor."""
+    if device == "cuda":
+        import torch
+        return "amd" if getattr(torch.version, "hip", None) else "nvidia"
+    return "cpu"
+
+
+def _dtypes(device: str) -> list[str]:
+    if device == "cpu":
+        return ["float32", "bfloat16"]
+    return ["float32", "tf32", "bfloat16", "float16", "float8"]
+
+
+def _matmul_flops_per_s(device: str, dtype: str, plan: _Plan) -> tuple[float, str] | None:
+    """Median rate of an n x n x n matmul, n grown until one call is long enough to time well."""
+    import torch
+
+    precision = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("high" if dtype == "tf32" else "highest")
+    try:
+        n = 256
+        while True:
+            call = _matmul_call(device, dtype, n)
+            if call is None:
+                return None
+            seconds = _time_once(call, device)
+            if seconds >= plan.target_call_s or n * 2 > plan.max_matmul_n:
+                break
+            n *= 2
+        median_s, runs = _median_s(call, device, plan.min_run_time_s)
+    finally:
+        torch.set_float32_matmul_precision(precision)
+    flops = 2 * n**3  # one multiply-add per (i, j, k) is 2 FLOPs
+    return flops / median_s, f"{n}x{n}x{n} {dtype} matmul, 2*n^3 FLOPs / median of {runs} runs " \
+                             f"({median_s * 1e3:.3g} ms), {_threads(device)}"
+
+
+def _matmul_call(device: str, dtype: str, n: int):
+    """A zero-argument function doing one n x n x n matmul in `dtype`, or None if unsupported."""
+    import torch
+
+    if dtype == "float8":
+        # Hopper/Ada only; torch._scaled_mm wants the second operand column-major.
+        if device != "cuda" or torch.cuda.get_device_capability() < (8, 9):
+            return None
+        try:
+            a = torch.randn(n, n, device=device).to(torch.float8_e4m3fn)
+            b = torch.randn(n, n, device=device).to(torch.float8_e4m3fn).t()
+            one = torch.ones((), device=device)
+            from costmodel._torch import scaled_mm
+            call = lambda: scaled_mm(a, b, one, one, out_dtype=torch.bfloat16)  # noqa: E731
+            call()
+            return call
+        except (RuntimeError, TypeError, AttributeError):
+            return None
+    torch_dtype = {"float32": torch.float32, "tf32": torch.float32, "bfloat16": torch.bfloat16,
+                   "float16": torch.float16}[dtype]
+    a = torch.randn(n, n, device=device, dtype=torch_dtype)
+    b = torch.randn(n, n, device=device, dtype=torch_dtype)
+    c = torch.empty(n, n, device=device, dtype=torch_dtype)
+    return lambda: torch.mm(a, b, out=c)
+
+
+def _copy_bandwidth(device: str, plan: _Plan) -> tuple[float, str]:
+    """Copy into a preallocated tensor: the memory system's rate. Also timed, for the record: a
+    clone, which allocates; on a CPU, fresh pages over glibc's mmap threshold fault on first touch,
+    which eager ops with large outputs pay and the roofline does not model."""
+    import torch
+
+    numel = plan.copy_bytes // 4
+    src = torch.ones(numel, device=device, dtype=torch.float32)
+    dst = torch.empty_like(src)
+    moved = 2 * src.nbytes  # read src + write dst, as the cost model counts a copy
+    median_s, runs = _median_s(lambda: dst.copy_(src), device, plan.min_run_time_s)
+    clone_s, _ = _median_s(lambda: src.clone(), device, plan.min_run_time_s)
+    return moved / median_s, f"copy of a {src.nbytes >> 20} MiB float32 tensor into a preallocated " \
+                             f"one, bytes read + written / median of {runs} runs ({median_s * 1e3:.3g} ms), " \
+                             f"{_threads(device)}; clone() of it, which also allocates, " \
+                             f"ran at {moved / clone_s / 1e9:.3g} GB/s"
+
+
+def _op_overhead_s(device: str, plan: _Plan) -> tuple[float, str]:
+    import torch
+
+    x = torch.zeros(1, device=device)
+    median_s, runs = _median_s(lambda: x.add_(1), device, plan.min_run_time_s)
+    return median_s, f"median time of an in-place add on a 1-element tensor, back to back " \
+                     f"({runs} runs): dispatch + launch cost of one eager op"
+
+
+def _memory_bytes(device: str) -> tuple[int, str]:
+    import torch
+
+    if device == "cuda":
+        props = torch.cuda.get_device_properties(torch.cuda.current_device())
+        return int(props.total_memory), "torch.cuda.get_device_properties().total_memory"
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"), \
+        "physical RAM: sysconf(SC_PAGE_SIZE) * sysconf(SC_PHYS_PAGES)"
+
+
+def _time_once(call, device: str) -> float:
+    """One warm call's wall time (the first call may pay for allocation and kernel selection)."""
+    call()
+    _sync(device)
+    start = time.perf_counter()
+    call()
+    _sync(device)
+    return time.perf_counter() - start
+
+
+def _median_s(call, device: str, min_run_time_s: float) -> tuple[float, int]:
+    """Median seconds per call over blocks of calls (torch.utils.benchmark syncs CUDA per block)."""
+    from torch.utils import benchmark
+
+    call()
+    _sync(device)
+    timer = benchmark.Timer(stmt="call()", globals={"call": call})
+    measurement = timer.blocked_autorange(min_run_time=min_run_time_s)
+    return measurement.median, measurement.number_per_run * len(measurement.times)
+
+
+def _sync(device: str) -> None:
+    if device == "cuda":
+        import torch
+
+        torch.cuda.synchronize()
+
+
+def _threads(device: str) -> str:
+    import torch
+
+    return f"{torch.get_num_threads()} CPU threads" if device == "cpu" else "CUDA"
+
+
+def _machine(device: str) -> str:
+    import torch
+
+    if device == "cuda":
+        return torch.cuda.get_device_name()
+    model = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{model} ({os.cpu_count()} logical CPUs)"
+
+
+def _to_toml(header: str, fields: dict, tables: dict[str, dict]) -> str:
+    """Top-level fields, then one [table] each (its name already quoted where needed); a dict value
+    inside a table is written as dotted keys (efficiency.m = [[1.0, 0.2], ...])."""
+    lines = [f"# {header}"]
+    lines += [f"{key} = {_toml_value(value)}" for key, value in fields.items()]
+    for table, values in tables.items():
+        lines += ["", f"[{table}]"]
+        for key, value in values.items():
+            if isinstance(value, dict):
+                lines += [f"{_toml_key(key)}.{_toml_key(k)} = {_toml_value(v)}" for k, v in value.items()]
+            else:
+                lines.append(f"{_toml_key(key)} = {_toml_value(value)}")
+    return "\n".join(lines) + "\n"
+
+
+def _toml_key(key: str) -> str:
+    return key if re.fullmatch(r"[A-Za-z0-9_-]+", key) else json.dumps(key)
+
+
+def _toml_value(value) -> str:
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, float):
+        return repr(value)
+    return json.dumps(str(value))  # JSON string escapes are valid TOML basic-string escapes

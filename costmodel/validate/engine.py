@@ -1,0 +1,492 @@
+"""Validation: run the real model at several sizes, measure time and peak memory, set them against
+the prediction, and fit how each grows (the doubling experiment, see `costmodel.complexity`).
+
+    >>> r = validate("gpt2", device="cuda", dtype="bfloat16", mode="train", dims={"batch": [8], "seq": [256, 512, 1024]})
+    >>> r.exponents["seq"]["measured"], r.classes["seq"]["measured"], r.errors["time_mape"]   # doctest: +SKIP
+    (1.21, 'O(seq)', 14.2)
+
+Per point: the measured step time (warm-up, then the median of `repeats`; CUDA events on a GPU) and
+peak memory (`torch.cuda.max_memory_allocated` after a reset on CUDA; on the CPU, memtrack's count
+of live tensor storage), next to the predicted time (roofline on `hardware`, by default this machine
+calibrated once per session), peak and FLOPs. An out-of-memory is caught and kept as a measured
+OOM beside the peak the memory model predicted for that point. On the CPU the measured peak is also
+checked against an independent figure: the CPU allocator's own allocation events, from the profiler.
+Errors are signed percentages, (predicted - measured) / measured * 100.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import gc
+import itertools
+import json
+import math
+import os
+import sys
+import tempfile
+import time
+import warnings
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from costmodel.validate.meters import measure
+from costmodel.validate.runner import Runner, build_real
+from costmodel.validate.stats import complexity_class, fit_exponent, time_call
+from costmodel.errors import AnalysisError, CostModelError, UsageError
+
+DEVICES = ("cpu", "cuda")
+FORMATS = ("table", "json", "markdown", "csv")
+# exponent key -> (section of a point, figure); "measured"/"predicted" are times, as in the contract
+SERIES = {"measured": ("measured", "time_s"), "predicted": ("predicted", "time_s"), "flops": ("predicted", "flops"),
+          "memory": ("measured", "peak_memory_bytes"), "predicted_memory": ("predicted", "peak_memory_bytes")}
+SERIES_LABELS = {"measured": "measured time", "predicted": "predicted time", "flops": "FLOPs",
+                 "memory": "measured peak", "predicted_memory": "predicted peak"}
+CALIBRATION_MAX_AGE_S = 12 * 3600
+CPU_MEMORY_MARGIN = 0.9      # do not run a CPU point predicted to need more than this share of free RAM
+
+
+@dataclass
+class PointResult:
+    dims: dict[str, int]
+    measured: dict            # {"time_s", "peak_memory_bytes", ...} or {"oom": True, "error"} or {"skipped"}
+    predicted: dict           # {"time_s", "peak_memory_bytes", "flops"}
+    errors: dict = field(default_factory=dict)   # signed percentages
+
+    @property
+    def ok(self) -> bool:
+        return "time_s" in self.measured
+
+    def to_dict(self) -> dict:
+        return {"dims": dict(self.dims), "measured": dict(self.measured), "predicted": dict(self.predicted),
+                "errors": dict(self.errors)}
+
+
+@dataclass
+class ValidationResult:
+    model: str
+    mode: str
+    dtype: str
+    device: str
+    hardware: str | None
+    repeats: int
+    swept: list[str]
+    points: list[PointResult]
+    exponents: dict[str, dict[str, float | None]]
+    doubling_ratios: dict[str, list[dict]]
+    classes: dict[str, dict[str, str | None]]
+    errors: dict[str, float | int | None]
+    capacity_bytes: int | None = None
+    device_name: str = ""
+    environment: dict = field(default_factory=dict)   # threads, load average: what the times were taken under
+
+    def to_dict(self) -> dict:
+        """The contract's JSON of `validate`."""
+        return {"model": self.model, "mode": self.mode, "dtype": self.dtype, "device": self.device,
+                "device_name": self.device_name, "hardware": self.hardware, "repeats": self.repeats,
+                "capacity_bytes": self.capacity_bytes, "environment": dict(self.environment),
+                "swept": list(self.swept),
+                "points": [p.to_dict() for p in self.points], "exponents": self.exponents,
+                "doubling_ratios": self.doubling_ratios, "classes": self.classes, "errors": self.errors}
+
+    def to_json(self) -> str:
+        from costmodel.render.json import validation_json
+        return validation_json(self)
+
+    def to_table(self, style: str = "simple") -> str:
+        from costmodel.render.text import validation_table
+        return validation_table(self, style)
+
+    def to_csv(self) -> str:
+        from costmodel.render.csv import validation_csv
+        return validation_csv(self)
+
+
+# --- the engine ------------------------------------------------------------------------------------
+
+def validate(model, inputs: list[str] | None = None, *, dims: dict[str, list[int] | int], device: str = "cpu",
+             mode: str = "inference", dtype: str | torch.dtype = "float32", optimizer: str = "adamw",
+             attention: str = "auto", loss: str = "sum", amp: bool = False, hardware=None, repeats: int = 5,
+             warmup: int = 1, min_time_s: float = 0.5, progress: bool = True,
+             cross_check: bool | None = None, trust_remote_code: bool = False,
+             targets: list[str] | None = None) -> ValidationResult:
+    """Measure `model` at every point of `dims` (a cartesian product of value lists) on `device`
+    and compare with the prediction. `hardware` (a name, .toml path or Hardware) prices the predicted
+    time; by default this machine is calibrated (once per shell session, cached in the temp dir).
+    Each time is the median of at least `repeats` steps, more while under `min_time_s` of timing.
+    `cross_check` (default: on the CPU) adds the profiler's allocator-level peak to each point.
+    `trust_remote_code`: a Hugging Face config's auto_map code may run (as in analyze)."""
+    from costmodel.api import analyze
+    from costmodel.capture.specs import dtype_name, parse_dtype
+
+    if device not in DEVICES:
+        raise UsageError(f"unknown --device {device!r}; accepted: {', '.join(DEVICES)}")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise UsageError(f"--device cuda, but torch {torch.__version__} sees no CUDA device; use --device cpu")
+    if repeats < 1:
+        raise UsageError(f"--repeats must be >= 1; got {repeats}")
+    sweep = {d: (list(v) if isinstance(v, (list, tuple)) else [v]) for d, v in (dims or {}).items()}
+    empty = [d for d, v in sweep.items() if not v]
+    if empty:
+        raise UsageError(f"validate runs the model, so every dimension needs values; --dim {empty[0]} has none "
+                         f"(e.g. --dim {empty[0]}=128,256,512)")
+    sweep = {d: list(dict.fromkeys(v)) for d, v in sweep.items()}
+    torch_dtype = parse_dtype(dtype) if isinstance(dtype, str) else dtype
+    hw = _hardware(hardware, device)
+    cross_check = (device == "cpu") if cross_check is None else cross_check
+    if cross_check and device != "cpu":
+        raise UsageError("cross_check compares with the CPU allocator's events; it needs device='cpu' "
+                         "(on CUDA the measured peak is already the allocator's)")
+
+    # the analysis models the kernels and autocast policy of the device that runs
+    report = analyze(model, inputs=inputs, mode=mode, dtype=torch_dtype, optimizer=optimizer, attention=attention,
+                     loss=loss, dims=sweep, hardware=hw, complete=True, trust_remote_code=trust_remote_code,
+                     amp=device if amp else False, device=device, targets=targets)
+    missing = [d for d in report.dims if d not in sweep]
+    if missing:
+        raise UsageError(f"dimension {missing[0]!r} has no value; validate runs the model, give it one, "
+                         f"e.g. --dim {missing[0]}=N")
+    names = list(sweep)
+    combos = [dict(zip(names, c)) for c in itertools.product(*(sweep[n] for n in names))]
+    swept = [d for d in names if len(sweep[d]) > 1]
+
+    environment = _environment(device)
+    runner = _Runner(model, report, device, torch_dtype, mode, optimizer, loss, amp, trust_remote_code)
+    capacity = _capacity_bytes(device, hw)
+    results: list[PointResult] = []
+    bar = _progress(len(combos), f"validate {report.model}", progress)
+    try:
+        for point_dims in combos:
+            if bar is not None:
+                bar.set_postfix_str(" ".join(f"{k}={v}" for k, v in point_dims.items()))
+            point = report.evaluate(**point_dims)
+            predicted = {"time_s": point.totals.get("time_s"),
+                         "peak_memory_bytes": int(point.totals["peak_memory_bytes"]),
+                         "flops": int(point.totals["flops"])}
+            measured = runner.measure(point_dims, predicted["peak_memory_bytes"], repeats, warmup, min_time_s,
+                                      cross_check)
+            results.append(PointResult(point_dims, measured, predicted, _point_errors(measured, predicted, capacity)))
+            if bar is not None:
+                bar.update(1)
+    finally:
+        if bar is not None:
+            bar.close()
+        runner.close()
+
+    exponents, classes = _exponents(results, swept)
+    return ValidationResult(
+        model=report.model, mode=mode, dtype=dtype_name(torch_dtype), device=device,
+        hardware=hw.name if hw is not None else None, repeats=repeats, swept=swept, points=results,
+        exponents=exponents, doubling_ratios=_doubling(results, swept, names), classes=classes,
+        errors=_summary(results), capacity_bytes=capacity, device_name=_device_name(device),
+        environment=environment)
+
+
+class _Runner:
+    """The real model on the device (validate/runner.Runner), measured point by point."""
+
+    def __init__(self, source, report, device: str, dtype: torch.dtype, mode: str, optimizer: str, loss: str,
+                 amp: bool, trust_remote_code: bool = False):
+        self.report, self.device, self.mode = report, device, mode
+        torch.manual_seed(0)
+        model = build_real(source, report.model, device, trust_remote_code)
+        if not amp and dtype != torch.float32:
+            model = model.to(dtype)
+        self.runner = Runner(model, list(report.inputs), mode=mode, targets=report.targets, optimizer=optimizer,
+                             loss=loss, amp=amp, device=device)
+
+    def measure(self, dims: dict[str, int], predicted_peak: int | None, repeats: int, warmup: int,
+                min_time_s: float, cross_check: bool) -> dict:
+        if self.device == "cpu" and predicted_peak is not None:
+            free = _available_cpu_bytes()
+            if free is not None and predicted_peak > CPU_MEMORY_MARGIN * free:
+                return {"skipped": f"the predicted peak ({predicted_peak} bytes) exceeds {CPU_MEMORY_MARGIN:.0%} "
+                                   f"of the {free} bytes of RAM available; not run"}
+        values = run = None
+        try:
+            values = self.runner.values(dims)
+            run = self.runner.step(values)
+            run()    # warm-up: kernels chosen, lazy buffers made; in train, the optimizer state allocated
+            resident = self.runner.resident(values)
+            meter = measure(run, resident=resident, device=self.device)
+            out = {"peak_memory_bytes": int(meter.peak_bytes)}
+            if cross_check:
+                out["independent_peak_memory_bytes"] = profiler_peak_bytes(run, resident)
+            timing = time_call(run, repeats=repeats, warmup=warmup, device=self.device, min_time_s=min_time_s)
+            out = {"time_s": timing.median_s, **out, "time_min_s": min(timing.times_s),
+                   "samples": len(timing.times_s)}
+            if meter.op and not meter.op.startswith("("):
+                out["peak_at"] = meter.op
+            return out
+        except Exception as e:
+            if not is_oom(e):
+                raise AnalysisError(f"running {self.report.model} ({self.mode}) at "
+                                    f"{', '.join(f'{k}={v}' for k, v in dims.items())} on {self.device} failed: "
+                                    f"{type(e).__name__}: {_first_line(e)}") from e
+            return {"oom": True, "error": _first_line(e)}
+        finally:
+            del values, run
+            if self.runner.optimizer is not None:
+                self.runner.optimizer.zero_grad(set_to_none=True)   # an OOM mid-backward leaves gradients behind
+            gc.collect()
+            if self.device == "cuda":
+                torch.cuda.empty_cache()
+
+    def close(self) -> None:
+        self.runner = None
+        gc.collect()
+        if self.device == "cuda":
+            torch.cuda.empty_cache()
+
+
+def is_oom(e: BaseException) -> bool:
+    """An allocation failure, on CUDA (torch.OutOfMemoryError) or the CPU (the allocator's RuntimeError)."""
+    if isinstance(e, torch.OutOfMemoryError):
+        return True
+    text = str(e).lower()
+    return isinstance(e, (RuntimeError, MemoryError)) and (
+        "out of memory" in text or "can't allocate memory" in text or isinstance(e, MemoryError))
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
+# --- the independent peak (CPU) ------------------------------------------------------------------
+
+def profiler_peak_bytes(fn, resident=()) -> int:
+    """Peak of CPU allocator bytes while `fn()` runs, from the profiler's allocation events (each
+    allocation and free as the c10 allocator reports it), plus the storages of `resident` tensors,
+    which were allocated before. A different path from memtrack's dispatch-level count: it sees
+    raw allocations, kernel scratch buffers included, and knows nothing of tensors or views."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from costmodel._torch import profiler_allocations
+    gc.collect()
+    with _quiet_native_stderr(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    events = profiler_allocations(prof)
+    current = peak = 0
+    for _, size in events:
+        current += size
+        peak = max(peak, current)
+    storages = {}
+    for t in resident:
+        if isinstance(t, torch.Tensor) and t.device.type == "cpu":
+            st = t.untyped_storage()
+            storages[st.data_ptr()] = st.nbytes()
+    return sum(storages.values()) + peak
+
+
+@contextlib.contextmanager
+def _quiet_native_stderr():
+    """Kineto writes a line to fd 2 each time a profiler starts and stops; keep it off the user's stderr."""
+    sys.stderr.flush()
+    try:
+        saved = os.dup(2)
+    except OSError:
+        yield
+        return
+    try:
+        with open(os.devnull, "w") as null:
+            os.dup2(null.fileno(), 2)
+            yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
+# --- prediction helpers ------------------------------------------------------------------------------
+
+def _hardware(hardware, device: str):
+    """The device that prices the predicted time: the user's, or this machine calibrated."""
+    from costmodel.hardware.catalog import Hardware, parse_hardware_list
+    if hardware is None:
+        hw = calibrated_hardware(device)
+    elif isinstance(hardware, Hardware):
+        hw = hardware
+    else:
+        hw = parse_hardware_list(hardware)[0]
+    if device == "cuda" and hw.vendor == "measured":
+        # A calibrated GPU is still a GPU: attention="auto" and the memory model pick its fused kernels.
+        hw = dataclasses.replace(hw, vendor="amd" if torch.version.hip else "nvidia")
+    return hw
+
+
+_CALIBRATED: dict[str, object] = {}
+
+
+def calibrated_hardware(device: str):
+    """This machine measured by `costmodel.hardware.calibrate` (one to two minutes), once per shell session: kept in
+    memory and in a TOML in the temp dir keyed by session id, device, torch version and threads."""
+    from costmodel.hardware.calibrate import calibrate
+    from costmodel.hardware.catalog import load_hardware
+    key = f"{device}-{os.getsid(0)}-{torch.__version__}-{torch.get_num_threads()}"
+    if key in _CALIBRATED:
+        return _CALIBRATED[key]
+    folder = os.path.join(tempfile.gettempdir(), f"costmodel-{os.getuid()}")
+    os.makedirs(folder, exist_ok=True)
+    path = os.path.join(folder, f"calibrated-{key}.toml".replace("+", "_"))
+    hw = None
+    if os.path.isfile(path) and time.time() - os.path.getmtime(path) < CALIBRATION_MAX_AGE_S:
+        with contextlib.suppress(CostModelError, OSError, ValueError):
+            hw = load_hardware(path)
+    if hw is not None and not hw.kernels:      # a calibration of an earlier version: peaks only
+        hw = None
+    if hw is None:
+        warnings.warn(f"calibrating {device} for the predicted times, one to two minutes (once per session; "
+                      f"cached in {path}; --hw DEVICE or a file from `costmodel hardware calibrate` skips it)",
+                      stacklevel=2)
+        hw = calibrate(device, path)
+    _CALIBRATED[key] = hw
+    return hw
+
+
+def _environment(device: str) -> dict:
+    """What the measured times depend on besides the model; warns when other work shares the CPU."""
+    env = {"threads": torch.get_num_threads(), "torch": torch.__version__}
+    with contextlib.suppress(OSError, AttributeError):
+        env["load_average"] = round(os.getloadavg()[0], 2)
+    cores = os.cpu_count() or 1
+    if device == "cpu" and env.get("load_average", 0) > 0.5 * cores:
+        warnings.warn(f"the CPU is busy (load average {env['load_average']:.1f} on {cores} logical CPUs): "
+                      f"measured times will include waiting for it; the peaks are unaffected", stacklevel=3)
+    return env
+
+
+def _capacity_bytes(device: str, hw) -> int | None:
+    if device == "cuda":
+        return int(torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory)
+    return _available_cpu_bytes()
+
+
+def _available_cpu_bytes() -> int | None:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def _device_name(device: str) -> str:
+    if device == "cuda":
+        return torch.cuda.get_device_name(torch.cuda.current_device())
+    from costmodel.hardware.calibrate import _machine
+    return _machine("cpu")
+
+
+# --- errors, exponents, doubling ratios -----------------------------------------------------------
+
+def _pct(predicted, measured) -> float | None:
+    if predicted is None or measured is None or measured == 0:
+        return None
+    return (predicted - measured) / measured * 100
+
+
+def _point_errors(measured: dict, predicted: dict, capacity: int | None) -> dict:
+    if measured.get("oom") or "skipped" in measured:
+        out = {"predicted_oom": None}
+        if capacity is not None and predicted.get("peak_memory_bytes") is not None:
+            out["predicted_oom"] = predicted["peak_memory_bytes"] > capacity
+        return out
+    out = {"time_pct": _pct(predicted.get("time_s"), measured["time_s"]),
+           "peak_memory_pct": _pct(predicted.get("peak_memory_bytes"), measured["peak_memory_bytes"])}
+    if "independent_peak_memory_bytes" in measured:
+        out["measured_vs_independent_pct"] = _pct(measured["peak_memory_bytes"],
+                                                  measured["independent_peak_memory_bytes"])
+    return out
+
+
+def _summary(points: list[PointResult]) -> dict:
+    def mape(key):
+        values = [abs(p.errors[key]) for p in points if p.errors.get(key) is not None]
+        return sum(values) / len(values) if values else None
+    cross = [abs(p.errors["measured_vs_independent_pct"]) for p in points
+             if p.errors.get("measured_vs_independent_pct") is not None]
+    return {"time_mape": mape("time_pct"), "peak_memory_mape": mape("peak_memory_pct"),
+            "measured_vs_independent_max_pct": max(cross) if cross else None,
+            "points": len(points), "oom_points": sum(1 for p in points if p.measured.get("oom")),
+            "skipped_points": sum(1 for p in points if "skipped" in p.measured)}
+
+
+def _value(p: PointResult, series: str):
+    section, key = SERIES[series]
+    v = getattr(p, section).get(key)
+    return v if isinstance(v, (int, float)) and v > 0 and math.isfinite(v) else None
+
+
+def fit_exponents(points: list[PointResult], swept: list[str], series: str) -> dict[str, float | None]:
+    """Exponent of each swept dimension: least squares of log value on the logs of all swept sizes
+    (one dimension: the slope of the log-log line). Points without the value (OOM) are left out."""
+    rows = [(p, _value(p, series)) for p in points]
+    rows = [(p, v) for p, v in rows if v is not None]
+    out: dict[str, float | None] = {d: None for d in swept}
+    usable = [d for d in swept if len({p.dims[d] for p, _ in rows}) >= 2]
+    if not usable:
+        return out
+    if len(usable) == 1:
+        d = usable[0]
+        out[d] = fit_exponent([p.dims[d] for p, _ in rows], [v for _, v in rows])
+        return out
+    X = np.array([[1.0] + [math.log(p.dims[d]) for d in usable] for p, _ in rows])
+    y = np.array([math.log(v) for _, v in rows])
+    if np.linalg.matrix_rank(X) < X.shape[1]:
+        return out
+    coef, *_ = np.linalg.lstsq(X, y, rcond=None)
+    out.update({d: float(c) for d, c in zip(usable, coef[1:])})
+    return out
+
+
+def _exponents(points: list[PointResult], swept: list[str]):
+    exponents: dict[str, dict] = {d: {} for d in swept}
+    classes: dict[str, dict] = {d: {} for d in swept}
+    for series in SERIES:
+        fitted = fit_exponents(points, swept, series)
+        for d in swept:
+            exponents[d][series] = fitted[d]
+            classes[d][series] = complexity_class(fitted[d], d)
+    return exponents, classes
+
+
+def _doubling(points: list[PointResult], swept: list[str], names: list[str]) -> dict[str, list[dict]]:
+    """Ratios of every series between consecutive sizes of each swept dimension, the others fixed."""
+    out: dict[str, list[dict]] = {}
+    for d in swept:
+        groups: dict[tuple, list[PointResult]] = {}
+        for p in points:
+            groups.setdefault(tuple((n, p.dims[n]) for n in names if n != d), []).append(p)
+        rows = []
+        for at, group in groups.items():
+            group.sort(key=lambda p: p.dims[d])
+            for a, b in itertools.pairwise(group):
+                row = {"from": a.dims[d], "to": b.dims[d], "size_ratio": b.dims[d] / a.dims[d]}
+                if at:
+                    row["at"] = dict(at)
+                for series in SERIES:
+                    va, vb = _value(a, series), _value(b, series)
+                    row[series] = vb / va if va and vb else None
+                rows.append(row)
+        out[d] = rows
+    return out
+
+
+# --- output --------------------------------------------------------------------------------------
+
+def _progress(total: int, desc: str, enabled: bool):
+    """A tqdm bar on stderr, only when asked for and stderr is a terminal."""
+    if not enabled or not sys.stderr.isatty():
+        return None
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return None
+    return tqdm(total=total, desc=desc, file=sys.stderr, leave=False, unit="point")
