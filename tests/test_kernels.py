@@ -16,11 +16,10 @@ from costmodel.hardware.kernels import AllocationTable, KernelTable, chain, chec
 from costmodel.hardware.roofline import op_time
 
 
-def classes(report, point: dict, device: str = "cpu") -> list[tuple[str, str, dict]]:
-    """(target, kernel class on `device`, features) of every op that does work, at `point`."""
-    hw = Hardware("probe", 1, 1.0, {"float32": 1.0}, vendor="nvidia" if device == "cuda" else "cpu")
+def classes(report, point: dict) -> list[tuple[str, str, dict]]:
+    """(target, kernel class, features) of every op that does work, at `point`."""
     pt = report.evaluate(**point)
-    return [(op["target"], pt.kernel_class(i, hw), pt.features[i]) for i, op in enumerate(pt.ops)
+    return [(op["target"], pt.kernel_class(i), pt.features[i]) for i, op in enumerate(pt.ops)
             if op["flops"] or op["bytes"]]
 
 
@@ -82,24 +81,27 @@ def test_products_carry_m_n_k():
 
 
 def test_attention_class_is_the_kernel_each_device_runs():
-    r = analyze(Block, inputs=["x:float32[batch,seq,32]"], dims={"batch": [2], "seq": [64]})
     point = {"batch": 2, "seq": 64}
-    cpu = [k for t, k, _ in classes(r, point, "cpu") if "sdpa" in t]
-    cuda = [k for t, k, _ in classes(r, point, "cuda") if "sdpa" in t]
-    assert cpu == ["attention.flash.causal"]          # PyTorch's CPU flash kernel takes this call
-    assert cuda == ["attention.efficient.causal"]     # float32 on CUDA: the memory-efficient kernel
-    features = [f for t, _, f in classes(r, point) if "sdpa" in t][0]
+
+    def sdpa_classes(device):
+        r = analyze(Block, inputs=["x:float32[batch,seq,32]"], dims={"batch": [2], "seq": [64]}, device=device)
+        return [(k, f) for t, k, f in classes(r, point) if "sdpa" in t]
+    cpu, cuda = sdpa_classes("cpu"), sdpa_classes("cuda")
+    assert [k for k, _ in cpu] == ["attention.flash.causal"]        # PyTorch's CPU flash kernel takes this call
+    assert [k for k, _ in cuda] == ["attention.efficient.causal"]   # float32 on CUDA: the memory-efficient kernel
+    features = cpu[0][1]
     assert {k: features[k] for k in ("batch_heads", "L", "S", "E")} == {"batch_heads": 8, "L": 64, "S": 64, "E": 8}
     # With dropout in training the CPU runs the math kernel; the backward is its own class.
     t = analyze(lambda: Block(dropout=0.1), inputs=["x:float32[batch,seq,32]"], mode="train",
-                dims={"batch": [2], "seq": [64]})
+                dims={"batch": [2], "seq": [64]}, device="cpu")
     train = [k for tg, k, _ in classes(t, point) if "sdpa" in tg]
     assert train == ["attention.math.causal.dropout", "attention.math.backward.causal"]
 
 
 def test_forced_attention_kernel_names_the_class():
-    r = analyze(Block, inputs=["x:float32[batch,seq,32]"], attention="math", dims={"batch": [2], "seq": [64]})
-    assert [k for t, k, _ in classes(r, {"batch": 2, "seq": 64}, "cuda") if "sdpa" in t] == ["attention.math.causal"]
+    r = analyze(Block, inputs=["x:float32[batch,seq,32]"], attention="math", dims={"batch": [2], "seq": [64]},
+                device="cuda")
+    assert [k for t, k, _ in classes(r, {"batch": 2, "seq": 64}) if "sdpa" in t] == ["attention.math.causal"]
 
 
 def test_pointwise_class_is_the_op_and_its_approximation():

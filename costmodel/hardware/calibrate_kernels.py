@@ -7,7 +7,7 @@ features come from the same rule that costs the op in a model (`rule_cost`), so 
 count differently, and a probe whose rule names another class than the probe's is an error.
 From the times: the class's overhead (its tiniest instance), its rate at reference shapes by size,
 and for products, convolutions and attention one efficiency curve per shape feature, measured
-with the other features at the reference (see costmodel/kernels.py for how they combine).
+with the other features at the reference (see costmodel/hardware/kernels.py for how they combine).
 On a CPU, the fresh-page price of large outputs is measured first and taken out of each time, as
 the roofline adds it back per op.
 """
@@ -73,38 +73,40 @@ _POINTWISE_ALL = ("add", "sub", "mul", "div", "neg", "abs", "relu", "threshold_b
 
 
 def kernel_plan(device: str, quick: bool) -> KernelPlan:
+    """Sizes by device: quick (tests: seconds), a CPU (about 1.5 min on 2 cores), a GPU."""
+    kernels = _attention_kernels(device)
     if quick:
-        return KernelPlan(block_s=0.001, blocks=5, elements=(16, 4096, 65536), pointwise_ops=("add", "mul", "tanh"),
-                          mm_ref=64, mm_cubes=(64, 128), mm_curve=(1, 16, 64), bmm_batch=4, bmm_ref=32,
-                          bmm_cubes=(32, 64), bmm_curve=(4, 32), conv_batch=1, conv_base=((8, 8), (16, 8)), conv_ref=8,
-                          conv_side=8, conv_sides=(4, 8), conv_channels=(4, 16), conv_kernels=(1, 3),
-                          conv_groups=(4, 16), attn_heads=2, attn_e=16,
-                          attn_lengths=(16, 64), attn_e_curve=(16,), attn_heads_curve=(1,), attn_kernels=_attention_kernels(device),
-                          optimizer_elements=(256, 4096), alloc_sizes=(1 << 20, 1 << 22) if device == "cpu" else (),
-                          dtypes=("float32",), variants=False)
+        return KernelPlan(
+            block_s=0.001, blocks=5, elements=(16, 4096, 65536), pointwise_ops=("add", "mul", "tanh"),
+            mm_ref=64, mm_cubes=(64, 128), mm_curve=(1, 16, 64), bmm_batch=4, bmm_ref=32, bmm_cubes=(32, 64),
+            bmm_curve=(4, 32), conv_batch=1, conv_base=((8, 8), (16, 8)), conv_ref=8, conv_side=8,
+            conv_sides=(4, 8), conv_channels=(4, 16), conv_kernels=(1, 3), conv_groups=(4, 16), attn_heads=2,
+            attn_e=16, attn_lengths=(16, 64), attn_e_curve=(16,), attn_heads_curve=(1,), attn_kernels=kernels,
+            optimizer_elements=(256, 4096), alloc_sizes=(1 << 20, 1 << 22) if device == "cpu" else (),
+            dtypes=("float32",), variants=False)
     if device == "cpu":
         # Sizes: from one cache line to 16 MiB per tensor (past this machine's L2, into L3 and DRAM);
         # no output reaches glibc's mmap threshold (32 MiB) except in the allocation probe.
-        return KernelPlan(block_s=0.004, blocks=7, elements=(16, 1024, 16384, 262144, 1048576, 4194304),
-                          pointwise_ops=_POINTWISE_ALL, mm_ref=256, mm_cubes=(256, 512, 1024),
-                          mm_curve=(1, 4, 16, 64, 256, 1024, 4096), bmm_batch=16, bmm_ref=128,
-                          bmm_cubes=(64, 128, 256), bmm_curve=(1, 8, 32, 128, 512, 2048), conv_batch=4,
-                          conv_base=((32, 8), (64, 16), (128, 16), (128, 32)), conv_ref=128, conv_side=16,
-                          conv_sides=(2, 4, 8, 16, 32, 64), conv_channels=(3, 16, 64, 128, 512),
-                          conv_kernels=(1, 3, 5, 7), conv_groups=(16, 64, 256, 1024), attn_heads=8, attn_e=64, attn_lengths=(32, 128, 256, 512, 1024),
-                          attn_e_curve=(16, 32, 64, 128), attn_heads_curve=(1, 2, 4, 16, 32), attn_kernels=_attention_kernels(device),
-                          optimizer_elements=(256, 16384, 262144, 1048576),
-                          alloc_sizes=tuple(1 << p for p in range(20, 29)), dtypes=("float32",))
-    return KernelPlan(block_s=0.01, blocks=7, elements=(16, 65536, 1 << 20, 1 << 24, 1 << 26, 1 << 28),
-                      pointwise_ops=_POINTWISE_ALL, mm_ref=2048, mm_cubes=(1024, 2048, 4096, 8192),
-                      mm_curve=(1, 8, 64, 256, 1024, 4096, 16384), bmm_batch=32, bmm_ref=512,
-                      bmm_cubes=(256, 512, 1024, 2048), bmm_curve=(1, 16, 64, 256, 1024, 4096), conv_batch=32,
-                      conv_base=((64, 28), (128, 56), (256, 56), (512, 28)), conv_ref=256, conv_side=28,
-                      conv_sides=(4, 7, 14, 28, 56, 112), conv_channels=(3, 32, 128, 512, 2048),
-                      conv_kernels=(1, 3, 5, 7), conv_groups=(32, 128, 512, 2048), attn_heads=64, attn_e=128,
-                      attn_lengths=(128, 512, 1024, 2048, 4096, 8192), attn_e_curve=(32, 64, 128, 256),
-                      attn_heads_curve=(4, 16, 256), attn_kernels=_attention_kernels(device), optimizer_elements=(4096, 1 << 20, 1 << 24),
-                      alloc_sizes=(), dtypes=("bfloat16", "float16", "float32"))
+        return KernelPlan(
+            block_s=0.004, blocks=7, elements=(16, 1024, 16384, 262144, 1048576, 4194304),
+            pointwise_ops=_POINTWISE_ALL, mm_ref=256, mm_cubes=(256, 512, 1024),
+            mm_curve=(1, 4, 16, 64, 256, 1024, 4096), bmm_batch=16, bmm_ref=128, bmm_cubes=(64, 128, 256),
+            bmm_curve=(1, 8, 32, 128, 512, 2048), conv_batch=4, conv_base=((32, 8), (64, 16), (128, 16), (128, 32)),
+            conv_ref=128, conv_side=16, conv_sides=(2, 4, 8, 16, 32, 64), conv_channels=(3, 16, 64, 128, 512),
+            conv_kernels=(1, 3, 5, 7), conv_groups=(16, 64, 256, 1024), attn_heads=8, attn_e=64,
+            attn_lengths=(32, 128, 256, 512, 1024), attn_e_curve=(16, 32, 64, 128),
+            attn_heads_curve=(1, 2, 4, 16, 32), attn_kernels=kernels, optimizer_elements=(256, 16384, 262144, 1048576),
+            alloc_sizes=tuple(1 << p for p in range(20, 29)), dtypes=("float32",))
+    return KernelPlan(
+        block_s=0.005, blocks=5, elements=(16, 65536, 1 << 20, 1 << 24, 1 << 26, 1 << 28),
+        pointwise_ops=_POINTWISE_ALL, mm_ref=2048, mm_cubes=(1024, 2048, 4096, 8192),
+        mm_curve=(1, 8, 64, 256, 1024, 4096, 16384), bmm_batch=32, bmm_ref=512, bmm_cubes=(256, 512, 1024, 2048),
+        bmm_curve=(1, 16, 64, 256, 1024, 4096), conv_batch=32, conv_base=((64, 28), (128, 56), (256, 56), (512, 28)),
+        conv_ref=256, conv_side=28, conv_sides=(4, 7, 14, 28, 56, 112), conv_channels=(3, 32, 128, 512, 2048),
+        conv_kernels=(1, 3, 5, 7), conv_groups=(32, 128, 512, 2048), attn_heads=64, attn_e=128,
+        attn_lengths=(128, 512, 1024, 2048, 4096, 8192), attn_e_curve=(32, 64, 128, 256), attn_heads_curve=(4, 16, 256),
+        attn_kernels=kernels, optimizer_elements=(4096, 1 << 20, 1 << 24), alloc_sizes=(),
+        dtypes=("bfloat16", "float16", "float32"))
 
 
 def last_level_cache_bytes(device: str) -> int:
@@ -474,7 +476,8 @@ class Prober:
             both = self.instance(lambda: make("both"), name, counting)
             forward = self.instance(make, name, counting)
             return Instance(both.cost, max(both.time_s - forward.time_s, 0.0))
-        lengths = p.attn_lengths
+        # the math kernel holds [batch * heads, L, S] scores: at most 1 GiB of them
+        lengths = [L for L in p.attn_lengths if kernel != "math" or p.attn_heads * L * L * 4 <= 1 << 30]
         mid = lengths[len(lengths) // 2]
         return Measured(name, dtype, run(8, 8, heads=1), [run(L, p.attn_e) for L in lengths],
                         {"E": [run(mid, e) for e in p.attn_e_curve],

@@ -4,7 +4,7 @@ Generic: an op takes max(flops / achievable FLOP/s, bytes / achievable bandwidth
 overhead. Achievable = datasheet peak * efficiency, where the efficiency has a ceiling per kind of
 op (data in DEFAULT_EFFICIENCY, overridable) and ramps up with the op's size. Matmul, conv and
 attention run on the tensor-core peak of their dtype; every other op runs on the float32 vector peak.
-Calibrated: where the device file has a measured table for the op's kernel class (costmodel/kernels.py,
+Calibrated: where the device file has a measured table for the op's kernel class (costmodel/hardware/kernels.py,
 written by `costmodel hardware calibrate`), the op takes that table's overhead plus its work at the
 measured rate for its size and shape, plus, on a CPU, the first touch of a large new output.
 `bound` compares the op's intensity with the ridge point (datasheet peak / datasheet bandwidth) of

@@ -51,7 +51,7 @@ class OpCost:
     # for matmul, conv and attention ops, none for the others. Attention sets it explicitly, since
     # its softmax FLOPs are real work that FlopCounterMode does not count.
     counted_flops: sympy.Expr | None = None
-    # The kernel class that prices the op on a calibrated device (see costmodel/kernels.py), decided
+    # The kernel class that prices the op on a calibrated device (see costmodel/hardware/kernels.py), decided
     # from the op and its arguments; None: the category's class (KERNEL_OF_CATEGORY).
     kernel: str | None = None
     # Shape features the class's measured table reads (a product's m, n, k), as formulas.
