@@ -13,6 +13,7 @@ import torch.fx as fx
 
 from costmodel import _torch
 from costmodel.capture import trace as cap
+from costmodel.capture.blocks import COPY as COPY_OF_BLOCK
 from costmodel.rules.cost import CONV, COPY, NORM, POINTWISE, SOFTMAX, VIEW, OpCost
 from costmodel.errors import AnalysisError
 from costmodel.formulas import Evaluator, plain
@@ -108,6 +109,8 @@ def cost_graph(c: cap.Captured, kernels: dict[str, str] | None = None) -> Analys
             if _torch.is_higher_order_op(target):
                 unsupported[str(target)].append(node.meta.get("costmodel_module", ""))
             continue   # getitem and SymInt arithmetic: shape bookkeeping, not tensor ops
+        if isinstance(node.meta.get("val"), (torch.SymInt, torch.SymBool, int, bool)):
+            continue   # a size read off a tensor (sym_size, sym_numel...): bookkeeping too
         rule = rule_for(target)
         module = node.meta.get("costmodel_module", cap.ROOT)
         if rule is None:
@@ -151,12 +154,15 @@ def _timing_class(c: cap.Captured, node: fx.Node, cost: OpCost, attention_kernel
     kernel, features = _strided_inputs(c, node, cost.category, kernel, features)
     features[ALLOC_FEATURE] = _fresh_output_bytes(node.target, _spec(c, node.meta.get("val")))
     # Eager pays the Python binding once per call the model's code makes (the first of the ops
-    # it produced), and the autograd engine once per node of the backward graph.
+    # it produced), and the autograd engine once per node of the backward graph; the engine sums
+    # a tensor's gradients itself, from C++ (is_gradient_acc). The copies of a repeated block keep
+    # its trace's numbers: each copy's calls are its own.
+    copy = node.meta.get(COPY_OF_BLOCK)
     call = (("b", node.meta.get("seq_nr")) if _torch.is_backward(node)
-            else ("f", node.meta.get(cap.PYTHON_CALL, node.name)))
+            else ("f", node.meta.get(cap.PYTHON_CALL, node.name))) + ((copy.id if copy is not None else 0),)
     if str(node.target) in SHAPE_ONLY:        # tracing's size reads: eager dispatches nothing
         features[SHAPE_ONLY_FEATURE] = sympy.Integer(1)
-    elif call in calls_seen:
+    elif call in calls_seen or node.meta.get("is_gradient_acc"):
         features[INTERNAL_FEATURE] = sympy.Integer(1)
     else:
         calls_seen.add(call)

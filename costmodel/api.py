@@ -561,7 +561,8 @@ def analyze(model, inputs: list[str] | None = None, mode: str = "inference", dty
             optimizer: str = "adamw", attention: str = "auto", loss: str = "sum",
             dims: dict[str, list[int] | int] | None = None, hardware=None, tf32: bool = False,
             complete: bool = False, amp: bool | str = False, device: str | None = None,
-            trust_remote_code: bool = False, moe_imbalance: float = 1, targets: list[str] | None = None) -> Report:
+            trust_remote_code: bool = False, moe_imbalance: float = 1, targets: list[str] | None = None,
+            repeated_blocks: bool = True) -> Report:
     """Capture `model` (zoo name, "hf:ORG/NAME", a config.json or its directory, "file.py:FUNC",
     "pkg.mod:FUNC", a factory or an nn.Module) with symbolic dimensions and cost every op. `inputs`
     are specs such as "input_ids:int64[batch,seq]" (zoo models and Hugging Face configs bring
@@ -578,10 +579,12 @@ def analyze(model, inputs: list[str] | None = None, mode: str = "inference", dty
     dropout masks); default the first `hardware` device's kind, else "cuda". `moe_imbalance`:
     mixture-of-experts layers route tokens evenly (1) or with the busiest expert taking this many
     times the mean (see capture.moe). `trust_remote_code=True` lets a Hugging Face config's auto_map
-    code run (the repository's own model classes); off by default."""
+    code run (the repository's own model classes); off by default. `repeated_blocks=False` traces
+    every block of a deep model instead of tracing each distinct block once and copying it
+    (capture.blocks; the result is the same, only slower)."""
     options = Options.make(mode=mode, dtype=dtype, optimizer=optimizer, attention=attention, loss=loss, amp=amp,
                            device=device, moe_imbalance=moe_imbalance, targets=targets or (),
-                           trust_remote_code=trust_remote_code, tf32=tf32)
+                           trust_remote_code=trust_remote_code, tf32=tf32, repeated_blocks=repeated_blocks)
     devices = _hardware_list(hardware)
     kind = options.device or (memory.device_kind(devices[0]) if devices else "cuda")
     loaded = cap.load_model(model, options.dtype, trust_remote_code=options.trust_remote_code)

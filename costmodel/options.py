@@ -40,11 +40,14 @@ class Options:
     targets: tuple[InputSpec, ...] = ()   # training targets: inputs of the loss, not of forward()
     trust_remote_code: bool = False
     tf32: bool = False
+    # repeated blocks traced once and copied (capture.blocks); False traces every block
+    repeated_blocks: bool = True
 
     @classmethod
     def make(cls, *, mode: str = "inference", dtype: str | torch.dtype = "float32", optimizer: str = "adamw",
              attention: str = "auto", loss: str = "sum", amp: bool | str = False, device: str | None = None,
-             moe_imbalance=1, targets=(), trust_remote_code: bool = False, tf32: bool = False) -> "Options":
+             moe_imbalance=1, targets=(), trust_remote_code: bool = False, tf32: bool = False,
+             repeated_blocks: bool = True) -> "Options":
         """Validated options; a bad value raises UsageError saying what is accepted."""
         if mode not in MODES:
             raise UsageError(f"unknown --mode {mode!r}; accepted: {', '.join(MODES)}")
@@ -68,7 +71,8 @@ class Options:
         specs = tuple(parse_input(t) if isinstance(t, str) else t for t in (targets or ()))
         return cls(mode=mode, dtype=torch_dtype, optimizer=optimizer, attention=attention, loss=loss,
                    amp="cuda" if amp is True else amp, device=device, moe_imbalance=check_imbalance(moe_imbalance),
-                   targets=specs, trust_remote_code=bool(trust_remote_code), tf32=bool(tf32))
+                   targets=specs, trust_remote_code=bool(trust_remote_code), tf32=bool(tf32),
+                   repeated_blocks=bool(repeated_blocks))
 
     def with_(self, **changes) -> "Options":
         return replace(self, **changes)
