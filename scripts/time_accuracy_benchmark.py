@@ -9,7 +9,9 @@ Run by hand:
 The device is calibrated once per thread count (`costmodel hardware calibrate`, written under --out
 as calibrated-<device>-<threads>t.toml and reused when present), or --hw gives the file. Before each
 run on the CPU the script waits (up to --wait-s) for the 1-minute load average to drop below
---max-load, and records the load during the run: other work on the machine inflates measured times.
+--max-load, and records the load during the run and how fast a calibrated product and add run just
+before it against the calibration ("machine vs calibration": 1.0 as calibrated, 0.8 20% slower):
+other work on the machine slows measured steps, even on one thread's own clock.
 Writes summary.md (the table) and one JSON per run under --out.
 
 Architectures: which ones the kernel classes and calibration were developed against ("dev") and
@@ -145,6 +147,39 @@ def wait_for_quiet(max_load: float, wait_s: float) -> float | None:
         time.sleep(10)
 
 
+def machine_speed(hw) -> dict[str, float] | None:
+    """How fast this CPU runs now against its calibration: a product and an elementwise add, in
+    cache, timed as the calibration times them (thread clock at one thread; fastest of 7 blocks),
+    each as predicted / measured time (1.0: as calibrated; 0.8: 20% slower, other work sharing the
+    core's caches or the package's power). Recorded with each run to tell the model's errors from
+    the machine's; nothing is corrected with it. None where the file has no tables for them."""
+    from costmodel.hardware.roofline import op_time
+    clock = time.thread_time if torch.get_num_threads() == 1 else time.perf_counter
+    n, elements = 256, 262144
+    x, w, b = torch.randn(n, n), torch.randn(n, n), torch.randn(n)
+    u, v = torch.randn(elements), torch.randn(elements)
+    probes = {"matmul": (lambda: torch.addmm(b, x, w.t()), (2 * n ** 3, 4 * (3 * n * n + n)), "matmul",
+                         {"m": n, "n": n, "k": n}),
+              "add": (lambda: torch.add(u, v), (elements, 12 * elements), "pointwise", {})}
+    out = {}
+    for name, (fn, (flops, nbytes), category, features) in probes.items():
+        kernel = "matmul" if name == "matmul" else "pointwise.add"
+        if hw.kernel_table(kernel, "float32") is None:
+            return None
+        predicted = op_time(flops, nbytes, category, "float32", hw, kernel=kernel, features=features).time_s
+        for _ in range(3):
+            fn()
+        number = max(1, int(0.02 / max(predicted, 1e-7)))
+        times = []
+        for _ in range(7):
+            t0 = clock()
+            for _ in range(number):
+                fn()
+            times.append((clock() - t0) / number)
+        out[name] = predicted / min(times)
+    return out
+
+
 def hardware_for(device: str, threads: int | None, out: Path, hw: str | None, quick: bool):
     from costmodel.hardware.calibrate import calibrate
     from costmodel.hardware.catalog import load_hardware
@@ -201,6 +236,7 @@ def main(argv: list[str] | None = None) -> int:
         for arch in archs:
             for mode in modes:
                 load_before = wait_for_quiet(args.max_load, args.wait_s) if args.device == "cpu" else None
+                speed = machine_speed(hw) if args.device == "cpu" else None
                 start = time.perf_counter()
                 try:
                     r = run_one(arch, mode, args.device, hw, args.repeats, args.quick)
@@ -214,7 +250,8 @@ def main(argv: list[str] | None = None) -> int:
                 e = r.exponents.get(dim, {}) if dim else {}
                 row = {"arch": arch.name, "held_out": arch.held_out, "mode": mode, "threads": threads,
                        "dim": dim, "time_mape": r.errors["time_mape"], "exp_measured": e.get("measured"),
-                       "exp_predicted": e.get("predicted"), "load": [load_before, load_after], "wall_s": wall,
+                       "exp_predicted": e.get("predicted"), "load": [load_before, load_after], "speed": speed,
+                       "wall_s": wall,
                        "points": [(p.dims, p.measured.get("time_s"), p.predicted.get("time_s")) for p in r.points]}
                 rows.append(row)
                 (out / f"{arch.name}-{mode}-{threads or 'gpu'}t.json").write_text(r.to_json())
@@ -230,21 +267,28 @@ def _line(row: dict) -> str:
     load = "/".join("-" if x is None else f"{x:.2f}" for x in row["load"])
     pts = " ".join(f"{m * 1e3:.1f}/{p * 1e3:.1f}" for _, m, p in row["points"] if m and p)
     return (f"{row['arch']:9s} {row['mode']:9s} {row['threads'] or '-'}t  MAPE {row['time_mape']:5.1f}%  "
-            f"exp {row['exp_measured']:.2f}/{row['exp_predicted']:.2f}  load {load}  ms meas/pred: {pts}")
+            f"exp {row['exp_measured']:.2f}/{row['exp_predicted']:.2f}  load {load}  speed {_speed(row)}  "
+            f"ms meas/pred: {pts}")
+
+
+def _speed(row: dict) -> str:
+    speed = row.get("speed")
+    return "-" if not speed else "/".join(f"{v:.2f}" for v in speed.values())
 
 
 def _summary(rows: list[dict], device: str) -> str:
     head = ["| architecture | held out | mode | threads | swept | time MAPE | exponent measured / predicted | "
-            "diff | load (before / after) |", "|---|---|---|---|---|---|---|---|---|"]
+            "diff | load (before / after) | machine vs calibration (matmul / add) |",
+            "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         if "error" in r:
-            head.append(f"| {r['arch']} | | {r['mode']} | {r['threads']} | | failed: {r['error'][:80]} | | | |")
+            head.append(f"| {r['arch']} | | {r['mode']} | {r['threads']} | | failed: {r['error'][:80]} | | | | |")
             continue
         diff = abs(r["exp_measured"] - r["exp_predicted"]) if r["exp_measured"] is not None else None
         load = " / ".join("-" if x is None else f"{x:.2f}" for x in r["load"])
         head.append(f"| {r['arch']} | {'yes' if r['held_out'] else 'no (dev)'} | {r['mode']} | {r['threads'] or device} | "
                     f"{r['dim']} | {r['time_mape']:.1f}% | {r['exp_measured']:.2f} / {r['exp_predicted']:.2f} | "
-                    f"{diff:.2f} | {load} |")
+                    f"{diff:.2f} | {load} | {_speed(r)} |")
     ok = [r for r in rows if "error" not in r]
     if ok:
         worst = max(r["time_mape"] for r in ok)
