@@ -52,6 +52,23 @@ def test_conv_classes_come_from_groups_against_channels():
     assert convs[0][1]["alloc_bytes"] == 2 * 8 * 16 * 16 * 4
 
 
+def test_grouped_conv_backward_work_is_the_kernels_and_its_count_the_flop_counters():
+    from torch.utils.flop_counter import FlopCounterMode
+    r = analyze(Convs, inputs=["x:float32[batch,8,h,h]"], mode="train", dims={"batch": [2], "h": [16]})
+    pt = r.evaluate(batch=2, h=16)
+    forward = {op["module"]: op for op in pt.ops if op["target"] == "aten.convolution.default"}
+    backward = {op["module"]: op for op in pt.ops if op["target"] == "aten.convolution_backward.default"}
+    for name in ("grouped", "dense", "up"):       # input and weight gradients: the forward's work twice
+        assert backward[name]["flops"] == 2 * forward[name]["flops"], name
+    # FlopCounterMode counts the weight gradient of the 8-group layer 8 times, of the 2-group one twice
+    assert backward["dense"]["matmul_flops"] == forward["dense"]["flops"] * (1 + 8)
+    assert backward["grouped"]["matmul_flops"] == forward["grouped"]["flops"] * (1 + 2)
+    model, x = Convs(), torch.randn(2, 8, 16, 16)
+    with FlopCounterMode(display=False) as counter:
+        model(x).sum().backward()
+    assert pt.totals["matmul_flops"] == counter.get_total_flops()
+
+
 def test_conv_backward_of_a_first_layer_computes_no_input_gradient():
     r = analyze(Convs, inputs=["x:float32[batch,8,h,h]"], mode="train", dims={"batch": [2], "h": [16]})
     backward = [k for t, k, _ in classes(r, {"batch": 2, "h": 16}) if "convolution_backward" in t]

@@ -429,10 +429,6 @@ class Prober:
             measured = Measured(kernel, dtype, run(4, 4, 4, 2, batch=1), [run(c, c, max(2, v // 2), 2) for v in sides],
                                 {"k": [run(c, c, max(2, ref_side // 2), k) for k in (2, 3, 4)]})
             what = f"{c} channels, 2x2 stride 2 (upsampling), input sides {[max(2, v // 2) for v in sides]}; kernel 2..4"
-        if kind in ("depthwise", "grouped"):
-            # Rates by positions: their counted work grows with the channels squared (FlopCounterMode
-            # counts a grouped weight gradient as dense), which the groups curve then carries.
-            measured.by = "m"
         measured.how = self.how({None: "F.conv_transpose2d " if kind == "transposed" else "F.conv2d ",
                                  "input": "aten.convolution_backward (input, weight and bias gradients) of ",
                                  "weight": "aten.convolution_backward (weight and bias gradients) of "}[backward]

@@ -2,7 +2,10 @@
 
 Counted as torch.utils.flop_counter counts them: every output position of a (non-transposed)
 convolution does c_in/groups * prod(kernel) multiply-adds per output channel. Stride, padding and
-dilation enter through the output's spatial size; groups through the weight's c_in/groups.
+dilation enter through the output's spatial size; groups through the weight's c_in/groups. One
+exception, in `flops` only: a grouped weight gradient is the work the kernel does (the forward's
+multiply-adds), where FlopCounterMode counts it `groups` times over; `matmul_flops` keeps the
+counter's figure.
 
 Kernel classes, from the weight against the input (the groups argument's position differs between
 the aten convolution ops, the shapes do not): conv.transposed; conv.dense (one group);
@@ -80,16 +83,21 @@ def convolution_backward(grad_out: TensorSpec, x: TensorSpec, w: TensorSpec, bia
         return [shape[1], shape[0], *shape[2:]]
 
     grad_input, grad_weight, grad_bias = out
-    flops = 0
+    counted = work = 0
     if output_mask[0]:
-        flops += conv_flops(grad_out.shape, w.shape, grad_input.shape, not transposed)
+        counted += conv_flops(grad_out.shape, w.shape, grad_input.shape, not transposed)
+        work += counted
     if output_mask[1]:
         if transposed:
-            flops += conv_flops(t(grad_out.shape), t(x.shape), t(grad_weight.shape), False)
+            weight = conv_flops(t(grad_out.shape), t(x.shape), t(grad_weight.shape), False)
         else:
-            flops += conv_flops(t(x.shape), t(grad_out.shape), t(grad_weight.shape), False)
+            weight = conv_flops(t(x.shape), t(grad_out.shape), t(grad_weight.shape), False)
+        # FlopCounterMode counts a grouped weight gradient as if every input channel met every
+        # output channel; the kernel does 1/groups of that (the forward's multiply-adds)
+        counted += weight
+        work += weight / groups
     # grad_bias (a sum over grad_out) is not counted by FlopCounterMode; it rides in bytes only.
     read = grad_out.nbytes + (x.nbytes if output_mask[1] else 0) + (w.nbytes if output_mask[0] else 0)
-    return OpCost(flops, read, nbytes_of([o for o in out if o is not None]), CONV,
+    return OpCost(work, read, nbytes_of([o for o in out if o is not None]), CONV, counted_flops=counted,
                   **conv_class(x.shape, w.shape, grad_out.shape, transposed, backward=True,
                                input_grad=bool(output_mask[0])))
