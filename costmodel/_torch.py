@@ -327,6 +327,21 @@ def _reset_stacktrace_hooks() -> None:
         logging_utils.callback_set = False
 
 
+@contextlib.contextmanager
+def copied_meta_field(name: str):
+    """Around make_fx: copy current_meta[name] to every node made (fx copies only the fields in
+    `torch.fx.proxy._COPY_META_FIELDS`)."""
+    fields = getattr(fx_proxy, "_COPY_META_FIELDS", None)
+    add = isinstance(fields, list) and name not in fields
+    if add:
+        fields.append(name)
+    try:
+        yield
+    finally:
+        if add:
+            fields.remove(name)
+
+
 def is_backward(node: fx.Node) -> bool:
     """Whether a traced node was made by the backward: inside a grad_fn, or the engine's gradient
     accumulation between grad_fns ("is_gradient_acc", set by fx's create_node on both versions).

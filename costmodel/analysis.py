@@ -13,15 +13,18 @@ import torch.fx as fx
 
 from costmodel import _torch
 from costmodel.capture import trace as cap
-from costmodel.capture.blocks import COPY_OF
-from costmodel.rules.cost import OpCost
+from costmodel.capture.blocks import COPY as COPY_OF_BLOCK, COPY_OF
+from costmodel.rules.cost import CONV, COPY, NORM, POINTWISE, SOFTMAX, VIEW, OpCost
 from costmodel.errors import AnalysisError
 from costmodel.formulas import Evaluator, plain
+from costmodel.hardware.kernels import ALLOC_FEATURE, INTERNAL_FEATURE, SHAPE_ONLY_FEATURE, STRIDED_FEATURE
 from costmodel.rules import TensorSpec, rule_for
 from costmodel.capture.specs import dtype_name
 from costmodel.symbols import dim_symbol
 
 METRICS = ("flops", "matmul_flops", "bytes_read", "bytes_written", "bytes")
+SHAPE_ONLY = {"aten.sym_size.int", "aten.sym_stride.int", "aten.sym_numel.default",
+              "aten.sym_storage_offset.default"}
 
 
 @dataclass
@@ -35,6 +38,13 @@ class OpRecord:
     category: str
     dtype: str
     cost: dict[str, sympy.Expr]  # METRICS -> formula
+    # The kernel class that prices it on a calibrated device (costmodel/hardware/kernels.py).
+    kernel: str = "pointwise"
+    features: dict[str, sympy.Expr] = field(default_factory=dict)   # shape features, and alloc_bytes
+    # The storages it reads (the node that made each, through views) with the bytes it reads of
+    # each, and the storage it writes: what the cache model of a calibrated device follows.
+    reads: tuple[tuple[str, sympy.Expr], ...] = ()
+    writes: str | None = None
 
 
 @dataclass
@@ -49,6 +59,8 @@ class Analysis:
     notes: list[str] = field(default_factory=list)            # assumptions made choosing them
     _evaluator: Evaluator | None = None
     _op_evaluator: Evaluator | None = None
+    _feature_evaluator: Evaluator | None = None
+    _reads_evaluator: Evaluator | None = None
 
     def valid_at(self, point: dict[str, int]) -> bool:
         if any(point.get(d) != v for d, v in self.captured.fixed.items()):
@@ -89,6 +101,7 @@ def cost_graph(c: cap.Captured, kernels: dict[str, str] | None = None) -> Analys
     unsupported: dict[str, list[str]] = collections.defaultdict(list)
     cache: dict = {}
     copies: dict = {}
+    calls_seen: set = set()
     for node in c.graph.graph.nodes:
         if node.op != "call_function":
             continue
@@ -117,19 +130,153 @@ def cost_graph(c: cap.Captured, kernels: dict[str, str] | None = None) -> Analys
                 except Exception as e:
                     raise AnalysisError(f"the rule for {target} failed on node {node.format_node()} in {module}: "
                                         f"{type(e).__name__}: {e}") from e
-                cache[key] = (cost.category, _op_dtype(args, out),
+                cache[key] = (cost, _op_dtype(args, out),
                               {"flops": sympy.sympify(cost.flops), "matmul_flops": sympy.sympify(cost.matmul_flops),
                                "bytes_read": sympy.sympify(cost.bytes_read),
                                "bytes_written": sympy.sympify(cost.bytes_written),
                                "bytes": sympy.sympify(cost.bytes)})
             if source is not None:
                 copies[(source, kernel)] = cache[key]
-        category, dtype, formulas = copies[(source, kernel)] if source is not None else cache[key]
+        cost, dtype, formulas = copies[(source, kernel)] if source is not None else cache[key]
+        kernel_class, features = _timing_class(c, node, cost, kernel, calls_seen)
         ops.append(OpRecord(node.name, str(target), module, node.meta.get("costmodel_phase", "forward"),
-                            category, dtype, dict(formulas)))
+                            cost.category, dtype, dict(formulas), kernel_class, features,
+                            *_storages(c, node, cost.category)))
     analysis = Analysis(c, ops, dict(unsupported), kernels=dict(kernels))
     analysis.totals = totals_of(ops)
     return analysis
+
+
+def _timing_class(c: cap.Captured, node: fx.Node, cost: OpCost, attention_kernel: str, calls_seen: set):
+    """The op's kernel class and features for a calibrated device: the rule's, with attention as
+    the kernel chosen for the node ("attention.flash.backward.causal"), a broadcast-weight bmm as
+    eager's folded product, permuted inputs, the bytes of its largest new output, and whether eager
+    runs it inside another op's Python call (`calls_seen`: the calls and backward nodes met so far)."""
+    kernel = cost.kernel_class
+    if kernel.startswith("attention") and node.target.namespace == "costmodel":
+        kernel = _attention_class(node, kernel, attention_kernel)
+    features = {name: sympy.sympify(v) for name, v in cost.features.items()}
+    kernel, features = _eager_product(node, kernel, features)
+    kernel, features = _strided_inputs(c, node, cost.category, kernel, features)
+    features[ALLOC_FEATURE] = _fresh_output_bytes(node.target, _spec(c, node.meta.get("val")))
+    # Eager pays the Python binding once per call the model's code makes (the first of the ops
+    # it produced), and the autograd engine once per node of the backward graph; the engine sums
+    # a tensor's gradients itself, from C++ (is_gradient_acc). The copies of a repeated block keep
+    # its trace's numbers: each copy's calls are its own.
+    copy = node.meta.get(COPY_OF_BLOCK)
+    call = (("b", node.meta.get("seq_nr")) if _torch.is_backward(node)
+            else ("f", node.meta.get(cap.PYTHON_CALL, node.name))) + ((copy.id if copy is not None else 0),)
+    if str(node.target) in SHAPE_ONLY:        # tracing's size reads: eager dispatches nothing
+        features[SHAPE_ONLY_FEATURE] = sympy.Integer(1)
+    elif call in calls_seen or node.meta.get("is_gradient_acc"):
+        features[INTERNAL_FEATURE] = sympy.Integer(1)
+    else:
+        calls_seen.add(call)
+    return kernel, features
+
+
+def _attention_class(node: fx.Node, kernel: str, attention_kernel: str) -> str:
+    """"attention.<kernel>", then ".backward", ".causal", and ".dropout" for a forward that draws a
+    dropout mask ("attention.math.causal.dropout")."""
+    backward = kernel.endswith(".backward")
+    first = 1 if backward else 0
+    dropout_p, is_causal = node.args[first + 4:first + 6]
+    return (f"attention.{attention_kernel}" + (".backward" if backward else "") + (".causal" if is_causal else "")
+            + (".dropout" if not backward and isinstance(dropout_p, (int, float)) and dropout_p > 0 else ""))
+
+
+def _storages(c: cap.Captured, node: fx.Node, category: str) -> tuple[tuple, str | None]:
+    """(storage, bytes read) of each tensor the op reads, and the storage it writes. A storage is
+    named by the node that made it, found through views; a view op itself moves no data."""
+    if category == VIEW:
+        return (), None
+    reads = {}
+    for arg in node.all_input_nodes:
+        value = arg.meta.get("val")
+        if not isinstance(value, torch.Tensor):
+            continue
+        reads[_base(arg)] = reads.get(_base(arg), 0) + tensor_spec(c, value).nbytes
+    writes = _base(node.args[0]) if _writes_first_input(node) and isinstance(node.args[0], fx.Node) else node.name
+    return tuple(reads.items()), writes
+
+
+def _base(node: fx.Node) -> str:
+    from costmodel.rules import rule_for, view_rule
+    while node.op == "call_function" and isinstance(node.target, torch._ops.OpOverload) \
+            and rule_for(node.target) is view_rule and node.all_input_nodes:
+        node = node.all_input_nodes[0]
+    return node.name
+
+
+def _writes_first_input(node: fx.Node) -> bool:
+    schema = getattr(node.target, "_schema", None)
+    return bool(schema and schema.returns and schema.returns[0].alias_info is not None
+                and schema.returns[0].alias_info.is_write)
+
+
+def _eager_product(node: fx.Node, kernel: str, features: dict) -> tuple[str, dict]:
+    """A batched product whose second operand is one matrix broadcast over the batch (stride 0) is
+    what tracing makes of x[b, m, k] @ W[k, n]; eager folds the batch into the rows and runs one
+    product: class "matmul" with m = b * m."""
+    index = 2 if str(node.target).startswith("aten.baddbmm") else 1   # baddbmm(bias, a, b)
+    if kernel != "bmm" or len(node.args) <= index:
+        return kernel, features
+    second = node.args[index]
+    value = second.meta.get("val") if isinstance(second, fx.Node) else None
+    if not isinstance(value, torch.Tensor) or value.dim() != 3 or not _is_zero(value.stride()[0]):
+        return kernel, features
+    folded = {k: v for k, v in features.items() if k != "batch"}
+    folded["m"] = features["batch"] * features["m"]
+    return "matmul", folded
+
+
+def _strided_inputs(c: cap.Captured, node: fx.Node, category: str, kernel, features: dict):
+    """Inputs whose memory order is permuted (a channels-last view of a channels-first tensor):
+    an elementwise op or a copy reads them with strided loads (classes "pointwise.strided",
+    "copy.strided"); a norm, softmax or convolution first copies them contiguous
+    (feature strided_bytes, priced as that copy)."""
+    if category not in (POINTWISE, COPY, NORM, SOFTMAX, CONV) or not isinstance(kernel, str):
+        return kernel, features
+    strided = [tensor_spec(c, a.meta["val"]).nbytes for a in node.all_input_nodes
+               if isinstance(a.meta.get("val"), torch.Tensor) and _permuted(a.meta["val"])]
+    if not strided:
+        return kernel, features
+    if category == POINTWISE:
+        return "pointwise.strided", features
+    if category == COPY:
+        return "copy.strided", features
+    return kernel, {**features, STRIDED_FEATURE: sympy.Add(*strided)}
+
+
+def _permuted(value: torch.Tensor) -> bool:
+    """Strides not in decreasing order over the dimensions of more than one element (at the
+    sizes of the trace: a permutation does not depend on them)."""
+    def hint(x):
+        return int(x.node.hint) if isinstance(x, torch.SymInt) else int(x)
+    try:
+        dims = [(hint(st), hint(sz)) for st, sz in zip(value.stride(), value.shape) if hint(sz) != 1]
+    except (TypeError, RuntimeError, NotImplementedError):
+        return False
+    return any(a < b for (a, _), (b, _) in zip(dims, dims[1:]))
+
+
+def _is_zero(value) -> bool:
+    if isinstance(value, torch.SymInt):
+        return value.node.expr == 0
+    return value == 0
+
+
+def _fresh_output_bytes(target, out) -> sympy.Expr:
+    """Bytes of the op's largest newly allocated output: 0 for views and in-place ops (their
+    outputs alias an input)."""
+    from costmodel.rules import tensors_in
+    schema = getattr(target, "_schema", None)
+    if schema is not None and any(r.alias_info is not None for r in schema.returns):
+        return sympy.Integer(0)
+    sizes = [sympy.sympify(t.nbytes) for t in tensors_in(out)]
+    if not sizes:
+        return sympy.Integer(0)
+    return sizes[0] if len(sizes) == 1 else sympy.Max(*sizes)
 
 
 def totals_of(ops: list[OpRecord]) -> dict[str, sympy.Expr]:

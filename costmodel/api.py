@@ -28,9 +28,11 @@ from costmodel.capture.limits import Limit, config_limits
 from costmodel.capture.specs import InputSpec, parse_input
 from costmodel.errors import AnalysisError, CaptureFailed, OutsideLimits, UsageError
 from costmodel.formulas import Evaluator, degree
+from costmodel.hardware.kernels import COLD_FEATURE
 from costmodel.memory import timeline as memory
 from costmodel.options import Options
 from costmodel.rules.attention import attention_kernels
+from costmodel.rules.cost import OPTIMIZER
 from costmodel.rules.optimizer import optimizer_ops
 from costmodel.symbols import dim_symbol
 
@@ -44,6 +46,7 @@ class Point:
         self.extra: dict = {}
         self._op_values = op_values
         self._ops: list[dict] | None = None
+        self._features: list[dict] | None = None
 
     @property
     def ops(self) -> list[dict]:
@@ -64,15 +67,75 @@ class Point:
         rows = _rollup(self.ops, lambda op: {"module": _truncate(op["module"], depth)})
         return sorted(rows, key=lambda r: -r["flops"])
 
+    @property
+    def features(self) -> list[dict]:
+        """Per op (same order as `ops`), its shape features at this point: {"m": 512, "n": 768, ...}."""
+        if self._features is None:
+            a = self.analysis
+            keys = [(i, name) for i, op in enumerate(a.ops) for name in op.features]
+            if a._feature_evaluator is None:
+                a._feature_evaluator = Evaluator([a.ops[i].features[name] for i, name in keys], a.captured.dims)
+            values = a._feature_evaluator({d: self.dims[d] for d in a.captured.dims}) if keys else []
+            self._features = [{} for _ in a.ops]
+            for (i, name), value in zip(keys, values):
+                self._features[i][name] = value
+        return self._features
+
+    def kernel_class(self, i: int) -> str:
+        """The kernel class that prices op `i` on a calibrated device (costmodel/hardware/kernels.py)."""
+        return self.analysis.ops[i].kernel
+
     def timing(self, hw, tf32: bool = False) -> dict:
-        """Roofline time on `hw`: per-op OpTimes (same order as `ops`) and their summary."""
+        """Roofline time on `hw`: per-op OpTimes (same order as `ops`) and their summary. A device
+        with measured kernel tables prices each op by its class, what it reads the cache no longer
+        holds, and eager's module calls (costmodel/hardware/roofline.py)."""
         from costmodel.hardware import roofline
-        times = [roofline.op_time(op["flops"], op["bytes"], op["category"], op["dtype"], hw, tf32)
-                 for op in self.ops]
+        framework_s = 0.0
+        if hw.kernels or hw.allocation:
+            features = self.features
+            if hw.cache_bytes:
+                features = self._with_cold_inputs(features, hw.cache_bytes)
+            times = [roofline.op_time(op["flops"], op["bytes"], op["category"], op["dtype"], hw, tf32,
+                                      kernel=self.kernel_class(i), features=features[i])
+                     for i, op in enumerate(self.ops)]
+            framework_s = roofline.framework_time_s(self.analysis.captured.module_calls, hw)
+        else:
+            times = [roofline.op_time(op["flops"], op["bytes"], op["category"], op["dtype"], hw, tf32)
+                     for op in self.ops]
         model_dtype = next((op["dtype"] for op in self.ops if op["category"] in ("matmul", "conv", "attention")),
                            "float32")
-        summary = roofline.summarize(times, self.totals["matmul_flops"], hw, model_dtype, tf32)
+        summary = roofline.summarize(times, self.totals["matmul_flops"], hw, model_dtype, tf32, framework_s)
         return {"hardware": hw, "op_times": times, "summary": summary}
+
+    def _with_cold_inputs(self, features: list[dict], cache_bytes: int) -> list[dict]:
+        """Each op's features plus the bytes it reads that the cache no longer holds: all of a
+        storage read for the first time in the step (a parameter; the rest of the step went through
+        the cache since its last use), else the part that its own size plus the traffic since it
+        was last written or read puts beyond `cache_bytes` (an activation the backward reads again
+        is gone; an RNN's weight read every timestep stays). An optimizer update reads its
+        parameter, gradient and state from memory."""
+        a = self.analysis
+        keys = [(i, j) for i, record in enumerate(a.ops) for j in range(len(record.reads))]
+        if a._reads_evaluator is None:
+            a._reads_evaluator = Evaluator([a.ops[i].reads[j][1] for i, j in keys], a.captured.dims)
+        values = a._reads_evaluator({d: self.dims[d] for d in a.captured.dims}) if keys else []
+        read_bytes: list[list[float]] = [[] for _ in a.ops]
+        for (i, _), value in zip(keys, values):
+            read_bytes[i].append(float(value))
+        out, seen, traffic = [], {}, 0.0
+        for record, op, f, sizes in zip(a.ops, self.ops, features, read_bytes):
+            if record.category == OPTIMIZER:
+                cold = float(op["bytes_read"])
+            else:   # what of it no longer fits: its own bytes plus the traffic since, beyond the cache
+                cold = sum(size if name not in seen else min(size, max(0.0, traffic - seen[name] + size - cache_bytes))
+                           for (name, _), size in zip(record.reads, sizes))
+            for name, _ in record.reads:
+                seen[name] = traffic
+            traffic += float(op["bytes"])
+            if record.writes:
+                seen[record.writes] = traffic
+            out.append({**f, COLD_FEATURE: cold} if cold else f)
+        return out
 
     def apply_timing(self, hw, tf32: bool = False) -> dict:
         """Fill time_s, intensity and bound into the ops and totals from the roofline on `hw`."""

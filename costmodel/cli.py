@@ -128,7 +128,8 @@ def build_parser() -> argparse.ArgumentParser:
     hc = hs.add_parser("calibrate", help="measure this machine into a device file")
     hc.add_argument("--device", required=True, choices=DEVICE_KINDS)
     hc.add_argument("--out", required=True, help="the .toml file to write")
-    hc.add_argument("--quick", action="store_true", help="small sizes (about a second; less accurate)")
+    hc.add_argument("--quick", action="store_true", help="small sizes (a few seconds; for tests, not for predictions)")
+    hc.add_argument("--name", help="the device's name in the file; default: calibrated-DEVICE")
 
     z = sub.add_parser("zoo", help="the built-in models")
     z.add_argument("--format", default="table", choices=("table", "json"))
@@ -325,9 +326,15 @@ def cmd_hardware(args) -> str:
         raise UsageError("hardware needs a subcommand: list, show DEVICE, or calibrate --device cpu|cuda --out FILE")
     if args.hw_command == "calibrate":
         from costmodel.hardware.calibrate import calibrate
+        from costmodel.render.units import num
+        start = time.perf_counter()
         with _Progress(f"calibrating {args.device}"):
-            hw = calibrate(args.device, args.out, quick=args.quick)
-        return f"wrote {args.out}: " + json.dumps(hw.to_dict(), default=str)
+            hw = calibrate(args.device, args.out, quick=args.quick, name=args.name)
+        peaks = ", ".join(f"{d} {num(p, 'FLOP/s')}" for d, p in hw.peak_flops_per_s.items())
+        return (f"wrote {args.out}: {hw.name}, {len(hw.kernels)} kernel classes measured in "
+                f"{time.perf_counter() - start:.0f} s" + (f" at {hw.threads} CPU threads" if hw.threads else "")
+                + f"; matmul peaks {peaks}, bandwidth {num(hw.bandwidth_bytes_per_s, 'B/s')}; "
+                f"use it with --hw {args.out}")
     if args.hw_command == "list":
         devices = list_hardware()
         if args.format == "json":

@@ -4,10 +4,11 @@ Run by hand on a machine with a GPU (or through scripts/gpu_check.sh):
 
     python scripts/gpu_check.py --out gpu_check_out            # about 5 to 8 minutes on one H100/H200
     python scripts/gpu_check.py --dry-run --out /tmp/gc        # the same pipeline on the CPU, tiny models
+    python scripts/gpu_check.py --suite time --out gpu_time    # time_accuracy_benchmark's six architectures
 
 Writes, under --out: gpu_check.json (every run's validation JSON, the device, torch and timings),
 gpu_check.md (a summary table, then each run's table) and one log-log plot per run (<run>.png).
-Predicted times use this GPU calibrated once (`costmodel.calibrate`), or --hw. A run that fails is
+Predicted times use this GPU calibrated once (`costmodel.hardware.calibrate`), or --hw. A run that fails is
 recorded with its error and the others go on; runs not started within --budget-s are listed as
 skipped, so the whole stays under the time it is given.
 """
@@ -85,6 +86,23 @@ def _tiny(model_cls: str, config_cls: str, attention: str | None = "sdpa", **con
     return build
 
 
+def time_plan(dry_run: bool) -> list[Run]:
+    """The architectures of scripts/time_accuracy_benchmark.py, inference then train, float32 (as
+    on the CPU): time MAPE and fitted exponents on this GPU, priced on it calibrated. Dry run: the
+    CPU sweeps' first two sizes."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from time_accuracy_benchmark import ARCHS
+    runs = []
+    for mode in ("inference", "train"):
+        for arch in ARCHS:
+            dims = (arch.dims if mode == "inference" else arch.train_dims) if dry_run else \
+                (arch.cuda_dims if mode == "inference" else arch.cuda_train_dims)
+            if dry_run:
+                dims = {d: v[:2] for d, v in dims.items()}
+            runs.append(Run(f"{arch.name}-{mode}", arch.build, dims, mode=mode, inputs=arch.inputs, dtype="float32"))
+    return runs
+
+
 def dry_plan() -> list[Run]:
     """The same pipeline on the CPU with tiny models, in seconds: a check of the script, not of a GPU."""
     gpt2 = _tiny("GPT2LMHeadModel", "GPT2Config", n_embd=32, n_layer=1, n_head=2, vocab_size=128, n_positions=256)
@@ -108,6 +126,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="start no new run after this many seconds (default 330: the 8 minutes less the "
                              "GPU tests and the last run)")
     parser.add_argument("--only", action="append", default=[], help="run only these names (repeatable)")
+    parser.add_argument("--suite", choices=("zoo", "time"), default="zoo",
+                        help="zoo: zoo models in bfloat16 (default); time: the six architectures of "
+                             "scripts/time_accuracy_benchmark.py, inference and train")
     args = parser.parse_args(argv)
 
     warnings.filterwarnings("ignore")
@@ -120,7 +141,10 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
-    plan = dry_plan() if args.dry_run else gpu_plan()
+    if args.suite == "time":
+        plan = time_plan(args.dry_run)
+    else:
+        plan = dry_plan() if args.dry_run else gpu_plan()
     if args.only:
         plan = [r for r in plan if r.name in args.only]
     repeats = 1 if args.dry_run else args.repeats

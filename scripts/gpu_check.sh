@@ -5,6 +5,7 @@
 #   scripts/gpu_check.sh [OUT_DIR] [gpu_check.py options]     # e.g. scripts/gpu_check.sh out --hw h200
 #   scripts/gpu_check.sh /tmp/gc --dry-run                    # the pipeline on the CPU, tiny models
 #   scripts/gpu_check.sh --dry-run                            # the same, into gpu_check_out
+#   scripts/gpu_check.sh out --suite time                     # time MAPE and exponents, six architectures
 #
 # Kept under 8 minutes on one H100/H200: the GPU tests get 90 s, gpu_check.py starts no run after
 # --budget-s (330 s by default) and this wrapper stops it at 390 s whatever happens. At most 8 files

@@ -10,9 +10,30 @@ from costmodel.hardware.catalog import load_hardware
 from costmodel.hardware.roofline import op_time
 
 
-def test_cpu_calibration_round_trips(tmp_path):
-    out = tmp_path / "cpu.toml"
-    measured = calibrate("cpu", out, quick=True)
+@pytest.fixture
+def one_thread():
+    """One CPU thread: its timings are taken on the thread's own clock, which other processes on a
+    shared test machine do not inflate."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def quick_cpu(tmp_path_factory):
+    """One quick calibration of this CPU, at one thread, for the module: (the file, the device)."""
+    out = tmp_path_factory.mktemp("calibration") / "cpu.toml"
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return out, calibrate("cpu", out, quick=True)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_cpu_calibration_round_trips(quick_cpu):
+    out, measured = quick_cpu
     loaded = load_hardware(str(out))
     assert loaded == measured
     assert loaded.name == "calibrated-cpu" and loaded.calibrated
@@ -26,18 +47,37 @@ def test_cpu_calibration_round_trips(tmp_path):
                    "peak_flops_per_s.float32", "peak_flops_per_s.bfloat16"):
         assert torch.__version__ in loaded.sources[figure] or figure == "memory_bytes"
     assert "measured by costmodel hardware calibrate" in loaded.sources["peak_flops_per_s.float32"]
+    assert loaded.threads == 1
 
 
-def test_calibrated_cpu_predicts_a_matmul_it_did_not_measure():
-    hw = calibrate("cpu", None, quick=True)
-    n = 384  # the quick run times 256^3 and 512^3 float32 matmuls, not this one
+def test_quick_calibration_measures_each_kernel_class(quick_cpu):
+    hw = quick_cpu[1]
+    for key in ("matmul:float32", "bmm:float32", "conv.dense:float32", "conv.dense.backward:float32",
+                "conv.dense.backward.weight:float32", "conv.depthwise:float32", "attention.flash:float32",
+                "attention.math.backward:float32", "pointwise.tanh", "pointwise", "norm.layer", "softmax",
+                "reduction", "copy", "embedding", "random.dropout", "optimizer.adamw", "view"):
+        table = hw.kernels[key]
+        assert 0 <= table.overhead_s < 1e-2, key
+        assert all(r > 0 for r in table.rates), key
+        assert key == "view" or "fastest of" in table.how, key       # each says how it was measured
+    # products carry their shape curves, convolutions theirs
+    assert set(hw.kernels["matmul:float32"].efficiency) == {"m", "n", "k"}
+    assert {"m", "k"} <= set(hw.kernels["conv.dense:float32"].efficiency)
+    # rated by work, like the others (a grouped backward's work is the kernel's, not FlopCounterMode's)
+    assert hw.kernels["conv.depthwise:float32"].by == "work"
+    assert hw.kernels["conv.depthwise.backward:float32"].by == "work"
+    assert hw.allocation is not None and len(hw.allocation.sizes) == 2
+
+
+def test_calibrated_cpu_predicts_a_matmul_it_did_not_measure(quick_cpu, one_thread):
+    hw = quick_cpu[1]
+    n = 384  # the quick run times 64^3 and 128^3 products and m, n, k curves up to 64: not this one
     a, b = torch.randn(n, n), torch.randn(n, n)
     measured_s = benchmark.Timer("torch.mm(a, b)", globals={"torch": torch, "a": a, "b": b}) \
         .blocked_autorange(min_run_time=0.1).median
-    predicted = op_time(2 * n**3, 3 * n * n * 4, "matmul", "float32", hw)
+    predicted = op_time(2 * n**3, 3 * n * n * 4, "matmul", "float32", hw, features={"m": n, "n": n, "k": n})
     assert predicted.bound == "compute"
-    # Calibrated: no discount on the measured matmul rate beyond the size ramp.
-    assert predicted.compute_efficiency > 0.9
+    assert predicted.kernel == "matmul"          # priced from the measured matmul table
     # A noisy shared CPU still lands within a factor of 3 of its own measured rate.
     assert measured_s / 3 < predicted.time_s < measured_s * 3
 
@@ -56,6 +96,8 @@ def test_cuda_calibration_round_trips(tmp_path):
     measured = calibrate("cuda", out, quick=True)
     assert load_hardware(str(out)) == measured
     assert {"float32", "bfloat16", "float16"} <= set(measured.peak_flops_per_s)
+    assert {"matmul:bfloat16", "attention.flash:bfloat16", "conv.dense:float32"} <= set(measured.kernels)
+    assert measured.allocation is None          # the caching allocator: no fresh pages per op
     assert measured.memory_bytes == torch.cuda.get_device_properties(0).total_memory
 
 
@@ -63,3 +105,13 @@ def test_cuda_calibration_round_trips(tmp_path):
 def test_cuda_without_a_gpu_is_a_usage_error(tmp_path):
     with pytest.raises(UsageError, match="sees no CUDA device"):
         calibrate("cuda", tmp_path / "gpu.toml")
+
+
+def test_calibrate_command_writes_a_named_device(tmp_path, one_thread, capsys):
+    from costmodel.cli import main
+    out = tmp_path / "mine.toml"
+    assert main(["hardware", "calibrate", "--device", "cpu", "--out", str(out), "--quick", "--name", "my-cpu"]) == 0
+    printed = capsys.readouterr().out
+    assert printed.startswith(f"wrote {out}: my-cpu, ") and f"--hw {out}" in printed
+    hw = load_hardware(str(out))
+    assert hw.name == "my-cpu" and hw.kernels and hw.threads == 1

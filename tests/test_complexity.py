@@ -101,6 +101,29 @@ def test_time_call_blocks_short_calls_and_takes_the_median():
         time_call(tick, repeats=0)
 
 
+@pytest.mark.parametrize("threads,clock", [(1, "thread_time"), (2, "perf_counter")])
+def test_time_call_on_one_cpu_thread_reads_the_threads_clock(monkeypatch, threads, clock):
+    # One intra-op thread runs every op on the caller: its own CPU clock is the step's time and
+    # leaves out waiting for a core on a busy machine. Each clock is faked to tell which one is read.
+    from costmodel.validate import stats
+    ticks = {"thread_time": 0.0, "perf_counter": 0.0}
+
+    def fake(name, step):
+        def read():
+            ticks[name] += step
+            return ticks[name]
+        return read
+    monkeypatch.setattr(stats.time, "thread_time", fake("thread_time", 1.0))
+    monkeypatch.setattr(stats.time, "perf_counter", fake("perf_counter", 3.0))
+    saved = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        t = time_call(lambda: None, repeats=3, warmup=0, min_block_s=0.0)
+    finally:
+        torch.set_num_threads(saved)
+    assert t.median_s == {"thread_time": 1.0, "perf_counter": 3.0}[clock]
+
+
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_measure_complexity_on_cuda_matmul_is_cubic():

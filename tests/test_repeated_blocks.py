@@ -150,10 +150,19 @@ def assert_same(full, once, points):
     assert {r["target"]: r["count"] for r in full.by_op()} == {r["target"]: r["count"] for r in once.by_op()}
     g, h = full.graph, once.graph
     assert (g.number_of_nodes(), g.number_of_edges()) == (h.number_of_nodes(), h.number_of_edges())
+    # what eager's time depends on beyond the work: module calls, and each op's kernel class and
+    # features (which ops pay the Python binding or the autograd engine's node)
+    assert full.primary.captured.module_calls == once.primary.captured.module_calls
     for point in points:
         a, b = full.evaluate(**point), once.evaluate(**point)
         assert a.totals["peak_memory_bytes"] == b.totals["peak_memory_bytes"], point
         assert a.totals["memory"] == b.totals["memory"], point
+        assert _classes(a) == _classes(b), point
+
+
+def _classes(pt) -> list:
+    return sorted((op["target"], pt.kernel_class(i), sorted((k, int(v)) for k, v in pt.features[i].items()))
+                  for i, op in enumerate(pt.ops))
 
 
 @pytest.mark.parametrize("mode", ["inference", "train"])

@@ -178,6 +178,7 @@ class Group:
     out_spec: object               # pytree spec of the forward's return value
     out_leaves: list               # its leaves, _TENSOR where a tensor goes
     state: list                    # names of the parameters and buffers (relative to the block)
+    module_calls: int = 0          # nn.Module calls inside the block (its own not included)
 
     @property
     def n_grads(self) -> int:
@@ -407,6 +408,8 @@ class RepeatedBlocks:
         # a checkpoint's recomputation stops early by raising out of the modules it reruns, whose
         # forward hooks then never pop: the module stack is put back as it was
         stack, calls = list(self.paths.stack), len(self.paths.frames.calls)
+        # module calls inside the block: counted once per stand-in (or again by an inline trace)
+        module_calls = self.paths.count
         try:
             with _torch.disable_proxy_tracing():
                 fresh = [_like(t).requires_grad_(t.requires_grad) for t in [flat[i] for i in positions] + state]
@@ -420,6 +423,7 @@ class RepeatedBlocks:
             self.paths.stack[:] = stack
             del self.paths.frames.calls[calls:]
             changed = objects.restore()
+            module_calls, self.paths.count = self.paths.count - module_calls, module_calls
         if changed:
             # the stand-in would not make the change (a KV cache's update): every call of a block
             # given these objects runs inline, on the objects as they were before this trace
@@ -432,6 +436,7 @@ class RepeatedBlocks:
             group = _group_of(gm, box, path, tuple(self.paths.stack), names)
         except _NotRepeatable as e:
             return self._inline(m, str(e))
+        group.module_calls = module_calls
         _GROUPS[group.id] = group
         self.traced += 1
         return group
@@ -445,6 +450,7 @@ class RepeatedBlocks:
         call = len(self.calls)
         self.calls.append(_Call(group, self.blocks[m], tuple(self.paths.stack)))
         self.stood_in += 1
+        self.paths.count += group.module_calls
         if self.train and torch.is_grad_enabled() and any(t.requires_grad for t in inputs):
             outs = list(_StandIn.apply(group.id, call, *inputs))
         else:

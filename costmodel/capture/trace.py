@@ -12,7 +12,6 @@ differentiate) and `node.meta["costmodel_phase"]` ("forward", "loss" or "backwar
 
 from __future__ import annotations
 
-import contextlib
 import importlib
 import importlib.util
 import inspect
@@ -30,6 +29,7 @@ import torch
 import torch.fx as fx
 import torch.fx.traceback as fx_traceback
 import torch.nn as nn
+from torch.overrides import TorchFunctionMode
 
 from costmodel import _torch
 from costmodel.capture import zoo
@@ -92,6 +92,7 @@ class Captured:
     trainable: set[str] = field(default_factory=set)                # names of parameters that get grads
     hints: dict[str, int] = field(default_factory=dict)
     limits: list = field(default_factory=list)   # limits.Limit found in the graph (tables indexed by positions)
+    module_calls: int = 0    # nn.Module forward calls in one forward: each costs its eager dispatch
     copied: dict[str, str] = field(default_factory=dict)   # block path -> the block whose trace it copies
     inline_blocks: dict[str, str] = field(default_factory=dict)   # repeated block traced each time -> why
     step: object = None                          # generate mode: capture.generate.Step (prefill or decode)
@@ -367,7 +368,8 @@ def _capture(model: nn.Module, inputs: list[InputSpec], options, hints, fixed, p
                             exclude=exclude)
     try:
         with _torch.symbolic_kernels(), _torch.backward_meta_fields(), fake_mode, paths, \
-                fx_traceback.preserve_node_meta(), route_sdpa(), eager_decisions(is_input), \
+                fx_traceback.preserve_node_meta(), route_sdpa(), _torch.copied_meta_field(PYTHON_CALL), \
+                _PythonCalls(), eager_decisions(is_input), \
                 balanced_experts(model, options.moe_imbalance), _torch.python_dispatcher(python_dispatcher), blocks:
             gm = _torch.trace(fn, params, buffers, values)
         blocks.splice(gm)
@@ -389,7 +391,7 @@ def _capture(model: nn.Module, inputs: list[InputSpec], options, hints, fixed, p
     used_hints = {d: int(sizes[d]) if not isinstance(sizes[d], torch.SymInt) else sizes[d].node.hint
                   for d in dims if d not in fixed}
     captured = Captured(gm, mode, [d for d in dims if d not in fixed], fixed, [], symbol_map, shape_env, roles,
-                        {param_items[i][0] for i in trainable}, used_hints, step=step)
+                        {param_items[i][0] for i in trainable}, used_hints, step=step, module_calls=paths.count)
     captured.copied = blocks.copied()
     captured.inline_blocks = dict(blocks.reasons)
     if step is not None:
@@ -430,8 +432,9 @@ def call_plan(model: nn.Module, inputs: list[InputSpec]):
 
 
 class ModulePaths:
-    """While tracing, the stack of module paths in fx's current node meta, and which tensors each
-    module's forward still holds in its local variables when it returns (see `_FrameLocals`).
+    """While tracing, the stack of module paths in fx's current node meta, which tensors each
+    module's forward still holds in its local variables when it returns (see `_FrameLocals`), and
+    `count`, the nn.Module calls made (eager pays a dispatch for each).
     `paused`: the hooks do nothing (capture.blocks replays a block outside the trace)."""
 
     def __init__(self, model: nn.Module):
@@ -439,6 +442,7 @@ class ModulePaths:
         self.stack: list[str] = []
         self.frames = _FrameLocals(model)
         self.paused = False
+        self.count = 0
         self._hooks = []
 
     def __enter__(self) -> "ModulePaths":
@@ -455,6 +459,7 @@ class ModulePaths:
     def _pre(self, module, args):
         if self.paused:
             return
+        self.count += 1
         self.stack.append(self.paths.get(module, type(module).__name__))
         fx_traceback.get_current_meta()["nn_module_stack"] = tuple(self.stack)
         self.frames.enter(module)
@@ -466,6 +471,27 @@ class ModulePaths:
             self.stack.pop()
         fx_traceback.get_current_meta()["nn_module_stack"] = tuple(self.stack)
         self.frames.leave(module)
+
+
+PYTHON_CALL = "costmodel_call"
+
+
+class _PythonCalls(TorchFunctionMode):
+    """Number each torch call the model's Python makes, in fx's current node meta (PYTHON_CALL):
+    the aten ops one call produces (F.linear's t and addmm; nn.GRU's whole loop) share the number,
+    and eager pays the Python binding once for them, the first. A mode does not see the calls made
+    inside its own handler, so a Python-implemented function's inner calls keep the outer number.
+    Copies of a repeated block (capture.blocks) keep their block's numbers: a call is told apart by
+    the number and the copy (`node.meta[COPY]`)."""
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        self.count += 1
+        fx_traceback.get_current_meta()[PYTHON_CALL] = self.count
+        return func(*args, **(kwargs or {}))
 
 
 LIVE_UNTIL = "costmodel_live_until"     # node.meta key: the name of the last node its tensor lives to

@@ -1,11 +1,16 @@
-"""Measure this machine: matmul FLOP/s per dtype, copy bandwidth and per-op overhead, as a device file.
+"""Measure this machine as a device file: peaks, bandwidth and per-op overhead, then one measured
+table per kernel class (costmodel/hardware/calibrate_kernels.py), so the roofline prices each op as that
+kind of kernel runs here.
 
 `calibrate("cpu", "my-cpu.toml")` times large matmuls, a large tensor copy and a tiny op with
-torch.utils.benchmark (warm-up, then the median of blocks), and writes a TOML that
-`load_hardware("my-cpu.toml")` reads. The file says `calibrated = true`: its peaks are achievable
-rates already, so the roofline measures its efficiencies relative to them (a large matmul runs at
-1.0 of the measured rate, not 0.8 of it). Bytes are counted as the cost model counts them: a copy
-reads n bytes and writes n bytes, whatever the cache does on top.
+torch.utils.benchmark (warm-up, then the median of blocks), then the kernel classes (products by
+shape, convolutions dense/depthwise/grouped/transposed, each SDPA kernel, norms, softmax,
+reductions, each common elementwise op, copies, embedding, optimizers, eager views), and writes a
+TOML that `load_hardware("my-cpu.toml")` reads. The file says `calibrated = true`: its peaks are
+achievable rates already, so the generic roofline measures its efficiencies relative to them; ops
+whose class has a table are priced from it. Bytes are counted as the cost model counts them: a copy
+reads n bytes and writes n bytes, whatever the cache does on top. The CPU threads are torch's at the
+time (`torch.set_num_threads`); a calibration holds for that thread count.
 """
 
 from __future__ import annotations
@@ -46,9 +51,13 @@ def _plan(device: str, quick: bool) -> _Plan:
 
 
 def calibrate(device: str = "cpu", out_path: str | os.PathLike | None = None, *, quick: bool = False,
-              name: str | None = None) -> Hardware:
-    """Measure `device` ("cpu" or "cuda"), write the TOML to `out_path` (if given), return it loaded."""
+              name: str | None = None, kernels: bool = True, progress=None) -> Hardware:
+    """Measure `device` ("cpu" or "cuda"), write the TOML to `out_path` (if given), return it loaded.
+    `kernels=False` measures the peaks only (the file format of earlier versions); `progress` is
+    called with the name of each kernel class as its measurement starts."""
     import torch
+
+    from costmodel.hardware.calibrate_kernels import kernel_plan, measure_kernels
 
     if device not in DEVICES:
         raise UsageError(f"--device got '{device}'; accepted: {', '.join(DEVICES)}")
@@ -76,14 +85,28 @@ def calibrate(device: str = "cpu", out_path: str | os.PathLike | None = None, *,
     sources["kernel_overhead_s"] = f"{stamp}: {detail}"
     memory_bytes, detail = _memory_bytes(device)
     sources["memory_bytes"] = f"{detail} (on {machine})"
+    measured = measure_kernels(device, kernel_plan(device, quick), stamp, progress) if kernels else None
 
+    fields = {"name": name or f"calibrated-{device}", "vendor": _vendor(device),
+              "description": f"{machine}, measured", "calibrated": True, "memory_bytes": memory_bytes,
+              "bandwidth_bytes_per_s": bandwidth, "kernel_overhead_s": overhead_s}
+    if device == "cpu":
+        fields["threads"] = torch.get_num_threads()
+    sections = {"peak_flops_per_s": peaks, "sources": sources}
+    if measured is not None:
+        fields["cache_bytes"] = measured.cache_bytes
+        sources["cache_bytes"] = "sysfs /sys/devices/system/cpu/cpu0/cache (the largest level)" if device == "cpu" \
+            else "torch.cuda.get_device_properties().L2_cache_size"
+        if measured.python_call_s is not None:
+            fields["python_call_s"] = measured.python_call_s
+            sources["python_call_s"] = f"{stamp}: a Python loop of tiny in-place adds less the same adds made by " \
+                                       f"torch._foreach_add_'s C++ loop, per op, {_threads(device)}"
+        if measured.allocation is not None:
+            sections["allocation"] = measured.allocation.to_dict()
+        sections.update({f"kernels.{_toml_key(key)}": table.to_dict() for key, table in measured.tables.items()})
     text = _to_toml(
         header=f"Written by `costmodel hardware calibrate --device {device}`: measured achievable rates.",
-        fields={"name": name or f"calibrated-{device}", "vendor": _vendor(device),
-                "description": f"{machine}, measured", "calibrated": True, "memory_bytes": memory_bytes,
-                "bandwidth_bytes_per_s": bandwidth, "kernel_overhead_s": overhead_s},
-        tables={"peak_flops_per_s": peaks, "sources": sources},
-    )
+        fields=fields, tables=sections)
     if out is not None:
         out.write_text(text, encoding="utf-8")
     return hardware_from_dict(tomllib.loads(text), origin=f"calibration of {device}",
@@ -195,10 +218,19 @@ def _time_once(call, device: str) -> float:
     """One warm call's wall time (the first call may pay for allocation and kernel selection)."""
     call()
     _sync(device)
-    start = time.perf_counter()
+    clock = _clock(device)
+    start = clock()
     call()
     _sync(device)
-    return time.perf_counter() - start
+    return clock() - start
+
+
+def _clock(device: str):
+    """One CPU thread: the thread's own clock, as the kernel tables and `validate` time (other
+    processes' time slices do not count); else the wall clock."""
+    import torch
+
+    return time.thread_time if device == "cpu" and torch.get_num_threads() == 1 else time.perf_counter
 
 
 def _median_s(call, device: str, min_run_time_s: float) -> tuple[float, int]:
@@ -207,7 +239,7 @@ def _median_s(call, device: str, min_run_time_s: float) -> tuple[float, int]:
 
     call()
     _sync(device)
-    timer = benchmark.Timer(stmt="call()", globals={"call": call})
+    timer = benchmark.Timer(stmt="call()", globals={"call": call}, timer=_clock(device))
     measurement = timer.blocked_autorange(min_run_time=min_run_time_s)
     return measurement.median, measurement.number_per_run * len(measurement.times)
 
@@ -242,11 +274,17 @@ def _machine(device: str) -> str:
 
 
 def _to_toml(header: str, fields: dict, tables: dict[str, dict]) -> str:
+    """Top-level fields, then one [table] each (its name already quoted where needed); a dict value
+    inside a table is written as dotted keys (efficiency.m = [[1.0, 0.2], ...])."""
     lines = [f"# {header}"]
     lines += [f"{key} = {_toml_value(value)}" for key, value in fields.items()]
     for table, values in tables.items():
         lines += ["", f"[{table}]"]
-        lines += [f"{_toml_key(key)} = {_toml_value(value)}" for key, value in values.items()]
+        for key, value in values.items():
+            if isinstance(value, dict):
+                lines += [f"{_toml_key(key)}.{_toml_key(k)} = {_toml_value(v)}" for k, v in value.items()]
+            else:
+                lines.append(f"{_toml_key(key)} = {_toml_value(value)}")
     return "\n".join(lines) + "\n"
 
 
@@ -255,6 +293,8 @@ def _toml_key(key: str) -> str:
 
 
 def _toml_value(value) -> str:
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, int):

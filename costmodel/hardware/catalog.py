@@ -22,6 +22,7 @@ from pathlib import Path
 
 from costmodel.hardware.comm import DEFAULT_INTERCONNECT, DEFAULT_INTERCONNECT_SOURCES, INTERCONNECT_FIELDS, Interconnect
 from costmodel.errors import UsageError
+from costmodel.hardware.kernels import AllocationTable, KernelTable, allocation_from_dict, find_table, tables_from_dict
 from costmodel.hardware.roofline import DEFAULT_EFFICIENCY
 
 DTYPES = ("float32", "tf32", "bfloat16", "float16", "float8")
@@ -38,7 +39,8 @@ _DTYPE_ALIASES = {
 }
 _REQUIRED = ("memory_bytes", "bandwidth_bytes_per_s", "peak_flops_per_s")
 _OPTIONAL = ("name", "vendor", "description", "kernel_overhead_s", "calibrated", "efficiency", "sources",
-             "compute_capability", *INTERCONNECT_FIELDS)
+             "compute_capability", "threads", "kernels", "allocation", "cache_bytes", "python_call_s",
+             *INTERCONNECT_FIELDS)
 
 
 def canonical_dtype(dtype: str) -> str:
@@ -66,6 +68,18 @@ class Hardware:
     compute_capability: str = ""
     # Per-device overrides of roofline.DEFAULT_EFFICIENCY (the [efficiency] table of the file).
     efficiency: dict[str, float] = field(default_factory=dict, hash=False)
+    # Measured kernel classes (`costmodel hardware calibrate`): "matmul:float32" -> KernelTable.
+    # Where an op's class has one, the roofline prices it from the table instead of the ramps.
+    kernels: dict[str, KernelTable] = field(default_factory=dict, hash=False)
+    # The CPU's price of fresh pages for large new outputs (None: not measured, or not paid).
+    allocation: AllocationTable | None = None
+    threads: int | None = None       # CPU threads the calibration ran with
+    # Last-level cache (CPU) or L2 (GPU): a parameter read again after more traffic than this comes
+    # from memory again. None: not known, no such term.
+    cache_bytes: int | None = None
+    # What the Python binding adds to an eager op over the same op called from C++ (the 2nd..nth op
+    # of F.linear, of nn.GRU's loop; backward nodes but their first op). None: not measured.
+    python_call_s: float | None = None
     # The interconnect (costmodel.comm): a file without these fields gets DEFAULT_INTERCONNECT,
     # and its sources say so.
     gpus_per_node: int = DEFAULT_INTERCONNECT.gpus_per_node
@@ -77,8 +91,12 @@ class Hardware:
     def __post_init__(self):
         # Own copies: the caller's dicts stay theirs. (Plain dicts, so copy/pickle/asdict work;
         # catalog entries are shared, so treat the tables as read-only.)
-        for name in ("peak_flops_per_s", "sources", "efficiency"):
+        for name in ("peak_flops_per_s", "sources", "efficiency", "kernels"):
             object.__setattr__(self, name, dict(getattr(self, name)))
+
+    def kernel_table(self, kernel: str | None, dtype: str | None) -> KernelTable | None:
+        """The most specific measured table for an op of class `kernel` in `dtype`, or None."""
+        return find_table(self.kernels, kernel, dtype)
 
     @property
     def interconnect(self) -> Interconnect:
@@ -133,6 +151,11 @@ class Hardware:
             **{name: getattr(self, name) for name in INTERCONNECT_FIELDS},
             "sources": dict(self.sources),
             "path": self.path,
+            "threads": self.threads,
+            "cache_bytes": self.cache_bytes,
+            "python_call_s": self.python_call_s,
+            "kernels": {k: t.to_dict() for k, t in self.kernels.items()},
+            "allocation": self.allocation.to_dict() if self.allocation else None,
         }
 
 
@@ -220,6 +243,17 @@ def hardware_from_dict(data: dict, *, origin: str, path: str | None = None) -> H
     if not isinstance(sources, dict) or not all(isinstance(v, str) for v in sources.values()):
         raise UsageError(f"{origin}: 'sources' must be a table of strings (field = \"where it is "
                          f"from\"), got {sources!r}")
+    threads = data.get("threads")
+    if threads is not None and (not isinstance(threads, int) or isinstance(threads, bool) or threads < 1):
+        raise UsageError(f"{origin}: 'threads' must be a positive integer (the CPU threads of the "
+                         f"calibration), got {threads!r}")
+    cache_bytes = data.get("cache_bytes")
+    if cache_bytes is not None and (not isinstance(cache_bytes, int) or isinstance(cache_bytes, bool)
+                                    or cache_bytes < 1):
+        raise UsageError(f"{origin}: 'cache_bytes' must be a positive integer number of bytes, got {cache_bytes!r}")
+    python_call_s = data.get("python_call_s")
+    if python_call_s is not None and (not _is_number(python_call_s) or not 0 <= python_call_s < 1):
+        raise UsageError(f"{origin}: 'python_call_s' must be seconds, 0 <= value < 1, got {python_call_s!r}")
     interconnect, sources = _interconnect(data, sources, origin)
     return Hardware(
         name=name.strip(), memory_bytes=memory_bytes,
@@ -229,6 +263,10 @@ def hardware_from_dict(data: dict, *, origin: str, path: str | None = None) -> H
         path=path, description=data.get("description", ""), calibrated=calibrated,
         compute_capability=_capability(data.get("compute_capability", ""), origin),
         efficiency=_efficiency(data.get("efficiency", {}), origin), **interconnect,
+        kernels=tables_from_dict(data.get("kernels", {}), origin, DTYPES),
+        allocation=allocation_from_dict(data["allocation"], origin) if "allocation" in data else None,
+        threads=threads, cache_bytes=cache_bytes,
+        python_call_s=float(python_call_s) if python_call_s is not None else None,
     )
 
 

@@ -1,9 +1,12 @@
 """Roofline time of an op on a device: pure arithmetic on FLOPs, bytes and the device's figures.
 
-An op takes max(flops / achievable FLOP/s, bytes / achievable bandwidth) plus one kernel overhead.
-Achievable = datasheet peak * efficiency, where the efficiency has a ceiling per kind of op (data in
-DEFAULT_EFFICIENCY, overridable) and ramps up with the op's size. Matmul, conv and attention run
-on the tensor-core peak of their dtype; every other op runs on the float32 vector peak.
+Generic: an op takes max(flops / achievable FLOP/s, bytes / achievable bandwidth) plus one kernel
+overhead. Achievable = datasheet peak * efficiency, where the efficiency has a ceiling per kind of
+op (data in DEFAULT_EFFICIENCY, overridable) and ramps up with the op's size. Matmul, conv and
+attention run on the tensor-core peak of their dtype; every other op runs on the float32 vector peak.
+Calibrated: where the device file has a measured table for the op's kernel class (costmodel/hardware/kernels.py,
+written by `costmodel hardware calibrate`), the op takes that table's overhead plus its work at the
+measured rate for its size and shape, plus, on a CPU, the first touch of a large new output.
 `bound` compares the op's intensity with the ridge point (datasheet peak / datasheet bandwidth) of
 the peak it runs on, so it agrees with `costmodel hardware show` and the roofline plot.
 No torch here: numbers in, numbers out.
@@ -15,8 +18,10 @@ import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Iterable, Mapping
 
-from costmodel.rules.cost import ATTENTION, CONV, INDEX, MATMUL
+from costmodel.rules.cost import ATTENTION, CONV, INDEX, KERNEL_OF_CATEGORY, MATMUL, VIEW
 from costmodel.errors import UsageError
+from costmodel.hardware.kernels import (ALLOC_FEATURE, COLD_FEATURE, FLOPS, INTERNAL_FEATURE, SHAPE_ONLY_FEATURE,
+                               STRIDED_FEATURE)
 
 if TYPE_CHECKING:
     from costmodel.hardware.catalog import Hardware
@@ -64,6 +69,8 @@ class OpTime:
     ridge_point: float          # peak_flops_per_s / bandwidth: the intensity where bound flips
     compute_efficiency: float
     memory_efficiency: float
+    kernel: str | None = None   # the measured table that priced it ("conv.depthwise"), None: the ramps
+    allocation_s: float = 0.0   # first touch of a large new output (calibrated CPUs), inside time_s
 
     @property
     def flops_per_s(self) -> float:
@@ -81,6 +88,7 @@ class Summary:
     flops: float
     peak_flops_per_s: float        # dense peak of the model's dtype, the MFU denominator
     mfu: float | None              # flops / (time_s * peak_flops_per_s)
+    framework_time_s: float = 0.0  # eager's module calls (framework_time_s()), inside time_s and overhead
 
 
 def efficiencies(hw: "Hardware", overrides: Mapping[str, float] | None = None) -> dict[str, float]:
@@ -108,8 +116,11 @@ def efficiencies(hw: "Hardware", overrides: Mapping[str, float] | None = None) -
 
 
 def op_time(flops, bytes, category: str, dtype: str, hw: "Hardware", tf32: bool = False,
-            efficiency: Mapping[str, float] | None = None) -> OpTime:
-    """Roofline time of one op.
+            efficiency: Mapping[str, float] | None = None, kernel: str | None = None,
+            features: Mapping[str, float] | None = None) -> OpTime:
+    """Time of one op: from the device's measured table for `kernel` (default: the category's
+    class) where it has one, else the roofline with generic efficiencies. `features` are the op's
+    shape features (m, n, k, ...) and alloc_bytes, as the rules name them.
 
     >>> t = op_time(2 * 8192**3, 3 * 8192**2 * 2, "matmul", "bfloat16", load_hardware("a100-80gb"))
     >>> t.bound, round(t.intensity), round(t.compute_efficiency, 3), round(t.time_s * 1e3, 2)
@@ -118,6 +129,10 @@ def op_time(flops, bytes, category: str, dtype: str, hw: "Hardware", tf32: bool 
     flops, bytes = float(flops), float(bytes)
     if not (flops >= 0 and bytes >= 0):
         raise UsageError(f"op_time needs flops >= 0 and bytes >= 0; got flops={flops}, bytes={bytes}")
+    if hw.kernels or hw.allocation:
+        measured = _measured_time(flops, bytes, category, dtype, hw, tf32, kernel, features or {})
+        if measured is not None:
+            return measured
     eff = efficiencies(hw, efficiency)
     tensor_key = _TENSOR_CATEGORIES.get(category)
     if tensor_key is not None:
@@ -135,13 +150,66 @@ def op_time(flops, bytes, category: str, dtype: str, hw: "Hardware", tf32: bool 
     compute_time_s = flops / (peak * compute_efficiency) if flops else 0.0
     memory_time_s = bytes / (bandwidth * memory_efficiency) if bytes else 0.0
     intensity = flops / bytes if bytes else math.inf
+    allocation_s = hw.allocation.penalty_s(float((features or {}).get(ALLOC_FEATURE, 0))) if hw.allocation else 0.0
     return OpTime(
         flops=flops, bytes=bytes,
-        time_s=max(compute_time_s, memory_time_s) + hw.kernel_overhead_s,
+        time_s=max(compute_time_s, memory_time_s) + hw.kernel_overhead_s + allocation_s,
         compute_time_s=compute_time_s, memory_time_s=memory_time_s, overhead_s=hw.kernel_overhead_s,
         intensity=intensity, bound="compute" if intensity >= ridge else "memory",
         peak_flops_per_s=peak, ridge_point=ridge,
-        compute_efficiency=compute_efficiency, memory_efficiency=memory_efficiency,
+        compute_efficiency=compute_efficiency, memory_efficiency=memory_efficiency, allocation_s=allocation_s,
+    )
+
+
+def _peak(category: str, dtype: str, hw: "Hardware", tf32: bool) -> float:
+    return hw.peak_for(dtype, tf32) if category in _TENSOR_CATEGORIES else hw.vector_flops_per_s
+
+
+def _measured_time(flops: float, bytes: float, category: str, dtype: str, hw: "Hardware", tf32: bool,
+                   kernel: str | None, features: Mapping[str, float]) -> OpTime | None:
+    """The op priced from the device's measured table of its kernel class; None if it has none."""
+    from costmodel.hardware.catalog import canonical_dtype
+    kernel = kernel or KERNEL_OF_CATEGORY.get(category)
+    key = canonical_dtype(dtype)
+    if tf32 and key == "float32" and hw.kernel_table(kernel, "tf32") is not None:
+        key = "tf32"
+    table = hw.kernel_table(kernel, key)
+    if table is None:
+        return None
+    peak = _peak(category, dtype, hw, tf32)
+    bandwidth = hw.bandwidth_bytes_per_s
+    ridge = peak / bandwidth
+    if flops == 0 and bytes == 0:
+        if category != VIEW or features.get(SHAPE_ONLY_FEATURE):
+            return OpTime(0.0, 0.0, 0.0, 0.0, 0.0, 0.0, None, None, peak, ridge, 0.0, 0.0, table.kernel)
+        # A view does no work, but an eager call of it still goes through the dispatcher.
+        overhead_s = _overhead_s(table.overhead_s, hw, features)
+        return OpTime(0.0, 0.0, overhead_s, 0.0, 0.0, overhead_s, None, None, peak, ridge, 0.0, 0.0, table.kernel)
+    # The measured side is the table's time (it already holds whatever bound the kernel); the
+    # other side is the ideal time at the datasheet figure, for the record.
+    # Tables were measured with the operands in cache (as far as they fit); what the cache no
+    # longer holds is read from memory first.
+    kernel_s = table.kernel_time_s(flops if table.work == FLOPS else bytes, features) + \
+        float(features.get(COLD_FEATURE, 0)) / bandwidth
+    if table.work == FLOPS:
+        compute_time_s, memory_time_s = kernel_s, bytes / bandwidth
+    else:
+        compute_time_s, memory_time_s = flops / peak, kernel_s
+    strided = float(features.get(STRIDED_FEATURE, 0))
+    copy = hw.kernel_table("copy.strided", None) if strided else None
+    if copy is not None and copy.kernel == "copy.strided":    # the contiguous copy the kernel makes first
+        kernel_s += copy.kernel_time_s(2 * strided)
+    allocation_s = hw.allocation.penalty_s(float(features.get(ALLOC_FEATURE, 0))) if hw.allocation else 0.0
+    overhead_s = _overhead_s(table.overhead_s, hw, features)
+    intensity = flops / bytes if bytes else math.inf
+    return OpTime(
+        flops=flops, bytes=bytes, time_s=overhead_s + kernel_s + allocation_s,
+        compute_time_s=compute_time_s, memory_time_s=memory_time_s, overhead_s=overhead_s,
+        intensity=intensity, bound="compute" if intensity >= ridge else "memory",
+        peak_flops_per_s=peak, ridge_point=ridge,
+        compute_efficiency=flops / (peak * compute_time_s) if compute_time_s else 1.0,
+        memory_efficiency=bytes / (bandwidth * memory_time_s) if memory_time_s else 1.0,
+        kernel=table.kernel, allocation_s=allocation_s,
     )
 
 
@@ -182,25 +250,41 @@ def op_times(flops, bytes, category: str, dtype: str, hw: "Hardware", tf32: bool
 
 
 def summarize(op_times: Iterable[OpTime], total_flops, hw: "Hardware", dtype: str,
-              tf32: bool = False) -> Summary:
-    """Totals over ops run one after another; MFU against the dense peak of `dtype`.
+              tf32: bool = False, framework_s: float = 0.0) -> Summary:
+    """Totals over ops run one after another, plus `framework_s` of eager framework work outside
+    the ops; MFU against the dense peak of `dtype`.
 
     `total_flops` is the numerator of MFU (the model's FLOPs, usually matmul FLOPs); per-op FLOPs
     only decide each op's time.
     """
     op_times = list(op_times)
-    time_s = math.fsum(t.time_s for t in op_times)
+    time_s = math.fsum(t.time_s for t in op_times) + framework_s
     compute_s = math.fsum(t.time_s for t in op_times if t.bound == "compute")
     memory_s = math.fsum(t.time_s for t in op_times if t.bound == "memory")
-    overhead_s = math.fsum(t.overhead_s for t in op_times)
+    overhead_s = math.fsum(t.overhead_s for t in op_times) + framework_s
     peak = hw.peak_for(dtype, tf32)
     total_flops = float(total_flops)
     return Summary(
         time_s=time_s, compute_bound_time_s=compute_s, memory_bound_time_s=memory_s,
         overhead_time_s=overhead_s, memory_bound_share=memory_s / time_s if time_s else None,
         flops=total_flops, peak_flops_per_s=peak,
-        mfu=total_flops / (time_s * peak) if time_s else None,
+        mfu=total_flops / (time_s * peak) if time_s else None, framework_time_s=framework_s,
     )
+
+
+def _overhead_s(measured_s: float, hw: "Hardware", features: Mapping[str, float]) -> float:
+    """A table's overhead was measured on calls from Python; an op eager runs inside another's call
+    (features["internal"]) skips the Python binding, down to a tenth of the measured overhead."""
+    if features.get(INTERNAL_FEATURE) and hw.python_call_s:
+        return max(measured_s - hw.python_call_s, 0.1 * measured_s)
+    return measured_s
+
+
+def framework_time_s(module_calls: int, hw: "Hardware") -> float:
+    """Eager's cost of the model's nn.Module calls (hooks, dispatch) on a device with a measured
+    "module" table; 0 elsewhere."""
+    table = hw.kernel_table("module", None)
+    return module_calls * table.overhead_s if table is not None else 0.0
 
 
 def _ramp(ideal_time_s: float, ceiling: float, ramp_s: float) -> float:

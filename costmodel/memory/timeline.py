@@ -60,6 +60,8 @@ def device_kind(device) -> str:
         raise UsageError(f"unknown device kind {device!r}; accepted: {', '.join(DEVICE_KINDS)}")
     if getattr(device, "vendor", "") in ("nvidia", "amd"):
         return "cuda"
+    if getattr(device, "vendor", "") == "cpu":      # what `hardware calibrate --device cpu` writes
+        return "cpu"
     text = " ".join(str(getattr(device, a, "") or "") for a in ("name", "description")).lower()
     return "cpu" if "cpu" in text else "cuda"      # `hardware calibrate --device cpu` names it so
 

@@ -11,6 +11,8 @@ blocks, which the roofline's efficiency absorbs. Softmax costs SOFTMAX_FLOPS per
 SOFTMAX_BACKWARD_FLOPS backward, counted in `flops` but not in `matmul_flops`.
 The math kernel materialises the [B, H, L, S] scores and probabilities (written and read back);
 the fused kernels keep them on chip and store only a float32 logsumexp per query row.
+Kernel class "attention", with features batch_heads, L, S, E: which SDPA kernel a device runs is
+decided where the device is known (analysis.attention_classes), from the same arguments.
 """
 
 from __future__ import annotations
@@ -53,7 +55,12 @@ def attention_forward(q: TensorSpec, k: TensorSpec, v: TensorSpec, out: TensorSp
         written += 2 * scores * q.itemsize
     else:
         written += BH * L * 4                                # float32 logsumexp per row
-    return OpCost(matmul + SOFTMAX_FLOPS * scores, read, written, ATTENTION, counted_flops=matmul)
+    return OpCost(matmul + SOFTMAX_FLOPS * scores, read, written, ATTENTION, counted_flops=matmul,
+                  kernel="attention", features=_features(BH, L, S, E))
+
+
+def _features(BH, L, S, E) -> dict:
+    return {"batch_heads": BH, "L": L, "S": S, "E": E}
 
 
 def attention_backward(grad_out: TensorSpec, q: TensorSpec, k: TensorSpec, v: TensorSpec, grads,
@@ -70,7 +77,8 @@ def attention_backward(grad_out: TensorSpec, q: TensorSpec, k: TensorSpec, v: Te
         extra_read, extra_written = BH * L * 4 * 2, 0       # logsumexp and the delta rows
     read = nbytes_of([grad_out, q, k, v, mask]) + extra_read
     written = nbytes_of(grads) + extra_written
-    return OpCost(matmul + SOFTMAX_BACKWARD_FLOPS * scores, read, written, ATTENTION, counted_flops=matmul)
+    return OpCost(matmul + SOFTMAX_BACKWARD_FLOPS * scores, read, written, ATTENTION, counted_flops=matmul,
+                  kernel="attention.backward", features=_features(BH, L, S, E))
 
 
 def _bshd(t: TensorSpec) -> TensorSpec:

@@ -7,7 +7,7 @@ read once and each output written once (no cache reuse, no fusion across ops).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import sympy
 
@@ -34,6 +34,11 @@ CATEGORIES = (MATMUL, CONV, ATTENTION, POINTWISE, REDUCTION, NORM, SOFTMAX, EMBE
 MATMUL_CATEGORIES = frozenset({MATMUL, CONV, ATTENTION})
 
 ZERO = sympy.Integer(0)
+# The kernel class of an op whose rule names none.
+KERNEL_OF_CATEGORY = {MATMUL: "matmul", CONV: "conv", ATTENTION: "attention", POINTWISE: "pointwise",
+                      REDUCTION: "reduction", NORM: "norm", SOFTMAX: "softmax", EMBEDDING: "embedding",
+                      INDEX: "index", COPY: "copy", POOL: "pool", LOSS: "loss", OPTIMIZER: "optimizer",
+                      FACTORY: "fill", VIEW: "view"}
 
 
 @dataclass(frozen=True)
@@ -46,10 +51,22 @@ class OpCost:
     # for matmul, conv and attention ops, none for the others. Attention sets it explicitly, since
     # its softmax FLOPs are real work that FlopCounterMode does not count.
     counted_flops: sympy.Expr | None = None
+    # The kernel class that prices the op on a calibrated device (see costmodel/hardware/kernels.py), decided
+    # from the op and its arguments; None: the category's class (KERNEL_OF_CATEGORY).
+    kernel: str | None = None
+    # Shape features the class's measured table reads (a product's m, n, k), as formulas.
+    features: dict[str, sympy.Expr] = field(default_factory=dict, compare=False)
 
     def __post_init__(self):
         if self.category not in CATEGORIES:
             raise ValueError(f"unknown op category {self.category!r}; known: {', '.join(CATEGORIES)}")
+        if self.kernel is not None:
+            from costmodel.hardware.kernels import check_kernel
+            check_kernel(self.kernel)
+
+    @property
+    def kernel_class(self) -> str:
+        return self.kernel or KERNEL_OF_CATEGORY[self.category]
 
     @property
     def bytes(self) -> sympy.Expr:

@@ -88,5 +88,6 @@ def optimizer_ops(model, trainable: set[str], name: str, root: str = "(root)") -
                 "bytes_read": sympy.Integer(read), "bytes_written": sympy.Integer(written),
                 "bytes": sympy.Integer(read + written)}
         records.append(OpRecord(f"{name}:{pname}", f"optimizer.{name}", pname.rpartition(".")[0] or root,
-                                "optimizer", OPTIMIZER, dtype_name(p.dtype), cost))
+                                "optimizer", OPTIMIZER, dtype_name(p.dtype), cost,
+                                kernel=f"optimizer.{name.replace('-', '_')}"))
     return records

@@ -5,6 +5,11 @@ Conventions (fvcore's, made explicit): a pointwise op does FLOPS_PER_ELEMENT[op]
 FLOPs per output element, reads each input once at its own (un-broadcast) size and writes its
 output once. A reduction does one FLOP per input element. Copies, factories and indexing move
 bytes and do no FLOPs.
+
+Kernel classes: an elementwise op is "pointwise.<op>" (its aten name, in-place or not:
+pointwise.add, pointwise.tanh; gelu with approximate="tanh" is pointwise.gelu_tanh), so a device
+that measured the op prices it as measured and one that did not falls back to "pointwise". Random
+fills are "random", dropout "random.dropout"; the other factories "fill".
 """
 
 from __future__ import annotations
@@ -44,7 +49,21 @@ def pointwise_rule(*args, out, op=None, **kwargs) -> OpCost:
     outs = tensors_in(out)
     flops_per_elem = FLOPS_PER_ELEMENT.get(getattr(op, "overloadpacket", op), 1)
     return OpCost(flops_per_elem * outs[0].numel if outs else 0, nbytes_of([args, kwargs]),
-                  nbytes_of(outs), POINTWISE)
+                  nbytes_of(outs), POINTWISE, kernel=pointwise_class(op, args, kwargs))
+
+
+def pointwise_class(op, args=(), kwargs=None) -> str:
+    """"pointwise.<aten name>" (in-place ops share their out-of-place class); gelu and its backward
+    with approximate="tanh" are "pointwise.gelu_tanh" and "pointwise.gelu_backward_tanh"."""
+    name = getattr(getattr(op, "overloadpacket", op), "__name__", "") if op is not None else ""
+    name = name.rstrip("_").lstrip("_")
+    if not name or not name.replace("_", "").isalnum() or not name.islower():
+        return "pointwise"
+    if name in ("gelu", "gelu_backward"):
+        approximate = (kwargs or {}).get("approximate", next((a for a in args if isinstance(a, str)), "none"))
+        if approximate == "tanh":
+            name += "_tanh"
+    return f"pointwise.{name}"
 
 
 register(*_UNTAGGED_POINTWISE)(pointwise_rule)
@@ -93,13 +112,13 @@ def reduction3(x: TensorSpec, *args, out, **_) -> OpCost:
 @register(aten._softmax, aten._log_softmax, aten._safe_softmax, aten.softmax, aten.log_softmax)
 def softmax(x: TensorSpec, *args, out, **_) -> OpCost:
     """max, subtract, exp, sum, divide: 5 FLOPs per element"""
-    return OpCost(5 * x.numel, x.nbytes, out.nbytes, SOFTMAX)
+    return OpCost(5 * x.numel, x.nbytes, out.nbytes, SOFTMAX, kernel="softmax")
 
 
 @register(aten._softmax_backward_data, aten._log_softmax_backward_data)
 def softmax_backward(grad_out: TensorSpec, output: TensorSpec, *args, out, **_) -> OpCost:
     """grad_in = y * (g - sum(g * y)): 4 FLOPs per element"""
-    return OpCost(4 * grad_out.numel, grad_out.nbytes + output.nbytes, out.nbytes, SOFTMAX)
+    return OpCost(4 * grad_out.numel, grad_out.nbytes + output.nbytes, out.nbytes, SOFTMAX, kernel="softmax.backward")
 
 
 # --- embedding and indexing ---------------------------------------------------------------------
@@ -113,7 +132,8 @@ def embedding(weight: TensorSpec, indices: TensorSpec, *args, out, **_) -> OpCos
 @register(aten.embedding_dense_backward)
 def embedding_backward(grad_out: TensorSpec, indices: TensorSpec, *args, out, **_) -> OpCost:
     """grad_weight = zeros([V, D]).index_add_(0, indices, grad_out): one add per gradient element"""
-    return OpCost(grad_out.numel, grad_out.nbytes + indices.nbytes, out.nbytes + grad_out.nbytes, EMBEDDING)
+    return OpCost(grad_out.numel, grad_out.nbytes + indices.nbytes, out.nbytes + grad_out.nbytes, EMBEDDING,
+                  kernel="embedding.backward")
 
 
 def _gather_like(index_tensors, out, elem_size: int) -> OpCost:
@@ -138,7 +158,7 @@ def index_put(x: TensorSpec, indices, values: TensorSpec, accumulate=False, *arg
     in_place = kwargs.get("op") in (aten.index_put_.default, aten._index_put_impl_.default)
     copy = 0 if in_place else x.nbytes
     flops = values.numel if accumulate else 0
-    return OpCost(flops, copy + nbytes_of([indices, values]), copy + values.nbytes, INDEX)
+    return OpCost(flops, copy + nbytes_of([indices, values]), copy + values.nbytes, INDEX, kernel="index.scatter")
 
 
 @register(aten.scatter, aten.scatter_add, aten.scatter_reduce, aten.index_add, aten.index_copy,
@@ -147,14 +167,15 @@ def index_put(x: TensorSpec, indices, values: TensorSpec, accumulate=False, *arg
 def scatter(x: TensorSpec, *args, out, **_) -> OpCost:
     """out = x with some elements replaced or accumulated (one add per source element at most)"""
     src = tensors_in(args)
-    return OpCost(src[-1].numel if src else 0, x.nbytes + nbytes_of(src), nbytes_of(tensors_in(out)), INDEX)
+    return OpCost(src[-1].numel if src else 0, x.nbytes + nbytes_of(src), nbytes_of(tensors_in(out)), INDEX,
+                  kernel="index.scatter")
 
 
 @register(aten.slice_backward, aten.select_backward, aten.diagonal_backward, aten.as_strided_scatter,
           aten.slice_scatter, aten.select_scatter, aten.diagonal_scatter, aten.unfold_backward)
 def scatter_into_zeros(*args, out, **_) -> OpCost:
     """grad_input = zeros(input_sizes); grad_input[region] = grad"""
-    return OpCost(0, nbytes_of(tensors_in(args)), nbytes_of(tensors_in(out)), INDEX)
+    return OpCost(0, nbytes_of(tensors_in(args)), nbytes_of(tensors_in(out)), INDEX, kernel="index.scatter")
 
 
 # --- copies and factories -----------------------------------------------------------------------
@@ -175,15 +196,21 @@ def copy(*args, out, **_) -> OpCost:
           aten.randn_like, aten.randint, aten.randint_like, aten.randperm, aten.linspace, aten.logspace,
           aten.fill, aten.fill_, aten.zero_, aten.zero, aten.eye, aten.tensor, aten.normal, aten.uniform,
           aten.uniform_, aten.normal_, aten.bernoulli_, aten.bernoulli, aten.random_, aten.exponential_)
-def factory(*args, out, **_) -> OpCost:
+def factory(*args, out, op=None, **_) -> OpCost:
     """writes its output; reads nothing but a fill value"""
-    return OpCost(0, 0, nbytes_of(tensors_in(out)), FACTORY)
+    packet = getattr(op, "overloadpacket", op)
+    return OpCost(0, 0, nbytes_of(tensors_in(out)), FACTORY, kernel="random" if packet in _RANDOM else "fill")
+
+
+_RANDOM = {aten.rand, aten.randn, aten.rand_like, aten.randn_like, aten.randint, aten.randint_like, aten.randperm,
+           aten.normal, aten.uniform, aten.uniform_, aten.normal_, aten.bernoulli_, aten.bernoulli, aten.random_,
+           aten.exponential_}
 
 
 @register(aten.native_dropout)
 def dropout(x: TensorSpec, p, train, *, out, **_) -> OpCost:
     """mask = rand < 1-p; out = x * mask / (1-p): 2 FLOPs per element"""
-    return OpCost(2 * x.numel, x.nbytes, nbytes_of(tensors_in(out)), POINTWISE)
+    return OpCost(2 * x.numel, x.nbytes, nbytes_of(tensors_in(out)), POINTWISE, kernel="random.dropout")
 
 
 @register(aten._local_scalar_dense, aten.item)
@@ -195,27 +222,28 @@ def item(x: TensorSpec, *args, out=None, **_) -> OpCost:
 
 @register(aten.max_pool2d_with_indices, aten.max_pool3d_with_indices, aten.avg_pool2d, aten.avg_pool3d,
           aten.avg_pool1d, aten.max_pool1d, aten.max_pool2d, aten.max_pool3d)
-def pool(x: TensorSpec, kernel_size, *args, out, **_) -> OpCost:
+def pool(x: TensorSpec, kernel_size, *args, out, op=None, **_) -> OpCost:
     """one compare/add per window element per output element"""
     outs = tensors_in(out)
-    return OpCost(outs[0].numel * prod(kernel_size), x.nbytes, nbytes_of(outs), POOL)
+    return OpCost(outs[0].numel * prod(kernel_size), x.nbytes, nbytes_of(outs), POOL, kernel=_pool_class(op))
 
 
 @register(aten.max_pool2d_with_indices_backward, aten.max_pool3d_with_indices_backward,
           aten.avg_pool2d_backward, aten.avg_pool3d_backward)
-def pool_backward(grad_out: TensorSpec, x: TensorSpec, kernel_size, *args, out, **_) -> OpCost:
+def pool_backward(grad_out: TensorSpec, x: TensorSpec, kernel_size, *args, out, op=None, **_) -> OpCost:
     """scatter each output gradient back over its window"""
     return OpCost(grad_out.numel * prod(kernel_size), grad_out.nbytes + nbytes_of(tensors_in(args)),
-                  out.nbytes, POOL)
+                  out.nbytes, POOL, kernel=_pool_class(op))
 
 
 @register(aten._adaptive_avg_pool2d, aten._adaptive_avg_pool3d, aten.adaptive_avg_pool1d,
           aten.adaptive_max_pool2d, aten.adaptive_max_pool1d, aten.adaptive_max_pool3d,
           aten._adaptive_avg_pool2d_backward, aten._adaptive_avg_pool3d_backward,
           aten.adaptive_max_pool2d_backward, aten.adaptive_max_pool3d_backward)
-def adaptive_pool(x: TensorSpec, *args, out, **_) -> OpCost:
+def adaptive_pool(x: TensorSpec, *args, out, op=None, **_) -> OpCost:
     """every input element is added (or compared) once"""
-    return OpCost(x.numel, nbytes_of(tensors_in([x, args])), nbytes_of(tensors_in(out)), POOL)
+    return OpCost(x.numel, nbytes_of(tensors_in([x, args])), nbytes_of(tensors_in(out)), POOL,
+                  kernel="pool.adaptive" + (".backward" if "backward" in str(op) else ""))
 
 
 @register(aten.upsample_nearest1d, aten.upsample_nearest2d, aten.upsample_nearest3d, aten._upsample_nearest_exact2d,
@@ -223,14 +251,20 @@ def adaptive_pool(x: TensorSpec, *args, out, **_) -> OpCost:
           aten._upsample_bilinear2d_aa, aten.grid_sampler_2d)
 def upsample(x: TensorSpec, *args, out, **_) -> OpCost:
     """interpolation: a few FLOPs per output element (4 for bilinear weights, 0 for nearest)"""
-    return OpCost(4 * out.numel, x.nbytes, out.nbytes, POOL)
+    return OpCost(4 * out.numel, x.nbytes, out.nbytes, POOL, kernel="pool.upsample")
 
 
 @register(aten.upsample_nearest1d_backward, aten.upsample_nearest2d_backward, aten.upsample_nearest3d_backward,
           aten.upsample_bilinear2d_backward, aten.upsample_bicubic2d_backward, aten.upsample_linear1d_backward,
           aten.upsample_trilinear3d_backward, aten._upsample_nearest_exact2d_backward)
 def upsample_backward(grad_out: TensorSpec, *args, out, **_) -> OpCost:
-    return OpCost(4 * grad_out.numel, grad_out.nbytes, out.nbytes, POOL)
+    return OpCost(4 * grad_out.numel, grad_out.nbytes, out.nbytes, POOL, kernel="pool.upsample.backward")
+
+
+def _pool_class(op) -> str:
+    name = str(getattr(op, "overloadpacket", op) or "")
+    kind = "pool.max" if "max" in name else "pool.avg"
+    return kind + (".backward" if "backward" in name else "")
 
 
 # --- losses -------------------------------------------------------------------------------------

@@ -389,7 +389,7 @@ _CALIBRATED: dict[str, object] = {}
 
 
 def calibrated_hardware(device: str):
-    """This machine measured by `costmodel.calibrate` (about 10 s), once per shell session: kept in
+    """This machine measured by `costmodel.hardware.calibrate` (one to two minutes), once per shell session: kept in
     memory and in a TOML in the temp dir keyed by session id, device, torch version and threads."""
     from costmodel.hardware.calibrate import calibrate
     from costmodel.hardware.catalog import load_hardware
@@ -403,9 +403,12 @@ def calibrated_hardware(device: str):
     if os.path.isfile(path) and time.time() - os.path.getmtime(path) < CALIBRATION_MAX_AGE_S:
         with contextlib.suppress(CostModelError, OSError, ValueError):
             hw = load_hardware(path)
+    if hw is not None and not hw.kernels:      # a calibration of an earlier version: peaks only
+        hw = None
     if hw is None:
-        warnings.warn(f"calibrating {device} for the predicted times, about 10 s (once per session; cached in "
-                      f"{path}; --hw DEVICE skips it)", stacklevel=2)
+        warnings.warn(f"calibrating {device} for the predicted times, one to two minutes (once per session; "
+                      f"cached in {path}; --hw DEVICE or a file from `costmodel hardware calibrate` skips it)",
+                      stacklevel=2)
         hw = calibrate(device, path)
     _CALIBRATED[key] = hw
     return hw

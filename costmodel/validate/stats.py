@@ -79,7 +79,8 @@ def doubling_ratios(sizes: Sequence[float], values: Sequence[float]) -> list[flo
 
 @dataclass
 class Timing:
-    """Median wall time of one call, from `repeats` blocks of `number` calls each (after warm-up)."""
+    """Median time of one call, from `repeats` blocks of `number` calls each (after warm-up); the
+    clock is `time_call`'s."""
 
     median_s: float
     times_s: list[float]          # per-call time of each block
@@ -92,7 +93,10 @@ def time_call(fn: Callable[[], Any], *, repeats: int = 5, warmup: int = 1, devic
     is spent, which steadies the median on a busy machine), each long enough to time well; the median.
 
     On CUDA each block is bracketed by CUDA events and synchronised, so the time is the GPU's, not
-    the launch queue's; on the CPU it is `time.perf_counter`.
+    the launch queue's. On the CPU at one thread (`torch.get_num_threads() == 1`: ops, backward and
+    optimizer all run on the calling thread) it is that thread's own clock (`time.thread_time`),
+    the clock calibration times kernels on: on an idle machine the same as the wall clock, on a
+    busy one without the time spent waiting for a core. With more threads, `time.perf_counter`.
     """
     if repeats < 1:
         raise UsageError(f"repeats must be >= 1; got {repeats}")
@@ -100,19 +104,19 @@ def time_call(fn: Callable[[], Any], *, repeats: int = 5, warmup: int = 1, devic
     for _ in range(max(warmup, 0)):
         fn()
     _sync(cuda)
-    number, once = 1, _block(fn, 1, cuda)
+    number, once = 1, _block(fn, 1, cuda, thread_clock=True)
     if once < min_block_s:   # short calls: grow the block (timeit's autorange) so the timer's resolution does not matter
         number = max(1, min(1000, math.ceil(min_block_s / max(once, 1e-9))))
     times: list[float] = []
     spent = 0.0
     while len(times) < repeats or (spent < min_time_s and len(times) < MAX_BLOCKS):
-        block = _block(fn, number, cuda)
+        block = _block(fn, number, cuda, thread_clock=True)
         spent += block
         times.append(block / number)
     return Timing(statistics.median(times), times, number)
 
 
-def _block(fn, number: int, cuda: bool) -> float:
+def _block(fn, number: int, cuda: bool, thread_clock: bool = False) -> float:
     if cuda:
         import torch
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -122,10 +126,17 @@ def _block(fn, number: int, cuda: bool) -> float:
         end.record()
         end.synchronize()
         return start.elapsed_time(end) / 1e3
-    t0 = time.perf_counter()
+    clock = _cpu_clock() if thread_clock else time.perf_counter
+    t0 = clock()
     for _ in range(number):
         fn()
-    return time.perf_counter() - t0
+    return clock() - t0
+
+
+def _cpu_clock() -> Callable[[], float]:
+    """The calling thread's CPU clock where every op runs on it (one intra-op thread), else wall time."""
+    import torch
+    return time.thread_time if torch.get_num_threads() == 1 else time.perf_counter
 
 
 def _is_cuda(device) -> bool:

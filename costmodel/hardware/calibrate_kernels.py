@@ -1,0 +1,858 @@
+"""Measure one table per kernel class on this device: what `costmodel hardware calibrate` adds to
+the peaks, so the roofline prices each op as its kind of kernel actually runs here.
+
+Each probe runs one aten op on real tensors at a series of sizes and shapes and times it (blocks of
+calls, the median block; CUDA events on a GPU). Its work (FLOPs or bytes), kernel class and shape
+features come from the same rule that costs the op in a model (`rule_cost`), so the two can never
+count differently, and a probe whose rule names another class than the probe's is an error.
+From the times: the class's overhead (its tiniest instance), its rate at reference shapes by size,
+and for products, convolutions and attention one efficiency curve per shape feature, measured
+with the other features at the reference (see costmodel/hardware/kernels.py for how they combine).
+On a CPU, the fresh-page price of large outputs is measured first and taken out of each time, as
+the roofline adds it back per op.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import sympy
+import torch
+import torch.nn.functional as F
+from torch.utils._pytree import tree_leaves, tree_map
+
+from costmodel.hardware.kernels import ALLOC_FEATURE, AllocationTable, KernelTable, work_of
+
+aten = torch.ops.aten
+
+
+@dataclass(frozen=True)
+class KernelPlan:
+    """What to measure, by device: sizes grow with the device's speed."""
+    block_s: float                   # each timed block of calls lasts at least this long
+    blocks: int                      # blocks per measurement; the median block is kept
+    elements: tuple[int, ...]        # byte-priced classes: float32 elements per tensor (first: tiny)
+    pointwise_ops: tuple[str, ...]   # the elementwise ops measured one by one
+    mm_ref: int                      # products: m = n = k = mm_ref is the reference shape
+    mm_cubes: tuple[int, ...]        # n^3 products for the rate by size
+    mm_curve: tuple[int, ...]        # values of m, of n, of k, the others at mm_ref
+    bmm_batch: int
+    bmm_ref: int
+    bmm_cubes: tuple[int, ...]
+    bmm_curve: tuple[int, ...]
+    conv_batch: int
+    conv_base: tuple[tuple[int, int], ...]   # (channels, image side) for the rate by size
+    conv_ref: int                    # reference channels of the shape curves
+    conv_side: int                   # reference image side of the shape curves
+    conv_sides: tuple[int, ...]      # image sides of the m curve
+    conv_channels: tuple[int, ...]   # c_in, c_out curves of dense convolutions
+    conv_kernels: tuple[int, ...]    # kernel sides
+    conv_groups: tuple[int, ...]     # channels of depthwise convolutions
+    attn_heads: int                  # batch * heads
+    attn_e: int                      # reference head dimension
+    attn_lengths: tuple[int, ...]    # L = S for the rate by size
+    attn_e_curve: tuple[int, ...]
+    attn_heads_curve: tuple[int, ...]
+    attn_kernels: tuple[str, ...]    # SDPA kernels this device runs
+    optimizer_elements: tuple[int, ...]
+    alloc_sizes: tuple[int, ...]     # bytes; empty where allocation is free (CUDA's caching allocator)
+    dtypes: tuple[str, ...]          # dtypes of the FLOP-priced classes
+    variants: bool = True            # causal/dropout attention, transposed and grouped convolutions
+    max_copies: int = 64             # operand copies a probe rotates through (see Prober.instance)
+
+
+_POINTWISE_ALL = ("add", "sub", "mul", "div", "neg", "abs", "relu", "threshold_backward", "gelu", "gelu_tanh",
+                  "gelu_backward", "gelu_backward_tanh", "silu", "silu_backward", "sigmoid", "sigmoid_backward",
+                  "tanh", "tanh_backward", "exp", "log", "pow", "rsqrt", "sqrt", "erf", "where", "masked_fill",
+                  "clamp", "eq", "lt", "native_dropout_backward")
+
+
+def kernel_plan(device: str, quick: bool) -> KernelPlan:
+    """Sizes by device: quick (tests: seconds), a CPU (about 1.5 min on 2 cores), a GPU."""
+    kernels = _attention_kernels(device)
+    if quick:
+        return KernelPlan(
+            block_s=0.001, blocks=5, elements=(16, 4096, 65536), pointwise_ops=("add", "mul", "tanh"),
+            mm_ref=64, mm_cubes=(64, 128), mm_curve=(1, 16, 64), bmm_batch=4, bmm_ref=32, bmm_cubes=(32, 64),
+            bmm_curve=(4, 32), conv_batch=1, conv_base=((8, 8), (16, 8)), conv_ref=8, conv_side=8,
+            conv_sides=(4, 8), conv_channels=(4, 16), conv_kernels=(1, 3), conv_groups=(4, 16), attn_heads=2,
+            attn_e=16, attn_lengths=(16, 64), attn_e_curve=(16,), attn_heads_curve=(1,), attn_kernels=kernels,
+            optimizer_elements=(256, 4096), alloc_sizes=(1 << 20, 1 << 22) if device == "cpu" else (),
+            dtypes=("float32",), variants=False)
+    if device == "cpu":
+        # Sizes: from one cache line to 16 MiB per tensor (past this machine's L2, into L3 and DRAM);
+        # no output reaches glibc's mmap threshold (32 MiB) except in the allocation probe.
+        return KernelPlan(
+            block_s=0.004, blocks=7, elements=(16, 1024, 16384, 262144, 1048576, 4194304),
+            pointwise_ops=_POINTWISE_ALL, mm_ref=256, mm_cubes=(256, 512, 1024),
+            mm_curve=(1, 4, 16, 64, 256, 1024, 4096), bmm_batch=16, bmm_ref=128, bmm_cubes=(64, 128, 256),
+            bmm_curve=(1, 8, 32, 128, 512, 2048), conv_batch=4, conv_base=((32, 8), (64, 16), (128, 16), (128, 32)),
+            conv_ref=128, conv_side=16, conv_sides=(2, 4, 8, 16, 32, 64), conv_channels=(3, 16, 64, 128, 512),
+            conv_kernels=(1, 3, 5, 7), conv_groups=(16, 64, 256, 1024), attn_heads=8, attn_e=64,
+            attn_lengths=(32, 128, 256, 512, 1024), attn_e_curve=(16, 32, 64, 128),
+            attn_heads_curve=(1, 2, 4, 16, 32), attn_kernels=kernels, optimizer_elements=(256, 16384, 262144, 1048576),
+            alloc_sizes=tuple(1 << p for p in range(20, 29)), dtypes=("float32",))
+    return KernelPlan(
+        block_s=0.005, blocks=5, elements=(16, 65536, 1 << 20, 1 << 24, 1 << 26, 1 << 28),
+        pointwise_ops=_POINTWISE_ALL, mm_ref=2048, mm_cubes=(1024, 2048, 4096, 8192),
+        mm_curve=(1, 8, 64, 256, 1024, 4096, 16384), bmm_batch=32, bmm_ref=512, bmm_cubes=(256, 512, 1024, 2048),
+        bmm_curve=(1, 16, 64, 256, 1024, 4096), conv_batch=32, conv_base=((64, 28), (128, 56), (256, 56), (512, 28)),
+        conv_ref=256, conv_side=28, conv_sides=(4, 7, 14, 28, 56, 112), conv_channels=(3, 32, 128, 512, 2048),
+        conv_kernels=(1, 3, 5, 7), conv_groups=(32, 128, 512, 2048), attn_heads=64, attn_e=128,
+        attn_lengths=(128, 512, 1024, 2048, 4096, 8192), attn_e_curve=(32, 64, 128, 256), attn_heads_curve=(4, 16, 256),
+        attn_kernels=kernels, optimizer_elements=(4096, 1 << 20, 1 << 24), alloc_sizes=(),
+        dtypes=("bfloat16", "float16", "float32"))
+
+
+def last_level_cache_bytes(device: str) -> int:
+    """The CPU's largest cache (sysfs), or the GPU's L2; 32 MiB where it cannot be read."""
+    if device == "cuda":
+        return int(getattr(torch.cuda.get_device_properties(torch.cuda.current_device()), "L2_cache_size", 0)
+                   or 32 << 20)
+    sizes = []
+    for index in Path("/sys/devices/system/cpu/cpu0/cache").glob("index*"):
+        try:
+            text = (index / "size").read_text().strip().upper()
+            sizes.append(int(text[:-1]) * {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}[text[-1]] if text[-1] in "KMG"
+                         else int(text))
+        except (OSError, ValueError, KeyError):
+            continue
+    return max(sizes, default=32 << 20)
+
+
+def _attention_kernels(device: str) -> tuple[str, ...]:
+    return ("flash", "math") if device == "cpu" else ("flash", "efficient", "math")
+
+
+# --- costs from the rules ---------------------------------------------------------------------------
+
+@dataclass
+class Cost:
+    flops: float
+    bytes: float
+    kernel: str
+    features: dict[str, float]
+    alloc_bytes: float
+
+
+def rule_cost(op, *args, counting: str = "math", **kwargs) -> Cost:
+    """The cost the model's rule gives aten `op` called with these (real) tensors: its outputs
+    come from the op on meta copies, so nothing runs for real here."""
+    from costmodel.analysis import _fresh_output_bytes
+    from costmodel.rules import TensorSpec, rule_for
+
+    def meta(x):
+        return torch.empty_strided(x.shape, x.stride(), dtype=x.dtype, device="meta") \
+            if isinstance(x, torch.Tensor) else x
+
+    def spec(x):
+        return TensorSpec(tuple(sympy.Integer(d) for d in x.shape), x.dtype) if isinstance(x, torch.Tensor) else x
+
+    margs, mkwargs = tree_map(meta, (list(args), dict(kwargs)))
+    out = op(*margs, **mkwargs)
+    sargs, skwargs, sout = tree_map(spec, (list(args), dict(kwargs), out))
+    if isinstance(sout, list):
+        sout = tuple(sout)
+    extra = {"kernel": counting} if op.namespace == "costmodel" else {}
+    cost = rule_for(op)(*sargs, **skwargs, out=sout, op=op, **extra)
+    return Cost(float(cost.flops), float(cost.bytes), cost.kernel_class,
+                {k: float(v) for k, v in cost.features.items()}, float(_fresh_output_bytes(op, sout)))
+
+
+# --- timing -------------------------------------------------------------------------------------------
+
+class Timer:
+    def __init__(self, device: str, plan: KernelPlan):
+        self.device, self.plan = device, plan
+        self.calls = 0
+        # Set once the allocation probe has priced a fresh page: each block's page faults are then
+        # taken out of its time, so that a table holds the kernel, whatever glibc's heap did to
+        # the probe (the roofline adds the faults a model's large outputs pay).
+        self.fault_s_per_byte = 0.0
+
+    def sync(self) -> None:
+        if self.device == "cuda":
+            torch.cuda.synchronize()
+
+    def block(self, call, number: int) -> float:
+        if self.device == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            for _ in range(number):
+                call()
+            end.record()
+            end.synchronize()
+            return start.elapsed_time(end) / 1e3
+        # One CPU thread: the thread's CPU time, which time slices lost to other processes do not
+        # inflate; more threads: wall time (their work is spread over threads).
+        clock = time.thread_time if torch.get_num_threads() == 1 else time.perf_counter
+        faults = _minor_faults()
+        t0 = clock()
+        for _ in range(number):
+            call()
+        elapsed = clock() - t0
+        self.calls += number
+        return max(elapsed - (_minor_faults() - faults) * PAGE * self.fault_s_per_byte, 0.1 * elapsed)
+
+    def __call__(self, call) -> float:
+        """Seconds per call: the fastest of `blocks` blocks, each at least `block_s` long. Other
+        work on the machine only ever adds time, so the fastest block is the one it disturbed least."""
+        call()
+        self.sync()
+        once = self.block(call, 1)
+        number = max(1, min(100_000, math.ceil(self.plan.block_s / max(once, 1e-7))))
+        return min(self.block(call, number) / number for _ in range(self.plan.blocks))
+
+
+PAGE = 4096
+
+
+def _minor_faults() -> int:
+    try:
+        import resource
+        return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    except (ImportError, OSError):
+        return 0
+
+
+# --- fitting ------------------------------------------------------------------------------------------
+
+@dataclass
+class Instance:
+    """One measured call: its cost, and the seconds it took."""
+    cost: Cost
+    time_s: float
+
+
+@dataclass
+class Measured:
+    kernel: str
+    dtype: str | None
+    tiny: Instance
+    base: list[Instance]
+    curves: dict[str, list[Instance]] = field(default_factory=dict)
+    how: str = ""
+    by: str = "work"            # what the base instances' sizes are: their work, or a feature
+
+
+def fit(m: Measured, allocation: AllocationTable | None) -> KernelTable:
+    """Overhead from the tiny instance; rates from the base instances (overhead and fresh-page time
+    taken out); each curve's efficiency against the base rate at the same work."""
+    def work(i: Instance) -> float:
+        return i.cost.flops if work_of(m.kernel) == "flops" else i.cost.bytes
+
+    def kernel_s(i: Instance) -> float | None:
+        alloc_s = allocation.penalty_s(i.cost.alloc_bytes) if allocation else 0.0
+        k = i.time_s - overhead - alloc_s
+        return k if k > 0.2 * i.time_s and work(i) > 0 else None   # else the overhead is all there is
+
+    def size(i: Instance) -> float:
+        return work(i) if m.by == "work" else i.cost.features[m.by]
+
+    overhead = max(0.0, m.tiny.time_s)
+    rates: dict[float, float] = {}
+    for i in sorted(m.base, key=size):
+        k = kernel_s(i)
+        if k is not None:
+            rates[size(i)] = work(i) / k
+    if not rates and m.base:
+        big = max(m.base, key=size)
+        rates[size(big)] = work(big) / max(big.time_s, 1e-12)
+    base = KernelTable(m.kernel, m.dtype, overhead, tuple(rates), tuple(rates.values()), how=m.how, by=m.by)
+    curves = {}
+    for feature, instances in m.curves.items():
+        points: dict[float, float] = {}
+        for i in sorted(instances, key=lambda i: i.cost.features[feature]):
+            k = kernel_s(i)
+            if k is not None:
+                points[i.cost.features[feature]] = work(i) / k / base.rate(size(i))
+        if points:
+            curves[feature] = tuple(points.items())
+    return KernelTable(m.kernel, m.dtype, overhead, base.sizes, base.rates, curves, m.how, m.by)
+
+
+# --- probes -------------------------------------------------------------------------------------------
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class Prober:
+    """Builds and times each class's instances on one device."""
+
+    def __init__(self, device: str, plan: KernelPlan, stamp: str, progress: Callable[[str], None] | None = None):
+        self.device, self.plan, self.stamp = device, plan, stamp
+        self.time = Timer(device, plan)
+        self.progress = progress or (lambda _: None)
+        self.cache_bytes = last_level_cache_bytes(device)
+
+    def t(self, *shape, dtype=torch.float32, grad=False):
+        x = torch.randn(*shape, device=self.device, dtype=dtype)
+        return x.requires_grad_(grad) if grad else x
+
+    def instance(self, make, kernel: str, counting: str = "math", rotate: bool = False,
+                 rule_class: str | None = None) -> Instance:
+        """Time the call `make()` builds, `make()` -> (call, op, args, kwargs), its operands in cache
+        as far as they fit (the roofline adds the reads of those a model's cache no longer holds).
+        With `rotate`, over enough copies of its tensors (each call the next) to exceed twice the
+        last-level cache instead. Its cost is the rule's for `op` on the first copy's arguments."""
+        call, op, args, kwargs = make()
+        cost = rule_cost(op, *args, counting=counting, **kwargs)
+        expected = rule_class or kernel     # strided variants: the analysis, not the rule, names them
+        if not (cost.kernel == expected or (kernel.startswith("attention") and cost.kernel.startswith("attention"))):
+            raise AssertionError(f"the probe for {kernel} runs {op}, whose rule names class {cost.kernel}")
+        cost.kernel = kernel
+        return Instance(cost, self.time(self.rotating(make, call, args, kwargs) if rotate else call))
+
+    def rotating(self, make, call, args, kwargs):
+        per_set = sum(t.untyped_storage().nbytes() for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor))
+        copies = max(1, min(self.plan.max_copies, (2 * self.cache_bytes) // max(1, per_set)))
+        if copies == 1:
+            return call
+        calls = [call] + [make()[0] for _ in range(copies - 1)]
+        state = [0]
+
+        def next_call():
+            state[0] = (state[0] + 1) % copies
+            return calls[state[0]]()
+        return next_call
+
+    def how(self, text: str) -> str:
+        return f"{text}; fastest of {self.plan.blocks} blocks of >= {self.plan.block_s * 1e3:g} ms; {self.stamp}"
+
+    # --- products -------------------------------------------------------------------------------------
+
+    def matmul(self, dtype: str) -> Measured:
+        """torch.addmm(bias, x, w.t()) as nn.Linear calls it, the weights rotating through enough
+        copies to leave the cache (each call reads a weight that the last call did not)."""
+        dt = _DTYPES[dtype]
+
+        def run(m, n, k):
+            def make():
+                x, w, bias = self.t(m, k, dtype=dt), self.t(n, k, dtype=dt), self.t(n, dtype=dt)
+                return lambda: torch.addmm(bias, x, w.t()), aten.addmm.default, (bias, x, w.t()), {}
+            return self.instance(make, "matmul", rotate=False)
+        p = self.plan
+        ref = p.mm_ref
+        return Measured("matmul", dtype, run(4, 4, 4), [run(n, n, n) for n in p.mm_cubes],
+                        {"m": [run(v, ref, ref) for v in p.mm_curve], "n": [run(ref, v, ref) for v in p.mm_curve],
+                         "k": [run(ref, ref, v) for v in p.mm_curve]},
+                        self.how(f"torch.addmm(bias, x[m, k], w[n, k].t()), {dtype}; rate by size on n^3 for "
+                                 f"n in {list(p.mm_cubes)}; efficiency of m, n, k in {list(p.mm_curve)} with "
+                                 f"the others {ref}"))
+
+    def bmm(self, dtype: str) -> Measured:
+        dt = _DTYPES[dtype]
+        p = self.plan
+        B, ref = p.bmm_batch, p.bmm_ref
+
+        def run(m, n, k, batch=B):
+            def make():
+                a, b = self.t(batch, m, k, dtype=dt), self.t(batch, k, n, dtype=dt)
+                return lambda: torch.bmm(a, b), aten.bmm.default, (a, b), {}
+            return self.instance(make, "bmm", rotate=False)
+        return Measured("bmm", dtype, run(4, 4, 4, 1), [run(n, n, n) for n in p.bmm_cubes],
+                        {"m": [run(v, ref, ref) for v in p.bmm_curve], "n": [run(ref, v, ref) for v in p.bmm_curve],
+                         "k": [run(ref, ref, v) for v in p.bmm_curve]},
+                        self.how(f"torch.bmm(a[{B}, m, k], b[{B}, k, n]), {dtype}; rate by size on n^3 for n in "
+                                 f"{list(p.bmm_cubes)}; efficiency of m, n, k in {list(p.bmm_curve)}, others {ref}"))
+
+    # --- convolutions ---------------------------------------------------------------------------------
+
+    def conv(self, kind: str, backward: str | None, dtype: str) -> Measured:
+        """F.conv2d (or conv_transpose2d) as the modules call it, padding 'same'; backward "input"
+        is aten.convolution_backward for input, weight and bias gradients, "weight" without the
+        input's (a first layer). Rates by work on growing shapes; efficiency curves of the GEMM
+        the convolution lowers to: m (positions), n (output channels), k (input channels * kernel
+        area), groups, each with the others at the reference shape."""
+        dt = _DTYPES[dtype]
+        p = self.plan
+        B = p.conv_batch
+        kernel = f"conv.{kind}" + ({"input": ".backward", "weight": ".backward.weight"}[backward] if backward else "")
+        mask = [backward == "input", True, True]
+
+        def run(cin, cout, side, k, groups=1, batch=B):
+            transposed = kind == "transposed"
+            stride = 2 if transposed else 1
+            pad = 0 if transposed else k // 2
+
+            def make():
+                x = self.t(batch, cin, side, side, dtype=dt)
+                w = self.t(cin, cout // groups, k, k, dtype=dt) if transposed else \
+                    self.t(cout, cin // groups, k, k, dtype=dt)
+                bias = self.t(cout, dtype=dt)
+                args = (x, w, bias, [stride, stride], [pad, pad], [1, 1], transposed, [0, 0], groups)
+                if not backward:
+                    if transposed:
+                        return lambda: F.conv_transpose2d(x, w, bias, stride, pad, 0, groups), \
+                            aten.convolution.default, args, {}
+                    return lambda: F.conv2d(x, w, bias, stride, pad, 1, groups), aten.convolution.default, args, {}
+                g = torch.randn_like(aten.convolution.default(*args))
+                bargs = (g, x, w, [cout], [stride, stride], [pad, pad], [1, 1], transposed, [0, 0], groups, mask)
+                return lambda: aten.convolution_backward.default(*bargs), aten.convolution_backward.default, bargs, {}
+            return self.instance(make, kernel, rotate=False)
+
+        sides, ref_side = p.conv_sides, p.conv_side
+        ref = p.conv_ref
+        if kind == "dense":
+            base = [(c, s_) for c, s_ in p.conv_base]
+            cins = p.conv_channels if backward != "weight" else tuple(c for c in p.conv_channels if c <= ref)
+            measured = Measured(kernel, dtype, run(4, 4, 4, 1, batch=1), [run(c, c, s_, 3) for c, s_ in base],
+                                {"m": [run(ref, ref, v, 3) for v in sides],
+                                 "n": [run(ref, v, ref_side, 3) for v in p.conv_channels if v >= 8],
+                                 "k": [run(v, ref, ref_side, 3) for v in cins]
+                                 + [run(ref, ref, ref_side, k) for k in p.conv_kernels if k != 3]})
+            what = (f"3x3, (channels, side) in {base}; curves: sides {list(sides)}, c_out {list(p.conv_channels)}, "
+                    f"c_in {list(cins)}, kernel sides {list(p.conv_kernels)}, the others {ref} channels, side "
+                    f"{ref_side}")
+        elif kind == "depthwise":
+            c = ref
+            measured = Measured(kernel, dtype, run(4, 4, 4, 3, groups=4, batch=1),
+                                [run(c, c, v, 3, groups=c) for v in sides],
+                                {"k": [run(c, c, ref_side, k, groups=c) for k in p.conv_kernels if k > 1],
+                                 "groups": [run(v, v, ref_side, 3, groups=v) for v in p.conv_groups]})
+            what = (f"{c} channels, 3x3, sides {list(sides)}; curves: kernel sides {list(p.conv_kernels)}, "
+                    f"channels {list(p.conv_groups)}")
+        elif kind == "grouped":
+            g, per = 8, 16
+            measured = Measured(kernel, dtype, run(8, 8, 4, 3, groups=2, batch=1),
+                                [run(g * per, g * per, v, 3, groups=g) for v in sides],
+                                {"k": [run(g * v, g * v, ref_side, 3, groups=g) for v in (2, 4, 16, 64)],
+                                 "groups": [run(v * per, v * per, ref_side, 3, groups=v) for v in (2, 8, 32)]})
+            what = f"{g} groups of {per} channels, 3x3, sides {list(sides)}; curves: channels per group 2..64, groups 2..32"
+        else:
+            c = ref
+            measured = Measured(kernel, dtype, run(4, 4, 4, 2, batch=1), [run(c, c, max(2, v // 2), 2) for v in sides],
+                                {"k": [run(c, c, max(2, ref_side // 2), k) for k in (2, 3, 4)]})
+            what = f"{c} channels, 2x2 stride 2 (upsampling), input sides {[max(2, v // 2) for v in sides]}; kernel 2..4"
+        measured.how = self.how({None: "F.conv_transpose2d " if kind == "transposed" else "F.conv2d ",
+                                 "input": "aten.convolution_backward (input, weight and bias gradients) of ",
+                                 "weight": "aten.convolution_backward (weight and bias gradients) of "}[backward]
+                                + f"{dtype}, batch {B}; {what}")
+        return measured
+
+    # --- attention ------------------------------------------------------------------------------------
+
+    def attention(self, kernel: str, causal: bool, backward: bool, dropout: bool, dtype: str) -> Measured:
+        """F.scaled_dot_product_attention under sdpa_kernel(<kernel>); the backward is timed as
+        forward + backward less the forward."""
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        backend = {"flash": SDPBackend.FLASH_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION,
+                   "math": SDPBackend.MATH}[kernel]
+        dt = _DTYPES[dtype]
+        counting = kernel       # a model's attention node is counted as the kernel the device runs
+        name = f"attention.{kernel}" + (".backward" if backward else "") + (".causal" if causal else "") + \
+            (".dropout" if dropout else "")
+        p = self.plan
+        p_drop = 0.1 if dropout else 0.0
+
+        def run(L, E, heads=p.attn_heads):
+            def make(part="forward"):
+                q, k, v = (self.t(1, heads, L, E, dtype=dt, grad=backward) for _ in range(3))
+
+                def forward():
+                    with sdpa_kernel(backend):
+                        return F.scaled_dot_product_attention(q, k, v, dropout_p=p_drop, is_causal=causal)
+                if not backward:
+                    return forward, torch.ops.costmodel.sdpa.default, (q, k, v, None, p_drop, causal, None, False), {}
+                g = torch.randn(1, heads, L, E, device=self.device, dtype=dt)
+
+                def both():
+                    torch.autograd.backward(forward(), g)
+                    q.grad = k.grad = v.grad = None
+                args = (g, q.detach(), k.detach(), v.detach(), None, p_drop, causal, None, False)
+                return both if part == "both" else forward, torch.ops.costmodel.sdpa_backward.default, args, {}
+            if not backward:
+                return self.instance(make, name, counting)
+            both = self.instance(lambda: make("both"), name, counting)
+            forward = self.instance(make, name, counting)
+            return Instance(both.cost, max(both.time_s - forward.time_s, 0.0))
+        # the math kernel holds [batch * heads, L, S] scores: at most 1 GiB of them
+        lengths = [L for L in p.attn_lengths if kernel != "math" or p.attn_heads * L * L * 4 <= 1 << 30]
+        mid = lengths[len(lengths) // 2]
+        return Measured(name, dtype, run(8, 8, heads=1), [run(L, p.attn_e) for L in lengths],
+                        {"E": [run(mid, e) for e in p.attn_e_curve],
+                         "batch_heads": [run(mid, p.attn_e, heads=h) for h in p.attn_heads_curve]},
+                        self.how(f"F.scaled_dot_product_attention under sdpa_kernel({backend.name}), {dtype}, "
+                                 f"[1, {p.attn_heads}, L, {p.attn_e}], L = S in {list(lengths)}"
+                                 + (", is_causal" if causal else "") + (f", dropout {p_drop}" if dropout else "")
+                                 + ("; backward = forward and backward less forward" if backward else "")
+                                 + f"; curves of E in {list(p.attn_e_curve)}, batch * heads in "
+                                 f"{list(p.attn_heads_curve)}; FLOPs as the {counting} kernel counts"), by="L")
+
+    # --- byte-priced classes ------------------------------------------------------------------------
+
+    def bytes_class(self, kernel: str, make, what: str, rule_class: str | None = None) -> Measured:
+        """`make(n)` -> (call, op, args, kwargs) with tensors of about n float32 elements."""
+        sizes = self.plan.elements
+        instances = [self.instance(lambda: make(n), kernel, rule_class=rule_class) for n in sizes]
+        return Measured(kernel, None, instances[0], instances[1:],
+                        how=self.how(f"{what}, float32, {list(sizes[1:])} elements (tiny: {sizes[0]})"))
+
+    def pointwise(self, name: str) -> Measured:
+        return self.bytes_class(f"pointwise.{name}", lambda n: _pointwise_call(name, self.t(n), self.t(n)),
+                                _POINTWISE_HOW.get(name, f"torch.{name}"))
+
+    def optimizer(self, name: str) -> Measured:
+        """One step of torch.optim over 8 parameters of n elements (their gradients set), per parameter."""
+        from costmodel.rules.optimizer import UPDATES, update_bytes
+        from costmodel.validate.runner import make_optimizer
+        count = 8
+        kernel = f"optimizer.{name.replace('-', '_')}"
+
+        def run(n):
+            params = [torch.nn.Parameter(self.t(n)) for _ in range(count)]
+            for p in params:
+                p.grad = torch.randn_like(p)
+            opt = make_optimizer(name, params)
+            opt.step()
+            read, written = update_bytes(name, (n,), 4)
+            cost = Cost(float(UPDATES[name].flops_per_elem * n), float(read + written), kernel, {}, 0.0)
+            return Instance(cost, self.time(opt.step) / count)
+        sizes = (16,) + tuple(self.plan.optimizer_elements)
+        return Measured(kernel, None, run(sizes[0]), [run(n) for n in sizes[1:]],
+                        how=self.how(f"torch.optim ({name}, torch's default implementation) step over {count} "
+                                     f"float32 parameters of {list(sizes[1:])} elements, per parameter"))
+
+    def module(self) -> KernelTable:
+        x = self.t(4)
+        m = torch.nn.Identity()
+        return KernelTable("module", None, self.time(lambda: m(x)),
+                           how=self.how("torch.nn.Identity()(x): an nn.Module call's hooks and dispatch (the Python "
+                                        "inside a model's forward beyond its torch calls is not measured)"))
+
+    def python_call_s(self) -> float | None:
+        """What the Python binding adds to an eager op: a Python loop of tiny in-place adds against
+        the same adds made by C++ (torch._foreach_add_'s per-tensor loop on the CPU). None on a GPU,
+        whose foreach is one fused kernel."""
+        if self.device != "cpu":
+            return None
+        ts = [self.t(4) for _ in range(64)]
+
+        def python():
+            for t in ts:
+                t.add_(1.0)
+        per_python = self.time(python) / len(ts)
+        per_cpp = self.time(lambda: torch._foreach_add_(ts, 1.0)) / len(ts)
+        return max(0.0, per_python - per_cpp)
+
+    def view(self) -> KernelTable:
+        x = self.t(64, 64)
+        t = statistics.median([self.time(lambda: x.view(4096)), self.time(lambda: x.t()),
+                               self.time(lambda: x.transpose(0, 1)), self.time(lambda: x[1:])])
+        return KernelTable("view", None, t, how=self.how("x.view(n), x.t(), x.transpose(0, 1), x[1:]: the median "
+                                                        "of their eager call times"))
+
+    def allocation(self) -> AllocationTable | None:
+        """Per size, what a fresh output costs over writing into an existing one: clone() less
+        copy_() into a preallocated tensor, per byte; where the difference is within noise, 0."""
+        sizes = self.plan.alloc_sizes
+        if not sizes:
+            return None
+        per_byte = []
+        for size in sizes:
+            src = torch.ones(size // 4, device=self.device)
+            dst = torch.empty_like(src)
+            copy_s = self.time(lambda: dst.copy_(src))
+            clone_s = self.time(lambda: src.clone())
+            extra = clone_s - copy_s
+            per_byte.append(extra / size if extra > 0.25 * copy_s else 0.0)
+            del src, dst
+        return AllocationTable(tuple(float(s) for s in sizes), tuple(per_byte),
+                               self.how(f"clone() less copy_() into a preallocated tensor, per byte, for "
+                                        f"{sizes[0] >> 20}..{sizes[-1] >> 20} MiB (0 where within 25% of the copy)"))
+
+
+_POINTWISE_HOW = {"gelu_tanh": "F.gelu(x, approximate='tanh')", "gelu_backward_tanh":
+                  "aten.gelu_backward(g, x, approximate='tanh')", "where": "torch.where(mask, x, y)",
+                  "masked_fill": "x.masked_fill(mask, 0)", "pow": "x.pow(2)", "clamp": "x.clamp(min=0)"}
+
+
+def _pointwise_call(name: str, x: torch.Tensor, y: torch.Tensor):
+    """(call, op, args, kwargs) of one elementwise op on x (and y), as model code calls it."""
+    mask = x > 0
+    pos = x.abs() + 1
+    table = {
+        "add": (lambda: x + y, aten.add.Tensor, (x, y)),
+        "sub": (lambda: x - y, aten.sub.Tensor, (x, y)),
+        "mul": (lambda: x * y, aten.mul.Tensor, (x, y)),
+        "div": (lambda: x / y, aten.div.Tensor, (x, y)),
+        "neg": (lambda: -x, aten.neg.default, (x,)),
+        "abs": (lambda: x.abs(), aten.abs.default, (x,)),
+        "relu": (lambda: torch.relu(x), aten.relu.default, (x,)),
+        "threshold_backward": (lambda: aten.threshold_backward.default(y, x, 0.0), aten.threshold_backward.default,
+                               (y, x, 0.0)),
+        "gelu": (lambda: F.gelu(x), aten.gelu.default, (x,)),
+        "gelu_tanh": (lambda: F.gelu(x, approximate="tanh"), aten.gelu.default, (x,), {"approximate": "tanh"}),
+        "gelu_backward": (lambda: aten.gelu_backward.default(y, x), aten.gelu_backward.default, (y, x)),
+        "gelu_backward_tanh": (lambda: aten.gelu_backward.default(y, x, approximate="tanh"),
+                               aten.gelu_backward.default, (y, x), {"approximate": "tanh"}),
+        "silu": (lambda: F.silu(x), aten.silu.default, (x,)),
+        "silu_backward": (lambda: aten.silu_backward.default(y, x), aten.silu_backward.default, (y, x)),
+        "sigmoid": (lambda: torch.sigmoid(x), aten.sigmoid.default, (x,)),
+        "sigmoid_backward": (lambda: aten.sigmoid_backward.default(y, x), aten.sigmoid_backward.default, (y, x)),
+        "tanh": (lambda: torch.tanh(x), aten.tanh.default, (x,)),
+        "tanh_backward": (lambda: aten.tanh_backward.default(y, x), aten.tanh_backward.default, (y, x)),
+        "exp": (lambda: torch.exp(x), aten.exp.default, (x,)),
+        "log": (lambda: torch.log(pos), aten.log.default, (pos,)),
+        "pow": (lambda: x.pow(2), aten.pow.Tensor_Scalar, (x, 2)),
+        "rsqrt": (lambda: torch.rsqrt(pos), aten.rsqrt.default, (pos,)),
+        "sqrt": (lambda: torch.sqrt(pos), aten.sqrt.default, (pos,)),
+        "erf": (lambda: torch.erf(x), aten.erf.default, (x,)),
+        "where": (lambda: torch.where(mask, x, y), aten.where.self, (mask, x, y)),
+        "masked_fill": (lambda: x.masked_fill(mask, 0.0), aten.masked_fill.Scalar, (x, mask, 0.0)),
+        "clamp": (lambda: x.clamp(min=0.0), aten.clamp.default, (x, 0.0)),
+        "eq": (lambda: x == y, aten.eq.Tensor, (x, y)),
+        "lt": (lambda: x < y, aten.lt.Tensor, (x, y)),
+        "native_dropout_backward": (lambda: aten.native_dropout_backward.default(y, mask, 1.25),
+                                    aten.native_dropout_backward.default, (y, mask, 1.25)),
+    }
+    call, op, args, *kwargs = table[name]
+    return call, op, args, (kwargs[0] if kwargs else {})
+
+
+def byte_classes(prober: Prober) -> list[Measured]:
+    """Every byte-priced class but the pointwise ops, optimizers and views."""
+    t, p = prober.t, prober
+    d = 256  # row length of norms and softmax: a model's hidden size
+
+    def rows(n):
+        return max(1, n // d)
+
+    def layer_norm(n):
+        x, w, b = t(rows(n), d), t(d), t(d)
+        return lambda: F.layer_norm(x, (d,), w, b), aten.native_layer_norm.default, (x, [d], w, b, 1e-5), {}
+
+    def layer_norm_backward(n):
+        x, w, b = t(rows(n), d), t(d), t(d)
+        y, mean, rstd = aten.native_layer_norm.default(x, [d], w, b, 1e-5)
+        g = torch.randn_like(y)
+        args = (g, x, [d], mean, rstd, w, b, [True, True, True])
+        return lambda: aten.native_layer_norm_backward.default(*args), aten.native_layer_norm_backward.default, args, {}
+
+    def image(n):
+        c = 64 if n >= 64 * 16 else 4   # 64 channels, but at least 2x2 positions (batch statistics need 2)
+        side = max(2, int(math.sqrt(n // c)))
+        return t(1, c, side, side)
+
+    def batch_norm(training):
+        def make(n):
+            x = image(n)
+            c = x.shape[1]
+            w, b, rm, rv = t(c), t(c), torch.zeros(c, device=x.device), torch.ones(c, device=x.device)
+            if training:
+                args = (x, w, b, rm, rv, True, 0.1, 1e-5)
+                return lambda: aten._native_batch_norm_legit.default(*args), aten._native_batch_norm_legit.default, args, {}
+            args = (x, w, b, rm, rv, 0.1, 1e-5)
+            return (lambda: F.batch_norm(x, rm, rv, w, b, False), aten._native_batch_norm_legit_no_training.default,
+                    args, {})
+        return make
+
+    def batch_norm_backward(n):
+        x = image(n)
+        c = x.shape[1]
+        w, rm, rv = t(c), torch.zeros(c, device=x.device), torch.ones(c, device=x.device)
+        _, mean, invstd = aten._native_batch_norm_legit.default(x, w, t(c), rm, rv, True, 0.1, 1e-5)
+        g = torch.randn_like(x)
+        args = (g, x, w, rm, rv, mean, invstd, True, 1e-5, [True, True, True])
+        return lambda: aten.native_batch_norm_backward.default(*args), aten.native_batch_norm_backward.default, args, {}
+
+    def group_norm(n):
+        x = image(n)
+        c = x.shape[1]
+        w, b = t(c), t(c)
+        hw = x.shape[2] * x.shape[3]
+        args = (x, w, b, x.shape[0], c, hw, 8 if c % 8 == 0 else 2, 1e-5)
+        return (lambda: F.group_norm(x, args[6], w, b), aten.native_group_norm.default, args, {})
+
+    def softmax(n):
+        x = t(rows(n), d)
+        return lambda: x.softmax(-1), aten._softmax.default, (x, -1, False), {}
+
+    def softmax_backward(n):
+        x = t(rows(n), d)
+        y = x.softmax(-1)
+        g = torch.randn_like(y)
+        args = (g, y, -1, torch.float32)
+        return lambda: aten._softmax_backward_data.default(*args), aten._softmax_backward_data.default, args, {}
+
+    def reduction(n):
+        x = t(rows(n), d)
+        return lambda: x.sum(-1), aten.sum.dim_IntList, (x, [-1]), {}
+
+    def copy(n):
+        x = t(n)
+        return lambda: x.clone(), aten.clone.default, (x,), {}
+
+    def fill(n):
+        dev = p.device
+        return lambda: torch.zeros(n, device=dev), aten.zeros.default, ([n],), {"device": torch.device("meta")}
+
+    def random(n):
+        x = t(n)
+        return lambda: x.bernoulli_(0.5), aten.bernoulli_.float, (x, 0.5), {}
+
+    def dropout(n):
+        x = t(n)
+        return lambda: aten.native_dropout.default(x, 0.1, True), aten.native_dropout.default, (x, 0.1, True), {}
+
+    vocab = 32000
+
+    def embedding(n):
+        table = t(vocab, d)
+        idx = torch.randint(0, vocab, (rows(n),), device=p.device)
+        return lambda: F.embedding(idx, table), aten.embedding.default, (table, idx), {}
+
+    def embedding_backward(n):
+        # the gradient of a table of 4x the rows gathered: the table's zeros are most of the bytes
+        idx = torch.randint(0, 4 * rows(n), (rows(n),), device=p.device)
+        g = t(rows(n), d)
+        args = (g, idx, 4 * rows(n), -1, False)
+        return (lambda: aten.embedding_dense_backward.default(*args), aten.embedding_dense_backward.default, args, {})
+
+    def index(n):
+        x = t(rows(n) * 2, d)
+        idx = torch.randint(0, x.shape[0], (rows(n),), device=p.device)
+        return lambda: x.index_select(0, idx), aten.index_select.default, (x, 0, idx), {}
+
+    def scatter(n):
+        g = t(rows(n), d)
+        sizes = [rows(n) * 2, d]
+        args = (g, sizes, 0, 0, rows(n), 1)
+        return lambda: aten.slice_backward.default(*args), aten.slice_backward.default, args, {}
+
+    def max_pool(n):
+        x = image(n)
+        return (lambda: F.max_pool2d(x, 3, 2, 1), aten.max_pool2d_with_indices.default, (x, [3, 3], [2, 2], [1, 1]), {})
+
+    def max_pool_backward(n):
+        x = image(n)
+        y, ind = aten.max_pool2d_with_indices.default(x, [3, 3], [2, 2], [1, 1])
+        g = torch.randn_like(y)
+        args = (g, x, [3, 3], [2, 2], [1, 1], [1, 1], False, ind)
+        return (lambda: aten.max_pool2d_with_indices_backward.default(*args),
+                aten.max_pool2d_with_indices_backward.default, args, {})
+
+    def avg_pool(n):
+        x = image(n)
+        return lambda: F.avg_pool2d(x, 2), aten.avg_pool2d.default, (x, [2, 2], [2, 2]), {}
+
+    def adaptive_pool(n):
+        x = image(n)
+        return lambda: F.adaptive_avg_pool2d(x, 1), aten._adaptive_avg_pool2d.default, (x, [1, 1]), {}
+
+    specs = [
+        ("norm.layer", layer_norm, f"F.layer_norm over rows of {d}"),
+        ("norm.layer.backward", layer_norm_backward, f"aten.native_layer_norm_backward, rows of {d}"),
+        ("norm.batch", batch_norm(True), "aten._native_batch_norm_legit (batch statistics), 64 channels"),
+        ("norm.batch.eval", batch_norm(False), "F.batch_norm with running statistics, 64 channels"),
+        ("norm.batch.backward", batch_norm_backward, "aten.native_batch_norm_backward, 64 channels"),
+        ("norm.group", group_norm, "F.group_norm, 8 groups of 8 channels"),
+        ("softmax", softmax, f"x.softmax(-1) over rows of {d}"),
+        ("softmax.backward", softmax_backward, f"aten._softmax_backward_data over rows of {d}"),
+        ("reduction", reduction, f"x.sum(-1) over rows of {d}"),
+        ("copy", copy, "x.clone()"),
+        ("fill", fill, "torch.zeros(n)"),
+        ("random", random, "x.bernoulli_(0.5)"),
+        ("random.dropout", dropout, "aten.native_dropout(x, 0.1, train=True)"),
+        ("embedding", embedding, f"F.embedding of rows of {d} from a {vocab}-row table"),
+        ("embedding.backward", embedding_backward, "aten.embedding_dense_backward into a table of 4x the rows"),
+        ("index", index, f"x.index_select(0, idx), rows of {d}"),
+        ("index.scatter", scatter, "aten.slice_backward (zeros, then the slice written)"),
+        ("pool.max", max_pool, "F.max_pool2d(x, 3, 2, 1), 64 channels"),
+        ("pool.max.backward", max_pool_backward, "aten.max_pool2d_with_indices_backward, 3x3 stride 2"),
+        ("pool.avg", avg_pool, "F.avg_pool2d(x, 2), 64 channels"),
+        ("pool.adaptive", adaptive_pool, "F.adaptive_avg_pool2d(x, 1), 64 channels"),
+    ]
+    def nhwc(n):
+        """a channels-first tensor's channels-last view (as x.permute(0, 2, 3, 1) makes it)"""
+        return image(n).permute(0, 2, 3, 1)
+
+    def copy_strided(n):
+        x = nhwc(n)
+        return lambda: x.contiguous(), aten.clone.default, (x,), {}
+
+    def add_strided(n):
+        x = nhwc(n)
+        y = torch.randn(x.shape, device=x.device)
+        return lambda: y + x, aten.add.Tensor, (y, x), {}
+
+    out = []
+    for kernel, make, what in specs:
+        prober.progress(kernel)
+        out.append(prober.bytes_class(kernel, make, what))
+    out.append(prober.bytes_class("copy.strided", copy_strided, "x.permute(0, 2, 3, 1).contiguous(), 64 channels",
+                                  rule_class="copy"))
+    out.append(prober.bytes_class("pointwise.strided", add_strided, "y + x.permute(0, 2, 3, 1), 64 channels",
+                                  rule_class="pointwise.add"))
+    return out
+
+
+@dataclass
+class KernelMeasurements:
+    tables: dict[str, KernelTable]         # keyed as the device file names them ("matmul:float32")
+    allocation: AllocationTable | None
+    python_call_s: float | None
+    cache_bytes: int
+
+
+def measure_kernels(device: str, plan: KernelPlan, stamp: str, progress=None) -> KernelMeasurements:
+    """Every class's table on `device`, the allocation table, the Python binding's share of an op's
+    overhead and the cache size."""
+    from costmodel.hardware.kernels import table_key
+    prober = Prober(device, plan, stamp, progress)
+    grad_mode = torch.is_grad_enabled()
+    torch.set_grad_enabled(True)
+    try:
+        prober.progress("allocation")
+        allocation = prober.allocation()
+        if allocation is not None:
+            prober.time.fault_s_per_byte = max(allocation.seconds_per_byte)
+        measured: list[Measured] = []
+        for dtype in plan.dtypes:
+            prober.progress(f"matmul {dtype}")
+            measured += [prober.matmul(dtype), prober.bmm(dtype)]
+        conv_dtypes = plan.dtypes if device == "cpu" else tuple(d for d in plan.dtypes if d != "float16")
+        kinds = ("dense", "depthwise", "grouped", "transposed") if plan.variants else ("dense", "depthwise")
+        for dtype in conv_dtypes:
+            for kind in kinds:
+                for backward in (None, "input", "weight") if kind == "dense" else (None, "input"):
+                    prober.progress(f"conv.{kind} {backward or 'forward'} {dtype}")
+                    measured.append(prober.conv(kind, backward, dtype))
+        for dtype in conv_dtypes:
+            for kernel in plan.attn_kernels:
+                if kernel == "flash" and device == "cuda" and dtype == "float32":
+                    continue   # CUDA's flash kernel takes half precision only
+                variants = [(c, b, False) for c in ((False, True) if plan.variants else (False,)) for b in (False, True)]
+                if kernel == "math" and plan.variants:
+                    variants += [(False, False, True), (True, False, True)]
+                for causal, backward, dropout in variants:
+                    prober.progress(f"attention.{kernel} {dtype}")
+                    try:
+                        measured.append(prober.attention(kernel, causal, backward, dropout, dtype))
+                    except RuntimeError:   # this kernel does not take these inputs on this device
+                        continue
+        for name in plan.pointwise_ops:
+            prober.progress(f"pointwise.{name}")
+            measured.append(prober.pointwise(name))
+        measured += byte_classes(prober)
+        for name in ("adamw", "adam", "sgd", "sgd-momentum"):
+            prober.progress(f"optimizer.{name}")
+            measured.append(prober.optimizer(name))
+        tables = {table_key(m.kernel, m.dtype): fit(m, allocation) for m in measured}
+        add = tables.get("pointwise.add")
+        if add is not None:   # elementwise ops no probe ran are priced as an add
+            tables["pointwise"] = KernelTable("pointwise", None, add.overhead_s, add.sizes, add.rates,
+                                              how="pointwise.add's table, for elementwise ops without their own: "
+                                                  + add.how)
+        tables["view"] = prober.view()
+        tables["module"] = prober.module()
+        python_call_s = prober.python_call_s()
+    finally:
+        torch.set_grad_enabled(grad_mode)
+    return KernelMeasurements(tables, allocation, python_call_s, prober.cache_bytes)

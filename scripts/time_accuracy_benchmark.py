@@ -1,0 +1,302 @@
+"""Predicted against measured step time on six architectures, inference and train, at one and two
+CPU threads (or on CUDA): time MAPE and fitted exponents per run, through `costmodel.validate`.
+
+Run by hand:
+    python scripts/time_accuracy_benchmark.py --out time_out                # CPU, threads 1 and 2
+    python scripts/time_accuracy_benchmark.py --threads 1 --only convnext   # one architecture
+    python scripts/time_accuracy_benchmark.py --device cuda --out gpu_time  # on a GPU (gpu_check.sh runs it)
+
+The device is calibrated once per thread count (`costmodel hardware calibrate`, written under --out
+as calibrated-<device>-<threads>t.toml and reused when present), or --hw gives the file. Before each
+run on the CPU the script waits (up to --wait-s) for the 1-minute load average to drop below
+--max-load, and records the load during the run and how fast a calibrated product and add run just
+before it against the calibration ("machine vs calibration": 1.0 as calibrated, 0.8 20% slower):
+other work on the machine slows measured steps, even on one thread's own clock.
+Writes summary.md (the table) and one JSON per run under --out.
+
+Architectures: which ones the kernel classes and calibration were developed against ("dev") and
+which were held out (not looked at while developing): see ARCHS.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from costmodel.capture.zoo import hf_factory  # noqa: E402
+
+
+# --- architectures --------------------------------------------------------------------------------
+
+class ConvNeXtBlock(nn.Module):
+    """Depthwise 7x7, LayerNorm over channels (channels-last), MLP 4x, residual (ConvNeXt, Liu 2022)."""
+
+    def __init__(self, d: int):
+        super().__init__()
+        self.dw = nn.Conv2d(d, d, 7, padding=3, groups=d)
+        self.norm = nn.LayerNorm(d)
+        self.up, self.down = nn.Linear(d, 4 * d), nn.Linear(4 * d, d)
+
+    def forward(self, x):
+        y = self.dw(x).permute(0, 2, 3, 1)
+        return x + self.down(F.gelu(self.up(self.norm(y)))).permute(0, 3, 1, 2)
+
+
+class ConvNeXt(nn.Module):
+    def __init__(self, dims=(48, 96, 192), depths=(2, 2, 2), classes: int = 100):
+        super().__init__()
+        layers: list[nn.Module] = [nn.Conv2d(3, dims[0], 4, stride=4)]
+        for i, (d, n) in enumerate(zip(dims, depths)):
+            if i:
+                layers.append(nn.Conv2d(dims[i - 1], d, 2, stride=2))
+            layers += [ConvNeXtBlock(d) for _ in range(n)]
+        self.features = nn.Sequential(*layers)
+        self.head = nn.Linear(dims[-1], classes)
+
+    def forward(self, x):
+        return self.head(self.features(x).mean((2, 3)))
+
+
+class GRULanguageModel(nn.Module):
+    """Embedding, a 2-layer GRU, a vocabulary head."""
+
+    def __init__(self, vocab: int = 4096, d: int = 256, hidden: int = 256):
+        super().__init__()
+        self.embed = nn.Embedding(vocab, d)
+        self.rnn = nn.GRU(d, hidden, num_layers=2, batch_first=True)
+        self.head = nn.Linear(hidden, vocab)
+
+    def forward(self, ids):
+        return self.head(self.rnn(self.embed(ids))[0])
+
+
+_TEXT = ["input_ids:int64[batch,seq]"]
+
+
+@dataclass
+class Arch:
+    name: str
+    build: object
+    inputs: list[str]
+    dims: dict[str, list[int]]          # inference sweep
+    train_dims: dict[str, list[int]]    # train sweep
+    held_out: bool
+    note: str = ""
+    cuda_dims: dict[str, list[int]] = field(default_factory=dict)
+    cuda_train_dims: dict[str, list[int]] = field(default_factory=dict)
+
+
+ARCHS = [
+    Arch("decoder", hf_factory("GPT2LMHeadModel", "GPT2Config", n_embd=256, n_layer=4, n_head=4, vocab_size=8192,
+                               n_positions=1024), _TEXT,
+         {"batch": [1], "seq": [128, 256, 512, 1024]}, {"batch": [1], "seq": [64, 128, 256, 512]}, held_out=False,
+         note="GPT-2 shape (HF GPT2LMHeadModel, SDPA), d=256, 4 layers, vocab 8192",
+         cuda_dims={"batch": [8], "seq": [256, 512, 1024]}, cuda_train_dims={"batch": [8], "seq": [256, 512, 1024]}),
+    Arch("resnet", hf_factory("ResNetForImageClassification", "ResNetConfig", attention=None, embedding_size=32,
+                              hidden_sizes=[32, 64, 128, 256], depths=[1, 1, 1, 1], layer_type="basic", num_labels=100),
+         ["pixel_values:float32[batch,3,size,size]"], {"batch": [4], "size": [64, 96, 128, 192]},
+         {"batch": [4], "size": [64, 96, 128, 160]}, held_out=False,
+         note="HF ResNet, basic blocks, widths 32..256, batch 4",
+         cuda_dims={"batch": [64], "size": [64, 128, 224]}, cuda_train_dims={"batch": [64], "size": [64, 128, 224]}),
+    Arch("encoder", hf_factory("BertModel", "BertConfig", hidden_size=256, intermediate_size=1024, num_hidden_layers=4,
+                               num_attention_heads=4, vocab_size=8192, max_position_embeddings=512), _TEXT,
+         {"batch": [2], "seq": [64, 128, 256, 512]}, {"batch": [2], "seq": [64, 128, 256, 512]}, held_out=True,
+         note="HF BertModel (SDPA), d=256, 4 layers",
+         cuda_dims={"batch": [16], "seq": [128, 256, 512]}, cuda_train_dims={"batch": [16], "seq": [128, 256, 512]}),
+    Arch("convnext", ConvNeXt, ["x:float32[batch,3,128,128]"], {"batch": [1, 2, 4, 8]}, {"batch": [1, 2, 4, 8]},
+         held_out=True, note="hand-written ConvNeXt-style: depthwise 7x7, channels-last LayerNorm, widths 48..192, 128 px",
+         cuda_dims={"batch": [16, 32, 64]}, cuda_train_dims={"batch": [16, 32, 64]}),
+    Arch("vit", hf_factory("ViTModel", "ViTConfig", hidden_size=256, intermediate_size=1024, num_hidden_layers=4,
+                           num_attention_heads=4, image_size=224, patch_size=16),
+         ["pixel_values:float32[batch,3,224,224]"], {"batch": [1, 2, 4, 8]}, {"batch": [1, 2, 4, 8]}, held_out=True,
+         note="HF ViTModel (SDPA), d=256, 4 layers, 224 px, patch 16",
+         cuda_dims={"batch": [32, 64, 128]}, cuda_train_dims={"batch": [32, 64, 128]}),
+    Arch("rnn", GRULanguageModel, _TEXT, {"batch": [8], "seq": [16, 32, 64, 128]}, {"batch": [8], "seq": [16, 32, 64, 128]},
+         held_out=True, note="embedding, nn.GRU 2 layers of 256, vocabulary head 4096",
+         cuda_dims={"batch": [64], "seq": [32, 64, 128]}, cuda_train_dims={"batch": [64], "seq": [32, 64, 128]}),
+]
+
+
+# --- running ----------------------------------------------------------------------------------------
+
+def load_average() -> float | None:
+    try:
+        return os.getloadavg()[0]
+    except OSError:
+        return None
+
+
+def wait_for_quiet(max_load: float, wait_s: float) -> float | None:
+    """Wait until the 1-minute load average is below max_load (at most wait_s); the load then."""
+    deadline = time.time() + wait_s
+    while True:
+        load = load_average()
+        if load is None or load < max_load or time.time() >= deadline:
+            return load
+        time.sleep(10)
+
+
+def machine_speed(hw) -> dict[str, float] | None:
+    """How fast this CPU runs now against its calibration: a product and an elementwise add, in
+    cache, timed as the calibration times them (thread clock at one thread; fastest of 7 blocks),
+    each as predicted / measured time (1.0: as calibrated; 0.8: 20% slower, other work sharing the
+    core's caches or the package's power). Recorded with each run to tell the model's errors from
+    the machine's; nothing is corrected with it. None where the file has no tables for them."""
+    from costmodel.hardware.roofline import op_time
+    clock = time.thread_time if torch.get_num_threads() == 1 else time.perf_counter
+    n, elements = 256, 262144
+    x, w, b = torch.randn(n, n), torch.randn(n, n), torch.randn(n)
+    u, v = torch.randn(elements), torch.randn(elements)
+    probes = {"matmul": (lambda: torch.addmm(b, x, w.t()), (2 * n ** 3, 4 * (3 * n * n + n)), "matmul",
+                         {"m": n, "n": n, "k": n}),
+              "add": (lambda: torch.add(u, v), (elements, 12 * elements), "pointwise", {})}
+    out = {}
+    for name, (fn, (flops, nbytes), category, features) in probes.items():
+        kernel = "matmul" if name == "matmul" else "pointwise.add"
+        if hw.kernel_table(kernel, "float32") is None:
+            return None
+        predicted = op_time(flops, nbytes, category, "float32", hw, kernel=kernel, features=features).time_s
+        for _ in range(3):
+            fn()
+        number = max(1, int(0.02 / max(predicted, 1e-7)))
+        times = []
+        for _ in range(7):
+            t0 = clock()
+            for _ in range(number):
+                fn()
+            times.append((clock() - t0) / number)
+        out[name] = predicted / min(times)
+    return out
+
+
+def hardware_for(device: str, threads: int | None, out: Path, hw: str | None, quick: bool):
+    from costmodel.hardware.calibrate import calibrate
+    from costmodel.hardware.catalog import load_hardware
+    if hw:
+        return load_hardware(hw)
+    path = out / f"calibrated-{device}-{threads or 'gpu'}{'-quick' if quick else ''}.toml"
+    if path.is_file():
+        return load_hardware(str(path))
+    print(f"calibrating {device} ({threads} threads) into {path} ...", file=sys.stderr, flush=True)
+    start = time.perf_counter()
+    result = calibrate(device, path, quick=quick)
+    print(f"  calibrated in {time.perf_counter() - start:.0f} s", file=sys.stderr, flush=True)
+    return result
+
+
+def run_one(arch: Arch, mode: str, device: str, hw, repeats: int, quick: bool):
+    from costmodel.validate.engine import validate
+    dims = arch.dims if mode == "inference" else arch.train_dims
+    if device == "cuda":
+        dims = (arch.cuda_dims if mode == "inference" else arch.cuda_train_dims) or dims
+    if quick:
+        dims = {d: v[:2] for d, v in dims.items()}
+    return validate(arch.build, arch.inputs, dims=dims, device=device, mode=mode, hardware=hw, repeats=repeats,
+                    progress=False, cross_check=False)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", default="time_accuracy_out")
+    parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    parser.add_argument("--threads", type=int, action="append", help="CPU threads (repeatable; default 1 and 2)")
+    parser.add_argument("--only", action="append", default=[], help="architecture names (repeatable)")
+    parser.add_argument("--mode", action="append", choices=("inference", "train"), help="default: both")
+    parser.add_argument("--hw", help="a calibrated device file to price with (default: calibrate per thread count)")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--max-load", type=float, default=1.0, help="CPU: wait for a 1-minute load below this")
+    parser.add_argument("--wait-s", type=float, default=300.0, help="CPU: wait at most this long per run")
+    parser.add_argument("--quick", action="store_true", help="two points per run, quick calibration (a smoke test)")
+    args = parser.parse_args(argv)
+    warnings.filterwarnings("ignore")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    threads_list = [None] if args.device == "cuda" else (args.threads or [1, 2])
+    modes = args.mode or ["inference", "train"]
+    archs = [a for a in ARCHS if not args.only or a.name in args.only]
+    rows = []
+    for threads in threads_list:
+        if threads:
+            torch.set_num_threads(threads)
+        if args.device == "cpu":
+            wait_for_quiet(args.max_load, args.wait_s)
+        hw = hardware_for(args.device, threads, out, args.hw, args.quick)
+        for arch in archs:
+            for mode in modes:
+                load_before = wait_for_quiet(args.max_load, args.wait_s) if args.device == "cpu" else None
+                speed = machine_speed(hw) if args.device == "cpu" else None
+                start = time.perf_counter()
+                try:
+                    r = run_one(arch, mode, args.device, hw, args.repeats, args.quick)
+                except Exception as e:   # one failing run must not hide the others
+                    rows.append({"arch": arch.name, "mode": mode, "threads": threads, "error": f"{type(e).__name__}: {e}"})
+                    print(f"{arch.name} {mode} {threads}t: failed: {e}", file=sys.stderr, flush=True)
+                    continue
+                wall = time.perf_counter() - start
+                load_after = load_average()
+                dim = r.swept[0] if r.swept else None
+                e = r.exponents.get(dim, {}) if dim else {}
+                row = {"arch": arch.name, "held_out": arch.held_out, "mode": mode, "threads": threads,
+                       "dim": dim, "time_mape": r.errors["time_mape"], "exp_measured": e.get("measured"),
+                       "exp_predicted": e.get("predicted"), "load": [load_before, load_after], "speed": speed,
+                       "wall_s": wall,
+                       "points": [(p.dims, p.measured.get("time_s"), p.predicted.get("time_s")) for p in r.points]}
+                rows.append(row)
+                (out / f"{arch.name}-{mode}-{threads or 'gpu'}t.json").write_text(r.to_json())
+                print(_line(row), flush=True)
+    text = _summary(rows, args.device)
+    (out / "summary.md").write_text(text)
+    (out / "summary.json").write_text(json.dumps(rows, indent=2, default=str))
+    print(text)
+    return 0
+
+
+def _line(row: dict) -> str:
+    load = "/".join("-" if x is None else f"{x:.2f}" for x in row["load"])
+    pts = " ".join(f"{m * 1e3:.1f}/{p * 1e3:.1f}" for _, m, p in row["points"] if m and p)
+    return (f"{row['arch']:9s} {row['mode']:9s} {row['threads'] or '-'}t  MAPE {row['time_mape']:5.1f}%  "
+            f"exp {row['exp_measured']:.2f}/{row['exp_predicted']:.2f}  load {load}  speed {_speed(row)}  "
+            f"ms meas/pred: {pts}")
+
+
+def _speed(row: dict) -> str:
+    speed = row.get("speed")
+    return "-" if not speed else "/".join(f"{v:.2f}" for v in speed.values())
+
+
+def _summary(rows: list[dict], device: str) -> str:
+    head = ["| architecture | held out | mode | threads | swept | time MAPE | exponent measured / predicted | "
+            "diff | load (before / after) | machine vs calibration (matmul / add) |",
+            "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        if "error" in r:
+            head.append(f"| {r['arch']} | | {r['mode']} | {r['threads']} | | failed: {r['error'][:80]} | | | | |")
+            continue
+        diff = abs(r["exp_measured"] - r["exp_predicted"]) if r["exp_measured"] is not None else None
+        load = " / ".join("-" if x is None else f"{x:.2f}" for x in r["load"])
+        head.append(f"| {r['arch']} | {'yes' if r['held_out'] else 'no (dev)'} | {r['mode']} | {r['threads'] or device} | "
+                    f"{r['dim']} | {r['time_mape']:.1f}% | {r['exp_measured']:.2f} / {r['exp_predicted']:.2f} | "
+                    f"{diff:.2f} | {load} | {_speed(r)} |")
+    ok = [r for r in rows if "error" not in r]
+    if ok:
+        worst = max(r["time_mape"] for r in ok)
+        within = sum(1 for r in ok if r["time_mape"] <= 15 and abs(r["exp_measured"] - r["exp_predicted"]) <= 0.1)
+        head += ["", f"{within} of {len(ok)} runs within 15% MAPE and 0.1 of the measured exponent; "
+                     f"worst MAPE {worst:.1f}%"]
+    return "\n".join(head) + "\n"
+
+
+if __name__ == "__main__":
+    sys.exit(main())

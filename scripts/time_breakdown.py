@@ -1,0 +1,160 @@
+"""Where a predicted step time differs from the measured one: predicted time per aten op against the
+profiler's self time per aten op, for one architecture of time_accuracy_benchmark.py at one point.
+
+Run by hand: `python scripts/time_breakdown.py decoder --dim batch=1 --dim seq=512 --hw cpu.toml
+[--mode train] [--threads 1]`. The profiler's own cost inflates small ops a little; the measured
+step (no profiler) is printed above the table. Ops eager runs inside a composite (linear's addmm)
+appear under their own names on both sides.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import os
+import sys
+import warnings
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+
+def main(argv=None) -> int:
+    from time_accuracy_benchmark import ARCHS
+
+    from costmodel.api import analyze
+    from costmodel.capture.specs import parse_dims
+    from costmodel.hardware.catalog import load_hardware
+    from costmodel.validate.engine import _Runner
+    from costmodel.validate.stats import time_call
+
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("arch", choices=[a.name for a in ARCHS])
+    p.add_argument("--dim", action="append", default=[])
+    p.add_argument("--mode", default="inference")
+    p.add_argument("--hw", required=True)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--top", type=int, default=30)
+    p.add_argument("--by", choices=("op", "kernel"), default="op")
+    p.add_argument("--ops", metavar="CLASS", help="instead: each op of this kernel class (prefix) timed alone "
+                                                   "with random tensors of its shapes, against its prediction")
+    args = p.parse_args(argv)
+    warnings.filterwarnings("ignore")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    torch.set_num_threads(args.threads)
+    arch = next(a for a in ARCHS if a.name == args.arch)
+    dims = {d: v[0] for d, v in parse_dims(args.dim).items()} if args.dim else \
+        {d: v[0] for d, v in (arch.dims if args.mode == "inference" else arch.train_dims).items()}
+    hw = load_hardware(args.hw)
+    rep = analyze(arch.build, inputs=arch.inputs, mode=args.mode, dims={d: [v] for d, v in dims.items()},
+                  hardware=hw, complete=True)
+    pt = rep.evaluate(**dims)
+    timing = pt.timing(hw)
+    if args.ops:
+        return alone(rep, pt, timing, hw, args.ops)
+    pred, count = collections.Counter(), collections.Counter()
+    for i, (op, t) in enumerate(zip(pt.ops, timing["op_times"])):
+        key = pt.kernel_class(i) if args.by == "kernel" else op["target"].replace("aten.", "aten::").rsplit(".", 1)[0]
+        pred[key] += t.time_s
+        count[key] += 1
+    runner = _Runner(arch.build, rep, "cpu", torch.float32, args.mode, "adamw", "sum", False).runner
+    values = runner.values(dims)
+    step = runner.step(values)
+    measured = time_call(step, repeats=5, warmup=2, min_time_s=1.0)
+    iters = 3
+    meas, mcount = collections.Counter(), collections.Counter()
+    if args.threads == 1:
+        # Each aten op's CPU time on this thread, in the model (its real cache state), by a
+        # dispatch mode: other processes' time slices do not count, as they would in wall time.
+        import time as _time
+
+        from torch.utils._python_dispatch import TorchDispatchMode
+
+        class Clock(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                t0 = _time.thread_time()
+                out = func(*args, **(kwargs or {}))
+                key = "aten::" + func.overloadpacket.__name__ if func.namespace == "aten" else str(func)
+                meas[key] += (_time.thread_time() - t0) / iters
+                mcount[key] += 1 / iters
+                return out
+        for _ in range(iters):
+            with Clock():
+                step()
+        clock = "thread CPU time per op"
+    else:
+        from torch.profiler import ProfilerActivity, profile
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            for _ in range(iters):
+                step()
+        for e in prof.key_averages():
+            meas[e.key] += e.self_cpu_time_total / 1e6 / iters
+            mcount[e.key] += e.count / iters
+        clock = "profiled self time"
+    print(f"{arch.name} {args.mode} at {dims}, {args.threads} threads: measured {measured.median_s * 1e3:.2f} ms "
+          f"({clock} {sum(meas.values()) * 1e3:.2f} ms), predicted {pt.totals['time_s'] * 1e3:.2f} ms; "
+          f"load {os.getloadavg()[0]:.2f}")
+    keys = sorted(set(pred) | set(meas), key=lambda k: -max(pred.get(k, 0), meas.get(k, 0)))
+    print(f"{'':48s} {'predicted':>10s} {'n':>5s}   {'measured':>10s} {'n':>6s}")
+    for k in keys[:args.top]:
+        print(f"{k[:48]:48s} {pred.get(k, 0) * 1e3:8.3f}ms {count.get(k, 0):5d}   "
+              f"{meas.get(k, 0) * 1e3:8.3f}ms {mcount.get(k, 0):6.0f}")
+    return 0
+
+
+def alone(rep, pt, timing, hw, prefix: str) -> int:
+    """Each op of the class timed alone (its shapes, random data) against its predicted time."""
+    import dataclasses
+
+    from costmodel.hardware.calibrate_kernels import Timer, kernel_plan
+    nodes = {n.name: n for n in pt.analysis.captured.graph.graph.nodes}
+    timer = Timer("cpu", dataclasses.replace(kernel_plan("cpu", quick=True), block_s=0.004, blocks=7))
+
+    def hint_int(s):
+        return s if isinstance(s, int) else int(s.node.hint)
+
+    def real(x):
+        if isinstance(x, torch.fx.Node):
+            x = x.meta.get("val")
+        if isinstance(x, torch.Tensor):   # the graph's shape and strides (a transposed view stays one)
+            shape, stride = [hint_int(s) for s in x.shape], [hint_int(s) for s in x.stride()]
+            t = torch.empty_strided(shape, stride, dtype=x.dtype)
+            if x.dtype.is_floating_point:
+                return t.normal_()
+            if x.dtype == torch.bool:
+                return t.fill_(True)
+            return t.zero_()
+        if isinstance(x, torch.SymInt):
+            return hint_int(x)
+        if isinstance(x, (list, tuple)):
+            return type(x)(real(v) for v in x)
+        return x
+    total_p = total_m = 0.0
+    for i, (op, t) in enumerate(zip(pt.ops, timing["op_times"])):
+        kernel = pt.kernel_class(i)
+        if not kernel.startswith(prefix) or op["name"] not in nodes:
+            continue
+        node = nodes[op["name"]]
+        args, kwargs = real(list(node.args)), {k: real(v) for k, v in node.kwargs.items()}
+        try:
+            import resource
+            f0, c0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt, timer.calls
+            measured = timer(lambda: node.target(*args, **kwargs))
+            faults = (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0) / max(1, timer.calls - c0)
+        except Exception as e:   # noqa: BLE001 - a diagnostic: say it and go on
+            print(f"{op['name']}: could not run alone: {e}")
+            continue
+        total_p += t.time_s
+        total_m += measured
+        feats = {k: int(v) for k, v in pt.features[i].items() if v}
+        print(f"{op['name'][:28]:28s} {kernel[:32]:32s} pred {t.time_s * 1e3:8.3f} ms  alone {measured * 1e3:8.3f} ms  "
+              f"{t.time_s / measured:5.2f}x  {faults:6.0f} faults/call {feats}")
+    print(f"total: predicted {total_p * 1e3:.2f} ms, alone {total_m * 1e3:.2f} ms")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,395 @@
+"""Kernel classes: decided from the op and its arguments, carried to the roofline with their shape
+features; measured tables in device files (schema, interpolation) and how the roofline uses them."""
+
+import math
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from costmodel.api import analyze
+from costmodel.errors import UsageError
+from costmodel.hardware.calibrate import _to_toml, _toml_key
+from costmodel.hardware.catalog import Hardware, load_hardware
+from costmodel.hardware.kernels import AllocationTable, KernelTable, chain, check_kernel, find_table, interpolate
+from costmodel.hardware.roofline import op_time
+
+
+def classes(report, point: dict) -> list[tuple[str, str, dict]]:
+    """(target, kernel class, features) of every op that does work, at `point`."""
+    pt = report.evaluate(**point)
+    return [(op["target"], pt.kernel_class(i), pt.features[i]) for i, op in enumerate(pt.ops)
+            if op["flops"] or op["bytes"]]
+
+
+class Convs(nn.Module):
+    """Named to mislead: the class must come from groups and channels, not from names."""
+
+    def __init__(self):
+        super().__init__()
+        self.depthwise = nn.Conv2d(8, 8, 3, padding=1)               # groups=1: dense
+        self.dense = nn.Conv2d(8, 8, 7, padding=3, groups=8)         # one input channel per group
+        self.grouped = nn.Conv2d(8, 16, 3, padding=1, groups=2)
+        self.up = nn.ConvTranspose2d(16, 4, 2, stride=2)
+
+    def forward(self, x):
+        return self.up(self.grouped(self.dense(self.depthwise(x))))
+
+
+def test_conv_classes_come_from_groups_against_channels():
+    r = analyze(Convs, inputs=["x:float32[batch,8,h,h]"], dims={"batch": [2], "h": [16]})
+    convs = [(k, f) for t, k, f in classes(r, {"batch": 2, "h": 16}) if "convolution" in t]
+    assert [k for k, _ in convs] == ["conv.dense", "conv.depthwise", "conv.grouped", "conv.transposed"]
+    # As the GEMM it lowers to: m = batch * 16 * 16 = 512 positions, n = output channels per group,
+    # k = input channels per group * kernel area.
+    def gemm(f):
+        return {k: f[k] for k in ("m", "n", "k", "groups")}
+    assert gemm(convs[0][1]) == {"m": 512, "n": 8, "k": 8 * 9, "groups": 1}
+    assert gemm(convs[1][1]) == {"m": 512, "n": 1, "k": 49, "groups": 8}
+    assert gemm(convs[2][1]) == {"m": 512, "n": 8, "k": 4 * 9, "groups": 2}
+    # its output is newly allocated: 2 * 8 * 16 * 16 floats
+    assert convs[0][1]["alloc_bytes"] == 2 * 8 * 16 * 16 * 4
+
+
+def test_grouped_conv_backward_work_is_the_kernels_and_its_count_the_flop_counters():
+    from torch.utils.flop_counter import FlopCounterMode
+    r = analyze(Convs, inputs=["x:float32[batch,8,h,h]"], mode="train", dims={"batch": [2], "h": [16]})
+    pt = r.evaluate(batch=2, h=16)
+    forward = {op["module"]: op for op in pt.ops if op["target"] == "aten.convolution.default"}
+    backward = {op["module"]: op for op in pt.ops if op["target"] == "aten.convolution_backward.default"}
+    for name in ("grouped", "dense", "up"):       # input and weight gradients: the forward's work twice
+        assert backward[name]["flops"] == 2 * forward[name]["flops"], name
+    # FlopCounterMode counts the weight gradient of the 8-group layer 8 times, of the 2-group one twice
+    assert backward["dense"]["matmul_flops"] == forward["dense"]["flops"] * (1 + 8)
+    assert backward["grouped"]["matmul_flops"] == forward["grouped"]["flops"] * (1 + 2)
+    model, x = Convs(), torch.randn(2, 8, 16, 16)
+    with FlopCounterMode(display=False) as counter:
+        model(x).sum().backward()
+    assert pt.totals["matmul_flops"] == counter.get_total_flops()
+
+
+def test_conv_backward_of_a_first_layer_computes_no_input_gradient():
+    r = analyze(Convs, inputs=["x:float32[batch,8,h,h]"], mode="train", dims={"batch": [2], "h": [16]})
+    backward = [k for t, k, _ in classes(r, {"batch": 2, "h": 16}) if "convolution_backward" in t]
+    # backwards run last layer first; the first conv's input is the model's input: no gradient
+    assert backward == ["conv.transposed.backward", "conv.grouped.backward", "conv.depthwise.backward",
+                        "conv.dense.backward.weight"]
+
+
+class Block(nn.Module):
+    def __init__(self, d=32, heads=4, dropout=0.0):
+        super().__init__()
+        self.heads, self.dropout = heads, dropout
+        self.qkv, self.out = nn.Linear(d, 3 * d), nn.Linear(d, d)
+
+    def forward(self, x):
+        B, S, D = x.shape
+        q, k, v = (t.reshape(B, S, self.heads, D // self.heads).transpose(1, 2) for t in self.qkv(x).split(D, -1))
+        a = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=self.dropout if self.training else 0.0)
+        return F.gelu(self.out(a.transpose(1, 2).reshape(B, S, D)), approximate="tanh")
+
+
+def test_products_carry_m_n_k():
+    r = analyze(Block, inputs=["x:float32[batch,seq,32]"], dims={"batch": [2], "seq": [64]})
+    mm = [(k, f) for t, k, f in classes(r, {"batch": 2, "seq": 64}) if "mm" in t]
+    # qkv: [2 * 64, 32] @ [32, 96]; out: [128, 32] @ [32, 32]
+    assert [(k, f["m"], f["n"], f["k"]) for k, f in mm] == [("matmul", 128, 96, 32), ("matmul", 128, 32, 32)]
+
+
+def test_attention_class_is_the_kernel_each_device_runs():
+    point = {"batch": 2, "seq": 64}
+
+    def sdpa_classes(device):
+        r = analyze(Block, inputs=["x:float32[batch,seq,32]"], dims={"batch": [2], "seq": [64]}, device=device)
+        return [(k, f) for t, k, f in classes(r, point) if "sdpa" in t]
+    cpu, cuda = sdpa_classes("cpu"), sdpa_classes("cuda")
+    assert [k for k, _ in cpu] == ["attention.flash.causal"]        # PyTorch's CPU flash kernel takes this call
+    assert [k for k, _ in cuda] == ["attention.efficient.causal"]   # float32 on CUDA: the memory-efficient kernel
+    features = cpu[0][1]
+    assert {k: features[k] for k in ("batch_heads", "L", "S", "E")} == {"batch_heads": 8, "L": 64, "S": 64, "E": 8}
+    # With dropout in training the CPU runs the math kernel; the backward is its own class.
+    t = analyze(lambda: Block(dropout=0.1), inputs=["x:float32[batch,seq,32]"], mode="train",
+                dims={"batch": [2], "seq": [64]}, device="cpu")
+    train = [k for tg, k, _ in classes(t, point) if "sdpa" in tg]
+    assert train == ["attention.math.causal.dropout", "attention.math.backward.causal"]
+
+
+def test_forced_attention_kernel_names_the_class():
+    r = analyze(Block, inputs=["x:float32[batch,seq,32]"], attention="math", dims={"batch": [2], "seq": [64]},
+                device="cuda")
+    assert [k for t, k, _ in classes(r, {"batch": 2, "seq": 64}) if "sdpa" in t] == ["attention.math.causal"]
+
+
+def test_pointwise_class_is_the_op_and_its_approximation():
+    r = analyze(Block, inputs=["x:float32[batch,seq,32]"], dims={"batch": [2], "seq": [64]})
+    assert "pointwise.gelu_tanh" in [k for _, k, _ in classes(r, {"batch": 2, "seq": 64})]
+
+
+def test_class_names_and_chain():
+    assert chain("conv.depthwise.backward") == ["conv.depthwise.backward", "conv.depthwise", "conv"]
+    assert check_kernel("pointwise.tanh") == "pointwise.tanh"
+    with pytest.raises(UsageError, match="'convolution' is not a kernel class \\(did you mean conv\\?\\)"):
+        check_kernel("convolution")
+    with pytest.raises(UsageError, match="conv classes are dense, depthwise, grouped, transposed; got 'deep'"):
+        check_kernel("conv.deep")
+
+
+# --- tables --------------------------------------------------------------------------------------------
+
+MATMUL = KernelTable("matmul", "float32", overhead_s=2e-6, sizes=(1e6, 1e8), rates=(1e10, 1e11),
+                     efficiency={"m": ((1.0, 0.25), (64.0, 1.0))})
+
+
+def test_rates_interpolate_log_log_and_hold_past_the_ends():
+    assert MATMUL.rate(1e6) == 1e10 and MATMUL.rate(1e8) == 1e11
+    assert MATMUL.rate(1e7) == pytest.approx(math.sqrt(1e10 * 1e11))   # halfway in log size: geometric mean
+    assert MATMUL.rate(1e3) == 1e10 and MATMUL.rate(1e12) == 1e11
+    assert interpolate([1.0, 4.0], [1.0, 16.0], 2.0) == pytest.approx(4.0)
+
+
+def test_time_is_overhead_plus_work_at_the_rate_and_shape_efficiency():
+    # m = 8 is a third of the way from 1 to 64 in log: 0.25 * 4^(1/2) = 0.5
+    assert MATMUL.shape_efficiency({"m": 8, "n": 512}) == pytest.approx(0.5)
+    # 1e8 FLOPs at 1e11 FLOP/s and efficiency 0.5: 2 ms, plus 2 us
+    assert MATMUL.time_s(1e8, {"m": 8}) == pytest.approx(2e-6 + 1e8 / (1e11 * 0.5))
+    assert MATMUL.time_s(1e8) == pytest.approx(2e-6 + 1e-3)
+
+
+def test_table_indexed_by_a_feature():
+    conv = KernelTable("conv.depthwise", "float32", 5e-5, (16.0, 1024.0), (1e9, 1e10), by="m")
+    assert conv.time_s(1e7, {"m": 1024}) == pytest.approx(5e-5 + 1e-3)
+    assert conv.time_s(1e7, {"m": 16}) == pytest.approx(5e-5 + 1e-2)
+
+
+def test_allocation_is_a_step_in_the_block_size():
+    alloc = AllocationTable((1 << 20, 32 << 20), (0.0, 4e-10))
+    assert alloc.penalty_s(16 << 20) == 0.0           # between the sizes: the smaller one's figure
+    assert alloc.penalty_s(64 << 20) == pytest.approx((64 << 20) * 4e-10)
+    assert alloc.penalty_s(1000) == 0.0
+
+
+def test_find_table_walks_the_chain_and_keys_flops_classes_by_dtype():
+    tables = {"conv:float32": KernelTable("conv", "float32", 1e-6, (1.0,), (1.0,)),
+              "pointwise": KernelTable("pointwise", None, 1e-6, (1.0,), (1.0,))}
+    assert find_table(tables, "conv.depthwise.backward", "float32").kernel == "conv"
+    assert find_table(tables, "conv.dense", "bfloat16") is None
+    assert find_table(tables, "pointwise.tanh", "bfloat16").kernel == "pointwise"   # bytes: any dtype
+
+
+CPU = """
+name = "my-cpu"
+calibrated = true
+memory_bytes = 17_179_869_184
+bandwidth_bytes_per_s = 2e10
+threads = 1
+[peak_flops_per_s]
+float32 = 1e11
+"""
+
+
+def device_file(tmp_path, kernels: dict, allocation: dict | None = None):
+    tables = {f"kernels.{_toml_key(k)}": v for k, v in kernels.items()}
+    if allocation is not None:
+        tables["allocation"] = allocation
+    path = tmp_path / "cpu.toml"
+    path.write_text(CPU + _to_toml("test", {}, tables).split("\n", 1)[1])
+    return path
+
+
+def test_tables_round_trip_through_the_file(tmp_path):
+    path = device_file(tmp_path, {"matmul:float32": MATMUL.to_dict(),
+                                  "pointwise.tanh": {"overhead_s": 1e-6, "sizes": [1e3, 1e6], "rates": [1e9, 3e9],
+                                                     "how": "torch.tanh(x)"},
+                                  "view": {"overhead_s": 1e-6}},
+                       {"sizes": [1048576.0, 33554432.0], "seconds_per_byte": [0.0, 4e-10]})
+    hw = load_hardware(str(path))
+    assert hw.kernels["matmul:float32"] == MATMUL
+    assert hw.kernels["pointwise.tanh"].how == "torch.tanh(x)"
+    assert hw.allocation == AllocationTable((1048576.0, 33554432.0), (0.0, 4e-10))
+    assert hw.threads == 1
+    assert load_hardware(str(path)) == hw
+
+
+@pytest.mark.parametrize("key, table, message", [
+    ("convolution:float32", {"overhead_s": 0.0}, "'convolution' is not a kernel class"),
+    ("matmul", {"overhead_s": 0.0}, "a matmul table is per dtype; name it 'matmul:DTYPE'"),
+    ("matmul:fp32", {"overhead_s": 0.0}, "unknown dtype 'fp32'"),
+    ("pointwise:float32", {"overhead_s": 0.0}, "priced by bytes, whatever the dtype; name the table 'pointwise'"),
+    ("pointwise", {"overhead_s": 0.0, "sizes": [1.0, 2.0], "rates": [1.0]}, "same length"),
+    ("pointwise", {"overhead_s": 0.0, "sizes": [2.0, 1.0], "rates": [1.0, 1.0]}, "strictly ascending"),
+    ("pointwise", {"overhead_s": 0.0, "sizes": [1.0]}, "'sizes' and 'rates' go together"),
+    ("pointwise", {"overhead_s": -1.0}, "'overhead_s' must be seconds"),
+    ("pointwise", {"overhead": 0.0}, "unknown field 'overhead' \\(did you mean overhead_s\\?\\)"),
+    ("matmul:float32", {"overhead_s": 0.0, "sizes": [1.0], "rates": [1.0], "efficiency": {"q": [[1.0, 1.0]]}},
+     "unknown feature 'efficiency.q'; matmul classes have m, n, k"),
+    ("matmul:float32", {"overhead_s": 0.0, "sizes": [1.0], "rates": [1.0], "efficiency": {"m": [[1.0]]}},
+     "must be a list of \\[value, factor\\] pairs"),
+    ("matmul:float32", {"overhead_s": 0.0, "work": "bytes"}, "priced by flops, but the table says work = 'bytes'"),
+    ("conv.dense:float32", {"overhead_s": 0.0, "by": "h"}, "'by' must be work or a feature of conv classes"),
+])
+def test_table_errors_say_what_is_wrong(tmp_path, key, table, message):
+    with pytest.raises(UsageError, match=message):
+        load_hardware(str(device_file(tmp_path, {key: table})))
+
+
+def test_allocation_errors(tmp_path):
+    with pytest.raises(UsageError, match="seconds_per_byte must be 2 numbers >= 0"):
+        load_hardware(str(device_file(tmp_path, {}, {"sizes": [1.0, 2.0], "seconds_per_byte": [0.0]})))
+
+
+# --- the roofline with tables ---------------------------------------------------------------------
+
+def calibrated(tmp_path, **extra) -> Hardware:
+    return load_hardware(str(device_file(tmp_path, {"matmul:float32": MATMUL.to_dict(),
+                                                    "conv:float32": {"overhead_s": 4e-6, "sizes": [1.0],
+                                                                     "rates": [5e10]},
+                                                    "view": {"overhead_s": 1e-6}, **extra},
+                                         {"sizes": [33554432.0], "seconds_per_byte": [5e-10]})))
+
+
+def test_roofline_prices_from_the_most_specific_table(tmp_path):
+    hw = calibrated(tmp_path)
+    t = op_time(1e8, 1e6, "matmul", "float32", hw, kernel="matmul", features={"m": 8})
+    assert t.kernel == "matmul"
+    assert t.time_s == pytest.approx(2e-6 + 1e8 / (1e11 * 0.5))
+    assert t.overhead_s == 2e-6
+    # conv.depthwise has no table of its own: the conv table prices it
+    d = op_time(1e8, 1e6, "conv", "float32", hw, kernel="conv.depthwise")
+    assert (d.kernel, d.time_s) == ("conv", pytest.approx(4e-6 + 1e8 / 5e10))
+    # a fresh 64 MiB output on this CPU: 2^26 * 5e-10 s of page faults on top
+    big = op_time(1e8, 1e6, "matmul", "float32", hw, kernel="matmul", features={"alloc_bytes": 1 << 26})
+    assert big.allocation_s == pytest.approx((1 << 26) * 5e-10)
+    assert big.time_s == pytest.approx(2e-6 + 1e-3 + big.allocation_s)
+
+
+def test_views_cost_their_eager_dispatch_on_a_calibrated_device(tmp_path):
+    assert op_time(0, 0, "view", "float32", calibrated(tmp_path), kernel="view").time_s == 1e-6
+    assert op_time(0, 0, "view", "float32", load_hardware("a100-80gb")).time_s == 0.0
+
+
+def test_without_a_table_the_generic_ramps_price_it(tmp_path):
+    hw = calibrated(tmp_path)
+    generic = Hardware("plain", hw.memory_bytes, hw.bandwidth_bytes_per_s, hw.peak_flops_per_s,
+                       hw.kernel_overhead_s, calibrated=True)
+    for args in [(1e9, 1e7, "norm", "float32"), (1e9, 1e7, "attention", "float32")]:
+        t = op_time(*args, hw)
+        assert t.kernel is None
+        assert t.time_s == pytest.approx(op_time(*args, generic).time_s)
+    # a dtype without its own table is not priced by another dtype's
+    hw_bf16 = Hardware("bf16", hw.memory_bytes, hw.bandwidth_bytes_per_s, {"float32": 1e11, "bfloat16": 2e11},
+                       kernels=hw.kernels)
+    assert op_time(1e8, 1e6, "matmul", "bfloat16", hw_bf16, kernel="matmul").kernel is None
+
+
+def test_old_calibration_files_load_and_price_as_before(tmp_path):
+    path = tmp_path / "old.toml"
+    path.write_text(CPU.replace("threads = 1\n", "kernel_overhead_s = 3e-6\n"))
+    hw = load_hardware(str(path))
+    assert (hw.kernels, hw.allocation, hw.threads) == ({}, None, None)
+    t = op_time(2 * 2048**3, 3 * 2048**2 * 4, "matmul", "float32", hw, kernel="matmul", features={"m": 1})
+    assert t.time_s == pytest.approx(2 * 2048**3 / 1e11 + 2e-6 + 3e-6)    # the calibrated ramp, as before
+
+
+def test_a_model_is_priced_op_by_op_from_the_tables(tmp_path):
+    hw = calibrated(tmp_path)
+    r = analyze(Block, inputs=["x:float32[batch,seq,32]"], dims={"batch": [2], "seq": [64]}, hardware=hw)
+    pt = r.evaluate(batch=2, seq=64)
+    times = pt.timing(hw)["op_times"]
+    mm = [t for op, t in zip(pt.ops, times) if op["target"] == "aten.addmm.default"]
+    assert [t.kernel for t in mm] == ["matmul", "matmul"]
+    # qkv: 2 * 128 * 96 * 32 FLOPs at the rate of its work, m = 128 past the curve's end (1.0)
+    flops = 2 * 128 * 96 * 32
+    assert mm[0].time_s == pytest.approx(2e-6 + flops / MATMUL.rate(flops))
+    # the views the model's code calls cost a view's dispatch; size reads of the trace cost nothing
+    views = [(op["target"], t.time_s) for i, (op, t) in enumerate(zip(pt.ops, times))
+             if op["category"] == "view" and not pt.features[i].get("internal")]
+    assert views and all(t == (0.0 if "sym_size" in target else 1e-6) for target, t in views)
+    assert pt.totals["time_s"] == pytest.approx(sum(t.time_s for t in times))
+
+
+# --- eager's own costs and the cache ------------------------------------------------------------------
+
+class Head(nn.Module):
+    """nn.Linear on a permuted 3-D input: tracing keeps a bmm against the broadcast weight, eager
+    folds the batch into the rows and runs one product."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(16, 32)
+
+    def forward(self, x):
+        return self.lin(x.transpose(0, 1))
+
+
+def test_broadcast_weight_bmm_is_priced_as_the_folded_product():
+    r = analyze(Head, inputs=["x:float32[seq,batch,16]"], dims={"batch": [4], "seq": [8]})
+    products = [(k, f) for t, k, f in classes(r, {"batch": 4, "seq": 8}) if "mm" in t]
+    assert [(k, f["m"], f["n"], f["k"]) for k, f in products] == [("matmul", 4 * 8, 32, 16)]
+
+
+def test_ops_after_the_first_of_a_python_call_are_internal():
+    # F.linear on [batch, seq, 32] is one Python call: eager's view, t, addmm and view run from C++
+    r = analyze(Block, inputs=["x:float32[batch,seq,32]"], dims={"batch": [2], "seq": [64]})
+    pt = r.evaluate(batch=2, seq=64)
+    linear = [(op["target"], pt.features[i].get("internal", 0)) for i, op in enumerate(pt.ops)
+              if op["module"] == "qkv" and "sym_size" not in op["target"]]
+    assert linear == [("aten.view.default", 0), ("aten.t.default", 1), ("aten.addmm.default", 1),
+                      ("aten.view.default", 1)]
+    assert r.primary.captured.module_calls == 3        # the block, qkv, out
+
+
+def test_permuted_inputs_name_strided_classes():
+    class ChannelsLast(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.norm = nn.LayerNorm(8)
+
+        def forward(self, x):
+            y = self.norm(x.permute(0, 2, 3, 1))       # the norm copies its permuted input first
+            return x + y.permute(0, 3, 1, 2)           # strided loads of y
+    r = analyze(ChannelsLast, inputs=["x:float32[batch,8,h,h]"], dims={"batch": [2], "h": [4]})
+    ops = {t: (k, f) for t, k, f in classes(r, {"batch": 2, "h": 4})}
+    assert ops["aten.native_layer_norm.default"][0] == "norm.layer"
+    assert ops["aten.native_layer_norm.default"][1]["strided_bytes"] == 2 * 8 * 4 * 4 * 4
+    assert ops["aten.add.Tensor"][0] == "pointwise.strided"
+
+
+def with_cache(tmp_path, cache_bytes: int, **fields) -> Hardware:
+    text = CPU.replace("threads = 1\n", f"threads = 1\ncache_bytes = {cache_bytes}\n" +
+                       "".join(f"{k} = {v}\n" for k, v in fields.items()))
+    path = tmp_path / "cache.toml"
+    path.write_text(text + _to_toml("t", {}, {
+        "kernels.\"matmul:float32\"": MATMUL.to_dict(), "kernels.pointwise": {"overhead_s": 3e-6, "sizes": [1.0],
+                                                                                "rates": [1e10]},
+        "kernels.view": {"overhead_s": 1e-6}}).split("\n", 1)[1])
+    return load_hardware(str(path))
+
+
+def test_inputs_the_cache_no_longer_holds_are_read_from_memory(tmp_path):
+    big = with_cache(tmp_path, cache_bytes=1 << 30)
+    small = with_cache(tmp_path, cache_bytes=1)
+    r = analyze(Block, inputs=["x:float32[batch,seq,32]"], dims={"batch": [2], "seq": [64]})
+    pt = r.evaluate(batch=2, seq=64)
+    cold = pt._with_cold_inputs(pt.features, big.cache_bytes)
+    qkv = next(i for i, op in enumerate(pt.ops) if op["target"] == "aten.addmm.default")
+    # with a cache that holds everything, only first reads are cold: the input and qkv's
+    # weight (32 * 96 floats) and bias (96 floats)
+    assert cold[qkv]["cold_bytes"] == 2 * 64 * 32 * 4 + (32 * 96 + 96) * 4
+    gelu = next(i for i, op in enumerate(pt.ops) if op["target"] == "aten.gelu.default")
+    assert "cold_bytes" not in cold[gelu]                 # its input was just written
+    # with a 1-byte cache, all but a byte of gelu's 2 * 64 * 32 * 4 = 16384-byte input is gone
+    assert pt._with_cold_inputs(pt.features, small.cache_bytes)[gelu]["cold_bytes"] == 16384 - 1
+    t_big = r.evaluate(batch=2, seq=64).timing(big)["op_times"][qkv]
+    t_small = r.evaluate(batch=2, seq=64).timing(small)["op_times"][qkv]
+    assert t_big.time_s == pytest.approx(t_small.time_s)     # first reads: cold either way
+    assert t_big.time_s > MATMUL.time_s(2 * 128 * 96 * 32, {"m": 128})
+
+
+def test_internal_ops_skip_the_python_binding(tmp_path):
+    hw = with_cache(tmp_path, cache_bytes=1 << 30, python_call_s=2e-6)
+    assert op_time(1e6, 1e6, "pointwise", "float32", hw, kernel="pointwise").overhead_s == 3e-6
+    assert op_time(1e6, 1e6, "pointwise", "float32", hw, kernel="pointwise",
+                   features={"internal": 1}).overhead_s == pytest.approx(1e-6)
+    # never below a tenth of the measured overhead
+    assert op_time(0, 0, "view", "float32", hw, kernel="view", features={"internal": 1}).time_s == pytest.approx(1e-7)
