@@ -487,7 +487,7 @@ def _analyze_once(loaded: cap.LoadedModel, inputs: list[InputSpec], options: Opt
     captured = cap.capture(loaded.module, inputs, options, hints=hints, fixed=fixed)
     kernels, notes = attention_kernels(captured.graph.graph, options.attention, device_kind, capability)
     analysis = cost_graph(captured, kernels)
-    analysis.notes = notes
+    analysis.notes = captured.notes + notes
     if options.mode == "train":
         analysis.ops.extend(optimizer_ops(loaded.module, captured.trainable, options.optimizer, cap.ROOT))
         analysis.totals = totals_of(analysis.ops)
@@ -498,7 +498,9 @@ def analyze(model, inputs: list[str] | None = None, mode: str = "inference", dty
             optimizer: str = "adamw", attention: str = "auto", loss: str = "sum",
             dims: dict[str, list[int] | int] | None = None, hardware=None, tf32: bool = False,
             complete: bool = False, amp: bool | str = False, device: str | None = None,
-            trust_remote_code: bool = False, moe_imbalance: float = 1, targets: list[str] | None = None) -> Report:
+            trust_remote_code: bool = False, moe_imbalance: float = 1, targets: list[str] | None = None,
+            parallel=None, zero: int = 0, microbatches: int = 1, sequence_parallel: bool = False,
+            pp_interleave: int = 1, checkpointing: str = "none", master_weights: bool = False) -> Report:
     """Capture `model` (zoo name, "hf:ORG/NAME", a config.json or its directory, "file.py:FUNC",
     "pkg.mod:FUNC", a factory or an nn.Module) with symbolic dimensions and cost every op. `inputs`
     are specs such as "input_ids:int64[batch,seq]" (zoo models and Hugging Face configs bring
@@ -515,10 +517,18 @@ def analyze(model, inputs: list[str] | None = None, mode: str = "inference", dty
     dropout masks); default the first `hardware` device's kind, else "cuda". `moe_imbalance`:
     mixture-of-experts layers route tokens evenly (1) or with the busiest expert taking this many
     times the mean (see capture.moe). `trust_remote_code=True` lets a Hugging Face config's auto_map
-    code run (the repository's own model classes); off by default."""
+    code run (the repository's own model classes); off by default.
+    Parallel training (train mode; see memory/parallel.py): `parallel` ("dp=2,fsdp=4,tp=2,pp=2" or a
+    dict), `zero` (0, 1, 2 over dp), `microbatches`, `sequence_parallel`, `pp_interleave`;
+    `checkpointing` ("none", "blocks", "selective", "ops": capture/checkpointing.py) is applied to
+    the model's repeated blocks before capture; `master_weights`: float16/bfloat16 weights with
+    float32 master weights and optimizer state. Peak memory is then per GPU, that of the rank with
+    the largest peak (`Report.ranks_at` gives every pipeline stage's)."""
     options = Options.make(mode=mode, dtype=dtype, optimizer=optimizer, attention=attention, loss=loss, amp=amp,
                            device=device, moe_imbalance=moe_imbalance, targets=targets or (),
-                           trust_remote_code=trust_remote_code, tf32=tf32)
+                           trust_remote_code=trust_remote_code, tf32=tf32, parallel=parallel, zero=zero,
+                           microbatches=microbatches, sequence_parallel=sequence_parallel,
+                           pp_interleave=pp_interleave, checkpointing=checkpointing, master_weights=master_weights)
     devices = _hardware_list(hardware)
     kind = options.device or (memory.device_kind(devices[0]) if devices else "cuda")
     loaded = cap.load_model(model, options.dtype, trust_remote_code=options.trust_remote_code)

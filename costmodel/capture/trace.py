@@ -33,6 +33,7 @@ import torch.nn as nn
 from costmodel import _torch
 from costmodel.capture import zoo
 from costmodel.errors import AnalysisError, CostModelError, UsageError
+from costmodel.capture.checkpointing import checkpointed
 from costmodel.capture.eager_paths import eager_decisions
 from costmodel.capture.loss import compute_loss, tensors_of as _tensors
 from costmodel.capture.moe import balanced_experts
@@ -89,6 +90,8 @@ class Captured:
     trainable: set[str] = field(default_factory=set)                # names of parameters that get grads
     hints: dict[str, int] = field(default_factory=dict)
     limits: list = field(default_factory=list)   # limits.Limit found in the graph (tables indexed by positions)
+    grad_params: list[str] = field(default_factory=list)   # train: the parameter of each returned gradient
+    notes: list[str] = field(default_factory=list)         # assumptions the capture made, for the report
 
     def to_user(self, value) -> sympy.Expr:
         """A SymInt / int / sympy expression of the shape env -> sympy in the user's dimension names."""
@@ -274,8 +277,10 @@ def _capture(model: nn.Module, inputs: list[InputSpec], options, hints, fixed, p
             _torch.preserve_backward_meta(loss_value)
             wrt = [params[i] for i in trainable]
             grads = torch.autograd.grad(loss_value, wrt, allow_unused=True)
+        grad_params[:] = [param_items[i][0] for i, g in zip(trainable, grads) if g is not None]
         return [loss_value] + [g for g in grads if g is not None]
 
+    grad_params: list[str] = []
     fn = train_step if mode == "train" else inference
     if amp:
         from costmodel.capture.amp import emulate_autocast
@@ -295,7 +300,8 @@ def _capture(model: nn.Module, inputs: list[InputSpec], options, hints, fixed, p
     try:
         with _torch.symbolic_kernels(), _torch.backward_meta_fields(), fake_mode, _module_paths(model), \
                 fx_traceback.preserve_node_meta(), route_sdpa(), eager_decisions(is_input), \
-                balanced_experts(model, options.moe_imbalance), _torch.python_dispatcher(python_dispatcher):
+                balanced_experts(model, options.moe_imbalance), _torch.python_dispatcher(python_dispatcher), \
+                checkpointed(model, options.checkpointing if mode == "train" else "none") as ckpt:
             gm = _torch.trace(fn, params, buffers, values)
     except CostModelError:
         raise
@@ -314,8 +320,12 @@ def _capture(model: nn.Module, inputs: list[InputSpec], options, hints, fixed, p
     used_hints = {d: int(sizes[d]) if not isinstance(sizes[d], torch.SymInt) else sizes[d].node.hint
                   for d in dims if d not in fixed}
     captured = Captured(gm, mode, [d for d in dims if d not in fixed], fixed, [], symbol_map, shape_env, roles,
-                        {param_items[i][0] for i in trainable}, used_hints)
+                        {param_items[i][0] for i in trainable}, used_hints, grad_params=grad_params)
     captured.guards = _guards(captured)
+    if ckpt is not None and ckpt.mode == "selective" and not ckpt.recomputed_attention:
+        captured.notes.append(f"--checkpointing selective recomputes the scaled_dot_product_attention calls in "
+                              f"the repeated blocks ({ckpt.blocks.parent}.*), but they make none (attention "
+                              "written out as matmuls and softmax?): nothing is recomputed")
     from costmodel.capture.limits import index_limits
     captured.limits = index_limits(captured)
     return captured

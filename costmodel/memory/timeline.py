@@ -93,10 +93,11 @@ class _Builder(AttentionSteps, OptimizerSteps, FrameLifetimes):
         return self._sizes[key]
 
     def new_buffer(self, key, size, category: int, step: int, node: str, t: torch.Tensor | None = None,
-                   end: int | None = None) -> int:
+                   end: int | None = None, source: str = "", param: str = "") -> int:
         shape = "" if t is None else "[" + ", ".join(str(plain(self.c.to_user(s))) for s in t.shape) + "]"
         dtype = "" if t is None else str(t.dtype).removeprefix("torch.")
-        self.buffers.append(Buffer(size, category, step, step if end is None else end, node, dtype, shape))
+        self.buffers.append(Buffer(size, category, step, step if end is None else end, node, dtype, shape,
+                                   source, param))
         if key is not None:
             self.by_key[key] = len(self.buffers) - 1
         return len(self.buffers) - 1
@@ -128,7 +129,8 @@ class _Builder(AttentionSteps, OptimizerSteps, FrameLifetimes):
             keys = []
             for key, t in storage_keys(node.meta.get("val")):
                 if key not in self.by_key:
-                    self.new_buffer(key, self.size_of(t), cat, start, name, t)
+                    self.new_buffer(key, self.size_of(t), cat, start, name, t, source=node.name,
+                                    param=name if role == "param" else "")
                 keys.append(key)
             self.node_keys[node.name] = keys
         backward_of = self._pair_attention(nodes)
@@ -164,12 +166,17 @@ class _Builder(AttentionSteps, OptimizerSteps, FrameLifetimes):
         grads: list = []
         if output_node is not None:
             outs = list(tree_leaves(output_node.args))
+            grad_params = list(getattr(self.c, "grad_params", []))
             for j, arg in enumerate(outs):
                 if isinstance(arg, fx.Node):
                     keys = self.node_keys.get(arg.name, [])
                     self.touch(keys, end)
                     if self.c.mode == "train" and j > 0:
                         grads.extend(keys)
+                        if j - 1 < len(grad_params):
+                            for key in keys[:1]:
+                                if key in self.by_key and not self.buffers[self.by_key[key]].param:
+                                    self.buffers[self.by_key[key]].param = grad_params[j - 1]
         if self.c.mode == "train":
             self._optimizer_step(grads)
         self._eager_lifetimes()
@@ -181,10 +188,11 @@ class _Builder(AttentionSteps, OptimizerSteps, FrameLifetimes):
                 b.end = last
         model = MemoryModel(self.steps, self.buffers, self.c.dims, self.device, self.kernels, self.amp)
         model.warnings = list(self.warnings)
+        model.reads = self.reads
         return model
 
     def _op(self, node: fx.Node, target: str, phase: str, module: str, ns: str = "", keymap=None,
-            cat: int | None = None, stack: tuple | None = None) -> None:
+            cat: int | None = None, stack: tuple | None = None, source: str | None = None) -> None:
         if stack is None:
             stack = tuple(node.meta.get("nn_module_stack", ()) or ()) if phase == "forward" else ()
         step = self.add_step(ns + node.name, target, module, phase, stack)
@@ -202,7 +210,8 @@ class _Builder(AttentionSteps, OptimizerSteps, FrameLifetimes):
             key = self.alias.get(key, key)
             if key not in self.by_key:
                 size = self.size_of(t)
-                self.new_buffer(key, size, category, step, ns + node.name, t)
+                self.new_buffer(key, size, category, step, ns + node.name, t,
+                                source=node.name if source is None else source)
             keys.append(key)
         if target == "aten.bernoulli_.float" and self.device == "cuda":
             # CUDA's dropout is native_dropout: a bool mask, 1 byte per element

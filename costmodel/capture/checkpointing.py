@@ -1,0 +1,146 @@
+"""`--checkpointing`: activation checkpointing applied to the model's repeated blocks before capture.
+
+The traced backward then holds the recomputation, as it does for checkpointing written in the
+model itself (torch.utils.checkpoint, non-reentrant), so costs and memory follow from the graph:
+
+  blocks     each block's forward runs under `checkpoint`: only its inputs are saved, the whole
+             block is recomputed in the backward (full recomputation);
+  selective  Megatron-LM's selective recomputation (Korthikanti et al. 2022, arXiv:2205.05198,
+             section 5): only the attention core (scores, softmax, dropout, attention over V) is
+             recomputed, everything else in the block is saved. As Megatron does it, the core
+             alone runs under `checkpoint`: each scaled_dot_product_attention call inside a block
+             (the core as one op; its inputs q, k, v are saved, its internals recomputed). A
+             block that computes attention from matmuls and softmax itself has no such call; the
+             capture then reports that nothing was recomputed (`recomputed_attention`);
+  ops        torchtitan's op-level policy: the outputs of matrix products and attention are
+             saved, every other op is recomputed (torchtitan saves every other mm; this saves all);
+  none       no change.
+
+Selective checkpointing policies (torch.utils.checkpoint.create_selective_checkpoint_contexts)
+keep every op output the policy saves until the recomputation reads it, including outputs that
+autograd itself would have freed; that is what PyTorch runs for `ops`, and what the capture traces.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+
+import torch
+import torch.nn as nn
+
+from costmodel import _torch
+from costmodel.capture.blocks import Blocks, find_blocks
+from costmodel.errors import UsageError
+
+CHECKPOINTING = ("none", "blocks", "selective", "ops")
+
+_aten = torch.ops.aten
+_MATMULS = {_aten.mm.default, _aten.addmm.default, _aten.bmm.default, _aten.baddbmm.default}
+_ATTENTION = {"costmodel.sdpa.default", "aten._scaled_dot_product_flash_attention.default",
+              "aten._scaled_dot_product_flash_attention_for_cpu.default",
+              "aten._scaled_dot_product_efficient_attention.default",
+              "aten._scaled_dot_product_cudnn_attention.default",
+              "aten._scaled_dot_product_attention_math.default"}
+
+
+def check(mode: str) -> str:
+    if mode not in CHECKPOINTING:
+        raise UsageError(f"unknown --checkpointing {mode!r}; accepted: {', '.join(CHECKPOINTING)}")
+    return mode
+
+
+def _ops_policy(ctx, func, *args, **kwargs):
+    from torch.utils.checkpoint import CheckpointPolicy
+    if func in _MATMULS or str(func) in _ATTENTION:
+        return CheckpointPolicy.MUST_SAVE
+    return CheckpointPolicy.PREFER_RECOMPUTE
+
+
+@contextlib.contextmanager
+def checkpointed(model: nn.Module, mode: str, blocks: Blocks | None = None):
+    """Within the context, `model`'s repeated blocks run with activation checkpointing as `mode`
+    says (see the module docstring). Yields a `Checkpointing` (None for mode "none"). Raises
+    UsageError when the model has no repeated blocks to checkpoint."""
+    check(mode)
+    if mode == "none":
+        yield None
+        return
+    blocks = blocks or find_blocks(model)
+    if blocks is None:
+        raise UsageError(f"--checkpointing {mode} checkpoints the model's repeated blocks, but "
+                         f"{type(model).__name__} has no two sibling modules of the same structure; "
+                         "accepted for this model: --checkpointing none")
+    state = Checkpointing(mode, blocks)
+    if mode == "selective":
+        with _in_blocks(model, blocks, state), _checkpointed_attention(state):
+            yield state
+        return
+    from torch.utils.checkpoint import checkpoint, create_selective_checkpoint_contexts
+    extra = {"context_fn": functools.partial(create_selective_checkpoint_contexts, _ops_policy)} \
+        if mode == "ops" else {}
+    with _patched_forwards(model, blocks, lambda original: lambda *args, **kwargs: checkpoint(
+            original, *args, use_reentrant=False, **extra, **kwargs)), _torch.eager_selective_checkpointing():
+        yield state
+
+
+class Checkpointing:
+    """What `checkpointed` did: the mode, the blocks, and (selective) how many attention calls it
+    recomputed."""
+
+    def __init__(self, mode: str, blocks: Blocks):
+        self.mode, self.blocks = mode, blocks
+        self.depth = 0                       # > 0 while a block's forward runs
+        self.recomputed_attention = 0
+
+
+@contextlib.contextmanager
+def _patched_forwards(model: nn.Module, blocks: Blocks, wrap):
+    """Each block's `forward` replaced by wrap(original forward) for the duration."""
+    patched = []            # (module, its own `forward` attribute before, if it had one)
+    for path in blocks.paths:
+        module = model.get_submodule(path)
+        own = module.__dict__.get("forward")
+        module.forward = wrap(module.forward)
+        patched.append((module, own))
+    try:
+        yield
+    finally:
+        for module, own in patched:
+            if own is None:
+                del module.forward
+            else:
+                module.forward = own
+
+
+def _in_blocks(model: nn.Module, blocks: Blocks, state: Checkpointing):
+    def wrap(original):
+        def forward(*args, **kwargs):
+            state.depth += 1
+            try:
+                return original(*args, **kwargs)
+            finally:
+                state.depth -= 1
+        return forward
+    return _patched_forwards(model, blocks, wrap)
+
+
+@contextlib.contextmanager
+def _checkpointed_attention(state: Checkpointing):
+    """F.scaled_dot_product_attention, called inside a block, runs under checkpoint. The function
+    in place when the context is entered is wrapped (the capture's costmodel::sdpa routing, or
+    PyTorch's own in a real run)."""
+    import torch.nn.functional as F
+    from torch.utils.checkpoint import checkpoint
+    inner = F.scaled_dot_product_attention
+
+    def attention(*args, **kwargs):
+        if state.depth == 0 or not torch.is_grad_enabled():
+            return inner(*args, **kwargs)
+        state.recomputed_attention += 1
+        return checkpoint(inner, *args, use_reentrant=False, **kwargs)
+    F.scaled_dot_product_attention = attention
+    try:
+        yield
+    finally:
+        F.scaled_dot_product_attention = inner
