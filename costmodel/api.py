@@ -340,11 +340,18 @@ class Report:
 
         totals["time_s"] = None
         model = self.memory_model(analysis=analysis)
-        m = model.evaluate(values)
+        if self.options.parallel_training:
+            par = self.parallel_memory(analysis=analysis)
+            stage, m, per_stage = par.largest(values)
+        else:
+            m = model.evaluate(values)
         totals["peak_memory_bytes"] = m.peak_bytes
         totals["memory"] = m.breakdown
         result = Point(point, totals, analysis, op_values, self)
         result.extra["memory"] = m.extra(model)
+        if self.options.parallel_training:
+            from costmodel.memory.parallel import point_extra
+            result.extra.update(point_extra(par, per_stage, point))
         if self.hardware:
             result.apply_timing(self.hardware[0], self.tf32)
         return result
@@ -382,8 +389,34 @@ class Report:
         return fit(self, hw, dim, dims, capacity_bytes)
 
     def memory_formula(self, device=None) -> sympy.Expr:
-        """Peak memory bytes as a formula in the dimensions: Max(...) over the candidate peaks."""
+        """Peak memory bytes as a formula in the dimensions: Max(...) over the candidate peaks (per
+        GPU under parallel training: the largest pipeline stage's)."""
+        if self.options.parallel_training:
+            return self.parallel_memory(device).peak
         return self.memory_model(device).peak
+
+    def parallel_memory(self, device=None, analysis: Analysis | None = None):
+        """The per-GPU memory of the report's parallel configuration (memory.parallel.ParallelMemory:
+        one memory model per pipeline stage), built once per capture and device kind."""
+        from costmodel.capture.blocks import find_blocks
+        from costmodel.memory import parallel
+        analysis = analysis or self.primary
+        kind = self.memory_device(device)
+        key = ("parallel", id(analysis), kind)
+        if key not in self._memory:
+            base = self.memory_model(device, analysis)
+            blocks = find_blocks(self._loaded.module)
+            self._memory[key] = parallel.build(base, analysis.captured, blocks, self.options)
+            for note in self._memory[key].warnings:
+                self.warn(note)
+        return self._memory[key]
+
+    def ranks_at(self, dims: dict[str, int], device=None) -> list[memory.MemoryPoint]:
+        """Each pipeline stage's memory at one point (one entry without pp)."""
+        point = self._complete(dict(dims))
+        analysis = self._analysis_for(point)
+        values = {d: point[d] for d in analysis.captured.dims}
+        return self.parallel_memory(device, analysis).evaluate(values)
 
     def memory_at(self, dims: dict[str, int], device=None, quiet: bool = False) -> memory.MemoryPoint:
         """Peak memory at one point, for a device kind ("cuda", "cpu", a Hardware); faster than
@@ -391,7 +424,10 @@ class Report:
         without a warning)."""
         point = self._complete(dict(dims))
         analysis = self._analysis_for(point, quiet=quiet)
-        return self.memory_model(device, analysis).evaluate({d: point[d] for d in analysis.captured.dims})
+        values = {d: point[d] for d in analysis.captured.dims}
+        if self.options.parallel_training:
+            return self.parallel_memory(device, analysis).largest(values)[1]
+        return self.memory_model(device, analysis).evaluate(values)
 
     def points(self, sweep: dict[str, list[int]]) -> list[Point]:
         """Evaluate at every point of the cartesian product of the value lists."""

@@ -40,6 +40,7 @@ from costmodel.memory.optimizer import OptimizerSteps, optimizer_temporary_bytes
 from costmodel.rules import optimizer as opt
 
 DEVICE_KINDS = ("cuda", "cpu")
+_BLAS_MATMULS = {"aten.mm.default", "aten.addmm.default", "aten.bmm.default", "aten.baddbmm.default"}
 # make_fx reads sizes off whichever tensor first had them: no use of the data
 SHAPE_ONLY = {"aten.sym_size.int", "aten.sym_stride.int", "aten.sym_numel.default",
               "aten.sym_storage_offset.default"}
@@ -213,6 +214,8 @@ class _Builder(AttentionSteps, OptimizerSteps, FrameLifetimes):
                 self.new_buffer(key, size, category, step, ns + node.name, t,
                                 source=node.name if source is None else source)
             keys.append(key)
+        if target in _BLAS_MATMULS:
+            self._broadcast_operand_copies(node, step, ns)
         if target == "aten.bernoulli_.float" and self.device == "cuda":
             # CUDA's dropout is native_dropout: a bool mask, 1 byte per element
             for key, t in storage_keys(node.meta.get("val"))[:1]:
@@ -238,6 +241,21 @@ class _Builder(AttentionSteps, OptimizerSteps, FrameLifetimes):
         if self.amp and target == "aten._to_copy.default" and node.args and isinstance(node.args[0], fx.Node) \
                 and self.c.roles.get(node.args[0].name, ("",))[0] == "param":
             self._weight_casts.extend(self.by_key[k] for k in keys if k in self.by_key)
+
+    def _broadcast_operand_copies(self, node: fx.Node, step: int, ns: str) -> None:
+        """A matmul operand broadcast with a zero stride (the gradient of a sum is an expanded scalar)
+        is copied to a contiguous tensor inside the kernel (BLAS takes no zero strides:
+        aten/src/ATen/native/LinearAlgebra.cpp on the CPU, prepare_matrix_for_cublas on CUDA); the
+        copy lives while the matmul runs."""
+        for arg in node.args:
+            t = arg.meta.get("val") if isinstance(arg, fx.Node) else None
+            if not isinstance(t, torch.Tensor) or t.dim() < 2:
+                continue
+            if any(isinstance(st, int) and st == 0 and not (isinstance(sz, int) and sz == 1)
+                   for st, sz in zip(t.stride(), t.shape)):
+                size = sympy.expand(sympy.Mul(*[plain(self.c.to_user(x)) for x in t.shape]) * t.dtype.itemsize)
+                self.new_buffer(None, size, TEMPORARIES, step, f"{ns}{node.name} (contiguous copy of {arg.name})", t,
+                                source=arg.name)
 
     def _is_fused_out_transposed(self, arg) -> bool:
         if not isinstance(arg, fx.Node) or str(arg.target) != "aten.transpose.int":
