@@ -246,6 +246,12 @@ def preserve_backward_meta(loss: torch.Tensor) -> None:
     setup_stacktrace_preservation_hooks([loss.grad_fn])
 
 
+def preserve_backward_meta_of(outputs: list) -> None:
+    """`preserve_backward_meta` for several outputs (the roots of one backward)."""
+    from torch._functorch._aot_autograd.logging_utils import setup_stacktrace_preservation_hooks
+    setup_stacktrace_preservation_hooks([t.grad_fn for t in outputs if t.grad_fn is not None])
+
+
 @contextlib.contextmanager
 def backward_meta_fields():
     """Around make_fx: make the marker of backward nodes reach node.meta on every version.
@@ -358,6 +364,17 @@ def tree_leaves(tree) -> list:
     return leaves(tree)
 
 
+def tree_flatten(tree) -> tuple[list, object]:
+    from torch.utils._pytree import tree_flatten as flatten
+    leaves, spec = flatten(tree)
+    return leaves, spec
+
+
+def tree_unflatten(leaves: list, spec):
+    from torch.utils._pytree import tree_unflatten as unflatten
+    return unflatten(leaves, spec)
+
+
 def tree_map(fn, tree):
     from torch.utils._pytree import tree_map as tmap
     return tmap(fn, tree)
@@ -416,6 +433,49 @@ def traced_node(t: torch.Tensor):
     slot = get_proxy_slot(t, mode.tracer, None)
     proxy = getattr(slot, "proxy", None)
     return getattr(proxy, "node", None)
+
+
+def in_trace() -> bool:
+    """Whether a make_fx trace is running (its proxy mode is active)."""
+    from torch.fx.experimental.proxy_tensor import get_innermost_proxy_mode
+    return get_innermost_proxy_mode() is not None
+
+
+def disable_proxy_tracing():
+    """Context: ops run without being recorded by the running make_fx trace (its fake mode stays)."""
+    from torch.fx.experimental.proxy_tensor import disable_proxy_modes_tracing
+    return disable_proxy_modes_tracing()
+
+
+def no_dispatch_modes():
+    """Context: no TorchDispatchMode active (neither the trace's proxy mode nor its fake mode)."""
+    from torch.utils._python_dispatch import _disable_current_modes
+    return _disable_current_modes()
+
+
+def current_node_meta() -> dict:
+    """The meta dict fx copies into every node it creates now (torch.fx.traceback's current meta)."""
+    return fx_traceback.get_current_meta()
+
+
+def saved_tensor_hooks_active() -> bool:
+    """Whether saved-tensor hooks are installed (activation checkpointing runs under them)."""
+    return torch._C._autograd._top_saved_tensors_default_hooks(False) is not None
+
+
+def autocast_state() -> tuple:
+    """Autocast on/off and dtype per device kind, as ops read it now."""
+    return tuple((d, torch.is_autocast_enabled(d), torch.get_autocast_dtype(d)) for d in ("cuda", "cpu"))
+
+
+def size_hint(s) -> int:
+    """The concrete value a traced size stands for (its hint); an int as is."""
+    if isinstance(s, torch.SymInt):
+        hint = s.node.hint
+        if hint is None:
+            raise ValueError(f"size {s} has no hint (a data-dependent size)")
+        return int(hint)
+    return int(s)
 
 
 def last_traced_node():

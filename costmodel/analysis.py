@@ -95,6 +95,8 @@ def cost_graph(c: cap.Captured, kernels: dict[str, str] | None = None) -> Analys
             if _torch.is_higher_order_op(target):
                 unsupported[str(target)].append(node.meta.get("costmodel_module", ""))
             continue   # getitem and SymInt arithmetic: shape bookkeeping, not tensor ops
+        if isinstance(node.meta.get("val"), (torch.SymInt, torch.SymBool, int, bool)):
+            continue   # a size read off a tensor (sym_size, sym_numel...): bookkeeping too
         rule = rule_for(target)
         module = node.meta.get("costmodel_module", cap.ROOT)
         if rule is None:

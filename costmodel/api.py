@@ -398,7 +398,7 @@ class Report:
     def parallel_memory(self, device=None, analysis: Analysis | None = None):
         """The per-GPU memory of the report's parallel configuration (memory.parallel.ParallelMemory:
         one memory model per pipeline stage), built once per capture and device kind."""
-        from costmodel.capture.blocks import find_blocks
+        from costmodel.capture.checkpointing import find_blocks
         from costmodel.memory import parallel
         analysis = analysis or self.primary
         kind = self.memory_device(device)
@@ -536,7 +536,8 @@ def analyze(model, inputs: list[str] | None = None, mode: str = "inference", dty
             complete: bool = False, amp: bool | str = False, device: str | None = None,
             trust_remote_code: bool = False, moe_imbalance: float = 1, targets: list[str] | None = None,
             parallel=None, zero: int = 0, microbatches: int = 1, sequence_parallel: bool = False,
-            pp_interleave: int = 1, checkpointing: str = "none", master_weights: bool = False) -> Report:
+            pp_interleave: int = 1, checkpointing: str = "none", master_weights: bool = False,
+            repeated_blocks: bool = True) -> Report:
     """Capture `model` (zoo name, "hf:ORG/NAME", a config.json or its directory, "file.py:FUNC",
     "pkg.mod:FUNC", a factory or an nn.Module) with symbolic dimensions and cost every op. `inputs`
     are specs such as "input_ids:int64[batch,seq]" (zoo models and Hugging Face configs bring
@@ -559,12 +560,15 @@ def analyze(model, inputs: list[str] | None = None, mode: str = "inference", dty
     `checkpointing` ("none", "blocks", "selective", "ops": capture/checkpointing.py) is applied to
     the model's repeated blocks before capture; `master_weights`: float16/bfloat16 weights with
     float32 master weights and optimizer state. Peak memory is then per GPU, that of the rank with
-    the largest peak (`Report.ranks_at` gives every pipeline stage's)."""
+    the largest peak (`Report.ranks_at` gives every pipeline stage's). `repeated_blocks=False` traces
+    every block of a deep model instead of tracing each distinct block once and copying it
+    (capture.blocks; the result is the same, only slower)."""
     options = Options.make(mode=mode, dtype=dtype, optimizer=optimizer, attention=attention, loss=loss, amp=amp,
                            device=device, moe_imbalance=moe_imbalance, targets=targets or (),
                            trust_remote_code=trust_remote_code, tf32=tf32, parallel=parallel, zero=zero,
                            microbatches=microbatches, sequence_parallel=sequence_parallel,
-                           pp_interleave=pp_interleave, checkpointing=checkpointing, master_weights=master_weights)
+                           pp_interleave=pp_interleave, checkpointing=checkpointing, master_weights=master_weights,
+                           repeated_blocks=repeated_blocks)
     devices = _hardware_list(hardware)
     kind = options.device or (memory.device_kind(devices[0]) if devices else "cuda")
     loaded = cap.load_model(model, options.dtype, trust_remote_code=options.trust_remote_code)

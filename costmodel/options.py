@@ -115,6 +115,8 @@ class Options:
     checkpointing: str = "none"        # none | blocks | selective | ops (capture/checkpointing.py)
     # low-precision weights (--dtype float16/bfloat16) with float32 master weights and optimizer state
     master_weights: bool = False
+    # repeated blocks traced once and copied (capture.blocks); False traces every block
+    repeated_blocks: bool = True
 
     @property
     def parallel_training(self) -> bool:
@@ -126,7 +128,8 @@ class Options:
              attention: str = "auto", loss: str = "sum", amp: bool | str = False, device: str | None = None,
              moe_imbalance=1, targets=(), trust_remote_code: bool = False, tf32: bool = False,
              parallel=None, zero: int = 0, microbatches: int = 1, sequence_parallel: bool = False,
-             pp_interleave: int = 1, checkpointing: str = "none", master_weights: bool = False) -> "Options":
+             pp_interleave: int = 1, checkpointing: str = "none", master_weights: bool = False,
+             repeated_blocks: bool = True) -> "Options":
         """Validated options; a bad value raises UsageError saying what is accepted."""
         if mode not in MODES:
             raise UsageError(f"unknown --mode {mode!r}; accepted: {', '.join(MODES)}")
@@ -160,7 +163,7 @@ class Options:
                    targets=specs, trust_remote_code=bool(trust_remote_code), tf32=bool(tf32), parallel=par,
                    zero=int(zero), microbatches=int(microbatches), sequence_parallel=bool(sequence_parallel),
                    pp_interleave=int(pp_interleave), checkpointing=checkpointing,
-                   master_weights=bool(master_weights))
+                   master_weights=bool(master_weights), repeated_blocks=bool(repeated_blocks))
 
     def with_(self, **changes) -> "Options":
         return replace(self, **changes)

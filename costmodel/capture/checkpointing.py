@@ -23,14 +23,16 @@ autograd itself would have freed; that is what PyTorch runs for `ops`, and what 
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import functools
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 
 from costmodel import _torch
-from costmodel.capture.blocks import Blocks, find_blocks
+from costmodel.capture.blocks import candidates, static_signature
 from costmodel.errors import UsageError
 
 CHECKPOINTING = ("none", "blocks", "selective", "ops")
@@ -42,6 +44,53 @@ _ATTENTION = {"costmodel.sdpa.default", "aten._scaled_dot_product_flash_attentio
               "aten._scaled_dot_product_efficient_attention.default",
               "aten._scaled_dot_product_cudnn_attention.default",
               "aten._scaled_dot_product_attention_math.default"}
+
+
+@dataclass(frozen=True)
+class Blocks:
+    """The model's repeated blocks, the unit that checkpointing recomputes, FSDP wraps, pipeline
+    stages split and tensor parallelism shards: `paths` in model order (as named_modules() names
+    them) under the container `parent`; `params` per block. The parallel analysis checks the
+    graph agrees (the blocks' captured forward ops are the same sequence)."""
+
+    parent: str
+    paths: tuple[str, ...]
+    params: int
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def index_of(self, module_path: str) -> int | None:
+        """The block a module path lies in (None outside every block)."""
+        for i, p in enumerate(self.paths):
+            if module_path == p or module_path.startswith(p + "."):
+                return i
+        return None
+
+
+def find_blocks(model: nn.Module) -> Blocks | None:
+    """Of the groups of alike siblings in a ModuleList/Sequential (capture.blocks.candidates: same
+    class tree and parameter shapes), the one holding the most parameters; None when there is none.
+
+    >>> import torch.nn as nn
+    >>> m = nn.Sequential(nn.Linear(4, 4), nn.Sequential(*[nn.Linear(8, 8) for _ in range(3)]))
+    >>> find_blocks(m)
+    Blocks(parent='1', paths=('1.0', '1.1', '1.2'), params=72)
+    """
+    groups: dict[tuple, list[tuple[str, nn.Module]]] = collections.defaultdict(list)
+    for module, path in candidates(model).items():
+        parent = path.rpartition(".")[0]
+        groups[(parent, static_signature(module))].append((path, module))
+    best: Blocks | None = None
+    order = {name: i for i, (name, _) in enumerate(model.named_modules())}
+    for (parent, _), members in groups.items():
+        per_block = sum(p.numel() for p in members[0][1].parameters())
+        if per_block == 0:
+            continue
+        paths = tuple(sorted((p for p, _ in members), key=order.__getitem__))
+        if best is None or per_block * len(paths) > best.params * len(best.paths):
+            best = Blocks(parent, paths, per_block)
+    return best
 
 
 def check(mode: str) -> str:

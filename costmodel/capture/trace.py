@@ -33,6 +33,7 @@ import torch.nn as nn
 from costmodel import _torch
 from costmodel.capture import zoo
 from costmodel.errors import AnalysisError, CostModelError, UsageError
+from costmodel.capture.blocks import COPY, RepeatedBlocks, Unrepeatable
 from costmodel.capture.checkpointing import checkpointed
 from costmodel.capture.eager_paths import eager_decisions
 from costmodel.capture.loss import compute_loss, tensors_of as _tensors
@@ -92,6 +93,7 @@ class Captured:
     limits: list = field(default_factory=list)   # limits.Limit found in the graph (tables indexed by positions)
     grad_params: list[str] = field(default_factory=list)   # train: the parameter of each returned gradient
     notes: list[str] = field(default_factory=list)         # assumptions the capture made, for the report
+    copied: dict[str, str] = field(default_factory=dict)   # block path -> the block whose trace it copies
 
     def to_user(self, value) -> sympy.Expr:
         """A SymInt / int / sympy expression of the shape env -> sympy in the user's dimension names."""
@@ -194,17 +196,31 @@ def capture(model: nn.Module, inputs: list[InputSpec], options=None, hints: dict
     common ones (RNNs, upsampling, padding) are routed to their Python decompositions (see
     capture.sdpa.route_sdpa). If a dimension is still pinned by such a read, the model is traced
     again with PyTorch's Python dispatcher on for every op, and that trace is kept if it pins fewer
-    dimensions."""
+    dimensions.
+
+    Repeated blocks are traced once and copied (capture.blocks), unless `options.repeated_blocks`
+    is False; a trace that finds a copy could not be exact is made again with every block traced."""
     from costmodel.options import Options
     options = options or Options()
-    first = _capture(model, inputs, options, hints, fixed, python_dispatcher=False)
+    first = _capture_blocks(model, inputs, options, hints, fixed, python_dispatcher=False)
     if not _pinned_by_size_reads(first):
         return first
     try:
-        second = _capture(model, inputs, options, hints, fixed, python_dispatcher=True)
+        second = _capture_blocks(model, inputs, options, hints, fixed, python_dispatcher=True)
     except CostModelError:
         return first
     return second if len(pinned_dims(second)) < len(pinned_dims(first)) else first
+
+
+def _capture_blocks(model, inputs, options, hints, fixed, python_dispatcher: bool) -> "Captured":
+    exclude: frozenset = frozenset()
+    while True:
+        try:
+            return _capture(model, inputs, options, hints, fixed, python_dispatcher, exclude=exclude)
+        except Unrepeatable as e:
+            if e.paths is None or e.paths <= exclude:
+                return _capture(model, inputs, options, hints, fixed, python_dispatcher, repeated=False)
+            exclude |= e.paths
 
 
 def _pinned_by_size_reads(c: "Captured") -> bool:
@@ -222,7 +238,8 @@ def pinned_dims(c: "Captured") -> set[str]:
             if (rep := c.shape_env.replacements.get(sym)) is not None and rep.is_number}
 
 
-def _capture(model: nn.Module, inputs: list[InputSpec], options, hints, fixed, python_dispatcher: bool) -> Captured:
+def _capture(model: nn.Module, inputs: list[InputSpec], options, hints, fixed, python_dispatcher: bool,
+             repeated: bool = True, exclude: frozenset = frozenset()) -> Captured:
     mode, amp = options.mode, options.amp
     targets = list(options.targets) if mode == "train" else []
     hints, fixed = dict(hints or {}), dict(fixed or {})
@@ -297,18 +314,23 @@ def _capture(model: nn.Module, inputs: list[InputSpec], options, hints, fixed, p
         placeholders = [n for n in node.graph.nodes if n.op == "placeholder"]
         return placeholders.index(node) >= n_state
 
+    paths = ModulePaths(model)
+    blocks = RepeatedBlocks(model, paths, train=mode == "train", enabled=options.repeated_blocks and repeated,
+                            exclude=exclude)
     try:
-        with _torch.symbolic_kernels(), _torch.backward_meta_fields(), fake_mode, _module_paths(model), \
+        with _torch.symbolic_kernels(), _torch.backward_meta_fields(), fake_mode, paths, \
                 fx_traceback.preserve_node_meta(), route_sdpa(), eager_decisions(is_input), \
                 balanced_experts(model, options.moe_imbalance), _torch.python_dispatcher(python_dispatcher), \
-                checkpointed(model, options.checkpointing if mode == "train" else "none") as ckpt:
+                blocks, checkpointed(model, options.checkpointing if mode == "train" else "none") as ckpt:
             gm = _torch.trace(fn, params, buffers, values)
-    except CostModelError:
+        blocks.splice(gm)
+    except (CostModelError, Unrepeatable):
         raise
     except Exception as e:
         raise AnalysisError(_capture_failure(e, symbol_map)) from e
     finally:
         fake_log.setLevel(level)
+        blocks.close()
 
     roles = {}
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
@@ -316,11 +338,12 @@ def _capture(model: nn.Module, inputs: list[InputSpec], options, hints, fixed, p
              + [("input", s.name) for s in inputs + targets])
     for node, role in zip(placeholders, names):
         roles[node.name] = role
-    _attribute_modules(gm.graph)
+    attribute_modules(gm.graph)
     used_hints = {d: int(sizes[d]) if not isinstance(sizes[d], torch.SymInt) else sizes[d].node.hint
                   for d in dims if d not in fixed}
     captured = Captured(gm, mode, [d for d in dims if d not in fixed], fixed, [], symbol_map, shape_env, roles,
                         {param_items[i][0] for i in trainable}, used_hints, grad_params=grad_params)
+    captured.copied = blocks.copied()
     captured.guards = _guards(captured)
     if ckpt is not None and ckpt.mode == "selective" and not ckpt.recomputed_attention:
         captured.notes.append(f"--checkpointing selective recomputes the scaled_dot_product_attention calls in "
@@ -357,34 +380,43 @@ def call_plan(model: nn.Module, inputs: list[InputSpec]):
     return call
 
 
-@contextlib.contextmanager
-def _module_paths(model: nn.Module):
-    """Record, while tracing, the stack of module paths in fx's current node meta, and which
-    tensors each module's forward still holds in its local variables when it returns (see
-    `_FrameLocals`)."""
-    paths = {m: (n or ROOT) for n, m in model.named_modules(remove_duplicate=False)}
-    stack: list[str] = []
-    frames = _FrameLocals(model)
+class ModulePaths:
+    """While tracing, the stack of module paths in fx's current node meta, and which tensors each
+    module's forward still holds in its local variables when it returns (see `_FrameLocals`).
+    `paused`: the hooks do nothing (capture.blocks replays a block outside the trace)."""
 
-    def pre(module, args):
-        stack.append(paths.get(module, type(module).__name__))
-        fx_traceback.get_current_meta()["nn_module_stack"] = tuple(stack)
-        frames.enter(module)
+    def __init__(self, model: nn.Module):
+        self.paths = {m: (n or ROOT) for n, m in model.named_modules(remove_duplicate=False)}
+        self.stack: list[str] = []
+        self.frames = _FrameLocals(model)
+        self.paused = False
+        self._hooks = []
 
-    def post(module, args, output):
-        if stack:
-            stack.pop()
-        fx_traceback.get_current_meta()["nn_module_stack"] = tuple(stack)
-        frames.leave(module)
+    def __enter__(self) -> "ModulePaths":
+        self._hooks = [nn.modules.module.register_module_forward_pre_hook(self._pre),
+                       nn.modules.module.register_module_forward_hook(self._post)]
+        return self
 
-    h1 = nn.modules.module.register_module_forward_pre_hook(pre)
-    h2 = nn.modules.module.register_module_forward_hook(post)
-    try:
-        yield
-    finally:
-        h1.remove()
-        h2.remove()
-        frames.close()
+    def __exit__(self, *exc) -> None:
+        for h in self._hooks:
+            h.remove()
+        self._hooks = []
+        self.frames.close()
+
+    def _pre(self, module, args):
+        if self.paused:
+            return
+        self.stack.append(self.paths.get(module, type(module).__name__))
+        fx_traceback.get_current_meta()["nn_module_stack"] = tuple(self.stack)
+        self.frames.enter(module)
+
+    def _post(self, module, args, output):
+        if self.paused:
+            return
+        if self.stack:
+            self.stack.pop()
+        fx_traceback.get_current_meta()["nn_module_stack"] = tuple(self.stack)
+        self.frames.leave(module)
 
 
 LIVE_UNTIL = "costmodel_live_until"     # node.meta key: the name of the last node its tensor lives to
@@ -434,13 +466,21 @@ class _FrameLocals:
         held = []
         if self.calls and self.calls[-1][0] == id(module):
             held = self.calls.pop()[1]
-        self.pending.pop(id(module), None)
-        frame = self.found.pop(id(module), None)
-        if frame is not None:
-            held = held + _frame_tensors(frame)
-            del frame
+        held = held + self._own_locals(module)
         if held:
             live_until_now(held)
+
+    def returned(self, module: nn.Module) -> None:
+        """`module`'s forward has returned inside a nested trace (capture.blocks): the tensors its
+        locals still hold live until now, in that trace."""
+        held = self._own_locals(module)
+        if held:
+            live_until_now(held)
+
+    def _own_locals(self, module: nn.Module) -> list:
+        self.pending.pop(id(module), None)
+        frame = self.found.pop(id(module), None)
+        return _frame_tensors(frame) if frame is not None else []
 
     def close(self) -> None:
         self.pending.clear()
@@ -474,23 +514,32 @@ def _tensors_shallow(value, depth: int = 2) -> list[torch.Tensor]:
     return []
 
 
-def _attribute_modules(graph: fx.Graph) -> None:
+def attribute_modules(graph: fx.Graph) -> None:
     """Set costmodel_module / costmodel_phase on every call node; backward nodes take the module of
-    the forward op they differentiate (matched by autograd sequence number)."""
+    the forward op they differentiate (matched by autograd sequence number). The engine's gradient
+    accumulations (a tensor used twice: the sum of its two gradients) take the module whose backward
+    delivered the last of the gradients summed, when the sum runs. Nodes of repeated blocks
+    (capture.blocks) keep what their block's own trace gave them."""
     forward_module: dict[int, str] = {}
+    order = {n: i for i, n in enumerate(graph.nodes)}
     for node in graph.nodes:
-        if node.op != "call_function":
+        if node.op != "call_function" or COPY in node.meta:
             continue
         stack = node.meta.get("nn_module_stack", ())
         backward = _torch.is_backward(node)
         if not backward:
             module = stack[-1] if stack else "(loss)"
             node.meta["costmodel_phase"] = "forward" if stack else "loss"
-            if "seq_nr" in node.meta:
-                forward_module[node.meta["seq_nr"]] = module
+            if "seq_nr" in node.meta:   # the first node of a number made the autograd node; the
+                forward_module.setdefault(node.meta["seq_nr"], module)   # rest share it, made none
         else:
-            module = forward_module.get(node.meta.get("seq_nr"), "(loss)")
             node.meta["costmodel_phase"] = "backward"
+            sources = [a for a in node.all_input_nodes if "costmodel_module" in a.meta] \
+                if node.meta.get("is_gradient_acc") else []
+            if sources:
+                module = max(sources, key=order.__getitem__).meta["costmodel_module"]
+            else:
+                module = forward_module.get(node.meta.get("seq_nr"), "(loss)")
         node.meta["costmodel_module"] = module
 
 

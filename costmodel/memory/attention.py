@@ -176,7 +176,7 @@ class AttentionSteps:
             targets = [(results[0], outer)]
         else:
             targets = list(zip(results[1:4], [outer] * 3))
-        outer_val = list(storage_keys(outer.meta.get("val")))
+        outer_val = self.keys_of(outer)
         for j, (res, _) in enumerate(targets):
             if isinstance(res, fx.Node) and j < len(outer_val):
                 for key, _t in storage_keys(res.meta.get("val"))[:1]:

@@ -66,7 +66,7 @@ import sympy
 import torch
 import torch.fx as fx
 
-from costmodel.capture.blocks import Blocks
+from costmodel.capture.checkpointing import Blocks
 from costmodel.errors import UsageError
 from costmodel.memory.model import (ACTIVATIONS, CATEGORIES, GRADS, PARAMS, STATE, TEMPORARIES, Buffer, MemoryModel,
                                     MemoryPoint, Step)

@@ -30,6 +30,7 @@ import torch
 import torch.fx as fx
 
 from costmodel._torch import tree_leaves
+from costmodel.capture.blocks import COPY
 from costmodel.errors import UsageError
 from costmodel.formulas import plain
 from costmodel.memory.attention import SDPA, SDPA_BACKWARD, AttentionSteps
@@ -83,6 +84,24 @@ class _Builder(AttentionSteps, OptimizerSteps, FrameLifetimes):
         self._weight_casts: list[int] = []           # buffers of autocast's cached weight copies
         self.fused_out: set = set()                  # storages of fused attention outputs
         self.warnings: list[str] = []                # fallbacks taken, said in the report
+
+    # storages
+
+    def keys_of(self, node: fx.Node) -> list:
+        """(storage key, tensor) of a graph node's value. The nodes of a repeated block's copies
+        (capture.blocks) share the values of the block's own trace: their storages are told apart
+        per copy, except those of the block's arguments, parameters and output gradients, which are
+        the graph's own (the nodes that hold them here)."""
+        keys = storage_keys(node.meta.get("val"))
+        copy = node.meta.get(COPY)
+        if copy is None:
+            return keys
+        out = []
+        for key, t in keys:
+            name = copy.external.get(key)
+            mapped = self.node_keys.get(name) if name is not None else None
+            out.append((mapped[0] if mapped else ("copy", copy.id, key), t))
+        return out
 
     # sizes and buffers
 
@@ -202,12 +221,14 @@ class _Builder(AttentionSteps, OptimizerSteps, FrameLifetimes):
                 self.touch(self.node_keys.get(ns + inp.name, []), step)
         keys = []
         category = cat if cat is not None else (ACTIVATIONS if phase in ("forward", "loss") else TEMPORARIES)
+        # a decomposition's own node (keymap: memory.attention), or one of the graph's
+        values = [(keymap.get(key, (ns, key)), t) for key, t in storage_keys(node.meta.get("val"))] \
+            if keymap is not None else self.keys_of(node)
         if target == "aten.clone.default" and self._is_fused_out_transposed(node.args[0]):
             # the fused kernels lay out [B, H, L, E] as [B, L, H, E]: transpose(1, 2) is contiguous
-            for key, _ in storage_keys(node.meta.get("val")):
+            for key, _ in values:
                 self.alias[key] = self.node_keys[node.args[0].name][0]
-        for key, t in storage_keys(node.meta.get("val")):
-            key = keymap.get(key, (ns, key)) if keymap is not None else key
+        for key, t in values:
             key = self.alias.get(key, key)
             if key not in self.by_key:
                 size = self.size_of(t)
@@ -218,8 +239,8 @@ class _Builder(AttentionSteps, OptimizerSteps, FrameLifetimes):
             self._broadcast_operand_copies(node, step, ns)
         if target == "aten.bernoulli_.float" and self.device == "cuda":
             # CUDA's dropout is native_dropout: a bool mask, 1 byte per element
-            for key, t in storage_keys(node.meta.get("val"))[:1]:
-                key = keymap.get(key, (ns, key)) if keymap is not None else key
+            for key, t in values[:1]:
+                key = self.alias.get(key, key)
                 b = self.buffers[self.by_key[key]]
                 if key not in self._bernoulli and t.dtype.itemsize > 1:
                     self._bernoulli.add(key)
@@ -228,10 +249,8 @@ class _Builder(AttentionSteps, OptimizerSteps, FrameLifetimes):
             # traced whole (Python dispatcher): the CPU runs dropout as input * noise with a noise
             # tensor of the input's dtype (aten/src/ATen/native/Dropout.cpp, _dropout), not a bool mask
             x = node.args[0].meta.get("val") if isinstance(node.args[0], fx.Node) else None
-            outs = storage_keys(node.meta.get("val"))
-            if x is not None and len(outs) == 2 and x.dtype.itemsize > 1:
-                key = outs[1][0]
-                key = keymap.get(key, (ns, key)) if keymap is not None else key
+            if x is not None and len(values) == 2 and x.dtype.itemsize > 1:
+                key = self.alias.get(values[1][0], values[1][0])
                 b = self.buffers[self.by_key[key]]
                 if key not in self._bernoulli:
                     self._bernoulli.add(key)

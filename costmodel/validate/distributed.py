@@ -312,7 +312,7 @@ def _pipeline(model, job: Job, specs, targets, batches, mesh, coords, stack, met
     del pipe
     mine = [path for path in job.blocks if _has(module, path)]
     if o.checkpointing != "none":
-        from costmodel.capture.blocks import Blocks
+        from costmodel.capture.checkpointing import Blocks
         stack.enter_context(checkpointed(module, o.checkpointing, Blocks("", tuple(mine), 0)))
     stack.enter_context(meter)
     meter.add([*module.parameters(), *module.buffers(), *[t for b in batches for t in b]])
@@ -434,7 +434,7 @@ def _fake(job: Job, world_size: int) -> dict:
 def job_for(report, dims: dict[str, int], model=None) -> Job:
     """The real run that checks `report`'s parallel prediction at `dims`: the same blocks, tensor-parallel
     plan and pipeline split as the analysis found."""
-    from costmodel.capture.blocks import find_blocks
+    from costmodel.capture.checkpointing import find_blocks
     par = report.parallel_memory()
     blocks = find_blocks(report._loaded.module)
     paths = list(blocks.paths) if blocks is not None else []
