@@ -317,11 +317,21 @@ def _capture(model: nn.Module, inputs: list[InputSpec], options, hints, fixed, p
     paths = ModulePaths(model)
     blocks = RepeatedBlocks(model, paths, train=mode == "train", enabled=options.repeated_blocks and repeated,
                             exclude=exclude)
+    checkpointing = options.checkpointing if mode == "train" else "none"
     try:
         with _torch.symbolic_kernels(), _torch.backward_meta_fields(), fake_mode, paths, \
                 fx_traceback.preserve_node_meta(), route_sdpa(), eager_decisions(is_input), \
                 balanced_experts(model, options.moe_imbalance), _torch.python_dispatcher(python_dispatcher), \
-                blocks, checkpointed(model, options.checkpointing if mode == "train" else "none") as ckpt:
+                contextlib.ExitStack() as stack:
+            # --checkpointing blocks/selective: the stand-in of a repeated block wraps its checkpointed
+            # forward, so one block's trace (recomputation included) is copied to the others. ops: the
+            # selective-checkpoint policy keeps outputs a copy does not place alike (a few bytes off),
+            # so the checkpoint wraps the stand-in, which then runs inline under saved-tensor hooks.
+            if checkpointing == "ops":
+                stack.enter_context(blocks)
+            ckpt = stack.enter_context(checkpointed(model, checkpointing))
+            if checkpointing != "ops":
+                stack.enter_context(blocks)
             gm = _torch.trace(fn, params, buffers, values)
         blocks.splice(gm)
     except (CostModelError, Unrepeatable):
