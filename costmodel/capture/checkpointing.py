@@ -8,10 +8,13 @@ model itself (torch.utils.checkpoint, non-reentrant), so costs and memory follow
   selective  Megatron-LM's selective recomputation (Korthikanti et al. 2022, arXiv:2205.05198,
              section 5): only the attention core (scores, softmax, dropout, attention over V) is
              recomputed, everything else in the block is saved. As Megatron does it, the core
-             alone runs under `checkpoint`: each scaled_dot_product_attention call inside a block
-             (the core as one op; its inputs q, k, v are saved, its internals recomputed). A
-             block that computes attention from matmuls and softmax itself has no such call; the
-             capture then reports that nothing was recomputed (`recomputed_attention`);
+             alone runs under `checkpoint` (its inputs q, k, v are saved, its internals
+             recomputed): each scaled_dot_product_attention call inside a block, and each
+             parameter-free submodule of a block whose forward multiplies two activations and
+             takes a softmax (Megatron's CoreAttention; found by running its first call once,
+             untraced, and looking at the ops). Attention written out inline in a module with
+             weights has no such boundary; the capture then reports that nothing was recomputed
+             (`recomputed_attention`);
   ops        torchtitan's op-level policy: the outputs of matrix products and attention are
              saved, every other op is recomputed (torchtitan saves every other mm; this saves all);
   none       no change.
@@ -122,7 +125,7 @@ def checkpointed(model: nn.Module, mode: str, blocks: Blocks | None = None):
                          "accepted for this model: --checkpointing none")
     state = Checkpointing(mode, blocks)
     if mode == "selective":
-        with _in_blocks(model, blocks, state), _checkpointed_attention(state):
+        with _in_blocks(model, blocks, state), _checkpointed_attention(state), _checkpointed_cores(model, blocks, state):
             yield state
         return
     from torch.utils.checkpoint import checkpoint, create_selective_checkpoint_contexts
@@ -140,7 +143,9 @@ class Checkpointing:
     def __init__(self, mode: str, blocks: Blocks):
         self.mode, self.blocks = mode, blocks
         self.depth = 0                       # > 0 while a block's forward runs
+        self.in_core = 0                     # > 0 while a checkpointed attention core runs
         self.recomputed_attention = 0
+        self.cores: dict[int, bool] = {}     # id(submodule) -> whether it is an attention core
 
 
 @contextlib.contextmanager
@@ -184,7 +189,7 @@ def _checkpointed_attention(state: Checkpointing):
     inner = F.scaled_dot_product_attention
 
     def attention(*args, **kwargs):
-        if state.depth == 0 or not torch.is_grad_enabled():
+        if state.depth == 0 or state.in_core or not torch.is_grad_enabled():
             return inner(*args, **kwargs)
         state.recomputed_attention += 1
         return checkpoint(inner, *args, use_reentrant=False, **kwargs)
@@ -193,3 +198,83 @@ def _checkpointed_attention(state: Checkpointing):
         yield
     finally:
         F.scaled_dot_product_attention = inner
+
+
+_aten_ops = torch.ops.aten
+_PRODUCTS = {_aten_ops.mm.default, _aten_ops.bmm.default, _aten_ops.baddbmm.default, _aten_ops.addmm.default}
+_SOFTMAX = {_aten_ops._softmax.default, _aten_ops._safe_softmax.default, _aten_ops._log_softmax.default}
+
+
+def _core_submodules(model: nn.Module, blocks: Blocks) -> list[nn.Module]:
+    """Submodules of the blocks (not a block itself) that hold no parameters or buffers: where an
+    attention core can be, as a function boundary to checkpoint."""
+    out = []
+    for path in blocks.paths:
+        for name, m in model.get_submodule(path).named_modules():
+            if name and not any(True for _ in m.parameters()) and not any(True for _ in m.buffers()):
+                out.append(m)
+    return out
+
+
+def _is_core(original, args, kwargs) -> bool:
+    """Run a parameter-free module's forward once without recording it (untraced, no grad) and say
+    whether it multiplies tensors and takes a softmax: the attention core."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+    seen: set = set()
+
+    class _Ops(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            seen.add(func)
+            return func(*args, **(kwargs or {}))
+
+    context = _torch.disable_proxy_tracing() if _torch.in_trace() else contextlib.nullcontext()
+    with context, torch.no_grad(), _Ops():
+        original(*args, **kwargs)
+    names = {str(f) for f in seen}
+    attention = any(n in _ATTENTION for n in names)
+    return attention or (bool(seen & _PRODUCTS) and bool(seen & _SOFTMAX))
+
+
+@contextlib.contextmanager
+def _checkpointed_cores(model: nn.Module, blocks: Blocks, state: Checkpointing):
+    """Each attention core submodule of a block (see `_is_core`) runs under checkpoint."""
+    from torch.utils.checkpoint import checkpoint
+
+    def wrap_module(m):
+        def wrap(original):
+            def forward(*args, **kwargs):
+                if state.depth == 0 or state.in_core or not torch.is_grad_enabled():
+                    return original(*args, **kwargs)
+                if id(m) not in state.cores:
+                    state.cores[id(m)] = _is_core(original, args, kwargs)
+                if not state.cores[id(m)]:
+                    return original(*args, **kwargs)
+                state.recomputed_attention += 1
+
+                def core(*a, **k):
+                    state.in_core += 1
+                    try:
+                        return original(*a, **k)
+                    finally:
+                        state.in_core -= 1
+                return checkpoint(core, *args, use_reentrant=False, **kwargs)
+            return forward
+        return wrap
+
+    with contextlib.ExitStack() as stack:
+        for m in _core_submodules(model, blocks):
+            stack.enter_context(_patched_module(m, wrap_module(m)))
+        yield
+
+
+@contextlib.contextmanager
+def _patched_module(module: nn.Module, wrap):
+    own = module.__dict__.get("forward")
+    module.forward = wrap(module.forward)
+    try:
+        yield
+    finally:
+        if own is None:
+            del module.forward
+        else:
+            module.forward = own

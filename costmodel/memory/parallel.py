@@ -48,8 +48,9 @@ holds for any model (transformer, conv net, ...), not a per-architecture formula
       until the next unit's) and 1/N of them stays. These are the lifetimes of torch 2.13's
       torch/distributed/fsdp/_fully_shard (_fsdp_param_group.py, _fsdp_collectives.py).
       --master-weights with fsdp is MixedPrecisionPolicy(param_dtype=--dtype, reduce_dtype=
-      float32) on float32 parameters; without fsdp it is float32 master weights and optimizer
-      state beside the --dtype ones (Megatron-LM's and DeepSpeed's mixed precision).
+      float32) on float32 parameters; without fsdp it is Megatron-LM's mixed precision: --dtype
+      weights, float32 gradients (main_grad, allocated once), float32 master weights and
+      optimizer state: 18 bytes per parameter with Adam.
   HSDP (dp and fsdp): FSDP over the fsdp group, replicas over dp (the all-reduce is in place).
 
 Ranks of one stage differ only where a split is uneven (the first rank holds the largest shard);
@@ -617,6 +618,7 @@ def _restrict(tl: _Timeline, stages_of: list, s: int, microbatches: int) -> _Tim
     mine = {b.param for j, b in enumerate(tl.buffers) if b.category == PARAMS and b.param and s in readers[j]}
     last_backward = max((k for k, st in enumerate(steps) if st.phase == "backward"), default=last)
     loss_reads = {b for i, bufs in enumerate(tl.reads) if tl.steps[i].phase == "loss" for b in bufs}
+    grad_steps = {b.start for b in tl.buffers if b.category == GRADS and b.param}   # steps making a gradient
 
     def clip(start: int, end: int) -> tuple[int, int]:
         a = new[start] if start in new else min((k for j, k in new.items() if j >= start), default=last)
@@ -652,6 +654,11 @@ def _restrict(tl: _Timeline, stages_of: list, s: int, microbatches: int) -> _Tim
                 nb.node = f"{b.node} {SENT_GRADIENT}"
             out.buffers.append(nb)
         elif made_at is None:                     # made by the optimizer step: the stage's own is made again
+            continue
+        elif read_here.get(j) and all(i in grad_steps for i in read_here[j]):
+            # a parameter used on two stages (tied embeddings): each stage keeps its own copy and
+            # gradient, summed across the stages after the backward (Megatron's embedding group),
+            # nothing received per micro-batch
             continue
         elif read_here.get(j):
             # from another stage: torch.distributed.pipelining keeps one receive buffer per micro-batch
@@ -761,6 +768,16 @@ def _data_parallel(tl: _Timeline, options, params: dict[str, ParamInfo], local_s
         _fsdp(tl, options, params, local_shapes, units, opt_step)
     elif options.zero == 2 and par.dp > 1:
         _zero2(tl, options, params, local_shapes, units, opt_step)
+    elif options.master_weights:
+        # Megatron-LM's mixed precision: each weight's gradient accumulates in a float32 main_grad
+        # buffer allocated with the model (the backward's weight-gradient GEMM adds into it), which
+        # its DDP also all-reduces in place: 2 + 4 + 4 + 8 = 18 bytes per parameter with Adam
+        # (Megatron's theoretical_memory_usage.py; Korthikanti et al. 2022, section 5)
+        tl.buffers = [b for b in tl.buffers if not (b.category == GRADS and b.param in stage_params)]
+        for p in trainable:
+            shape = local_shapes[p]
+            tl.add((math.prod(shape) if shape else 1) * 4, GRADS, 0, tl.last, f"{p} (float32 main_grad)",
+                   "float32", str(list(shape)), param=p)
     elif par.dp > 1:
         grads = sum(math.prod(local_shapes[p] or (1,)) * params[p].itemsize for p in trainable)
         if grads:
@@ -928,19 +945,26 @@ def in_flight(pp: int, stage: int, microbatches: int, interleave: int) -> tuple[
     while it runs a later one (in units of one micro-batch of the whole stage).
 
     1F1B: min(pp - s - 1, m - 1) and min(pp - s - 1, m - 2). Interleaved with V chunks (Megatron-
-    LM's schedule): (pp - s - 1) * 2 + (V - 1) * pp warm-up chunk-micro-batches, each 1/V.
+    LM's schedule): (pp - s - 1) * 2 + (V - 1) * pp warm-up chunk-micro-batches and the one whose
+    backward starts, each 1/V of the stage, less the V chunks of the stage's own timeline; on the
+    first stage that is pp * (1 + (pp - 1) / (pp * V)) - 1 micro-batches (Korthikanti et al. 2022,
+    section 4.2.3: the first stage holds L * (1 + (pp - 1) / (pp * V)) layers' activations).
 
     >>> in_flight(4, 0, 8, 1), in_flight(4, 3, 8, 1)
     ((3, 3), (0, 0))
+    >>> in_flight(8, 0, 64, 3)[0]          # (14 + 16 + 1 - 3) / 3 chunk-micro-batches
+    28/3
     """
     m, v = microbatches, interleave
     if v == 1:
         first = max(0, min(pp - stage - 1, m - 1))
         later = max(0, min(pp - stage - 1, m - 2)) if m > 1 else 0
         return sympy.Integer(first), sympy.Integer(later)
-    warmup = min((pp - stage - 1) * 2 + (v - 1) * pp, m * v - 1)
-    later = min(warmup, m * v - 2) if m * v > 1 else 0
-    return sympy.Rational(warmup, v), sympy.Rational(max(0, later), v)
+    # chunk-micro-batches held at the first backward: the warm-up forwards and the one in flight
+    # (Megatron-LM's get_num_warmup_microbatches); the stage's own timeline already holds v chunks
+    held = min((pp - stage - 1) * 2 + (v - 1) * pp + 1, m * v)
+    later = min(held, m * v - 1)
+    return sympy.Rational(max(0, held - v), v), sympy.Rational(max(0, later - v), v)
 
 
 def _compose_microbatches(tl: _Timeline, options, stage: int, pp: int) -> sympy.Rational:
