@@ -354,6 +354,13 @@ class Report:
             result.extra.update(point_extra(par, per_stage, point))
         if self.hardware:
             result.apply_timing(self.hardware[0], self.tf32)
+            if self.options.parallel_training and self.options.mode == "train":
+                from costmodel.hardware.parallel_step import parallel_step
+                timing = parallel_step(result, par, self.hardware[0], self.tf32)
+                for rank, t in zip(result.extra["ranks"], timing.pop("ranks")):
+                    rank.update(t)
+                result.extra.update(timing)
+                result.totals["time_s"] = timing["step_time_s"]
         return result
 
     # --- memory ---------------------------------------------------------------------------------

@@ -75,3 +75,25 @@ def eager_decisions(is_input: Callable[[fx.Node], bool]):
         yield
     finally:
         masking.find_packed_sequence_indices = original
+
+
+@contextlib.contextmanager
+def own_positions():
+    """An eager run on fake tensors (FSDPMemTracker under the fake process group) whose inputs hold
+    no positions: the positions the model makes are one sequence per row, as eager finds from their
+    values (fake tensors have none, and `transformers` would answer "packed", building masks eager
+    never allocates)."""
+    try:
+        import transformers.masking_utils as masking
+    except ImportError:
+        yield
+        return
+    original = getattr(masking, "find_packed_sequence_indices", None)
+    if original is None:
+        yield
+        return
+    masking.find_packed_sequence_indices = lambda position_ids: None
+    try:
+        yield
+    finally:
+        masking.find_packed_sequence_indices = original

@@ -221,15 +221,21 @@ class TensorParallel:
     split: set[str] = field(default_factory=set)            # graph nodes whose values are split over tp
     heads: list[int] = field(default_factory=list)           # attention heads (q, kv) in the regions
     edges: dict[str, list[str]] = field(default_factory=dict)   # matmul node -> its full-size operands (SP)
+    embeddings: dict[str, str] = field(default_factory=dict)   # vocabulary-parallel tables: param -> module
+    heads_out: set[str] = field(default_factory=set)          # output layers among the columns
     notes: list[str] = field(default_factory=list)
 
     @property
     def params(self) -> set[str]:
-        return set(self.columns) | set(self.rows) | self.column_biases
+        return set(self.columns) | set(self.rows) | self.column_biases | set(self.embeddings)
 
     def plan(self) -> dict[str, str]:
-        """module path -> "colwise" | "rowwise": PyTorch's parallelize_module plan for the same split."""
-        return {**{m: "colwise" for m in self.columns.values()}, **{m: "rowwise" for m in self.rows.values()}}
+        """module path -> "colwise" | "rowwise": PyTorch's parallelize_module plan for the same split
+        (an embedding table is "rowwise": its rows; a weight tied between an embedding and the
+        output layer is split once, with the embedding)."""
+        tied = set(self.embeddings) & set(self.columns)
+        return {**{m: "colwise" for w, m in self.columns.items() if w not in tied},
+                **{m: "rowwise" for m in self.rows.values()}, **{m: "rowwise" for m in self.embeddings.values()}}
 
 
 def _param_of(node, roles: dict, seen: int = 0) -> str | None:
@@ -313,6 +319,7 @@ def find_tensor_parallel(captured, tp: int, blocks: Blocks | None) -> TensorPara
                 if b is not None:
                     result.column_biases.add(b)
         result.rows[w_row] = w_row.rpartition(".")[0]
+    _vocabulary(captured, result, linears, block_of, forward)
     _propagate_split(captured, result)
     params = param_infos(captured)
     for w in result.columns:
@@ -329,10 +336,54 @@ def find_tensor_parallel(captured, tp: int, blocks: Blocks | None) -> TensorPara
                                      f"{n.meta.get('costmodel_module', n.name)} has {heads} (q {int(q.shape[1])}, "
                                      f"kv {int(k.shape[1])}); accepted: a tp dividing both")
     if not result.rows:
+        rest = ("only the vocabulary (embedding, output layer) is split" if result.embeddings or result.heads_out
+                else "every tensor is replicated over tp")
         result.notes.append(f"tp={tp}: no column/row-parallel pair found in the graph (a linear feeding an "
-                            "attention or activation, then a linear back to the hidden width); every tensor "
-                            "is replicated over tp")
+                            f"attention or activation, then a linear back to the hidden width); {rest}")
     return result
+
+
+def _vocabulary(captured, result: TensorParallel, linears: dict, block_of: dict, forward: list) -> None:
+    """Megatron's vocabulary-parallel embedding and output layer (torchtitan: RowwiseParallel on the
+    token embedding, ColwiseParallel on the output): the rows of an embedding table looked up by
+    a user input (token ids; positions made from arange stay whole), and the output features of
+    a linear outside the blocks whose output reaches the loss through no other linear, split over
+    tp. The embedding's output is whole (all-reduced); the logits are split."""
+    roles = captured.roles
+    for n in forward:
+        if str(n.target) != "aten.embedding.default" or block_of.get(n) is not None:
+            continue
+        weight, ids = n.args[0], n.args[1]
+        w = _param_of(weight, roles)
+        src = ids
+        while isinstance(src, fx.Node) and src.op != "placeholder" and str(src.target) in _VIEWS and src.args:
+            src = src.args[0]
+        if w is not None and isinstance(src, fx.Node) and src.op == "placeholder" \
+                and roles.get(src.name, ("input", ""))[0] == "input":
+            result.embeddings[w] = w.rpartition(".")[0]
+    feeds_linear: set = set()
+    for lin in reversed(forward):                 # does a linear's output reach another linear?
+        if lin not in linears:
+            continue
+        todo, seen = list(lin.users), set()
+        while todo:
+            u = todo.pop()
+            if u in seen or u.op != "call_function":
+                continue
+            seen.add(u)
+            if u in linears or u in feeds_linear:
+                feeds_linear.add(lin)
+                break
+            todo.extend(u.users)
+    for lin, (w, _) in linears.items():
+        if lin in feeds_linear or block_of.get(lin) is not None or (w in result.params and w not in result.embeddings):
+            continue
+        result.columns[w] = w.rpartition(".")[0]
+        result.heads_out.add(w)
+        if str(lin.target) == "aten.addmm.default":
+            b = _param_of(lin.args[0], roles)
+            if b is not None:
+                result.column_biases.add(b)
 
 
 def _holds_tensors(node: fx.Node) -> bool:
@@ -360,6 +411,8 @@ def _propagate_split(captured, tp: TensorParallel) -> None:
             continue                        # sizes (sym_size) and scalars: not data
         if not any(a.name in split for a in n.all_input_nodes):
             continue
+        if str(n.target) == "aten.embedding.default":
+            continue                        # a vocabulary-parallel lookup: all-reduced, whole
         if str(n.target) in _MATMULS:
             ops = [a for a in _operands(n) if isinstance(a, fx.Node)]
             both = len(ops) == 2 and all(a.name in split for a in ops)
@@ -430,13 +483,28 @@ class ParallelMemory:
     """Per-stage memory models of one parallel configuration; the peak is the largest stage's."""
 
     def __init__(self, stages: list[StageMemory], options, notes: list[str], tp: TensorParallel,
-                 units: int, param_bytes: dict, boundary_bytes: sympy.Expr, layers: int):
+                 units: int, param_bytes: dict, boundary_bytes: sympy.Expr, layers: int,
+                 blocks: Blocks | None = None, stage_of_block: dict[int, int] | None = None,
+                 block_output_bytes: sympy.Expr = sympy.Integer(0), stage_units: dict[int, int] | None = None):
         self.stages, self.options, self.notes, self.tp = stages, options, notes, tp
         self.units = units                    # FSDP units (blocks + root) per stage, for the comm volumes
         self.param_bytes = param_bytes        # per stage: {"params", "grads"} bytes on one rank, whole (unsharded)
-        self.boundary_bytes = boundary_bytes  # a block's output (what pp sends, tp all-reduces), per micro-batch
+        self.boundary_bytes = boundary_bytes  # what pp sends per micro-batch (1/tp with sequence parallelism)
+        self.block_output_bytes = block_output_bytes   # a block's whole [b, s, h] output (tp's collectives)
         self.layers = layers
+        self.blocks = blocks
+        self.stage_of_block = stage_of_block or {}
+        self.stage_units = stage_units or {}  # FSDP units on each stage
         self.warnings = list(notes)
+
+    def stage_of_param(self) -> dict[str, list[int]]:
+        """Parameter name -> the stages that hold it (two for tied weights on the first and last)."""
+        out: dict[str, list[int]] = defaultdict(list)
+        for st in self.stages:
+            for b in st.model.buffers:
+                if b.category == PARAMS and b.param and st.stage not in out[b.param]:
+                    out[b.param].append(st.stage)
+        return dict(out)
 
     @property
     def peak(self) -> sympy.Expr:
@@ -468,7 +536,7 @@ def build(base: MemoryModel, captured, blocks: Blocks | None, options) -> Parall
     local_shapes = {n: p.shape for n, p in params.items()}
     if par.tp > 1:
         _apply_tensor_parallel(tl, tp, par.tp, options.sequence_parallel, blocks, captured)
-        for w in tp.columns:
+        for w in set(tp.columns) | set(tp.embeddings):
             local_shapes[w] = _split_dim(local_shapes[w], 0, par.tp)
         for b in tp.column_biases:
             local_shapes[b] = _split_dim(local_shapes[b], 0, par.tp)
@@ -487,6 +555,7 @@ def build(base: MemoryModel, captured, blocks: Blocks | None, options) -> Parall
     stages = []
     unit_count = 0
     param_bytes = {}
+    stage_units: dict[int, int] = {}
     for s in range(par.pp):
         st = _restrict(tl, stages_of, s, options.microbatches) if par.pp > 1 else \
             _Timeline(tl.steps, tl.buffers, tl.reads)
@@ -500,11 +569,11 @@ def build(base: MemoryModel, captured, blocks: Blocks | None, options) -> Parall
                           "grads": sum(v for p, v in whole.items() if params[p].trainable)}
         inflight = _compose_microbatches(st, options, s, par.pp)
         stages.append(StageMemory(s, st.model(base.dims, base), sorted(st_blocks), inflight))
-    boundary = _block_output_bytes(base, blocks)
-    if par.tp > 1 and options.sequence_parallel:
-        boundary = sympy.expand(boundary / par.tp)
+        stage_units[s] = len([u for u in units if u.params])
+    whole = _block_output_bytes(base, blocks)
+    boundary = sympy.expand(whole / par.tp) if par.tp > 1 and options.sequence_parallel else whole
     return ParallelMemory(stages, options, notes, tp, unit_count, param_bytes, boundary,
-                          len(blocks) if blocks is not None else 0)
+                          len(blocks) if blocks is not None else 0, blocks, stage_of_block, whole, stage_units)
 
 
 def _block_output_bytes(base: MemoryModel, blocks: Blocks | None) -> sympy.Expr:
@@ -520,40 +589,22 @@ def _block_output_bytes(base: MemoryModel, blocks: Blocks | None) -> sympy.Expr:
 
 
 def point_extra(par: "ParallelMemory", points: list[MemoryPoint], dims: dict[str, int]) -> dict:
-    """The contract's `parallel`, `ranks`, `communication`, `step_time_s`, `tokens_per_s` and `mfu`
-    at one point (times are null: step time is not modelled yet)."""
-    from costmodel.hardware import comm
+    """The contract's `parallel`, `ranks` (memory) and `communication` (untimed) at one point; the
+    times come from hardware.parallel_step with a device."""
+    from costmodel.hardware.parallel_step import stage_collectives
     o = par.options
     p = o.parallel
     batch = next((v for d, v in dims.items() if "batch" in d.lower()), None)
-    out = {"parallel": {**p.to_dict(), "zero": o.zero, "microbatches": o.microbatches, "world_size": p.world_size,
-                        "global_batch": batch * p.dp * p.fsdp * o.microbatches if batch is not None else None,
-                        "sequence_parallel": o.sequence_parallel, "pp_interleave": o.pp_interleave,
-                        "checkpointing": o.checkpointing, "master_weights": o.master_weights},
-           "ranks": [{"stage": s.stage, "blocks": s.blocks, "peak_memory_bytes": m.peak_bytes, "memory": m.breakdown,
-                      "at": m.at, "compute_time_s": None, "communication_time_s": None,
-                      "exposed_communication_time_s": None} for s, m in zip(par.stages, points)],
-           "step_time_s": None, "tokens_per_s": None, "mfu": None}
-    calls = []
-    first = par.param_bytes.get(0, {"params": 0, "grads": 0})
-    from costmodel.symbols import dim_symbol
-    act = int(par.boundary_bytes.xreplace({dim_symbol(d): v for d, v in dims.items()})) if par.boundary_bytes != 0 else 0
-    if p.fsdp > 1:
-        calls += comm.fsdp(first["params"], first["grads"], units=max(1, par.units), microbatches=o.microbatches)
-        if p.dp > 1:
-            calls += comm.ddp(-(-first["grads"] // p.fsdp))
-    elif o.zero and p.dp > 1:
-        calls += comm.zero(o.zero, first["grads"], first["params"])
-    elif p.dp > 1:
-        calls += comm.ddp(first["grads"], bucket_bytes=DDP_BUCKET_BYTES)
-    if p.tp > 1 and par.tp.rows:
-        layers = max(1, par.layers // p.pp)
-        calls += comm.tensor_parallel(act, layers, microbatches=o.microbatches, sequence_parallel=o.sequence_parallel,
-                                      recompute=o.checkpointing == "blocks")
-    if p.pp > 1:
-        calls += comm.pipeline_parallel(act, microbatches=o.microbatches, interleave=o.pp_interleave)
-    out["communication"] = [c.to_dict() for c in calls]
-    return out
+    return {"parallel": {**p.to_dict(), "zero": o.zero, "microbatches": o.microbatches, "world_size": p.world_size,
+                         "global_batch": batch * p.dp * p.fsdp * o.microbatches if batch is not None else None,
+                         "sequence_parallel": o.sequence_parallel, "pp_interleave": o.pp_interleave,
+                         "checkpointing": o.checkpointing, "master_weights": o.master_weights},
+            "ranks": [{"stage": s.stage, "blocks": s.blocks, "peak_memory_bytes": m.peak_bytes, "memory": m.breakdown,
+                       "at": m.at, "compute_time_s": None, "communication_time_s": None,
+                       "exposed_communication_time_s": None} for s, m in zip(par.stages, points)],
+            "communication": [{**c.to_dict(), "stage": s.stage} for s in par.stages
+                              for c in stage_collectives(par, s.stage, dims)],
+            "step_time_s": None, "tokens_per_s": None, "mfu": None}
 
 
 def _split_dim(shape: tuple[int, ...], dim: int, n: int) -> tuple[int, ...]:

@@ -176,6 +176,7 @@ class _Builder(AttentionSteps, OptimizerSteps, FrameLifetimes):
             step_of[node.name] = len(self.steps) - 1
         end = len(self.steps) - 1
         self._frame_locals(nodes, step_of)
+        self._autograd_node_lifetimes(nodes, step_of)
         if self.amp:
             # autocast caches the cast copy of each weight until the autocast region (forward and
             # loss) exits, whether or not the backward needs it
@@ -210,6 +211,37 @@ class _Builder(AttentionSteps, OptimizerSteps, FrameLifetimes):
         model.warnings = list(self.warnings)
         model.reads = self.reads
         return model
+
+    def _autograd_node_lifetimes(self, nodes: list[fx.Node], step_of: dict[str, int]) -> None:
+        """The autograd engine frees a backward node's saved tensors and incoming gradients when the
+        node returns, not at their last use inside it (MulBackward keeps both factors until both
+        products are made): what the ops of one node (consecutive backward ops of one seq_nr) read,
+        made before the node started, lives until its last op."""
+        run: list[int] = []
+        seq = None
+
+        def close() -> None:
+            if len(run) < 2:
+                return
+            first, last = run[0], run[-1]
+            for s in range(first, last + 1):
+                for b in self.reads[s]:
+                    buf = self.buffers[b]
+                    if buf.start < first and buf.end < last:
+                        buf.end = last
+        for node in nodes:
+            if node.op != "call_function" or node.name not in step_of:
+                continue
+            number = node.meta.get("seq_nr")
+            if node.meta.get("costmodel_phase") != "backward" or node.meta.get("is_gradient_acc") or number is None:
+                close()
+                run, seq = [], None
+                continue
+            if number != seq:
+                close()
+                run, seq = [], number
+            run.append(step_of[node.name])
+        close()
 
     def _op(self, node: fx.Node, target: str, phase: str, module: str, ns: str = "", keymap=None,
             cat: int | None = None, stack: tuple | None = None, source: str | None = None) -> None:

@@ -383,6 +383,7 @@ def _fake(job: Job, world_size: int) -> dict:
     from torch.testing._internal.distributed.fake_pg import FakeStore
 
     from costmodel.capture.checkpointing import checkpointed
+    from costmodel.capture.eager_paths import own_positions
     from costmodel.capture.loss import compute_loss
     from costmodel.capture.specs import parse_input
     from costmodel.capture.trace import call_plan
@@ -417,7 +418,8 @@ def _fake(job: Job, world_size: int) -> dict:
             loss.backward()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-        with checkpointed(model, o.checkpointing) if o.checkpointing != "none" else contextlib.nullcontext():
+        positions = contextlib.nullcontext() if any(s.name == "position_ids" for s in specs) else own_positions()
+        with positions, checkpointed(model, o.checkpointing) if o.checkpointing != "none" else contextlib.nullcontext():
             step()
             tracker = FSDPMemTracker(model, optimizer)
             tracker.track_inputs(tuple(values))
