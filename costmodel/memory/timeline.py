@@ -267,7 +267,7 @@ class _Builder(AttentionSteps, OptimizerSteps, FrameLifetimes):
                 self.new_buffer(key, size, category, step, ns + node.name, t,
                                 source=node.name if source is None else source)
             keys.append(key)
-        if target in _BLAS_MATMULS:
+        if target in _BLAS_MATMULS and self.device == "cuda":
             self._broadcast_operand_copies(node, step, ns)
         if target == "aten.bernoulli_.float" and self.device == "cuda":
             # CUDA's dropout is native_dropout: a bool mask, 1 byte per element
@@ -297,7 +297,9 @@ class _Builder(AttentionSteps, OptimizerSteps, FrameLifetimes):
         """A matmul operand broadcast with a zero stride (the gradient of a sum is an expanded scalar)
         is copied to a contiguous tensor inside the kernel (BLAS takes no zero strides:
         aten/src/ATen/native/LinearAlgebra.cpp on the CPU, prepare_matrix_for_cublas on CUDA); the
-        copy lives while the matmul runs."""
+        copy lives while the matmul runs. CUDA only: torch.cuda.max_memory_allocated sees it; on the
+        CPU the figure is the live tensors an op hands back (validate's meter, FSDPMemTracker), which a
+        kernel's internal copy is not."""
         for arg in node.args:
             t = arg.meta.get("val") if isinstance(arg, fx.Node) else None
             if not isinstance(t, torch.Tensor) or t.dim() < 2:
