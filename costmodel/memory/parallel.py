@@ -497,6 +497,53 @@ class ParallelMemory:
         self.stage_units = stage_units or {}  # FSDP units on each stage
         self.warnings = list(notes)
 
+    def saved_activations(self, values: dict[str, int]) -> list[dict]:
+        """Per stage, what Korthikanti et al. (2022) count as activation memory: the tensors one
+        micro-batch's forward leaves for the backward (live at the stage's first backward op), split
+        into those made inside the repeated blocks and the rest, and how many micro-batches' worth
+        the stage holds then (1 + those in flight)."""
+        from costmodel.symbols import dim_symbol
+        sub = {dim_symbol(d): v for d, v in values.items()}
+        out = []
+        for st in self.stages:
+            m = st.model
+            first_backward = next((i for i, step in enumerate(m.steps) if step.phase == "backward"), None)
+            blocks = other = 0
+            for b in m.buffers:
+                if first_backward is None or b.category != ACTIVATIONS or b.node.endswith(IN_FLIGHT) \
+                        or not (b.start < first_backward <= b.end) or m.steps[b.start].phase == "start":
+                    continue
+                size = int(b.size.xreplace(sub))
+                inside = self.blocks is not None and self.blocks.index_of(m.steps[b.start].module or "") is not None
+                if inside:
+                    blocks += size
+                else:
+                    other += size
+            out.append({"stage": st.stage, "blocks_bytes": blocks, "other_bytes": other,
+                        "microbatches_held": 1 + st.microbatches_in_flight})
+        return out
+
+    def model_states(self, values: dict[str, int]) -> list[dict]:
+        """Per stage, the resident bytes of weights, gradients and optimizer state (master weights
+        included) of the parameters inside the repeated blocks, and of the others."""
+        from costmodel.symbols import dim_symbol
+        sub = {dim_symbol(d): v for d, v in values.items()}
+        out = []
+        for st in self.stages:
+            m = st.model
+            last = len(m.steps) - 1
+            blocks = other = 0
+            for b in m.buffers:
+                if b.category not in (PARAMS, GRADS, STATE) or not b.param or not (b.start == 0 and b.end >= last - 1):
+                    continue
+                size = int(b.size.xreplace(sub))
+                if self.blocks is not None and self.blocks.index_of(b.param) is not None:
+                    blocks += size
+                else:
+                    other += size
+            out.append({"stage": st.stage, "blocks_bytes": blocks, "other_bytes": other})
+        return out
+
     def stage_of_param(self) -> dict[str, list[int]]:
         """Parameter name -> the stages that hold it (two for tied weights on the first and last)."""
         out: dict[str, list[int]] = defaultdict(list)
@@ -648,6 +695,7 @@ def _apply_tensor_parallel(tl: _Timeline, tp: TensorParallel, n: int, sequence_p
 # --- pipeline stages on the timeline ---------------------------------------------------------------
 
 SENT_GRADIENT = "(gradient sent to the previous stage)"
+IN_FLIGHT = "in flight (saved activations)"
 
 
 def _restrict(tl: _Timeline, stages_of: list, s: int, microbatches: int) -> _Timeline:
@@ -1033,7 +1081,7 @@ def _compose_microbatches(tl: _Timeline, options, stage: int, pp: int) -> sympy.
     if m == 1:
         if first:
             tl.add(sympy.expand(first * saved), ACTIVATIONS, f0, b1,
-                   f"{first} other micro-batch(es) in flight (saved activations)")
+                   f"{first} other micro-batch(es) {IN_FLIGHT}")
         return first
     # [start] F+B of the first micro-batch, F+B of a later one, then the optimizer step
     n = len(tl.steps)
@@ -1060,10 +1108,10 @@ def _compose_microbatches(tl: _Timeline, options, stage: int, pp: int) -> sympy.
     tl.steps, tl.buffers, tl.reads = steps, out, [[] for _ in steps]
     if first:
         tl.add(sympy.expand(first * saved), ACTIVATIONS, f0, b1,
-               f"{first} other micro-batch(es) in flight (saved activations)")
+               f"{first} other micro-batch(es) {IN_FLIGHT}")
     if later:
         tl.add(sympy.expand(later * saved), ACTIVATIONS, f0 + shift, b1 + shift,
-               f"{later} other micro-batch(es) in flight (saved activations)")
+               f"{later} other micro-batch(es) {IN_FLIGHT}")
     return first
 
 
