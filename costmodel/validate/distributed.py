@@ -225,8 +225,12 @@ def _apply(model, job: Job, mesh):
     p = o.parallel
     if p.tp > 1:
         from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
+        from torch.distributed.tensor import Replicate
         styles = {"colwise": ColwiseParallel, "rowwise": RowwiseParallel}
-        plan = {path: styles[kind]() for path, kind in job.tp_plan.items()}
+        # an embedding table split by rows takes whole token ids (torchtitan's tok_embeddings plan)
+        plan = {path: RowwiseParallel(input_layouts=Replicate())
+                if kind == "rowwise" and isinstance(model.get_submodule(path), torch.nn.Embedding) else styles[kind]()
+                for path, kind in job.tp_plan.items()}
         for path in plan:
             if not isinstance(model.get_submodule(path), (torch.nn.Linear, torch.nn.Embedding)):
                 raise UsageError(f"PyTorch's tensor parallelism shards nn.Linear and nn.Embedding; {path} is a "
