@@ -97,3 +97,27 @@ def own_positions():
         yield
     finally:
         masking.find_packed_sequence_indices = original
+
+
+@contextlib.contextmanager
+def eager_masks_under_export():
+    """torch.export of a model whose inputs hold no positions and no attention mask (the pipeline
+    split of validate --parallel pp=N): `transformers` then decides on masks as eager does (one
+    sequence per row, the causal mask skipped, SDPA with is_causal=True) instead of building the
+    [batch, 1, seq, seq] masks it keeps for exported programs, which must serve other inputs. The
+    program is run at the shapes it was exported with only."""
+    try:
+        import transformers.masking_utils as masking
+    except ImportError:
+        yield
+        return
+    original = getattr(masking, "is_torchdynamo_exporting", None)
+    with own_positions():
+        if original is None:
+            yield
+            return
+        masking.is_torchdynamo_exporting = lambda: False
+        try:
+            yield
+        finally:
+            masking.is_torchdynamo_exporting = original

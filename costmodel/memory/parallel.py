@@ -696,6 +696,7 @@ def _apply_tensor_parallel(tl: _Timeline, tp: TensorParallel, n: int, sequence_p
 
 SENT_GRADIENT = "(gradient sent to the previous stage)"
 IN_FLIGHT = "in flight (saved activations)"
+KEPT_OUTPUT = "(output, kept until its backward)"
 
 
 def _restrict(tl: _Timeline, stages_of: list, s: int, microbatches: int) -> _Timeline:
@@ -717,7 +718,11 @@ def _restrict(tl: _Timeline, stages_of: list, s: int, microbatches: int) -> _Tim
     mine = {b.param for j, b in enumerate(tl.buffers) if b.category == PARAMS and b.param and s in readers[j]}
     last_backward = max((k for k, st in enumerate(steps) if st.phase == "backward"), default=last)
     loss_reads = {b for i, bufs in enumerate(tl.reads) if tl.steps[i].phase == "loss" for b in bufs}
-    grad_steps = {b.start for b in tl.buffers if b.category == GRADS and b.param}   # steps making a gradient
+    # step -> the shapes of the parameter gradients it makes (a tied weight's gradient sums partials)
+    grad_shapes: dict[int, set] = defaultdict(set)
+    for b in tl.buffers:
+        if b.category == GRADS and b.param:
+            grad_shapes[b.start].add(b.shape)
 
     def clip(start: int, end: int) -> tuple[int, int]:
         a = new[start] if start in new else min((k for j, k in new.items() if j >= start), default=last)
@@ -747,14 +752,15 @@ def _restrict(tl: _Timeline, stages_of: list, s: int, microbatches: int) -> _Tim
             if (sent or output) and steps[nb.start].phase != "backward":
                 # the schedule's forward cache keeps the stage's output until its backward is done
                 nb.end = max(nb.end, last_backward)
-                nb.node = f"{b.node} ({'sent to the next stage' if sent else 'output, kept until its backward'})"
+                nb.node = f"{b.node} ({'sent to the next stage' if sent else KEPT_OUTPUT[1:-1]})"
             elif sent:
                 nb.end = max(nb.end, last_backward)    # the backward cache holds it until it is sent
                 nb.node = f"{b.node} {SENT_GRADIENT}"
             out.buffers.append(nb)
         elif made_at is None:                     # made by the optimizer step: the stage's own is made again
             continue
-        elif read_here.get(j) and all(i in grad_steps for i in read_here[j]):
+        elif read_here.get(j) and tl.steps[b.start].phase == "backward" \
+                and all(b.shape in grad_shapes.get(i, ()) for i in read_here[j]):
             # a parameter used on two stages (tied embeddings): each stage keeps its own copy and
             # gradient, summed across the stages after the backward (Megatron's embedding group),
             # nothing received per micro-batch
@@ -1083,6 +1089,7 @@ def _compose_microbatches(tl: _Timeline, options, stage: int, pp: int) -> sympy.
             tl.add(sympy.expand(first * saved), ACTIVATIONS, f0, b1,
                    f"{first} other micro-batch(es) {IN_FLIGHT}")
         return first
+    last_forward = max((i for i in fb if tl.steps[i].phase in ("forward", "loss")), default=f0)
     # [start] F+B of the first micro-batch, F+B of a later one, then the optimizer step
     n = len(tl.steps)
     shift = b1 - f0 + 1
@@ -1105,6 +1112,12 @@ def _compose_microbatches(tl: _Timeline, options, stage: int, pp: int) -> sympy.
         end = b.end + shift if b.end > b1 else b.end
         out.append(replace(b, end=end))
         out.append(replace(b, start=b.start + shift, end=b.end + shift, node=f"{b.node} (later micro-batch)"))
+        if b.node.endswith(KEPT_OUTPUT):
+            # the schedule's loop variable (`output = stage.forward_one_chunk(...)` in
+            # torch.distributed.pipelining's 1F1B) holds the previous micro-batch's output until the
+            # next forward returns, after its backward has dropped the cache's reference
+            out.append(replace(b, start=f0 + shift, end=last_forward + shift,
+                               node=f"{b.node} (the previous micro-batch's, held until this forward returns)"))
     tl.steps, tl.buffers, tl.reads = steps, out, [[] for _ in steps]
     if first:
         tl.add(sympy.expand(first * saved), ACTIVATIONS, f0, b1,

@@ -162,7 +162,9 @@ def _worker(rank: int, job: Job) -> None:
         result = _rank(rank, job)
         data = asdict(result)
     except Exception as e:          # noqa: BLE001 (reported to the parent with its traceback's end)
-        data = {"error": f"{type(e).__name__}: {e} [{traceback.format_exc().strip().splitlines()[-3].strip()}]"}
+        where = traceback.format_exc() if os.environ.get("COSTMODEL_DEBUG") else \
+            traceback.format_exc().strip().splitlines()[-3].strip()
+        data = {"error": f"{type(e).__name__}: {e} [{where}]"}
     with open(out, "w") as f:
         json.dump(data, f)
     if torch.distributed.is_initialized():
@@ -309,8 +311,14 @@ def _pipeline(model, job: Job, specs, targets, batches, mesh, coords, stack, met
     args, kwargs = call(batches[0][:len(specs)])
     if kwargs.keys() - {s_.name for s_ in specs}:
         kwargs = {k: v for k, v in kwargs.items() if k in {s_.name for s_ in specs}}
-    pipe = pipeline(model, mb_args=tuple(args), mb_kwargs=kwargs or None,
-                    split_spec={path: SplitPoint.BEGINNING for path in job.split_points})
+    # torch.export traces the model: positions the model makes itself are one sequence per row, as
+    # eager finds them (transformers would otherwise build the [b, 1, s, s] masks eager skips)
+    from costmodel.capture.eager_paths import eager_masks_under_export
+    positions = contextlib.nullcontext() if any(s_.name in ("position_ids", "attention_mask") for s_ in specs) \
+        else eager_masks_under_export()
+    with positions:
+        pipe = pipeline(model, mb_args=tuple(args), mb_kwargs=kwargs or None,
+                        split_spec={path: SplitPoint.BEGINNING for path in job.split_points})
     module = pipe.get_stage_module(s)
     stage = pipe.build_stage(s, torch.device("cpu"), group=mesh["pp"].get_group())
     del pipe

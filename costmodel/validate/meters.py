@@ -59,7 +59,8 @@ class LiveStorageMeter(_torch.dispatch_mode_class()):
         self.current = 0
         self.peak = 0
         self.peak_op = ""
-        self.peak_largest: list[tuple[int, str, tuple[int, ...]]] = []
+        self.peak_largest: list[tuple[int, str, tuple[int, ...], str]] = []
+        self._op = "(resident)"
         self._keep = keep_largest
 
     def add(self, tensors: Iterable) -> None:
@@ -82,7 +83,7 @@ class LiveStorageMeter(_torch.dispatch_mode_class()):
         if key in self.live:
             return
         nbytes = st.nbytes()
-        self.live[key] = (nbytes, str(t.dtype).removeprefix("torch."), tuple(t.shape))
+        self.live[key] = (nbytes, str(t.dtype).removeprefix("torch."), tuple(t.shape), self._op)
         self.current += nbytes
         # Storages keep their Python object while the C++ storage lives, so this fires on free.
         weakref.finalize(st, self._free, key)
@@ -123,6 +124,7 @@ class LiveStorageMeter(_torch.dispatch_mode_class()):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
+        self._op = str(func)              # the op that first handed the storage over (for diagnosis)
         for t in tree_leaves((args, kwargs, out)):
             if isinstance(t, torch.Tensor):
                 self._track(t)
