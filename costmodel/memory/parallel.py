@@ -741,6 +741,10 @@ def _restrict(tl: _Timeline, stages_of: list, s: int, microbatches: int) -> _Tim
             if s in readers[j]:
                 nb = replace(b)
                 nb.start, nb.end = 0, last
+                if b.category == ACTIVATIONS and microbatches > 1:
+                    # the schedule takes the step's whole batch and splits it into views
+                    nb.size = sympy.expand(b.size * microbatches)
+                    nb.node = f"{b.node} (the whole batch: {microbatches} micro-batches)"
                 out.buffers.append(nb)
             continue
         made_at = stages_of[b.start]
@@ -1110,6 +1114,10 @@ def _compose_microbatches(tl: _Timeline, options, stage: int, pp: int) -> sympy.
                                node=f"{b.node} (later micro-batch, added into the accumulated gradient)"))
             continue
         end = b.end + shift if b.end > b1 else b.end
+        if b.node.endswith(SENT_GRADIENT):
+            # the 1F1B loop's `bwd_sends` holds it until the next micro-batch's backward makes the
+            # next ones (torch.distributed.pipelining's Schedule1F1B)
+            end = max(end, b1 + shift)
         out.append(replace(b, end=end))
         out.append(replace(b, start=b.start + shift, end=b.end + shift, node=f"{b.node} (later micro-batch)"))
         if b.node.endswith(KEPT_OUTPUT):

@@ -326,15 +326,18 @@ def _pipeline(model, job: Job, specs, targets, batches, mesh, coords, stack, met
     if o.checkpointing != "none":
         from costmodel.capture.checkpointing import Blocks
         stack.enter_context(checkpointed(module, o.checkpointing, Blocks("", tuple(mine), 0)))
+    # the whole batch, handed to the first stage's schedule (which splits it into views); the
+    # other stages hold no inputs
+    whole_args = [torch.cat([b[i] for b in batches]) for i in range(len(specs))] if s == 0 else []
+    batches.clear()
     stack.enter_context(meter)
-    meter.add([*module.parameters(), *module.buffers(), *[t for b in batches for t in b]])
+    meter.add([*module.parameters(), *module.buffers(), *whole_args])
     optimizer = make_optimizer(o.optimizer, [q for q in module.parameters() if q.requires_grad])
 
     def loss_fn(output, target):
         return compute_loss(output, "sum", [], [], [], [])
-    schedule = Schedule1F1B(stage, len(batches), loss_fn=loss_fn)
+    schedule = Schedule1F1B(stage, o.microbatches, loss_fn=loss_fn)
     names = [s_.name for s_ in specs]
-    whole_args = [torch.cat([b[i] for b in batches]) for i in range(len(specs))]
 
     def step():
         if s == 0:
@@ -342,7 +345,7 @@ def _pipeline(model, job: Job, specs, targets, batches, mesh, coords, stack, met
             kw = {k: v for k, v in kw.items() if k in names}
             schedule.step(*a, **kw, return_outputs=False)
         elif s == pp - 1:
-            schedule.step(target=torch.zeros(len(batches)), losses=[], return_outputs=False)
+            schedule.step(target=torch.zeros(o.microbatches), losses=[], return_outputs=False)
         else:
             schedule.step(return_outputs=False)
         optimizer.step()
