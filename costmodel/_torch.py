@@ -523,6 +523,33 @@ def storage_key(t: torch.Tensor):
     return t.untyped_storage()._cdata
 
 
+def wrapped_tensors(t: torch.Tensor) -> list[torch.Tensor] | None:
+    """The inner tensors of a traceable wrapper subclass (DTensor's local shard, ...), None for a
+    plain tensor: a wrapper's own storage is empty, its inner tensors hold the bytes
+    (torch.utils._python_dispatch.is_traceable_wrapper_subclass, __tensor_flatten__)."""
+    from torch.utils._python_dispatch import is_traceable_wrapper_subclass
+    if not is_traceable_wrapper_subclass(t):
+        return None
+    names, _ = t.__tensor_flatten__()
+    return [x for x in (getattr(t, n) for n in names) if isinstance(x, torch.Tensor)]
+
+
+@contextlib.contextmanager
+def eager_selective_checkpointing():
+    """Selective activation checkpointing (torch.utils.checkpoint's policies) as eager runs it,
+    while make_fx traces. Under a proxy mode `torch.utils.checkpoint._is_compiling` says True and
+    SAC then keeps every op's output and only tags the graph for the compiler's partitioner to
+    decide; eager PyTorch keeps what the policy saves and recomputes the rest in the backward,
+    which is what the capture must see. Same function name in torch 2.11 to 2.13."""
+    import torch.utils.checkpoint as ckpt
+    original = ckpt._is_compiling
+    ckpt._is_compiling = lambda func, args, kwargs: False
+    try:
+        yield
+    finally:
+        ckpt._is_compiling = original
+
+
 def dispatch_mode_class():
     """torch.utils._python_dispatch.TorchDispatchMode: what the live-storage meter subclasses."""
     from torch.utils._python_dispatch import TorchDispatchMode

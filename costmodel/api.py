@@ -405,13 +405,27 @@ class Report:
 
         totals["time_s"] = None
         model = self.memory_model(analysis=analysis)
-        m = model.evaluate(values)
+        if self.options.parallel_training:
+            par = self.parallel_memory(analysis=analysis)
+            stage, m, per_stage = par.largest(values)
+        else:
+            m = model.evaluate(values)
         totals["peak_memory_bytes"] = m.peak_bytes
         totals["memory"] = m.breakdown
         result = Point(point, totals, analysis, op_values, self)
         result.extra["memory"] = m.extra(model)
+        if self.options.parallel_training:
+            from costmodel.memory.parallel import point_extra
+            result.extra.update(point_extra(par, per_stage, point))
         if self.hardware:
             result.apply_timing(self.hardware[0], self.tf32)
+            if self.options.parallel_training and self.options.mode == "train":
+                from costmodel.hardware.parallel_step import parallel_step
+                timing = parallel_step(result, par, self.hardware[0], self.tf32)
+                for rank, t in zip(result.extra["ranks"], timing.pop("ranks")):
+                    rank.update(t)
+                result.extra.update(timing)
+                result.totals["time_s"] = timing["step_time_s"]
         return result
 
     # --- memory ---------------------------------------------------------------------------------
@@ -447,8 +461,34 @@ class Report:
         return fit(self, hw, dim, dims, capacity_bytes)
 
     def memory_formula(self, device=None) -> sympy.Expr:
-        """Peak memory bytes as a formula in the dimensions: Max(...) over the candidate peaks."""
+        """Peak memory bytes as a formula in the dimensions: Max(...) over the candidate peaks (per
+        GPU under parallel training: the largest pipeline stage's)."""
+        if self.options.parallel_training:
+            return self.parallel_memory(device).peak
         return self.memory_model(device).peak
+
+    def parallel_memory(self, device=None, analysis: Analysis | None = None):
+        """The per-GPU memory of the report's parallel configuration (memory.parallel.ParallelMemory:
+        one memory model per pipeline stage), built once per capture and device kind."""
+        from costmodel.capture.checkpointing import find_blocks
+        from costmodel.memory import parallel
+        analysis = analysis or self.primary
+        kind = self.memory_device(device)
+        key = ("parallel", id(analysis), kind)
+        if key not in self._memory:
+            base = self.memory_model(device, analysis)
+            blocks = find_blocks(self._loaded.module)
+            self._memory[key] = parallel.build(base, analysis.captured, blocks, self.options)
+            for note in self._memory[key].warnings:
+                self.warn(note)
+        return self._memory[key]
+
+    def ranks_at(self, dims: dict[str, int], device=None) -> list[memory.MemoryPoint]:
+        """Each pipeline stage's memory at one point (one entry without pp)."""
+        point = self._complete(dict(dims))
+        analysis = self._analysis_for(point)
+        values = {d: point[d] for d in analysis.captured.dims}
+        return self.parallel_memory(device, analysis).evaluate(values)
 
     def memory_at(self, dims: dict[str, int], device=None, quiet: bool = False) -> memory.MemoryPoint:
         """Peak memory at one point, for a device kind ("cuda", "cpu", a Hardware); faster than
@@ -456,7 +496,10 @@ class Report:
         without a warning)."""
         point = self._complete(dict(dims))
         analysis = self._analysis_for(point, quiet=quiet)
-        return self.memory_model(device, analysis).evaluate({d: point[d] for d in analysis.captured.dims})
+        values = {d: point[d] for d in analysis.captured.dims}
+        if self.options.parallel_training:
+            return self.parallel_memory(device, analysis).largest(values)[1]
+        return self.memory_model(device, analysis).evaluate(values)
 
     def points(self, sweep: dict[str, list[int]]) -> list[Point]:
         """Evaluate at every point of the cartesian product of the value lists."""
@@ -556,7 +599,7 @@ def _analyze_once(loaded: cap.LoadedModel, inputs: list[InputSpec], options: Opt
     captured = cap.capture(loaded.module, inputs, options, hints=hints, fixed=fixed, step=step)
     kernels, notes = attention_kernels(captured.graph.graph, options.attention, device_kind, capability)
     analysis = cost_graph(captured, kernels)
-    analysis.notes = notes
+    analysis.notes = captured.notes + notes
     if options.mode == "train":
         analysis.ops.extend(optimizer_ops(loaded.module, captured.trainable, options.optimizer, cap.ROOT))
         analysis.totals = totals_of(analysis.ops)
@@ -568,7 +611,9 @@ def analyze(model, inputs: list[str] | None = None, mode: str = "inference", dty
             dims: dict[str, list[int] | int] | None = None, hardware=None, tf32: bool = False,
             complete: bool = False, amp: bool | str = False, device: str | None = None,
             trust_remote_code: bool = False, moe_imbalance: float = 1, targets: list[str] | None = None,
-            kv_dtype: str | None = None, repeated_blocks: bool = True) -> Report:
+            kv_dtype: str | None = None, parallel=None, zero: int = 0, microbatches: int = 1,
+            sequence_parallel: bool = False, pp_interleave: int = 1, checkpointing: str = "none",
+            master_weights: bool = False, repeated_blocks: bool = True) -> Report:
     """Capture `model` (zoo name, "hf:ORG/NAME", a config.json or its directory, "file.py:FUNC",
     "pkg.mod:FUNC", a factory or an nn.Module) with symbolic dimensions and cost every op. `inputs`
     are specs such as "input_ids:int64[batch,seq]" (zoo models and Hugging Face configs bring
@@ -585,14 +630,22 @@ def analyze(model, inputs: list[str] | None = None, mode: str = "inference", dty
     dropout masks); default the first `hardware` device's kind, else "cuda". `moe_imbalance`:
     mixture-of-experts layers route tokens evenly (1) or with the busiest expert taking this many
     times the mean (see capture.moe). `trust_remote_code=True` lets a Hugging Face config's auto_map
-    code run (the repository's own model classes); off by default. `repeated_blocks=False` traces
+    code run (the repository's own model classes); off by default.
+    Parallel training (train mode; see memory/parallel.py): `parallel` ("dp=2,fsdp=4,tp=2,pp=2" or a
+    dict), `zero` (0, 1, 2 over dp), `microbatches`, `sequence_parallel`, `pp_interleave`;
+    `checkpointing` ("none", "blocks", "selective", "ops": capture/checkpointing.py) is applied to
+    the model's repeated blocks before capture; `master_weights`: float16/bfloat16 weights with
+    float32 master weights and optimizer state. Peak memory is then per GPU, that of the rank with
+    the largest peak (`Report.ranks_at` gives every pipeline stage's). `repeated_blocks=False` traces
     every block of a deep model instead of tracing each distinct block once and copying it
     (capture.blocks; the result is the same, only slower).
     `mode="generate"`: a prefill over `input_ids[batch, prompt]`, then `gen` decode steps on a KV cache
     (stored in `kv_dtype`, default `dtype`); see costmodel.generation. The Report is a GenerateReport."""
     options = Options.make(mode=mode, dtype=dtype, optimizer=optimizer, attention=attention, loss=loss, amp=amp,
                            device=device, moe_imbalance=moe_imbalance, targets=targets or (),
-                           trust_remote_code=trust_remote_code, tf32=tf32, kv_dtype=kv_dtype,
+                           trust_remote_code=trust_remote_code, tf32=tf32, kv_dtype=kv_dtype, parallel=parallel,
+                           zero=zero, microbatches=microbatches, sequence_parallel=sequence_parallel,
+                           pp_interleave=pp_interleave, checkpointing=checkpointing, master_weights=master_weights,
                            repeated_blocks=repeated_blocks)
     devices = _hardware_list(hardware)
     kind = options.device or (memory.device_kind(devices[0]) if devices else "cuda")

@@ -35,6 +35,7 @@ from costmodel import _torch
 from costmodel.capture import zoo
 from costmodel.errors import AnalysisError, CostModelError, UsageError
 from costmodel.capture.blocks import COPY, RepeatedBlocks, Unrepeatable
+from costmodel.capture.checkpointing import checkpointed
 from costmodel.capture.eager_paths import eager_decisions
 from costmodel.capture import generate as gen
 from costmodel.capture.loss import compute_loss, first_output, tensors_of as _tensors
@@ -93,6 +94,8 @@ class Captured:
     hints: dict[str, int] = field(default_factory=dict)
     limits: list = field(default_factory=list)   # limits.Limit found in the graph (tables indexed by positions)
     module_calls: int = 0    # nn.Module forward calls in one forward: each costs its eager dispatch
+    grad_params: list[str] = field(default_factory=list)   # train: the parameter of each returned gradient
+    notes: list[str] = field(default_factory=list)         # assumptions the capture made, for the report
     copied: dict[str, str] = field(default_factory=dict)   # block path -> the block whose trace it copies
     inline_blocks: dict[str, str] = field(default_factory=dict)   # repeated block traced each time -> why
     step: object = None                          # generate mode: capture.generate.Step (prefill or decode)
@@ -330,6 +333,7 @@ def _capture(model: nn.Module, inputs: list[InputSpec], options, hints, fixed, p
             wrt = [params[i] for i in trainable]
             with _torch.backward_meta([loss_value]):
                 grads = torch.autograd.grad(loss_value, wrt, allow_unused=True)
+        grad_params[:] = [param_items[i][0] for i, g in zip(trainable, grads) if g is not None]
         return [loss_value] + [g for g in grads if g is not None]
 
     def generation_step(params, buffers, values):
@@ -347,6 +351,7 @@ def _capture(model: nn.Module, inputs: list[InputSpec], options, hints, fixed, p
         filled["cache"] = gen.returned_cache(model, out, cache)
         return [first_output(out)] + gen.cache_tensors(filled["cache"])
 
+    grad_params: list[str] = []
     fn = generation_step if step is not None else train_step if mode == "train" else inference
     if amp:
         from costmodel.capture.amp import emulate_autocast
@@ -366,11 +371,22 @@ def _capture(model: nn.Module, inputs: list[InputSpec], options, hints, fixed, p
     paths = ModulePaths(model)
     blocks = RepeatedBlocks(model, paths, train=mode == "train", enabled=options.repeated_blocks and repeated,
                             exclude=exclude)
+    checkpointing = options.checkpointing if mode == "train" else "none"
     try:
         with _torch.symbolic_kernels(), _torch.backward_meta_fields(), fake_mode, paths, \
                 fx_traceback.preserve_node_meta(), route_sdpa(), _torch.copied_meta_field(PYTHON_CALL), \
                 _PythonCalls(), eager_decisions(is_input), \
-                balanced_experts(model, options.moe_imbalance), _torch.python_dispatcher(python_dispatcher), blocks:
+                balanced_experts(model, options.moe_imbalance), _torch.python_dispatcher(python_dispatcher), \
+                contextlib.ExitStack() as stack:
+            # --checkpointing blocks/selective: the stand-in of a repeated block wraps its checkpointed
+            # forward, so one block's trace (recomputation included) is copied to the others. ops: the
+            # selective-checkpoint policy keeps outputs a copy does not place alike (a few bytes off),
+            # so the checkpoint wraps the stand-in, which then runs inline under saved-tensor hooks.
+            if checkpointing == "ops":
+                stack.enter_context(blocks)
+            ckpt = stack.enter_context(checkpointed(model, checkpointing))
+            if checkpointing != "ops":
+                stack.enter_context(blocks)
             gm = _torch.trace(fn, params, buffers, values)
         blocks.splice(gm)
     except (CostModelError, Unrepeatable):
@@ -391,7 +407,8 @@ def _capture(model: nn.Module, inputs: list[InputSpec], options, hints, fixed, p
     used_hints = {d: int(sizes[d]) if not isinstance(sizes[d], torch.SymInt) else sizes[d].node.hint
                   for d in dims if d not in fixed}
     captured = Captured(gm, mode, [d for d in dims if d not in fixed], fixed, [], symbol_map, shape_env, roles,
-                        {param_items[i][0] for i in trainable}, used_hints, step=step, module_calls=paths.count)
+                        {param_items[i][0] for i in trainable}, used_hints, step=step, module_calls=paths.count,
+                        grad_params=grad_params)
     captured.copied = blocks.copied()
     captured.inline_blocks = dict(blocks.reasons)
     if step is not None:
@@ -400,6 +417,10 @@ def _capture(model: nn.Module, inputs: list[InputSpec], options, hints, fixed, p
         captured.cache_bytes = sympy.expand(plain(captured.to_user(
             gen.tensor_bytes(gen.cache_tensors(filled["cache"])))))
     captured.guards = _guards(captured)
+    if ckpt is not None and ckpt.mode == "selective" and not ckpt.recomputed_attention:
+        captured.notes.append(f"--checkpointing selective recomputes the scaled_dot_product_attention calls in "
+                              f"the repeated blocks ({ckpt.blocks.parent}.*), but they make none (attention "
+                              "written out as matmuls and softmax?): nothing is recomputed")
     from costmodel.capture.limits import index_limits
     captured.limits = index_limits(captured)
     return captured

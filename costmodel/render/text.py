@@ -79,6 +79,84 @@ def _generation_lines(report: Report, points: list[Point], h, fmt: str) -> list[
     return lines
 
 
+def _parallel_lines(points: list[Point], h, fmt: str) -> list[str]:
+    """Per GPU under parallel training: each pipeline stage's peak and its parts, its compute,
+    exposed communication and bubble; the step time, tokens/s and MFU."""
+    last = points[-1] if points else None
+    if last is None or "ranks" not in last.extra:
+        return []
+    e = last.extra
+    par = e["parallel"]
+    where = ", ".join(f"{d}={x}" for d, x in last.dims.items())
+    degrees = ", ".join(f"{g}={par[g]}" for g in ("dp", "fsdp", "tp", "pp"))
+    extras = [f"zero {par['zero']}" if par["zero"] else "", f"{par['microbatches']} micro-batch{'es' if par['microbatches'] > 1 else ''}",
+              "sequence parallel" if par["sequence_parallel"] else "",
+              f"interleaved x{par['pp_interleave']}" if par["pp_interleave"] > 1 else "",
+              f"checkpointing {par['checkpointing']}" if par["checkpointing"] != "none" else "",
+              "master weights" if par["master_weights"] else ""]
+    lines = [h(f"Per GPU ({par['world_size']} GPUs) at {where}"),
+             f"{degrees}; " + ", ".join(x for x in extras if x) + f"; global batch {par['global_batch']}"]
+    rows = []
+    for r in e["ranks"]:
+        m = r["memory"]
+        rows.append([r["stage"], size(r["peak_memory_bytes"]), size(m.get("params")), size(m.get("grads")),
+                     size(m.get("optimizer_state")), size(m.get("activations")), size(m.get("temporaries")),
+                     duration(r.get("compute_time_s")), duration(r.get("exposed_communication_time_s")),
+                     duration(r.get("bubble_time_s"))])
+    lines.append(tabulate(rows, headers=["stage", "peak", "params", "grads", "optimizer", "activations",
+                                         "temporaries", "compute", "exposed comm", "bubble"], tablefmt=fmt))
+    if e.get("step_time_s") is not None:
+        lines.append(f"step {duration(e['step_time_s'])}, {num(e['tokens_per_s'])} tokens/s, "
+                     f"MFU {(e['mfu'] or 0) * 100:.1f}%")
+    return lines
+
+
+def plan_text(result: dict, top: int, fmt: str = "simple") -> str:
+    """`costmodel plan`: the fitting plans fastest first, then the rejected ones with why."""
+    out = [f"{result['model']} on {result['gpus']} x {result['hardware']} "
+           f"({size(result['capacity_bytes'])} usable each), "
+           + ", ".join(f"{d}={v}" for d, v in result["dims"].items())]
+    rows = []
+    for p in result["plans"][:top]:
+        c = p["parallel"]
+        b = p["breakdown"]
+        rows.append([", ".join(f"{g}={c[g]}" for g in ("dp", "fsdp", "tp", "pp") if c[g] > 1) or "1 GPU",
+                     c["zero"] or "", c["microbatches"], "yes" if c["sequence_parallel"] else "", p["checkpointing"],
+                     size(p["peak_memory_bytes"]), duration(p["step_time_s"]), num(p["tokens_per_s"]),
+                     f"{(p['mfu'] or 0) * 100:.1f}%", duration(b["exposed_communication_s"]),
+                     duration(b["bubble_s"])])
+    out.append(f"\n{len(result['plans'])} plans fit (the fastest {min(top, len(result['plans']))}, by tokens/s):")
+    out.append(tabulate(rows, headers=["parallel", "zero", "micro-batches", "seq. par.", "checkpointing", "peak/GPU",
+                                       "step", "tokens/s", "MFU", "exposed comm", "bubble"], tablefmt=fmt))
+    rejected = result["rejected"]
+    if rejected:
+        out.append(f"\n{len(rejected)} rejected:")
+        shown = rejected[:max(top, 10)]
+        for r in shown:
+            c = r.get("parallel")
+            name = ", ".join(f"{g}={c[g]}" for g in ("dp", "fsdp", "tp", "pp") if c[g] > 1) if c else "any"
+            extra = f", zero {c['zero']}" if c and c["zero"] else ""
+            extra += f", {c['microbatches']} micro-batches" if c and c["microbatches"] > 1 else ""
+            out.append(f"  {name or '1 GPU'}{extra}, checkpointing {r['checkpointing']}: {r['reason']}")
+        if len(rejected) > len(shown):
+            out.append(f"  ... and {len(rejected) - len(shown)} more (--format json lists all)")
+    return "\n".join(out) + "\n"
+
+
+def parallel_validation_text(report: Report, points: list[dict], fmt: str = "simple") -> str:
+    """`validate --parallel`: each rank's measured peak beside its stage's predicted one."""
+    out = [f"{report.model}: {report.options.parallel}, measured on gloo ranks (CPU) against the prediction"]
+    rows = []
+    for p in points:
+        where = ", ".join(f"{d}={v}" for d, v in p["dims"].items())
+        for r in p["ranks"]:
+            rows.append([where, r["rank"], r["stage"], size(r["measured"]["peak_memory_bytes"]),
+                         size(r["predicted"]["peak_memory_bytes"]), signed_pct(r["error_pct"])])
+    out.append(tabulate(rows, headers=["at", "rank", "stage", "measured peak", "predicted peak", "error"],
+                        tablefmt=fmt))
+    return "\n".join(out) + "\n"
+
+
 def _size_not_one(guard) -> bool:
     """PyTorch's contiguity checks assume derived sizes are not 1: true, and noise in a report."""
     e = guard.expr
@@ -152,6 +230,7 @@ def to_table(report: Report, points: list[Point], depth: int | None = 2, top: in
                        f"{(tm['memory_bound_share'] or 0) * 100:.0f}% of the time memory-bound, "
                        f"MFU {(tm['mfu'] or 0) * 100:.0f}%" + (" (TF32 assumed for float32 matmuls)" if tm["tf32"] else ""))
         out.extend(_generation_lines(report, points, h, fmt))
+        out.extend(_parallel_lines(points, h, fmt))
         out.extend(_memory_lines(points, h))
         out.append(h(f"By module (depth {depth}) at {where}" if by == "module" else f"By op at {where}"))
         if by == "module":

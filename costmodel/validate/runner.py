@@ -179,4 +179,6 @@ def build_real(source, name: str, device: str, trust_remote_code: bool = False) 
     except Exception as e:
         raise AnalysisError(f"the factory of {name} raised {type(e).__name__}: {e} while building real weights "
                             f"on {device}") from e
+    if all(t.device.type == torch.device(device).type for t in itertools.chain(module.parameters(), module.buffers())):
+        return module           # already there (and fake tensors, under FakeTensorMode, cannot be swapped)
     return module.to(device)
