@@ -12,6 +12,7 @@ differentiate) and `node.meta["costmodel_phase"]` ("forward", "loss" or "backwar
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import importlib.util
 import inspect
