@@ -17,11 +17,15 @@ def flop_counter_total(factory, inputs: dict[str, tuple[tuple[int, ...], torch.d
     model.train(mode == "train")
     with FakeTensorMode(allow_non_fake_inputs=True):
         values = {n: torch.zeros(shape, dtype=dt, device="meta") for n, (shape, dt) in inputs.items()}
-        counter = FlopCounterMode(display=False)
-        with counter:
-            if mode == "train":
-                first_output(model(**values)).sum().backward()
-            else:
-                with torch.no_grad():
-                    model(**values)
+        return count_step(model, values, mode)
+
+
+def count_step(model, values: dict, mode: str) -> int:
+    """FlopCounterMode's total for one no-grad forward (inference) or forward + backward (train)."""
+    with FlopCounterMode(display=False) as counter:
+        if mode == "train":
+            first_output(model(**values)).sum().backward()
+        else:
+            with torch.no_grad():
+                model(**values)
     return counter.get_total_flops()

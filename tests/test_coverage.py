@@ -13,16 +13,14 @@ from __future__ import annotations
 import pytest
 import sympy
 import torch
-from torch.utils.flop_counter import FlopCounterMode
 
 import costmodel
 from costmodel.validate import meters as memtrack
-from costmodel.capture.loss import first_output
 from costmodel.capture.moe import expert_rows
 from fractions import Fraction
 
 from . import models as M
-from .conftest import flop_counter_total
+from .conftest import count_step, flop_counter_total
 
 TEXT = ["input_ids:int64[batch,seq]"]
 
@@ -34,13 +32,7 @@ def cpu_count(factory, shapes: dict, mode: str, high: int = 64) -> int:
     model.train(mode == "train")
     values = {n: (torch.randint(0, high, shape) if dt == torch.int64 else torch.randn(shape))
               for n, (shape, dt) in shapes.items()}
-    with FlopCounterMode(display=False) as counter:
-        if mode == "train":
-            first_output(model(**values)).sum().backward()
-        else:
-            with torch.no_grad():
-                model(**values)
-    return counter.get_total_flops()
+    return count_step(model, values, mode)
 
 
 def formula_at(report, **dims) -> int:

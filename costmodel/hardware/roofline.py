@@ -115,6 +115,18 @@ def efficiencies(hw: "Hardware", overrides: Mapping[str, float] | None = None) -
     return eff
 
 
+
+def _roofs(hw, eff: dict, category: str, dtype, tf32: bool) -> tuple:
+    """(peak FLOP/s, compute ceiling, bandwidth, memory ceiling, ridge point) of an op category."""
+    tensor_key = _TENSOR_CATEGORIES.get(category)
+    if tensor_key is not None:
+        peak, compute_ceiling = hw.peak_for(dtype, tf32), eff[tensor_key]
+    else:
+        peak, compute_ceiling = hw.vector_flops_per_s, eff["vector"]
+    bandwidth = hw.bandwidth_bytes_per_s
+    memory_ceiling = eff["memory_gather" if category == INDEX else "memory"]
+    return peak, compute_ceiling, bandwidth, memory_ceiling, peak / bandwidth
+
 def op_time(flops, bytes, category: str, dtype: str, hw: "Hardware", tf32: bool = False,
             efficiency: Mapping[str, float] | None = None, kernel: str | None = None,
             features: Mapping[str, float] | None = None) -> OpTime:
@@ -134,14 +146,7 @@ def op_time(flops, bytes, category: str, dtype: str, hw: "Hardware", tf32: bool 
         if measured is not None:
             return measured
     eff = efficiencies(hw, efficiency)
-    tensor_key = _TENSOR_CATEGORIES.get(category)
-    if tensor_key is not None:
-        peak, compute_ceiling = hw.peak_for(dtype, tf32), eff[tensor_key]
-    else:
-        peak, compute_ceiling = hw.vector_flops_per_s, eff["vector"]
-    bandwidth = hw.bandwidth_bytes_per_s
-    memory_ceiling = eff["memory_gather" if category == INDEX else "memory"]
-    ridge = peak / bandwidth
+    peak, compute_ceiling, bandwidth, memory_ceiling, ridge = _roofs(hw, eff, category, dtype, tf32)
     if flops == 0 and bytes == 0:
         # Views, reshapes, empty tensors: no kernel runs, so no launch either.
         return OpTime(0.0, 0.0, 0.0, 0.0, 0.0, 0.0, None, None, peak, ridge, 0.0, 0.0)
@@ -224,14 +229,7 @@ def op_times(flops, bytes, category: str, dtype: str, hw: "Hardware", tf32: bool
     if np.any(flops < 0) or np.any(bytes < 0):
         raise UsageError("op_times needs flops >= 0 and bytes >= 0")
     eff = efficiencies(hw, efficiency)
-    tensor_key = _TENSOR_CATEGORIES.get(category)
-    if tensor_key is not None:
-        peak, compute_ceiling = hw.peak_for(dtype, tf32), eff[tensor_key]
-    else:
-        peak, compute_ceiling = hw.vector_flops_per_s, eff["vector"]
-    bandwidth = hw.bandwidth_bytes_per_s
-    memory_ceiling = eff["memory_gather" if category == INDEX else "memory"]
-    ridge = peak / bandwidth
+    peak, compute_ceiling, bandwidth, memory_ceiling, ridge = _roofs(hw, eff, category, dtype, tf32)
 
     def ramp(ideal, ceiling, ramp_s):
         with np.errstate(divide="ignore", invalid="ignore"):
