@@ -235,21 +235,62 @@ def symbolic_kernels():
         yield
 
 
-def preserve_backward_meta(loss: torch.Tensor) -> None:
-    """Before tracing `torch.autograd.grad(loss, ...)`: have each backward node record the
-    forward op it differentiates (node.meta["seq_nr"]) and that it belongs to the backward.
+@contextlib.contextmanager
+def backward_meta(outputs: list):
+    """Around `torch.autograd.grad(outputs, ...)` in a trace: each backward node records the
+    forward op it differentiates (node.meta["seq_nr"]) and that it belongs to the backward
+    (marked differently by version; `is_backward` reads either), and the engine's gradient
+    accumulations (the sum of a tensor's gradients) are marked node.meta["is_gradient_acc"].
 
-    Wraps `torch._functorch._aot_autograd.logging_utils.setup_stacktrace_preservation_hooks`
-    (hooks on loss's autograd graph, as AOTAutograd installs them). Marking the backward differs
-    by version; `is_backward` reads either."""
-    from torch._functorch._aot_autograd.logging_utils import setup_stacktrace_preservation_hooks
-    setup_stacktrace_preservation_hooks([loss.grad_fn])
+    Wraps `torch._functorch._aot_autograd.logging_utils.setup_stacktrace_preservation_hooks` (hooks
+    on the outputs' autograd graph, as AOTAutograd installs them). Its hook after each grad_fn sets
+    a stack trace ending in GRADIENT_ACC_SPECIAL_STACK, which fx copies into `is_gradient_acc`; its
+    hook before the next grad_fn sets that grad_fn's forward stack trace, empty unless anomaly mode
+    recorded one. Two gaps are closed here, on every version:
+
+    - torch 2.13's `set_stack_trace([])` clears the current trace; 2.11's keeps the old one, so
+      from the first grad_fn on every backward node would be marked an accumulation (and
+      `attribute_modules` would give it the module of its inputs). Each grad_fn also gets
+      `_clear_stale_stack_trace` as a pre-hook after torch's: the 2.13 behaviour on both.
+    - the trace is put back at the end by an engine callback that torch queues once per backward,
+      guarded by the module global `logging_utils.callback_set`; a backward that raises (a failed
+      capture) drops the callback and leaves the flag set for the rest of the process, after
+      which every node made after a backward (the graph's output) would be marked an accumulation.
+      Here the stack trace and the flag are put back as they were on the way out, whatever happens."""
+    from torch._functorch._aot_autograd import logging_utils
+    meta = fx_traceback.get_current_meta()
+    trace_before = meta.get("stack_trace", _ABSENT)
+    flag_before = getattr(logging_utils, "callback_set", _ABSENT)
+    roots = [t.grad_fn for t in outputs if t.grad_fn is not None]
+    logging_utils.setup_stacktrace_preservation_hooks(roots)
+    seen, todo = set(), list(roots)
+    while todo:
+        fn = todo.pop()
+        if fn is None or fn in seen:
+            continue
+        seen.add(fn)
+        if not fn.metadata.get("traceback_"):
+            fn.register_prehook(_clear_stale_stack_trace)
+        todo.extend(f for f, _ in fn.next_functions)
+    try:
+        yield
+    finally:
+        meta = fx_traceback.get_current_meta()
+        if trace_before is _ABSENT:
+            meta.pop("stack_trace", None)
+        else:
+            meta["stack_trace"] = trace_before
+        if flag_before is not _ABSENT:
+            logging_utils.callback_set = flag_before
 
 
-def preserve_backward_meta_of(outputs: list) -> None:
-    """`preserve_backward_meta` for several outputs (the roots of one backward)."""
-    from torch._functorch._aot_autograd.logging_utils import setup_stacktrace_preservation_hooks
-    setup_stacktrace_preservation_hooks([t.grad_fn for t in outputs if t.grad_fn is not None])
+_ABSENT = object()
+
+
+def _clear_stale_stack_trace(grad_outputs) -> None:
+    """Pre-hook of a grad_fn without a recorded forward stack: no stack trace while it runs (see
+    `backward_meta`)."""
+    fx_traceback.get_current_meta().pop("stack_trace", None)
 
 
 @contextlib.contextmanager
@@ -266,11 +307,24 @@ def backward_meta_fields():
            and "in_grad_fn" not in fields)
     if add:
         fields.append("in_grad_fn")
+    _reset_stacktrace_hooks()
     try:
         yield
     finally:
+        _reset_stacktrace_hooks()
         if add:
             fields.remove("in_grad_fn")
+
+
+def _reset_stacktrace_hooks() -> None:
+    """The stack-trace hooks of `preserve_backward_meta` queue, once per backward, an engine callback
+    that puts the stack trace back when the backward ends, and remember in a module global that it is
+    queued. A backward that raised (a capture that failed) never runs it, the global stays set, and
+    every later backward in the process leaves its last stack trace, the one that marks gradient
+    accumulations, on the nodes traced after it. Each capture starts and ends with it cleared."""
+    from torch._functorch._aot_autograd import logging_utils
+    if hasattr(logging_utils, "callback_set"):
+        logging_utils.callback_set = False
 
 
 @contextlib.contextmanager
@@ -356,9 +410,78 @@ def replacement_framework_loc(shape_env, sym) -> object:
 
 def trace(fn, *args):
     """make_fx of `fn` on `args` (fake tensors already), without fx's per-call torch-function
-    metadata mode (the capture records module paths itself)."""
+    metadata mode (the capture records module paths itself), with `data_constants_on_meta` on."""
     from torch.fx.experimental.proxy_tensor import make_fx
-    return make_fx(fn, tracing_mode="real", _disable_torch_fn_metadata_mode=True)(*args)
+    with data_constants_on_meta():
+        return make_fx(fn, tracing_mode="real", _disable_torch_fn_metadata_mode=True)(*args)
+
+
+def _is_meta_device(device) -> bool:
+    if device is None:
+        return False
+    try:
+        return torch.device(device).type == "meta"
+    except (RuntimeError, TypeError):
+        return False
+
+
+def _default_device():
+    get = getattr(torch, "get_default_device", None)
+    return get() if get is not None else None
+
+
+class _DataConstantsOnMeta(torch.overrides.TorchFunctionMode):
+    """See `data_constants_on_meta`."""
+
+    _FROM_DATA = (torch.tensor, torch.as_tensor, torch.asarray)
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = dict(kwargs or {})
+        if func in self._FROM_DATA and args and not isinstance(args[0], torch.Tensor):
+            device = kwargs.get("device")           # keyword-only in all three
+            if _is_meta_device(device if device is not None else _default_device()):
+                kwargs["device"] = "cpu"
+                requires_grad = kwargs.pop("requires_grad", False)
+                kwargs.pop("pin_memory", None)
+                out = func(*args, **kwargs).to("meta")
+                return out.requires_grad_() if requires_grad else out
+        elif func is torch.Tensor.new_tensor and len(args) > 1 and not isinstance(args[1], torch.Tensor):
+            self_, data = args[0], args[1]
+            device = kwargs.get("device", self_.device)
+            if _is_meta_device(device):
+                out = torch.tensor(data, dtype=kwargs.get("dtype") or self_.dtype, device="cpu").to("meta")
+                return out.requires_grad_() if kwargs.get("requires_grad") else out
+        return func(*args, **kwargs)
+
+
+@functools.cache
+def _meta_data_escapes_fake() -> bool:
+    """Whether `torch.tensor(data, device="meta")` under a FakeTensorMode gives a plain meta tensor
+    (see `data_constants_on_meta`); True on torch 2.11 to 2.13. Probed once, with the modes of a
+    capture that may be running set aside."""
+    from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
+    from torch.utils._python_dispatch import _disable_current_modes
+    with _disable_current_modes(), torch._C.DisableTorchFunction(), FakeTensorMode():
+        return not isinstance(torch.tensor(0.0, device="meta"), FakeTensor)
+
+
+def data_constants_on_meta():
+    """Around make_fx on fake meta tensors: a tensor made from Python data on the meta device
+    (`torch.tensor(0.0, device=x.device)`, `torch.as_tensor`, `torch.asarray`, `x.new_tensor`)
+    becomes a graph constant, as it would on any other device.
+
+    On every supported torch version (2.11 to 2.13) the C++ constructor (internal_new_from_data in
+    torch/csrc/utils/tensor_new.cpp) takes a shortcut for the meta device: it returns
+    `at::empty(sizes, device=meta)` with the fake and proxy modes excluded and without the
+    `lift_fresh` through which make_fx and FakeTensorMode see constants, so the result is a plain
+    meta tensor, and the next op fails with "Please convert all Tensors to FakeTensors first".
+    (transformers 5.17's sdpa mask does this, `torch.tensor(0.0, device=mask.device)`; 5.24 uses
+    `torch.zeros((), device=...)`.) Here such a call is made on the CPU and moved to the meta device,
+    which is what the constructor does for every other device: the graph gets
+    `lift_fresh_copy(_tensor_constantN)` and `_to_copy(device=meta)`, with the data. Wraps a
+    `torch.overrides.TorchFunctionMode`; data that is already a tensor is left alone. A no-op
+    context on a torch whose constructor gives a fake tensor there (`_meta_data_escapes_fake`)."""
+    return _DataConstantsOnMeta() if _meta_data_escapes_fake() else contextlib.nullcontext()
 
 
 def trace_plain(fn, *args):
@@ -398,6 +521,33 @@ def tree_map(fn, tree):
 def storage_key(t: torch.Tensor):
     """An identity of a tensor's storage, the same for every view of it (its C pointer)."""
     return t.untyped_storage()._cdata
+
+
+def wrapped_tensors(t: torch.Tensor) -> list[torch.Tensor] | None:
+    """The inner tensors of a traceable wrapper subclass (DTensor's local shard, ...), None for a
+    plain tensor: a wrapper's own storage is empty, its inner tensors hold the bytes
+    (torch.utils._python_dispatch.is_traceable_wrapper_subclass, __tensor_flatten__)."""
+    from torch.utils._python_dispatch import is_traceable_wrapper_subclass
+    if not is_traceable_wrapper_subclass(t):
+        return None
+    names, _ = t.__tensor_flatten__()
+    return [x for x in (getattr(t, n) for n in names) if isinstance(x, torch.Tensor)]
+
+
+@contextlib.contextmanager
+def eager_selective_checkpointing():
+    """Selective activation checkpointing (torch.utils.checkpoint's policies) as eager runs it,
+    while make_fx traces. Under a proxy mode `torch.utils.checkpoint._is_compiling` says True and
+    SAC then keeps every op's output and only tags the graph for the compiler's partitioner to
+    decide; eager PyTorch keeps what the policy saves and recomputes the rest in the backward,
+    which is what the capture must see. Same function name in torch 2.11 to 2.13."""
+    import torch.utils.checkpoint as ckpt
+    original = ckpt._is_compiling
+    ckpt._is_compiling = lambda func, args, kwargs: False
+    try:
+        yield
+    finally:
+        ckpt._is_compiling = original
 
 
 def dispatch_mode_class():

@@ -13,7 +13,7 @@ import torch.fx as fx
 
 from costmodel import _torch
 from costmodel.capture import trace as cap
-from costmodel.capture.blocks import COPY as COPY_OF_BLOCK
+from costmodel.capture.blocks import COPY as COPY_OF_BLOCK, COPY_OF
 from costmodel.rules.cost import CONV, COPY, NORM, POINTWISE, SOFTMAX, VIEW, OpCost
 from costmodel.errors import AnalysisError
 from costmodel.formulas import Evaluator, plain
@@ -100,6 +100,7 @@ def cost_graph(c: cap.Captured, kernels: dict[str, str] | None = None) -> Analys
     ops: list[OpRecord] = []
     unsupported: dict[str, list[str]] = collections.defaultdict(list)
     cache: dict = {}
+    copies: dict = {}
     calls_seen: set = set()
     for node in c.graph.graph.nodes:
         if node.op != "call_function":
@@ -116,25 +117,30 @@ def cost_graph(c: cap.Captured, kernels: dict[str, str] | None = None) -> Analys
         if rule is None:
             unsupported[str(target)].append(module)
             continue
-        args, kwargs, out = _spec(c, node.args), _spec(c, dict(node.kwargs)), _spec(c, node.meta.get("val"))
         kernel = kernels.get(node.name, "math")
-        key = (target, repr(args), repr(kwargs), repr(out), kernel)
-        if key not in cache:
-            extra = {"kernel": kernel} if node.name in kernels else {}
-            try:
-                cost: OpCost = rule(*args, **kwargs, out=out, op=target, **extra)
-            except Exception as e:
-                raise AnalysisError(f"the rule for {target} failed on node {node.format_node()} in {module}: "
-                                    f"{type(e).__name__}: {e}") from e
-            cache[key] = (cost, _op_dtype(args, out))
-        cost, dtype = cache[key]
+        # a copy of a repeated block's node (capture.blocks) has its values' shapes: its cost too
+        source = node.meta.get(COPY_OF)
+        if source is None or (source, kernel) not in copies:
+            args, kwargs, out = _spec(c, node.args), _spec(c, dict(node.kwargs)), _spec(c, node.meta.get("val"))
+            key = (target, repr(args), repr(kwargs), repr(out), kernel)
+            if key not in cache:
+                extra = {"kernel": kernel} if node.name in kernels else {}
+                try:
+                    cost: OpCost = rule(*args, **kwargs, out=out, op=target, **extra)
+                except Exception as e:
+                    raise AnalysisError(f"the rule for {target} failed on node {node.format_node()} in {module}: "
+                                        f"{type(e).__name__}: {e}") from e
+                cache[key] = (cost, _op_dtype(args, out),
+                              {"flops": sympy.sympify(cost.flops), "matmul_flops": sympy.sympify(cost.matmul_flops),
+                               "bytes_read": sympy.sympify(cost.bytes_read),
+                               "bytes_written": sympy.sympify(cost.bytes_written),
+                               "bytes": sympy.sympify(cost.bytes)})
+            if source is not None:
+                copies[(source, kernel)] = cache[key]
+        cost, dtype, formulas = copies[(source, kernel)] if source is not None else cache[key]
         kernel_class, features = _timing_class(c, node, cost, kernel, calls_seen)
         ops.append(OpRecord(node.name, str(target), module, node.meta.get("costmodel_phase", "forward"),
-                            cost.category, dtype,
-                            {"flops": sympy.sympify(cost.flops), "matmul_flops": sympy.sympify(cost.matmul_flops),
-                             "bytes_read": sympy.sympify(cost.bytes_read),
-                             "bytes_written": sympy.sympify(cost.bytes_written),
-                             "bytes": sympy.sympify(cost.bytes)}, kernel_class, features,
+                            cost.category, dtype, dict(formulas), kernel_class, features,
                             *_storages(c, node, cost.category)))
     analysis = Analysis(c, ops, dict(unsupported), kernels=dict(kernels))
     analysis.totals = totals_of(ops)

@@ -205,8 +205,9 @@ class Report:
 
     def __init__(self, model: str, inputs: list[InputSpec], loaded: cap.LoadedModel, first: Analysis,
                  options: Options, device_kind: str, hardware: list | None = None, capability: str = "",
-                 defaulted: dict[str, int] | None = None):
+                 defaulted: dict[str, int] | None = None, step=None):
         self.model, self.inputs, self.options = model, inputs, options
+        self.step = step         # generate mode: the forward each capture traces (capture.generate.Step)
         self.params, self.param_bytes = params_of(loaded.module)
         self._loaded = loaded
         self.analyses = [first]
@@ -220,7 +221,8 @@ class Report:
         self._interpolation = False          # not computed yet (None: computed, nothing to interpolate)
         self.warnings: list[str] = []       # assumptions and fallbacks, in the order they were made
         self.defaulted = dict(defaulted or {})   # dimensions given the model's default size (no --dim value)
-        self.dims = list(dict.fromkeys(d for s in inputs + list(options.targets) for d in s.dim_names))
+        self.dims = list(dict.fromkeys([d for s in inputs + list(options.targets) for d in s.dim_names]
+                                       + (step.extra_dims if step is not None else [])))
 
     # the options, by name (read-only)
     mode = property(lambda self: self.options.mode)
@@ -293,7 +295,7 @@ class Report:
         """A capture with `values` fixed and the other dimensions symbolic."""
         analysis = _analyze_once(self._loaded, self.inputs, self.options, self.device_kind, capability=self.capability,
                                  hints={d: v for d, v in self.primary.captured.hints.items() if d not in values},
-                                 fixed=dict(values))
+                                 fixed=dict(values), step=self.step)
         self.analyses.append(analysis)
         return analysis
 
@@ -403,13 +405,27 @@ class Report:
 
         totals["time_s"] = None
         model = self.memory_model(analysis=analysis)
-        m = model.evaluate(values)
+        if self.options.parallel_training:
+            par = self.parallel_memory(analysis=analysis)
+            stage, m, per_stage = par.largest(values)
+        else:
+            m = model.evaluate(values)
         totals["peak_memory_bytes"] = m.peak_bytes
         totals["memory"] = m.breakdown
         result = Point(point, totals, analysis, op_values, self)
         result.extra["memory"] = m.extra(model)
+        if self.options.parallel_training:
+            from costmodel.memory.parallel import point_extra
+            result.extra.update(point_extra(par, per_stage, point))
         if self.hardware:
             result.apply_timing(self.hardware[0], self.tf32)
+            if self.options.parallel_training and self.options.mode == "train":
+                from costmodel.hardware.parallel_step import parallel_step
+                timing = parallel_step(result, par, self.hardware[0], self.tf32)
+                for rank, t in zip(result.extra["ranks"], timing.pop("ranks")):
+                    rank.update(t)
+                result.extra.update(timing)
+                result.totals["time_s"] = timing["step_time_s"]
         return result
 
     # --- memory ---------------------------------------------------------------------------------
@@ -445,8 +461,34 @@ class Report:
         return fit(self, hw, dim, dims, capacity_bytes)
 
     def memory_formula(self, device=None) -> sympy.Expr:
-        """Peak memory bytes as a formula in the dimensions: Max(...) over the candidate peaks."""
+        """Peak memory bytes as a formula in the dimensions: Max(...) over the candidate peaks (per
+        GPU under parallel training: the largest pipeline stage's)."""
+        if self.options.parallel_training:
+            return self.parallel_memory(device).peak
         return self.memory_model(device).peak
+
+    def parallel_memory(self, device=None, analysis: Analysis | None = None):
+        """The per-GPU memory of the report's parallel configuration (memory.parallel.ParallelMemory:
+        one memory model per pipeline stage), built once per capture and device kind."""
+        from costmodel.capture.checkpointing import find_blocks
+        from costmodel.memory import parallel
+        analysis = analysis or self.primary
+        kind = self.memory_device(device)
+        key = ("parallel", id(analysis), kind)
+        if key not in self._memory:
+            base = self.memory_model(device, analysis)
+            blocks = find_blocks(self._loaded.module)
+            self._memory[key] = parallel.build(base, analysis.captured, blocks, self.options)
+            for note in self._memory[key].warnings:
+                self.warn(note)
+        return self._memory[key]
+
+    def ranks_at(self, dims: dict[str, int], device=None) -> list[memory.MemoryPoint]:
+        """Each pipeline stage's memory at one point (one entry without pp)."""
+        point = self._complete(dict(dims))
+        analysis = self._analysis_for(point)
+        values = {d: point[d] for d in analysis.captured.dims}
+        return self.parallel_memory(device, analysis).evaluate(values)
 
     def memory_at(self, dims: dict[str, int], device=None, quiet: bool = False) -> memory.MemoryPoint:
         """Peak memory at one point, for a device kind ("cuda", "cpu", a Hardware); faster than
@@ -454,7 +496,10 @@ class Report:
         without a warning)."""
         point = self._complete(dict(dims))
         analysis = self._analysis_for(point, quiet=quiet)
-        return self.memory_model(device, analysis).evaluate({d: point[d] for d in analysis.captured.dims})
+        values = {d: point[d] for d in analysis.captured.dims}
+        if self.options.parallel_training:
+            return self.parallel_memory(device, analysis).largest(values)[1]
+        return self.memory_model(device, analysis).evaluate(values)
 
     def points(self, sweep: dict[str, list[int]]) -> list[Point]:
         """Evaluate at every point of the cartesian product of the value lists."""
@@ -472,6 +517,11 @@ class Report:
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
                 raise UsageError(f"dimension {d}={v!r} must be a positive integer")
         return dict(dims)
+
+    @property
+    def default_sizes(self) -> dict[str, int]:
+        """Sizes of the dimensions a user gives no value (the model's defaults: zoo and configs)."""
+        return dict(self._loaded.default_dims)
 
     # --- limits, recaptures and warnings ---------------------------------------------------------
 
@@ -518,8 +568,7 @@ class Report:
                       "capturing that point separately")
         try:
             analysis = _analyze_once(self._loaded, self.inputs, self.options, self.device_kind, capability=self.capability,
-                                     hints=point,
-                                     fixed=_pins(self.primary, point))
+                                     hints=point, fixed=_pins(self.primary, point), step=self.step)
         except AnalysisError as e:
             where = ", ".join(f"{d}={v}" for d, v in point.items())
             assumed = f"; the symbolic capture assumed {why}" if failed else ""
@@ -544,13 +593,13 @@ def _truncate(module: str, depth: int | None) -> str:
 
 def _analyze_once(loaded: cap.LoadedModel, inputs: list[InputSpec], options: Options, device_kind: str,
                   hints: dict[str, int] | None = None, fixed: dict[str, int] | None = None,
-                  capability: str = "") -> Analysis:
+                  capability: str = "", step=None) -> Analysis:
     """One capture, its attention kernels on `device_kind` (of compute `capability`), the costs of
-    every op (and the optimizer)."""
-    captured = cap.capture(loaded.module, inputs, options, hints=hints, fixed=fixed)
+    every op (and the optimizer). `step`: generate mode's prefill or decode (capture.generate.Step)."""
+    captured = cap.capture(loaded.module, inputs, options, hints=hints, fixed=fixed, step=step)
     kernels, notes = attention_kernels(captured.graph.graph, options.attention, device_kind, capability)
     analysis = cost_graph(captured, kernels)
-    analysis.notes = notes
+    analysis.notes = captured.notes + notes
     if options.mode == "train":
         analysis.ops.extend(optimizer_ops(loaded.module, captured.trainable, options.optimizer, cap.ROOT))
         analysis.totals = totals_of(analysis.ops)
@@ -562,7 +611,9 @@ def analyze(model, inputs: list[str] | None = None, mode: str = "inference", dty
             dims: dict[str, list[int] | int] | None = None, hardware=None, tf32: bool = False,
             complete: bool = False, amp: bool | str = False, device: str | None = None,
             trust_remote_code: bool = False, moe_imbalance: float = 1, targets: list[str] | None = None,
-            repeated_blocks: bool = True) -> Report:
+            kv_dtype: str | None = None, parallel=None, zero: int = 0, microbatches: int = 1,
+            sequence_parallel: bool = False, pp_interleave: int = 1, checkpointing: str = "none",
+            master_weights: bool = False, repeated_blocks: bool = True) -> Report:
     """Capture `model` (zoo name, "hf:ORG/NAME", a config.json or its directory, "file.py:FUNC",
     "pkg.mod:FUNC", a factory or an nn.Module) with symbolic dimensions and cost every op. `inputs`
     are specs such as "input_ids:int64[batch,seq]" (zoo models and Hugging Face configs bring
@@ -579,16 +630,33 @@ def analyze(model, inputs: list[str] | None = None, mode: str = "inference", dty
     dropout masks); default the first `hardware` device's kind, else "cuda". `moe_imbalance`:
     mixture-of-experts layers route tokens evenly (1) or with the busiest expert taking this many
     times the mean (see capture.moe). `trust_remote_code=True` lets a Hugging Face config's auto_map
-    code run (the repository's own model classes); off by default. `repeated_blocks=False` traces
+    code run (the repository's own model classes); off by default.
+    Parallel training (train mode; see memory/parallel.py): `parallel` ("dp=2,fsdp=4,tp=2,pp=2" or a
+    dict), `zero` (0, 1, 2 over dp), `microbatches`, `sequence_parallel`, `pp_interleave`;
+    `checkpointing` ("none", "blocks", "selective", "ops": capture/checkpointing.py) is applied to
+    the model's repeated blocks before capture; `master_weights`: float16/bfloat16 weights with
+    float32 master weights and optimizer state. Peak memory is then per GPU, that of the rank with
+    the largest peak (`Report.ranks_at` gives every pipeline stage's). `repeated_blocks=False` traces
     every block of a deep model instead of tracing each distinct block once and copying it
-    (capture.blocks; the result is the same, only slower)."""
+    (capture.blocks; the result is the same, only slower).
+    `mode="generate"`: a prefill over `input_ids[batch, prompt]`, then `gen` decode steps on a KV cache
+    (stored in `kv_dtype`, default `dtype`); see costmodel.generation. The Report is a GenerateReport."""
     options = Options.make(mode=mode, dtype=dtype, optimizer=optimizer, attention=attention, loss=loss, amp=amp,
                            device=device, moe_imbalance=moe_imbalance, targets=targets or (),
-                           trust_remote_code=trust_remote_code, tf32=tf32, repeated_blocks=repeated_blocks)
+                           trust_remote_code=trust_remote_code, tf32=tf32, kv_dtype=kv_dtype, parallel=parallel,
+                           zero=zero, microbatches=microbatches, sequence_parallel=sequence_parallel,
+                           pp_interleave=pp_interleave, checkpointing=checkpointing, master_weights=master_weights,
+                           repeated_blocks=repeated_blocks)
     devices = _hardware_list(hardware)
     kind = options.device or (memory.device_kind(devices[0]) if devices else "cuda")
     loaded = cap.load_model(model, options.dtype, trust_remote_code=options.trust_remote_code)
     specs = [parse_input(s) if isinstance(s, str) else s for s in (inputs or [])] or loaded.inputs
+    default_dims = dict(loaded.default_dims)
+    if options.mode == "generate":
+        from costmodel import generation
+        given = [parse_input(s) if isinstance(s, str) else s for s in (inputs or [])]
+        specs = generation.generation_inputs(given, loaded.inputs)
+        default_dims = generation.default_dims(loaded.default_dims)
     if not specs and loaded.no_inputs:
         raise UsageError(f"model {loaded.name} has no default inputs: {loaded.no_inputs}")
     if not specs:
@@ -602,7 +670,7 @@ def analyze(model, inputs: list[str] | None = None, mode: str = "inference", dty
     specs = [_cast_input(s, options.dtype) for s in specs]
     every = specs + list(options.targets)
     dims = {d: (v if isinstance(v, list) else [v]) for d, v in (dims or {}).items()}
-    used = list(dict.fromkeys(d for s in every for d in s.dim_names))
+    used = list(dict.fromkeys([d for s in every for d in s.dim_names] + (["gen"] if options.mode == "generate" else [])))
     for d in dims:
         if d not in used:
             raise _not_a_dimension(d, every)
@@ -610,7 +678,7 @@ def analyze(model, inputs: list[str] | None = None, mode: str = "inference", dty
     missing = [d for d in used if d not in valued]
     defaulted = {}
     if complete and valued and missing:
-        defaulted = {d: loaded.default_dims[d] for d in missing if d in loaded.default_dims}
+        defaulted = {d: default_dims[d] for d in missing if d in default_dims}
         still = [d for d in missing if d not in defaulted]
         if still:
             raise _no_value(still[0], every, ", or give no values at all for formulas only")
@@ -618,8 +686,14 @@ def analyze(model, inputs: list[str] | None = None, mode: str = "inference", dty
     hints = {d: next((v for v in vs if v >= 2), None) for d, vs in dims.items()}
     hints = {d: v for d, v in hints.items() if v is not None}
     capability = devices[0].compute_capability if devices and kind == memory.device_kind(devices[0]) else ""
-    first = _first_analysis(loaded, specs, options, kind, hints, capability)
     name = model if isinstance(model, str) else loaded.name
+    if options.mode == "generate":
+        report = generation.analyze_generation(loaded, name, specs, options, kind, devices, capability, hints,
+                                               defaulted)
+        for d, v in defaulted.items():
+            report.warn(f"no value given for {d}: using {name}'s default {d}={v}")
+        return report
+    first = _first_analysis(loaded, specs, options, kind, hints, capability)
     report = Report(name, specs, loaded, first, options, kind, devices, capability, defaulted)
     for note in first.notes:
         report.warn(note)
@@ -644,20 +718,21 @@ _LARGER_HINTS = (16, 256)     # retries of a failed capture at larger sizes of t
 
 
 def _first_analysis(loaded: cap.LoadedModel, specs: list[InputSpec], options: Options, kind: str,
-                    hints: dict[str, int], capability: str = "") -> Analysis:
+                    hints: dict[str, int], capability: str = "", step=None) -> Analysis:
     """The symbolic capture. Dimensions the user gave no value for are traced at default sizes; a
     model that cannot run that small (a conv stack longer than 72 samples) is tried again at larger
     ones. A failure says which sizes it was captured at and what the config declares for them."""
-    dims = list(dict.fromkeys(d for s in specs + list(options.targets) for d in s.dim_names))
+    dims = list(dict.fromkeys([d for s in specs + list(options.targets) for d in s.dim_names]
+                              + (step.extra_dims if step is not None else [])))
     free = [d for d in dims if d not in hints and "batch" not in d.lower()]
     try:
-        return _analyze_once(loaded, specs, options, kind, hints=hints, capability=capability)
+        return _analyze_once(loaded, specs, options, kind, hints=hints, capability=capability, step=step)
     except AnalysisError as first_error:
         error = first_error
     for factor in _LARGER_HINTS if free else ():
         larger = {**hints, **{d: cap.default_hint(d, dims.index(d)) * factor for d in free}}
         try:
-            return _analyze_once(loaded, specs, options, kind, hints=larger, capability=capability)
+            return _analyze_once(loaded, specs, options, kind, hints=larger, capability=capability, step=step)
         except AnalysisError:
             continue
     used = {d: hints.get(d, cap.default_hint(d, i)) for i, d in enumerate(dims)}

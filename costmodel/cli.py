@@ -6,6 +6,7 @@ Exit codes: 0 success, 1 the analysis failed, 2 bad usage. Results on stdout, wa
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import sys
@@ -16,7 +17,7 @@ import warnings
 from costmodel.capture.loss import LOSSES
 from costmodel.capture.specs import MODEL_DTYPES, parse_dims, parse_size
 from costmodel.errors import CostModelError, UsageError
-from costmodel.options import DEVICE_KINDS, MODES
+from costmodel.options import DEVICE_KINDS, KV_DTYPES, MODES
 from costmodel.rules.attention import ATTENTION_CHOICES
 from costmodel.rules.optimizer import OPTIMIZERS
 
@@ -30,7 +31,12 @@ EXAMPLES = """examples:
   costmodel analyze hf:meta-llama/Meta-Llama-3-8B --dim batch=1 --dim seq=8192 --hw h100-sxm
   costmodel analyze my_models.py:classifier --mode train --loss cross-entropy --target "labels:int64[batch]" --dim batch=32
   costmodel fit llama-2-7b --hw a100-80gb --max seq --dim batch=1
+  costmodel analyze llama-2-7b --mode generate --dtype bfloat16 --dim batch=1,64 --dim prompt=4096 --dim gen=128 --hw a100-80gb
+  costmodel fit llama-2-7b --mode generate --dtype bfloat16 --hw a100-80gb --max batch --dim prompt=4096 --dim gen=128
   costmodel validate gpt2 --device cpu --dim batch=1 --dim seq=128,256,512
+  costmodel analyze llama-2-7b --mode train --dtype bfloat16 --dim batch=1 --dim seq=4096 --hw a100-80gb --parallel fsdp=8 --checkpointing selective
+  costmodel plan llama-2-7b --hw a100-80gb --gpus 8 --dim batch=1 --dim seq=4096
+  costmodel validate my_models.py:build --mode train --device cpu --dim batch=2 --dim seq=256 --parallel fsdp=2
   costmodel hardware show h100-sxm
 """
 
@@ -58,7 +64,9 @@ def _model_args(p: argparse.ArgumentParser) -> None:
                         "--loss cross-entropy (language models default to their next token)")
     p.add_argument("--dim", action="append", default=[], metavar="NAME=V[,V...]",
                    help="value(s) of a named dimension; a comma list is a sweep")
-    p.add_argument("--mode", default="inference", choices=MODES, help="default: inference")
+    p.add_argument("--mode", default="inference", choices=MODES,
+                   help="default: inference; generate: a prefill of `prompt` tokens, then `gen` decode steps with a "
+                        "KV cache (dimensions batch, prompt, gen)")
     p.add_argument("--dtype", default="float32", choices=MODEL_DTYPES, help="default: float32")
     p.add_argument("--optimizer", default="adamw", choices=OPTIMIZERS, help="train mode; default: adamw")
     p.add_argument("--amp", action="store_true",
@@ -69,9 +77,41 @@ def _model_args(p: argparse.ArgumentParser) -> None:
                    help="train mode: sum of the first output (default), or cross-entropy against --target")
     p.add_argument("--moe-imbalance", type=float, default=1.0, metavar="F",
                    help="mixture-of-experts: the busiest expert's load over the mean (default: 1, balanced)")
+    p.add_argument("--kv-dtype", default=None, choices=KV_DTYPES,
+                   help="--mode generate: the KV cache's dtype (default: --dtype)")
     p.add_argument("--format", default="table", choices=FORMATS, help="default: table")
     p.add_argument("--trust-remote-code", action="store_true",
                    help="let a Hugging Face config's auto_map run the repository's Python code (off by default)")
+
+
+def _parallel_args(p: argparse.ArgumentParser, plan: bool = False) -> None:
+    from costmodel.capture.checkpointing import CHECKPOINTING
+    g = p.add_argument_group("parallel training (--mode train)")
+    if not plan:
+        g.add_argument("--parallel", metavar="dp=N,fsdp=N,tp=N,pp=N",
+                       help="degrees (any subset; default 1); world size = their product")
+        g.add_argument("--zero", type=int, default=0, choices=(0, 1, 2),
+                       help="ZeRO sharding over dp: 1 optimizer state, 2 and gradients; default: 0")
+        g.add_argument("--microbatches", type=int, default=1, metavar="M",
+                       help="gradient-accumulation / pipeline micro-batches per step; default: 1")
+        g.add_argument("--sequence-parallel", action="store_true",
+                       help="with tp: Megatron sequence parallelism (norms and dropout sharded over tp)")
+        g.add_argument("--pp-interleave", type=int, default=1, metavar="V",
+                       help="with pp: model chunks per stage (interleaved 1F1B); default: 1")
+        g.add_argument("--checkpointing", default="none", choices=CHECKPOINTING,
+                       help="activation checkpointing of the repeated blocks: blocks = full recomputation, "
+                            "selective = Megatron's (attention core), ops = keep matmul outputs; default: none")
+    g.add_argument("--master-weights", action="store_true",
+                   help="float16/bfloat16 weights with float32 master weights, gradients and optimizer state "
+                        "(Megatron-LM's mixed precision; with fsdp: MixedPrecisionPolicy)")
+
+
+def _parallel_kwargs(args) -> dict:
+    return {"parallel": getattr(args, "parallel", None), "zero": getattr(args, "zero", 0),
+            "microbatches": getattr(args, "microbatches", 1),
+            "sequence_parallel": getattr(args, "sequence_parallel", False),
+            "pp_interleave": getattr(args, "pp_interleave", 1), "checkpointing": getattr(args, "checkpointing", "none"),
+            "master_weights": getattr(args, "master_weights", False)}
 
 
 def _device_arg(p: argparse.ArgumentParser, required: bool = False, help: str | None = None) -> None:
@@ -95,6 +135,7 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--depth", type=int, default=2, help="module path components in the roll-up; default: 2")
     a.add_argument("--top", type=int, default=10, help="rows in the top-ops table; default: 10")
     a.add_argument("--plot", help="write a roofline chart (PNG/SVG/PDF) of the last point on the first --hw")
+    _parallel_args(a)
 
     f = _sub(sub, "fit", "largest value of a dimension whose peak memory fits a device")
     _model_args(f)
@@ -103,6 +144,20 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--max", required=True, metavar="DIM", help="the dimension to maximise")
     f.add_argument("--capacity", help="usable memory: bytes or with a unit (10GB, 80GiB, 500MiB); default: the "
                                       "device's, less the CUDA context and fragmentation reserve")
+    _parallel_args(f)
+
+    pl = _sub(sub, "plan", "the ways to train on N GPUs (dp x fsdp x tp x pp, ZeRO, checkpointing, micro-batches): "
+                           "those that fit, fastest first")
+    _model_args(pl)
+    pl.set_defaults(mode="train")
+    pl.add_argument("--hw", required=True, help="device name or .toml path (its memory and interconnect)")
+    pl.add_argument("--gpus", type=int, required=True, help="number of GPUs")
+    pl.add_argument("--top", type=int, default=10, help="plans listed; default: 10")
+    pl.add_argument("--capacity", help="usable memory per GPU: bytes or with a unit; default: the device's, less "
+                                       "the CUDA context and fragmentation reserve")
+    pl.add_argument("--checkpointing", default="none,selective,blocks",
+                    help="checkpointing modes tried, comma separated; default: none,selective,blocks")
+    _parallel_args(pl, plan=True)
 
     v = _sub(sub, "validate", "run the real model at several sizes and compare with the prediction")
     _model_args(v)
@@ -111,6 +166,7 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--plot", help="write a log-log plot of measured vs predicted (PNG/SVG/PDF)")
     v.add_argument("--repeats", type=int, default=5,
                    help="timed steps per point, at least (more while under half a second); default: 5")
+    _parallel_args(v)
 
     h = _sub(sub, "hardware", "the device catalog")
     hs = h.add_subparsers(dest="hw_command", parser_class=_Parser)
@@ -217,7 +273,8 @@ def _analyze(args, dims: dict[str, list[int]], hardware=None, complete: bool = T
                        optimizer=args.optimizer, attention=args.attention, loss=args.loss, dims=dims,
                        hardware=hardware, tf32=getattr(args, "tf32", False), complete=complete, amp=args.amp,
                        device=getattr(args, "device", None), trust_remote_code=args.trust_remote_code,
-                       moe_imbalance=args.moe_imbalance, targets=args.target or None)
+                       moe_imbalance=args.moe_imbalance, targets=args.target or None, kv_dtype=args.kv_dtype,
+                       **_parallel_kwargs(args))
 
 
 def cmd_analyze(args) -> str:
@@ -238,7 +295,10 @@ def cmd_analyze(args) -> str:
         if not points or not rep.hardware:
             raise UsageError("--plot draws a roofline of a concrete point on a device: give --dim values and --hw")
         from costmodel.render.roofline_plot import point_roofline_plot
-        point_roofline_plot(rep, points[-1], args.plot)
+        if rep.mode == "generate":       # the decode step at the last context: what a token costs
+            point_roofline_plot(rep.decode, points[-1].decode_point(), args.plot)
+        else:
+            point_roofline_plot(rep, points[-1], args.plot)
     comparison = points[-1].compare(rep.hardware) if points and len(rep.hardware) > 1 else None
     if args.format == "json":
         out = json.loads(json_render.to_json(rep, points, args.depth))
@@ -251,7 +311,8 @@ def cmd_analyze(args) -> str:
     if comparison:
         out += text.comparison_text(comparison)
     if args.plot:
-        out += f"\nroofline chart written to {args.plot}\n"
+        what = "of the last decode step " if rep.mode == "generate" else ""
+        out += f"\nroofline chart {what}written to {args.plot}\n"
     return out
 
 
@@ -270,7 +331,7 @@ def cmd_fit(args) -> str:
         fixed[d] = v[0]
     hw = load_hardware(args.hw)
     rep = _analyze(args, {d: [v] for d, v in fixed.items()}, hardware=hw, complete=False)
-    fixed = {**{d: v for d, v in getattr(rep._loaded, "default_dims", {}).items()
+    fixed = {**{d: v for d, v in rep.default_sizes.items()
                 if d in rep.dims and d != args.max and d not in fixed}, **fixed}
     capacity = parse_size(args.capacity, "--capacity") if args.capacity else None
     with _Progress(f"searching the largest {args.max} that fits"):
@@ -278,6 +339,57 @@ def cmd_fit(args) -> str:
     if args.format == "json":
         return json.dumps(result, indent=2, default=str)
     return fit_text(rep, hw, result)
+
+
+def cmd_plan(args) -> str:
+    from costmodel.plan import plan
+    from costmodel.render.text import plan_text
+    if args.mode != "train":
+        raise UsageError(f"plan lays out a training step; it takes --mode train, got --mode {args.mode}")
+    if args.format not in ("table", "json", "markdown"):
+        raise UsageError(f"plan prints a table, Markdown or JSON; got --format {args.format}")
+    if args.top < 1:
+        raise UsageError(f"--top must be >= 1; got {args.top}")
+    from costmodel.capture.checkpointing import check
+    modes = tuple(check(m.strip()) for m in args.checkpointing.split(",") if m.strip())
+    dims = {}
+    for d, v in parse_dims(args.dim).items():
+        if len(v) != 1:
+            raise UsageError(f"plan takes one value per dimension; got --dim {d}={','.join(map(str, v))}")
+        dims[d] = v[0]
+    capacity = parse_size(args.capacity, "--capacity") if args.capacity else None
+    progress = _Progress("planning")
+    with progress:
+        result = plan(args.model, hardware=args.hw, gpus=args.gpus, dims=dims, inputs=args.input or None,
+                      dtype=args.dtype, optimizer=args.optimizer, attention=args.attention, loss=args.loss,
+                      amp=args.amp, targets=args.target or None, master_weights=args.master_weights,
+                      checkpointing=modes, capacity_bytes=capacity, trust_remote_code=args.trust_remote_code)
+    if args.format == "json":
+        return json.dumps(result, indent=2, default=str)
+    return plan_text(result, args.top, "github" if args.format == "markdown" else "simple")
+
+
+def _validate_parallel(args, dims: dict[str, list[int]]) -> str:
+    from costmodel.api import analyze
+    from costmodel.validate.distributed import compare
+    if args.device != "cpu":
+        raise UsageError("validate --parallel runs gloo ranks on the CPU; it takes --device cpu")
+    if args.mode != "train":
+        raise UsageError(f"validate --parallel runs a training step; it takes --mode train, got --mode {args.mode}")
+    names = list(dims)
+    points = [dict(zip(names, values)) for values in itertools.product(*(dims[d] for d in names))]
+    report = analyze(args.model, inputs=args.input or None, mode="train", dtype=args.dtype, optimizer=args.optimizer,
+                     attention=args.attention, loss=args.loss, device="cpu", trust_remote_code=args.trust_remote_code,
+                     targets=args.target or None, **_parallel_kwargs(args))
+    out = []
+    for point in points:
+        with _Progress(f"running {report.options.parallel} at {point}"):
+            ranks = compare(report, point)
+        out.append({"dims": point, "ranks": [r.to_dict() for r in ranks]})
+    if args.format == "json":
+        return json.dumps({"parallel": str(report.options.parallel), "points": out}, indent=2)
+    from costmodel.render.text import parallel_validation_text
+    return parallel_validation_text(report, out, "github" if args.format == "markdown" else "simple")
 
 
 def cmd_validate(args) -> str:
@@ -289,13 +401,15 @@ def cmd_validate(args) -> str:
     dims = parse_dims(args.dim)
     if not dims:
         raise UsageError("validate needs the sizes to run at: --dim NAME=V1,V2,... (e.g. --dim seq=128,256,512)")
+    if args.parallel or args.zero or args.microbatches != 1 or args.checkpointing != "none" or args.master_weights:
+        return _validate_parallel(args, dims)
     if args.plot:
         from costmodel.render.validation_plot import check_plot_path
         check_plot_path(args.plot)
     result = validate(args.model, inputs=args.input or None, dims=dims, device=args.device, mode=args.mode,
                       dtype=args.dtype, optimizer=args.optimizer, attention=args.attention, loss=args.loss,
                       amp=args.amp, hardware=args.hw, repeats=args.repeats, progress=args.format != "json",
-                      trust_remote_code=args.trust_remote_code, targets=args.target or None)
+                      trust_remote_code=args.trust_remote_code, targets=args.target or None, kv_dtype=args.kv_dtype)
     if args.plot:
         from costmodel.render.validation_plot import validation_plot
         validation_plot(result, args.plot)
@@ -346,8 +460,8 @@ def cmd_zoo(args) -> str:
     return zoo_text(ZOO.values())
 
 
-COMMANDS = {"analyze": cmd_analyze, "fit": cmd_fit, "validate": cmd_validate, "hardware": cmd_hardware,
-            "zoo": cmd_zoo}
+COMMANDS = {"analyze": cmd_analyze, "fit": cmd_fit, "plan": cmd_plan, "validate": cmd_validate,
+            "hardware": cmd_hardware, "zoo": cmd_zoo}
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -4,6 +4,7 @@
 #
 #   scripts/gpu_check.sh [OUT_DIR] [gpu_check.py options]     # e.g. scripts/gpu_check.sh out --hw h200
 #   scripts/gpu_check.sh /tmp/gc --dry-run                    # the pipeline on the CPU, tiny models
+#   scripts/gpu_check.sh --dry-run                            # the same, into gpu_check_out
 #   scripts/gpu_check.sh out --suite time                     # time MAPE and exponents, six architectures
 #
 # Kept under 8 minutes on one H100/H200: the GPU tests get 90 s, gpu_check.py starts no run after
@@ -11,8 +12,8 @@
 # come out: gpu_check.json, gpu_check.md, gpu_check_plots.pdf, pytest_cuda.txt (and a calibration).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-OUT="${1:-gpu_check_out}"
-shift || true
+OUT=gpu_check_out                                           # OUT_DIR may be left out: `gpu_check.sh --dry-run`
+if [[ $# -gt 0 && "$1" != -* ]]; then OUT="$1"; shift; fi
 export KINETO_LOG_LEVEL="${KINETO_LOG_LEVEL:-5}"         # the profiler's native log, off
 export PYTHONUNBUFFERED=1                                  # progress shows even if the command is cut off
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"        # no install needed: the checkout is the package

@@ -27,7 +27,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 import torch  # noqa: E402
 
 import costmodel  # noqa: E402
-from costmodel import memtrack  # noqa: E402
+from costmodel.validate import meters as memtrack  # noqa: E402
 from costmodel.capture.zoo import hf_factory  # noqa: E402
 
 SMALL = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,

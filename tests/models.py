@@ -22,6 +22,10 @@ tiny_vit = _hf("ViTModel", "ViTConfig", hidden_size=64, intermediate_size=128, n
 tiny_resnet = _hf("ResNetForImageClassification", "ResNetConfig", attention=None, embedding_size=16,
                   hidden_sizes=[16, 32], depths=[1, 1], layer_type="bottleneck", num_labels=10)
 tiny_gpt2 = _hf("GPT2LMHeadModel", "GPT2Config", n_embd=64, n_layer=2, n_head=4, vocab_size=256, n_positions=512)
+# Mistral-style GQA decoder whose layers attend to a sliding window of 8 tokens (the cache keeps 7)
+tiny_mistral_window = _hf("MistralForCausalLM", "MistralConfig", hidden_size=64, intermediate_size=128,
+                          num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, vocab_size=256,
+                          max_position_embeddings=512, sliding_window=8)
 
 
 class SDPABlock(nn.Module):

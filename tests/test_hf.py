@@ -35,6 +35,19 @@ TINY_LLAMA_PARAMS = 73_984 + 32_768 + 64         # 106,816
 # matmuls per token: 2 layers * 2 * 36,864 (the linear weights) + LM head 2 * 64*256 = 180,224;
 # attention per layer: scores and weighted sum, 2 * 2 * heads 4 * head_dim 16 = 256 per (token, token)
 TINY_LLAMA_MATMUL = 512 * b * s**2 + 180_224 * b * s
+# + the rotary embedding's angles, where transformers computes them as a product: 5.17's
+# LlamaRotaryEmbedding does inv_freq [1, 8, 1] @ positions [1, 1, seq], 2 * 8 * seq matmul FLOPs (the
+# position ids have batch 1); 5.24's multiplies elementwise, 0. A difference of the transformers
+# versions, not of the capture: the tests take the rotary module's own count, which must be one of the two.
+TINY_LLAMA_ROPE_MATMUL = (sympy.Integer(0), 16 * s)
+
+
+def rope_matmul(modules: list[dict], seq=s):
+    """The matmul FLOPs of model.rotary_emb in `modules` (Report.by_module or the JSON's "modules"),
+    checked to be what one of the two RoPE implementations does at `seq`."""
+    rope = sum((m["matmul_flops"] for m in modules if m["module"] == "model.rotary_emb"), sympy.Integer(0))
+    assert any(sympy.expand(rope - r.subs(s, seq)) == 0 for r in TINY_LLAMA_ROPE_MATMUL), rope
+    return rope
 
 
 def _reload_hub_constants():
@@ -93,7 +106,7 @@ def test_directory_and_file_build_the_config_on_meta():
 def test_config_costs_match_the_same_model_built_by_a_factory():
     report = costmodel.analyze(str(LLAMA_DIR))
     assert report.params == TINY_LLAMA_PARAMS
-    assert sympy.expand(report.symbolic.matmul_flops - TINY_LLAMA_MATMUL) == 0
+    assert sympy.expand(report.symbolic.matmul_flops - TINY_LLAMA_MATMUL - rope_matmul(report.by_module(2))) == 0
     # tests/models.py builds the same configuration with hf_factory
     same = costmodel.analyze(models.tiny_llama_gqa, inputs=["input_ids:int64[batch,seq]"])
     assert sympy.expand(report.symbolic.flops - same.symbolic.flops) == 0
@@ -102,8 +115,9 @@ def test_config_costs_match_the_same_model_built_by_a_factory():
 def test_explicit_inputs_replace_the_defaults():
     report = costmodel.analyze(str(LLAMA_DIR), inputs=["input_ids:int64[2,tokens]"])
     assert report.dims == ["tokens"]
-    assert sympy.expand(report.symbolic.matmul_flops
-                        - TINY_LLAMA_MATMUL.subs({b: 2, s: sympy.Symbol("tokens", integer=True, positive=True)})) == 0
+    tokens = sympy.Symbol("tokens", integer=True, positive=True)
+    assert sympy.expand(report.symbolic.matmul_flops - TINY_LLAMA_MATMUL.subs({b: 2, s: tokens})
+                        - rope_matmul(report.by_module(2), tokens)) == 0
 
 
 def test_seq2seq_config_gets_decoder_inputs():
@@ -160,12 +174,16 @@ def test_missing_architectures_falls_back_to_automodel_with_a_warning(tmp_path):
 
 
 def test_model_without_sdpa_says_attention_is_its_own(tmp_path):
-    path = tmp_path / "gemma2.json"
-    path.write_text(json.dumps({"architectures": ["Gemma2ForCausalLM"], "model_type": "gemma2", "hidden_size": 32,
-                                "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2,
-                                "num_key_value_heads": 1, "head_dim": 16, "vocab_size": 64}))
-    with pytest.warns(UserWarning, match="Gemma2ForCausalLM does not support SDPA.*eager ops"):
-        load_model(str(path))
+    # GPT-Neo has no SDPA in transformers 5.17 nor 5.24; Gemma2, used before, has it in 5.17 (not in 5.24)
+    import transformers
+    assert not getattr(transformers.GPTNeoForCausalLM, "_supports_sdpa", False)
+    path = tmp_path / "gpt-neo.json"
+    path.write_text(json.dumps({"architectures": ["GPTNeoForCausalLM"], "model_type": "gpt_neo", "hidden_size": 32,
+                                "num_layers": 1, "num_heads": 2, "attention_types": [[["global"], 1]],
+                                "vocab_size": 64, "max_position_embeddings": 64}))
+    with pytest.warns(UserWarning, match="GPTNeoForCausalLM does not support SDPA.*eager ops"):
+        loaded = load_model(str(path))
+    assert loaded.module.config._attn_implementation == "eager"
 
 
 @pytest.mark.parametrize("content, message", [
@@ -257,7 +275,7 @@ def test_hub_name_reads_config_json_from_the_cache_at_refs_main(hf_home):
     cache_config(hf_home, "tiny-org/tiny-llama", tiny_llama_config())
     report = costmodel.analyze("hf:tiny-org/tiny-llama")
     assert report.model == "hf:tiny-org/tiny-llama" and report.params == TINY_LLAMA_PARAMS
-    assert sympy.expand(report.symbolic.matmul_flops - TINY_LLAMA_MATMUL) == 0
+    assert sympy.expand(report.symbolic.matmul_flops - TINY_LLAMA_MATMUL - rope_matmul(report.by_module(2))) == 0
 
 
 def test_refs_main_chooses_the_snapshot(hf_home):
@@ -328,7 +346,7 @@ def test_cli_hub_name_with_hf_home_in_the_environment(tmp_path):
     assert out.returncode == 0, out.stderr
     data = json.loads(out.stdout)
     assert data["model"] == "hf:tiny-org/tiny-llama" and data["totals"]["params"] == TINY_LLAMA_PARAMS
-    assert data["totals"]["matmul_flops"] == 512 * 16**2 + 180_224 * 16
+    assert data["totals"]["matmul_flops"] == 512 * 16**2 + 180_224 * 16 + rope_matmul(data["modules"], 16)
 
 
 def test_cli_config_path(capsys):

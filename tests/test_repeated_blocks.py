@@ -17,6 +17,7 @@ import torch
 import torch.nn as nn
 
 import costmodel
+from costmodel.symbols import symbols_for
 from costmodel.capture.zoo import hf_factory as _hf
 
 TEXT = ["input_ids:int64[batch,seq]"]
@@ -93,6 +94,39 @@ class InPlace(nn.Module):
     def forward(self, x):
         x.add_(1.0)
         return self.lin(x)
+
+
+class Log:
+    """An object handed to every block beside its tensors, as transformers hands each layer the KV
+    cache: the blocks append to it (the cache's update) or read a tensor it holds (the cached keys)."""
+
+    def __init__(self, scale=None):
+        self.outputs, self.scale = [], scale
+
+
+class Appending(nn.Module):
+    def __init__(self, d: int, read: bool):
+        super().__init__()
+        self.lin, self.read = nn.Linear(d, d), read
+
+    def forward(self, x, log: Log):
+        h = self.lin(x)
+        if self.read:
+            return x + h * log.scale
+        log.outputs.append(h)
+        return x + h
+
+
+class WithLog(nn.Module):
+    def __init__(self, read: bool, n: int = 3, d: int = 16):
+        super().__init__()
+        self.blocks, self.read = nn.ModuleList(Appending(d, read) for _ in range(n)), read
+
+    def forward(self, x):
+        log = Log(x.new_full((), 0.5) if self.read else None)
+        for b in self.blocks:
+            x = b(x, log)
+        return x + sum(log.outputs)
 
 
 def stack_of(block, n: int = 3, d: int = 16):
@@ -173,6 +207,7 @@ def test_a_last_block_that_differs(mode):
     assert_same(full, once, POINTS)
     # in train the first block's input needs no gradient (the model's input), the others' do: two calls
     first = "blocks.0" if mode == "inference" else "blocks.1"
+    assert once.primary.captured.inline_blocks == {}
     assert once.primary.captured.copied == {"blocks.0": "blocks.0", "blocks.1": first, "blocks.2": first,
                                             "blocks.3": "blocks.3"}
 
@@ -183,6 +218,19 @@ def test_blocks_that_write_are_traced_inline(block):
     full, once = reports(stack_of(block), ["x:float32[batch,seq,16]"], mode)
     assert_same(full, once, POINTS)
     assert not once.primary.captured.copied
+
+
+@pytest.mark.parametrize("read", [False, True])
+def test_blocks_given_an_object_they_change_or_read_are_traced_inline(read):
+    """A block that appends to an object it is given would not append as a copy (which runs no
+    Python), and one reading a tensor the object holds would read it from the caller's trace: both are
+    traced inline, the object as it was before the block's own trace."""
+    full, once = reports(lambda: WithLog(read), ["x:float32[batch,seq,16]"], "inference")
+    assert_same(full, once, POINTS)
+    assert not once.primary.captured.copied
+    # 3 blocks x 2 * 16 * 16 FLOPs per token in the linears (+ the sum of 3 outputs unless read)
+    assert sympy.expand(full.primary.totals["matmul_flops"]) == 1536 * symbols_for("batch", "seq")[0] \
+        * symbols_for("batch", "seq")[1]
 
 
 @pytest.mark.parametrize("mode", ["inference", "train"])
@@ -204,3 +252,35 @@ def test_encoder_decoder_cross_attention(mode):
 def test_activation_checkpointing():
     full, once = reports(llama4_checkpointed, TEXT, "train")
     assert_same(full, once, POINTS)
+
+
+def test_a_failed_backward_before_leaves_no_stale_stack_trace():
+    """A backward that raised (a capture that failed earlier in the process) leaves the stack-trace
+    hooks' "callback queued" flag set; without the reset in `_torch.backward_meta_fields`, nodes
+    traced after a backward carry the gradient-accumulation marker (here: every block is then
+    traced inline, as if its gradients were summed inside and out)."""
+    from torch._functorch._aot_autograd import logging_utils
+    logging_utils.callback_set = True              # as a backward that raised leaves it
+    once = costmodel.analyze(LastDiffers, inputs=["x:float32[batch,seq,16]"], mode="train", attention="math")
+    assert once.primary.captured.inline_blocks == {}
+    assert once.primary.captured.copied == {"blocks.0": "blocks.0", "blocks.1": "blocks.1", "blocks.2": "blocks.1",
+                                            "blocks.3": "blocks.3"}
+
+
+@pytest.mark.parametrize("mode", ["inference", "train"])
+def test_outputs_the_callers_frame_holds(mode):
+    """BLOOM's layers return their attention probabilities; the model's loop variable holds the last
+    layer's outputs until the next layer returns, so one [batch, heads, seq, seq] tensor of layer i
+    is live through layer i + 1: the copies' outputs keep the caller's hold."""
+    from . import models as M
+    full, once = reports(M.bloom, TEXT, mode, device="cpu")
+    assert_same(full, once, POINTS)
+    if mode == "inference":
+        assert once.primary.captured.copied == {"transformer.h.0": "transformer.h.0",
+                                                "transformer.h.1": "transformer.h.0"}
+    else:
+        # nothing reads the attention probabilities the layers return, so they get no gradient; a
+        # block's own backward is traced for gradients of all its outputs, so these blocks are
+        # traced each time, and the capture says why
+        assert once.primary.captured.copied == {}
+        assert "gets no gradient" in once.primary.captured.inline_blocks["(every block)"]

@@ -144,6 +144,67 @@ def test_private_api_wrappers_behave():
     assert T.traced_node(torch.zeros(1)) is None and T.last_traced_node() is None
 
 
+def _trace_step(step, *args):
+    import torch.fx.traceback as fx_traceback
+    with _torch.backward_meta_fields(), fx_traceback.preserve_node_meta():
+        return _torch.trace(step, *args)
+
+
+def test_backward_meta_marks_only_the_gradient_accumulation():
+    """backward_meta: every node of the backward is_backward, and only the engine's sum of a
+    tensor's two gradients is marked is_gradient_acc (torch 2.11 left the mark on every node after
+    the first grad_fn). Each backward node's seq_nr is that of the forward op it differentiates."""
+    def step(x, w1, w2):
+        h = x @ w1
+        loss = (h @ w2 + h).sum()           # h used twice: its gradients are summed
+        with _torch.backward_meta([loss]):
+            return torch.autograd.grad(loss, [w1, w2])
+    w = torch.zeros(4, 4, requires_grad=True)
+    gm = _trace_step(step, torch.zeros(2, 4), w, w.detach().clone().requires_grad_())
+    nodes = [n for n in gm.graph.nodes if n.op == "call_function"]
+    forward_mm = [n for n in nodes if n.target == torch.ops.aten.mm.default and not _torch.is_backward(n)]
+    backward = nodes[nodes.index(next(n for n in nodes if n.target == torch.ops.aten.expand.default)) + 1:]
+    assert len(forward_mm) == 2 and backward and all(_torch.is_backward(n) for n in backward)
+    summed = [n for n in backward if n.meta.get("is_gradient_acc")]
+    assert [n.target for n in summed] == [torch.ops.aten.add.Tensor], [n.format_node() for n in summed]
+    backward_mm = [n for n in backward if n.target == torch.ops.aten.mm.default]
+    assert {n.meta["seq_nr"] for n in backward_mm} == {n.meta["seq_nr"] for n in forward_mm}
+
+
+class _Abort(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, g):
+        raise RuntimeError("backward failed")
+
+
+def test_backward_meta_recovers_from_a_backward_that_raised():
+    """A backward that raises (a failed capture) drops torch's end-of-backward callback, which puts
+    the stack trace back: nodes made after a later backward (here the graph's output) must not be
+    marked gradient accumulations, nor the ops of a forward that follows in the same trace."""
+    def failing(x, w):
+        loss = (_Abort.apply(x @ w) * 2).sum()
+        with _torch.backward_meta([loss]):
+            return torch.autograd.grad(loss, [w])
+
+    def step(x, w):
+        loss = (x @ w).sum()
+        with _torch.backward_meta([loss]):
+            (g,) = torch.autograd.grad(loss, [w])
+        return [g, x * 3]                   # a forward op after the backward
+    w = torch.zeros(4, 4, requires_grad=True)
+    with pytest.raises(RuntimeError, match="backward failed"):
+        _trace_step(failing, torch.zeros(2, 4), w)
+    gm = _trace_step(step, torch.zeros(2, 4), w)
+    marked = [n.name for n in gm.graph.nodes if n.meta.get("is_gradient_acc")]
+    assert marked == [], marked
+    (mul,) = [n for n in gm.graph.nodes if n.target == torch.ops.aten.mul.Tensor]
+    assert not _torch.is_backward(mul)
+
+
 def test_profiler_allocations_are_read():
     from torch.profiler import ProfilerActivity, profile
 
@@ -153,3 +214,41 @@ def test_profiler_allocations_are_read():
         del x
     sizes = [size for _, size in profiler_allocations(prof)]
     assert (1 << 16) * 4 in sizes and -(1 << 16) * 4 in sizes
+
+
+def test_data_made_on_meta_becomes_a_graph_constant():
+    """torch.tensor(data, device=x.device) on a meta input (transformers 5.17's sdpa mask) traces as
+    the constant, with its data, moved to the meta device: not as a plain meta tensor, which the fake
+    mode rejects at the next op."""
+    from torch._subclasses.fake_tensor import FakeTensor
+    env = _torch.new_shape_env()
+    _, n = _torch.symbolic_size(env, "seq", 5)
+    fake = _torch.fake_mode(env)
+    with fake:
+        x = torch.empty(n, 2, device="meta")
+
+    def where_zero(x):
+        return torch.where(x > 0, torch.tensor(0.5, device=x.device), -1.0)
+
+    if _torch._meta_data_escapes_fake():          # why the shim is there: make_fx alone fails
+        with fake, pytest.raises(AssertionError, match="convert all Tensors to FakeTensors"):
+            make_fx(where_zero, tracing_mode="real")(x)
+
+    def f(x):
+        where = where_zero(x)
+        made = [torch.tensor([1, 2], device=x.device, dtype=torch.int32), torch.as_tensor([3.0, 4.0], device="meta"),
+                torch.asarray([5.0], device=x.device), x.new_tensor([6.0, 7.0]),
+                torch.tensor([8.0], device=x.device, requires_grad=True)]
+        assert all(isinstance(t, FakeTensor) and t.device.type == "meta" for t in made)
+        assert made[0].dtype == torch.int32 and made[3].dtype == x.dtype and made[-1].requires_grad
+        return [where] + made
+    with fake:
+        gm = _torch.trace(f, x)
+    constants = [n for n in gm.graph.nodes if n.op == "get_attr"]
+    assert [getattr(gm, n.target).tolist() for n in constants] == [0.5, [1, 2], [3.0, 4.0], [5.0], [6.0, 7.0], [8.0]]
+    for node in constants:
+        (lift,) = node.users
+        (move,) = lift.users
+        assert lift.target == torch.ops.aten.lift_fresh_copy.default and move.target == torch.ops.aten._to_copy.default
+        assert move.kwargs["device"] == torch.device("meta")
+    assert torch.tensor(0.5, device="meta").device.type == "meta"       # the mode ends with the trace

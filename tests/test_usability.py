@@ -70,12 +70,33 @@ def test_package_module_factory_from_the_project_folder(tmp_path):
     (tmp_path / "mymodels" / "__init__.py").write_text("")
     (tmp_path / "mymodels" / "nets.py").write_text(
         "import torch.nn as nn\n\ndef build():\n    return nn.Linear(4, 4)\n")
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    for cmd in ([sys.executable, "-m", "costmodel"], ["costmodel"]):
+    # The child imports this checkout's costmodel (ROOT on PYTHONPATH: it is installed in no environment
+    # the suite may run in, or installed from another checkout); nothing else is on PYTHONPATH, so
+    # mymodels is found only because costmodel looks in the folder it runs from.
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"} | {"PYTHONPATH": ROOT}
+    for cmd in ([sys.executable, "-m", "costmodel"], _console_script(tmp_path / "bin")):
         done = subprocess.run(cmd + ["analyze", "mymodels.nets:build", "--input", "x:float32[batch,4]"],
                               cwd=tmp_path, capture_output=True, text=True, env=env)
         assert done.returncode == 0, done.stderr
         assert "32*batch" in done.stdout        # 2 * 4 * 4 FLOPs per row
+
+
+def _console_script(folder) -> list[str]:
+    """The `costmodel` command of the environment under test: the script installed next to its python,
+    or, where costmodel is not installed there, the script pip writes for pyproject's entry point, in
+    `folder` (its own folder is the script's sys.path[0], as for an installed one; not the cwd)."""
+    installed = os.path.join(os.path.dirname(sys.executable), "costmodel")
+    if os.path.isfile(installed):
+        return [installed]
+    import tomllib
+    with open(os.path.join(ROOT, "pyproject.toml"), "rb") as f:
+        module, func = tomllib.load(f)["project"]["scripts"]["costmodel"].split(":")
+    folder.mkdir()
+    script = folder / "costmodel"
+    script.write_text(f"import re\nimport sys\nfrom {module} import {func}\nif __name__ == '__main__':\n"
+                      f"    sys.argv[0] = re.sub(r'(-script\\.pyw|\\.exe)?$', '', sys.argv[0])\n"
+                      f"    sys.exit({func}())\n")
+    return [sys.executable, str(script)]
 
 
 def test_help_shows_defaults_and_examples(capsys):

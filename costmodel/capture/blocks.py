@@ -26,8 +26,8 @@ the 7B capture per layer, for graphs that are the same but for their parameters.
   liveness are those a full trace gives.
 
 A block whose trace cannot be repeated exactly (it mutates its inputs or its attributes, runs
-under saved-tensor hooks, leaves an output without a gradient)
-is traced inline as before; a capture that finds out too late is traced again with every block
+under saved-tensor hooks, leaves an output without a gradient, is passed an object that holds
+tensors or that it changes, as a KV cache's `update` does) is traced inline as before; a capture that finds out too late is traced again with every block
 inline (`Unrepeatable`).
 """
 
@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import collections
 import functools
+import inspect
 import itertools
 from dataclasses import dataclass, field
 
@@ -208,6 +209,8 @@ class RepeatedBlocks:
         self._wrappers: set[int] = set()
         self._keep: list = []              # objects whose identity is part of a key
         self._saved: dict = {}
+        self.reasons: dict[str, str] = {}  # path of a block traced inline -> why (the first reason)
+        self.written: set[int] = set()     # id() of objects a block changed when traced: its calls run inline
         self.traced = 0                    # blocks traced on their own
         self.stood_in = 0                  # calls made stand-ins
 
@@ -265,25 +268,35 @@ class RepeatedBlocks:
         flat, spec = _torch.tree_flatten((args, kwargs))
         tensors = [x for x in flat if isinstance(x, torch.Tensor)]
         if _torch.saved_tensor_hooks_active():
-            return None
+            return self._inline(m, "called under saved-tensor hooks (activation checkpointing)")
         if any(_torch.traced_node(t) is None for t in tensors):
-            return None                   # a tensor the trace does not know (a constant)
+            return self._inline(m, "an argument is a tensor the trace does not know (a constant)")
         keys = [_torch.storage_key(t) for t in tensors]
         if len(set(keys)) != len(keys):
-            return None                   # arguments that share storage: the copy would not
+            return self._inline(m, "arguments share storage")
+        objects = _Objects(flat)
+        if objects.tensors:
+            return self._inline(m, "an argument is an object holding tensors (a KV cache's keys and values), "
+                                   "which a copy would not read")
+        if any(id(o) in self.written for o in objects.roots):
+            return self._inline(m, "it is given an object a block changes (a KV cache, which its update writes)")
         try:
             call = (self.signatures[m], str(spec), tuple(self._describe(x) for x in flat),
                     torch.is_grad_enabled(), _torch.autocast_state())
         except _NotRepeatable:
-            return None
+            return self._inline(m, "a symbolic float or bool argument")
         kinds = self.kinds.setdefault(call, [])
         for reads, group in kinds:
             if self._reads_match(m, reads):
                 return group
         reads: list = []
-        group = self._trace(m, flat, spec, reads)
+        group = self._trace(m, flat, spec, reads, objects)
         kinds.append((reads, group))
         return group
+
+    def _inline(self, m: nn.Module, reason: str) -> None:
+        self.reasons.setdefault(self.blocks[m], reason)
+        return None
 
     def _describe(self, x):
         if isinstance(x, torch.Tensor):
@@ -336,7 +349,7 @@ class RepeatedBlocks:
 
     # the block's own trace
 
-    def _trace(self, m: nn.Module, flat: list, spec, reads: list) -> Group | None:
+    def _trace(self, m: nn.Module, flat: list, spec, reads: list, objects: "_Objects") -> Group | None:
         path = self.blocks[m]
         positions = [i for i, x in enumerate(flat) if isinstance(x, torch.Tensor)]
         names = list(self.meta_state[m])
@@ -377,10 +390,10 @@ class RepeatedBlocks:
             wrt = [t for t in tensors if t.requires_grad] if train else []
             grads, box["seeds"] = [], []
             if diff and wrt:
-                _torch.preserve_backward_meta_of(diff)
                 seeds = [torch.empty_like(o) for o in diff]
                 box["seeds"] = [_torch.traced_node(s) for s in seeds]
-                grads = list(torch.autograd.grad(diff, wrt, seeds, allow_unused=True))
+                with _torch.backward_meta(diff):
+                    grads = list(torch.autograd.grad(diff, wrt, seeds, allow_unused=True))
             box["grad_index"], kept = [], []
             it = iter(grads)
             for t in tensors:
@@ -401,22 +414,31 @@ class RepeatedBlocks:
             with _torch.disable_proxy_tracing():
                 fresh = [_like(t).requires_grad_(t.requires_grad) for t in [flat[i] for i in positions] + state]
                 gm = _torch.trace(step, *fresh)
-        except Exception:
-            return None
+        except Exception as e:
+            return self._inline(m, f"its own trace failed ({type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''})")
         finally:
             current_meta = _torch.current_node_meta()
             current_meta.clear()
             current_meta.update(meta)
             self.paths.stack[:] = stack
             del self.paths.frames.calls[calls:]
+            changed = objects.restore()
             module_calls, self.paths.count = self.paths.count - module_calls, module_calls
+        if changed:
+            # the stand-in would not make the change (a KV cache's update): every call of a block
+            # given these objects runs inline, on the objects as they were before this trace
+            self.written.update(id(o) for o in objects.roots)
+            self._keep.extend(objects.roots)
+            return self._inline(m, "it changes an object it is given (a KV cache, which its update writes)")
         if box.get("wrote"):
-            return None
-        group = _group_of(gm, box, path, tuple(self.paths.stack), names)
-        if group is not None:
-            group.module_calls = module_calls
-            _GROUPS[group.id] = group
-            self.traced += 1
+            return self._inline(m, "it sets attributes while running")
+        try:
+            group = _group_of(gm, box, path, tuple(self.paths.stack), names)
+        except _NotRepeatable as e:
+            return self._inline(m, str(e))
+        group.module_calls = module_calls
+        _GROUPS[group.id] = group
+        self.traced += 1
         return group
 
     # standing in
@@ -451,6 +473,7 @@ class RepeatedBlocks:
         renamed: dict[str, str] = {}      # a stand-in node's name -> the last node copied for it
         ids = itertools.count(1)
         sizes: dict[str, fx.Node] = {}    # a symbolic size's expression -> the node that first has it
+        held: list = []                   # (a copied output, the node until which the caller holds it)
         for node in list(graph.nodes):
             if node.op != "call_function" or node.target not in (BLOCK, BLOCK_BACKWARD):
                 _note_size(sizes, node)
@@ -494,7 +517,10 @@ class RepeatedBlocks:
             last = made[-1].name if made else None
             for user in list(node.users):
                 index = user.args[1]
-                user.replace_all_uses_with(env[group.outputs[first_out + index]])
+                replacement = env[group.outputs[first_out + index]]
+                user.replace_all_uses_with(replacement)
+                if LIVE_UNTIL in user.meta:          # the caller's frame holds the output (see trace._FrameLocals)
+                    held.append((replacement, user.meta[LIVE_UNTIL]))
                 if last is not None:
                     renamed[user.name] = last
                 graph.erase_node(user)
@@ -505,6 +531,12 @@ class RepeatedBlocks:
             until = node.meta.get(LIVE_UNTIL)
             if until in renamed:
                 node.meta[LIVE_UNTIL] = renamed[until]
+        order = {n.name: i for i, n in enumerate(graph.nodes)}
+        for node, until in held:
+            until = renamed.get(until, until)
+            mine = node.meta.get(LIVE_UNTIL)
+            if until in order and (mine not in order or order[until] > order[mine]):
+                node.meta[LIVE_UNTIL] = until
 
     def alike(self, group: Group) -> frozenset:
         """Paths of the blocks of the same static signature as the block `group` traced."""
@@ -515,16 +547,25 @@ class RepeatedBlocks:
         """A block argument used twice inside the block and again outside it (T5's encoder output,
         read by every decoder block): a full trace sums all its gradients in one chain, in the order
         they arrive, while the copy sums the block's own first; the totals agree but not which module
-        each addition belongs to. Such a capture is redone with every block traced."""
+        each addition belongs to. Such a capture is redone with those blocks (all of them, found in one
+        pass) traced where they run."""
+        paths: set = set()
+        found: list[str] = []
         for node in graph.nodes:
             if node.op != "call_function" or node.target is not BLOCK_BACKWARD:
                 continue
             group = self.calls[node.args[1]].group
+            if group.path in paths:
+                continue
             for user in node.users:
                 inner = group.outputs[group.n_outputs + user.args[1]]
                 if _summed(inner) and any(u.meta.get("is_gradient_acc") for u in user.users):
-                    raise Unrepeatable(f"the gradient of an argument of {group.path} is summed inside it and out",
-                                       self.alike(group))
+                    paths |= self.alike(group)
+                    found.append(group.path)
+                    break
+        if found:
+            raise Unrepeatable(f"the gradient of an argument of {' and '.join(found)} is summed inside the block "
+                               "and out", frozenset(paths))
 
     @staticmethod
     def _copy_attr(gm: fx.GraphModule, group: Group, sub: fx.Node) -> fx.Node:
@@ -571,6 +612,71 @@ class _NotRepeatable(Exception):
     pass
 
 
+class _Objects:
+    """The objects among a block's arguments (not tensors, modules, functions or plain values) and
+    what they hold, reachable through attributes, list items and dict entries: a snapshot by
+    identity, taken before the block's own trace. `tensors`: one of them holds a tensor, which the
+    block would read from the caller's trace. `restore()` puts back every attribute, item and entry
+    the trace changed (a KV cache's `update` sets its layers' keys and values) and says whether any
+    had changed."""
+
+    MAX_DEPTH = 4
+
+    def __init__(self, leaves: list):
+        self.roots = [x for x in leaves if _is_object(x)]
+        self.saved: list = []           # (container, its contents then)
+        self.tensors = False
+        seen: set[int] = set()
+        todo = [(x, 0) for x in self.roots]
+        while todo:
+            x, depth = todo.pop()
+            if id(x) in seen or depth > self.MAX_DEPTH:
+                continue
+            seen.add(id(x))
+            if isinstance(x, list):
+                contents, items = list(x), x
+            elif isinstance(x, dict):
+                contents, items = dict(x), x.values()
+            elif isinstance(x, tuple):
+                contents, items = None, x
+            else:
+                contents = dict(vars(x))
+                items = contents.values()
+            if contents is not None:
+                self.saved.append((x, contents))
+            for v in items:
+                if isinstance(v, torch.Tensor):
+                    self.tensors = True
+                elif isinstance(v, (list, dict, tuple)) or _is_object(v):
+                    todo.append((v, depth + 1))
+
+    def restore(self) -> bool:
+        changed = False
+        for x, contents in self.saved:
+            now = x if isinstance(x, (list, dict)) else vars(x)
+            same = len(now) == len(contents) and (
+                all(a is b for a, b in zip(now, contents)) if isinstance(x, list)
+                else all(k in now and now[k] is v for k, v in contents.items()))
+            if same:
+                continue
+            changed = True
+            if isinstance(x, list):
+                x[:] = contents
+            else:
+                now.clear()
+                now.update(contents)
+        return changed
+
+
+def _is_object(x) -> bool:
+    """An instance with attributes of its own that a block could read or change."""
+    if x is None or isinstance(x, (bool, int, float, complex, str, bytes, torch.Tensor, torch.SymInt, torch.SymFloat,
+                                   torch.SymBool, torch.dtype, torch.device, torch.layout, torch.memory_format,
+                                   nn.Module, type, functools.partial)):
+        return False
+    return not inspect.isroutine(x) and hasattr(x, "__dict__")
+
+
 def _state(m: nn.Module) -> dict[str, torch.Tensor]:
     """The block's parameters and buffers by name inside it (the meta tensors of the model)."""
     state = dict(m.named_parameters(remove_duplicate=False))
@@ -578,29 +684,29 @@ def _state(m: nn.Module) -> dict[str, torch.Tensor]:
     return state
 
 
-def _group_of(gm: fx.GraphModule, box: dict, path: str, stack: tuple, names: list) -> Group | None:
-    """The block's own trace split into forward and backward, or None if it cannot be repeated."""
+def _group_of(gm: fx.GraphModule, box: dict, path: str, stack: tuple, names: list) -> Group:
+    """The block's own trace split into forward and backward; _NotRepeatable(why) if it cannot be repeated."""
     from costmodel.capture.trace import attribute_modules
     nodes = list(gm.graph.nodes)
     placeholders = [n for n in nodes if n.op == "placeholder"]
     output = nodes[-1]
     seeds = box.get("seeds") or []
     if any(s is None for s in seeds):
-        return None
+        raise _NotRepeatable("a gradient seed was not traced")
     body = [n for n in nodes if n.op in ("call_function", "get_attr")]
     if seeds:
         positions = [body.index(s) for s in seeds]
         if max(positions) - min(positions) != len(seeds) - 1:
-            return None
+            raise _NotRepeatable("its trace does not split into forward and backward")
         forward, backward = body[:min(positions)], body[max(positions) + 1:]
     else:
         forward, backward = body, []
     if _mutates(forward, placeholders):
-        return None
+        raise _NotRepeatable("it writes into an argument or its state")
     attribute_modules(gm.graph)
     outputs = list(output.args[0])
     if any(not isinstance(o, fx.Node) for o in outputs):
-        return None
+        raise _NotRepeatable("it returns a value that is not a traced tensor")
     return Group(next(_ids), path, stack, gm, placeholders, forward, seeds, backward, outputs,
                  [o.meta["val"] for o in outputs], box["n_outputs"], box["differentiable"], box["grad_index"],
                  box["spec"], box["leaves"], names)

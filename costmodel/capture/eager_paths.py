@@ -75,3 +75,49 @@ def eager_decisions(is_input: Callable[[fx.Node], bool]):
         yield
     finally:
         masking.find_packed_sequence_indices = original
+
+
+@contextlib.contextmanager
+def own_positions():
+    """An eager run on fake tensors (FSDPMemTracker under the fake process group) whose inputs hold
+    no positions: the positions the model makes are one sequence per row, as eager finds from their
+    values (fake tensors have none, and `transformers` would answer "packed", building masks eager
+    never allocates)."""
+    try:
+        import transformers.masking_utils as masking
+    except ImportError:
+        yield
+        return
+    original = getattr(masking, "find_packed_sequence_indices", None)
+    if original is None:
+        yield
+        return
+    masking.find_packed_sequence_indices = lambda position_ids: None
+    try:
+        yield
+    finally:
+        masking.find_packed_sequence_indices = original
+
+
+@contextlib.contextmanager
+def eager_masks_under_export():
+    """torch.export of a model whose inputs hold no positions and no attention mask (the pipeline
+    split of validate --parallel pp=N): `transformers` then decides on masks as eager does (one
+    sequence per row, the causal mask skipped, SDPA with is_causal=True) instead of building the
+    [batch, 1, seq, seq] masks it keeps for exported programs, which must serve other inputs. The
+    program is run at the shapes it was exported with only."""
+    try:
+        import transformers.masking_utils as masking
+    except ImportError:
+        yield
+        return
+    original = getattr(masking, "is_torchdynamo_exporting", None)
+    with own_positions():
+        if original is None:
+            yield
+            return
+        masking.is_torchdynamo_exporting = lambda: False
+        try:
+            yield
+        finally:
+            masking.is_torchdynamo_exporting = original

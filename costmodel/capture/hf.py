@@ -83,6 +83,7 @@ def from_file(path: str, name: str | None = None, trust_remote_code: bool = Fals
     name = name or str(path)
     raw = read_config(path)
     location = code_location or os.path.dirname(os.path.abspath(path))
+    _architectures(raw, name)       # before transformers reads the config: its own check differs by version
     config = _config(raw, name, location, trust_remote_code)
     cls = _model_class(raw, config, name, location, trust_remote_code)
     inputs, why = default_inputs(config, cls)
@@ -229,15 +230,26 @@ def _config(raw: dict, name: str, location: str, trust_remote_code: bool):
         raise UsageError(f"{name}: {config_cls.__name__} rejected the config: {type(e).__name__}: {e}") from e
 
 
+def _architectures(raw: dict, name: str) -> list[str]:
+    """The config's `architectures` (a list of class names; [] when absent), checked here rather than
+    left to transformers, whose check differs by version: 5.17's config classes are strict dataclasses
+    that reject anything but list[str] | None with their own message ("Field 'architectures' with value
+    ... doesn't match any type"), 5.24's accept any value."""
+    architectures = raw.get("architectures")
+    if architectures is None:
+        return []
+    if not (isinstance(architectures, list) and all(isinstance(a, str) for a in architectures)):
+        raise UsageError(f"{name}: the config's architectures is {architectures!r}; expected a list of class "
+                         'names, e.g. ["LlamaForCausalLM"]')
+    return architectures
+
+
 def _model_class(raw: dict, config, name: str, location: str, trust_remote_code: bool) -> type:
     """The config's `architectures[0]` as a transformers class (or, with trust_remote_code, the
     repository's class that auto_map names); without `architectures`, AutoModel's base model."""
     import transformers
     auto_map = {k: v for k, v in (raw.get("auto_map") or {}).items() if isinstance(v, str)}
-    architectures = raw.get("architectures") or []
-    if not (isinstance(architectures, list) and all(isinstance(a, str) for a in architectures)):
-        raise UsageError(f"{name}: the config's architectures is {architectures!r}; expected a list of class "
-                         'names, e.g. ["LlamaForCausalLM"]')
+    architectures = _architectures(raw, name)
     if not architectures:
         ref = auto_map.get("AutoModel")
         if ref and trust_remote_code:

@@ -54,11 +54,17 @@ class Limit:
         result = self.expr.xreplace({s: sympy.Integer(v) for s, v in values.items()})
         return bool(result) if result in (sympy.true, sympy.false) else True
 
-    def bound(self, dim: sympy.Symbol) -> int | None:
-        """The largest value of `dim` the limit admits when it bounds `dim` alone from above."""
-        if self.expr.free_symbols != {dim} or not isinstance(self.expr, (sympy.Le, sympy.Lt)):
+    def bound(self, dim: sympy.Symbol, values: dict | None = None) -> int | None:
+        """The largest value of `dim` the limit admits when it bounds `dim` from above, the other
+        dimensions at `values` (names or symbols -> int; a limit on the sum prompt + gen bounds gen
+        once prompt has a value)."""
+        expr = self.expr
+        if values:
+            expr = expr.xreplace({(k if isinstance(k, sympy.Symbol) else sympy.Symbol(k, integer=True, positive=True)):
+                                  sympy.Integer(v) for k, v in values.items()})
+        if expr.free_symbols != {dim} or not isinstance(expr, (sympy.Le, sympy.Lt)):
             return None
-        solved = sympy.solve_univariate_inequality(self.expr, dim, relational=False)
+        solved = sympy.solve_univariate_inequality(expr, dim, relational=False)
         if isinstance(solved, sympy.Interval) and solved.sup.is_finite:
             top = sympy.floor(solved.sup)
             return int(top - 1 if solved.right_open and top == solved.sup else top)

@@ -12,6 +12,7 @@ differentiate) and `node.meta["costmodel_phase"]` ("forward", "loss" or "backwar
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import importlib.util
 import inspect
@@ -21,6 +22,7 @@ import os
 import re
 import sys
 import traceback
+import weakref
 from dataclasses import dataclass, field
 
 import sympy
@@ -34,8 +36,10 @@ from costmodel import _torch
 from costmodel.capture import zoo
 from costmodel.errors import AnalysisError, CostModelError, UsageError
 from costmodel.capture.blocks import COPY, RepeatedBlocks, Unrepeatable
+from costmodel.capture.checkpointing import checkpointed
 from costmodel.capture.eager_paths import eager_decisions
-from costmodel.capture.loss import compute_loss, tensors_of as _tensors
+from costmodel.capture import generate as gen
+from costmodel.capture.loss import compute_loss, first_output, tensors_of as _tensors
 from costmodel.capture.moe import balanced_experts
 from costmodel.capture.sdpa import route_sdpa
 from costmodel.capture.specs import InputSpec, parse_input
@@ -91,7 +95,13 @@ class Captured:
     hints: dict[str, int] = field(default_factory=dict)
     limits: list = field(default_factory=list)   # limits.Limit found in the graph (tables indexed by positions)
     module_calls: int = 0    # nn.Module forward calls in one forward: each costs its eager dispatch
+    grad_params: list[str] = field(default_factory=list)   # train: the parameter of each returned gradient
+    notes: list[str] = field(default_factory=list)         # assumptions the capture made, for the report
     copied: dict[str, str] = field(default_factory=dict)   # block path -> the block whose trace it copies
+    inline_blocks: dict[str, str] = field(default_factory=dict)   # repeated block traced each time -> why
+    step: object = None                          # generate mode: capture.generate.Step (prefill or decode)
+    cache_layers: tuple = ()                     # generate mode: the cache after the step, gen.LayerShape per layer
+    cache_bytes: sympy.Expr | None = None        # generate mode: bytes of the cache's keys and values after the step
 
     def to_user(self, value) -> sympy.Expr:
         """A SymInt / int / sympy expression of the shape env -> sympy in the user's dimension names."""
@@ -184,7 +194,7 @@ def _import_factory(source: str):
 # --- capture ------------------------------------------------------------------------------------
 
 def capture(model: nn.Module, inputs: list[InputSpec], options=None, hints: dict[str, int] | None = None,
-            fixed: dict[str, int] | None = None) -> Captured:
+            fixed: dict[str, int] | None = None, step=None) -> Captured:
     """Trace `model` on fake inputs whose named dimensions are symbols (or, for `fixed`, integers),
     as `options` (costmodel.options.Options) say: inference, or a training step (forward, loss
     against `options.targets`, backward); with `options.amp`, the forward and loss under autocast
@@ -197,28 +207,50 @@ def capture(model: nn.Module, inputs: list[InputSpec], options=None, hints: dict
     dimensions.
 
     Repeated blocks are traced once and copied (capture.blocks), unless `options.repeated_blocks`
-    is False; a trace that finds a copy could not be exact is made again with every block traced."""
+    is False; a trace that finds a copy could not be exact is made again with every block traced.
+
+    Generate mode (`step`, a capture.generate.Step): the prefill, or the decode step on a cache of
+    `ctx` tokens (see capture/generate.py)."""
     from costmodel.options import Options
     options = options or Options()
-    first = _capture_blocks(model, inputs, options, hints, fixed, python_dispatcher=False)
+    first = _capture_blocks(model, inputs, options, hints, fixed, python_dispatcher=False, step=step)
     if not _pinned_by_size_reads(first):
         return first
     try:
-        second = _capture_blocks(model, inputs, options, hints, fixed, python_dispatcher=True)
+        second = _capture_blocks(model, inputs, options, hints, fixed, python_dispatcher=True, step=step)
     except CostModelError:
         return first
     return second if len(pinned_dims(second)) < len(pinned_dims(first)) else first
 
 
-def _capture_blocks(model, inputs, options, hints, fixed, python_dispatcher: bool) -> "Captured":
-    exclude: frozenset = frozenset()
+# what earlier captures of a model learned: the blocks to trace inline (and why), per mode, so that
+# the captures of a limit search or a sweep do not each find it out again
+_INLINE_LEARNED: "weakref.WeakKeyDictionary[nn.Module, dict]" = weakref.WeakKeyDictionary()
+
+
+def _capture_blocks(model, inputs, options, hints, fixed, python_dispatcher: bool, step=None) -> "Captured":
+    kind = step.kind if step is not None else None        # generate mode: the prefill and the decode step apart
+    learned = _INLINE_LEARNED.setdefault(model, {}).setdefault((options.mode, options.amp, kind), {})
+    reasons: dict[str, str] = dict(learned)
+    if "(every block)" in reasons:
+        c = _capture(model, inputs, options, hints, fixed, python_dispatcher, repeated=False, step=step)
+        c.inline_blocks.update(reasons)
+        return c
+    exclude: frozenset = frozenset(reasons)
     while True:
         try:
-            return _capture(model, inputs, options, hints, fixed, python_dispatcher, exclude=exclude)
+            c = _capture(model, inputs, options, hints, fixed, python_dispatcher, exclude=exclude, step=step)
+            break
         except Unrepeatable as e:
             if e.paths is None or e.paths <= exclude:
-                return _capture(model, inputs, options, hints, fixed, python_dispatcher, repeated=False)
+                c = _capture(model, inputs, options, hints, fixed, python_dispatcher, repeated=False, step=step)
+                reasons["(every block)"] = str(e)
+                break
+            reasons.update(dict.fromkeys(e.paths, str(e)))
             exclude |= e.paths
+    learned.update(reasons)
+    c.inline_blocks.update(reasons)
+    return c
 
 
 def _pinned_by_size_reads(c: "Captured") -> bool:
@@ -237,11 +269,12 @@ def pinned_dims(c: "Captured") -> set[str]:
 
 
 def _capture(model: nn.Module, inputs: list[InputSpec], options, hints, fixed, python_dispatcher: bool,
-             repeated: bool = True, exclude: frozenset = frozenset()) -> Captured:
+             repeated: bool = True, exclude: frozenset = frozenset(), step=None) -> Captured:
     mode, amp = options.mode, options.amp
     targets = list(options.targets) if mode == "train" else []
     hints, fixed = dict(hints or {}), dict(fixed or {})
-    dims = list(dict.fromkeys(d for spec in inputs + targets for d in spec.dim_names))
+    dims = list(dict.fromkeys([d for spec in inputs + targets for d in spec.dim_names]
+                              + (step.extra_dims if step is not None else [])))
     shape_env = _torch.new_shape_env()
     _torch.on_guard_location(shape_env, _guard_location)
     fake_mode = _torch.fake_mode(shape_env)
@@ -264,7 +297,16 @@ def _capture(model: nn.Module, inputs: list[InputSpec], options, hints, fixed, p
         buffers = [fake_mode.from_tensor(b, static_shapes=True) for _, b in buffer_items]
         values = [torch.empty([sizes[d] if isinstance(d, str) else d for d in spec.dims], dtype=spec.dtype,
                               device="meta") for spec in inputs + targets]
+        decode_cache, extra_roles = None, []
+        if step is not None and step.kind == "decode":
+            decode_cache = gen.DecodeCache(model, step, sizes.get("batch"), sizes[gen.CTX], sizes)
+            values += decode_cache.placeholders()
+            extra_roles = [(gen.CACHE_ROLE, n) for n in decode_cache.names()]
+            if isinstance(sizes[gen.CTX], torch.SymInt):
+                values.append(sizes[gen.CTX])
+                extra_roles.append((gen.SIZE_ROLE, gen.CTX))
     call = call_plan(model, inputs)
+    filled: dict = {}
 
     def describe(shape) -> str:
         """A traced shape in the user's dimension names, for errors."""
@@ -289,12 +331,29 @@ def _capture(model: nn.Module, inputs: list[InputSpec], options, hints, fixed, p
         with traced_state(params, buffers):
             loss_value = compute_loss(model(*args, **kwargs), options.loss, values[:len(inputs)], inputs,
                                       values[len(inputs):], targets, describe)
-            _torch.preserve_backward_meta(loss_value)
             wrt = [params[i] for i in trainable]
-            grads = torch.autograd.grad(loss_value, wrt, allow_unused=True)
+            with _torch.backward_meta([loss_value]):
+                grads = torch.autograd.grad(loss_value, wrt, allow_unused=True)
+        grad_params[:] = [param_items[i][0] for i, g in zip(trainable, grads) if g is not None]
         return [loss_value] + [g for g in grads if g is not None]
 
-    fn = train_step if mode == "train" else inference
+    def generation_step(params, buffers, values):
+        """The prefill (an empty cache) or the decode step (a cache of ctx tokens), as generate calls it."""
+        n = len(inputs)
+        if decode_cache is None:
+            cache = gen.new_cache(model, step.kv_dtype)
+        else:
+            k = len(decode_cache.stored) * 2
+            cache = decode_cache.install(values[n:n + k], values[n + k] if len(values) > n + k else sizes[gen.CTX])
+        args, kwargs = call(values[:n])
+        kwargs = kwargs | gen.call_kwargs(model, cache)
+        with torch.no_grad(), traced_state(params, buffers):
+            out = model(*args, **kwargs)
+        filled["cache"] = gen.returned_cache(model, out, cache)
+        return [first_output(out)] + gen.cache_tensors(filled["cache"])
+
+    grad_params: list[str] = []
+    fn = generation_step if step is not None else train_step if mode == "train" else inference
     if amp:
         from costmodel.capture.amp import emulate_autocast
         fn = emulate_autocast(fn, amp)
@@ -313,11 +372,22 @@ def _capture(model: nn.Module, inputs: list[InputSpec], options, hints, fixed, p
     paths = ModulePaths(model)
     blocks = RepeatedBlocks(model, paths, train=mode == "train", enabled=options.repeated_blocks and repeated,
                             exclude=exclude)
+    checkpointing = options.checkpointing if mode == "train" else "none"
     try:
         with _torch.symbolic_kernels(), _torch.backward_meta_fields(), fake_mode, paths, \
                 fx_traceback.preserve_node_meta(), route_sdpa(), _torch.copied_meta_field(PYTHON_CALL), \
                 _PythonCalls(), eager_decisions(is_input), \
-                balanced_experts(model, options.moe_imbalance), _torch.python_dispatcher(python_dispatcher), blocks:
+                balanced_experts(model, options.moe_imbalance), _torch.python_dispatcher(python_dispatcher), \
+                contextlib.ExitStack() as stack:
+            # --checkpointing blocks/selective: the stand-in of a repeated block wraps its checkpointed
+            # forward, so one block's trace (recomputation included) is copied to the others. ops: the
+            # selective-checkpoint policy keeps outputs a copy does not place alike (a few bytes off),
+            # so the checkpoint wraps the stand-in, which then runs inline under saved-tensor hooks.
+            if checkpointing == "ops":
+                stack.enter_context(blocks)
+            ckpt = stack.enter_context(checkpointed(model, checkpointing))
+            if checkpointing != "ops":
+                stack.enter_context(blocks)
             gm = _torch.trace(fn, params, buffers, values)
         blocks.splice(gm)
     except (CostModelError, Unrepeatable):
@@ -331,16 +401,27 @@ def _capture(model: nn.Module, inputs: list[InputSpec], options, hints, fixed, p
     roles = {}
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     names = ([("param", n) for n, _ in param_items] + [("buffer", n) for n, _ in buffer_items]
-             + [("input", s.name) for s in inputs + targets])
+             + [("input", s.name) for s in inputs + targets] + extra_roles)
     for node, role in zip(placeholders, names):
         roles[node.name] = role
     attribute_modules(gm.graph)
     used_hints = {d: int(sizes[d]) if not isinstance(sizes[d], torch.SymInt) else sizes[d].node.hint
                   for d in dims if d not in fixed}
     captured = Captured(gm, mode, [d for d in dims if d not in fixed], fixed, [], symbol_map, shape_env, roles,
-                        {param_items[i][0] for i in trainable}, used_hints, module_calls=paths.count)
+                        {param_items[i][0] for i in trainable}, used_hints, step=step, module_calls=paths.count,
+                        grad_params=grad_params)
     captured.copied = blocks.copied()
+    captured.inline_blocks = dict(blocks.reasons)
+    if step is not None:
+        from costmodel.formulas import plain
+        captured.cache_layers = gen.layer_shapes(filled["cache"], lambda s: sympy.expand(plain(captured.to_user(s))))
+        captured.cache_bytes = sympy.expand(plain(captured.to_user(
+            gen.tensor_bytes(gen.cache_tensors(filled["cache"])))))
     captured.guards = _guards(captured)
+    if ckpt is not None and ckpt.mode == "selective" and not ckpt.recomputed_attention:
+        captured.notes.append(f"--checkpointing selective recomputes the scaled_dot_product_attention calls in "
+                              f"the repeated blocks ({ckpt.blocks.parent}.*), but they make none (attention "
+                              "written out as matmuls and softmax?): nothing is recomputed")
     from costmodel.capture.limits import index_limits
     captured.limits = index_limits(captured)
     return captured

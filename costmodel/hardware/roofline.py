@@ -213,6 +213,42 @@ def _measured_time(flops: float, bytes: float, category: str, dtype: str, hw: "H
     )
 
 
+def op_times(flops, bytes, category: str, dtype: str, hw: "Hardware", tf32: bool = False,
+             efficiency: Mapping[str, float] | None = None):
+    """`op_time` of one op at many sizes at once: arrays of FLOPs and bytes -> {"time_s",
+    "compute_time_s", "memory_time_s", "memory_bound"}, numpy arrays whose element i is that field of
+    op_time(flops[i], bytes[i], ...) (memory_bound: its bound == "memory"). The same arithmetic,
+    vectorized, for the decode step timed at every context length."""
+    import numpy as np
+    flops, bytes = np.asarray(flops, dtype=float), np.asarray(bytes, dtype=float)
+    if np.any(flops < 0) or np.any(bytes < 0):
+        raise UsageError("op_times needs flops >= 0 and bytes >= 0")
+    eff = efficiencies(hw, efficiency)
+    tensor_key = _TENSOR_CATEGORIES.get(category)
+    if tensor_key is not None:
+        peak, compute_ceiling = hw.peak_for(dtype, tf32), eff[tensor_key]
+    else:
+        peak, compute_ceiling = hw.vector_flops_per_s, eff["vector"]
+    bandwidth = hw.bandwidth_bytes_per_s
+    memory_ceiling = eff["memory_gather" if category == INDEX else "memory"]
+    ridge = peak / bandwidth
+
+    def ramp(ideal, ceiling, ramp_s):
+        with np.errstate(divide="ignore", invalid="ignore"):
+            return np.where(ideal > 0, ceiling * ideal / (ideal + ramp_s), ceiling)
+
+    compute_efficiency = ramp(flops / peak, compute_ceiling, eff["compute_ramp_s"])
+    memory_efficiency = ramp(bytes / bandwidth, memory_ceiling, eff["memory_ramp_s"])
+    with np.errstate(divide="ignore", invalid="ignore"):
+        compute_time = np.where(flops > 0, flops / (peak * compute_efficiency), 0.0)
+        memory_time = np.where(bytes > 0, bytes / (bandwidth * memory_efficiency), 0.0)
+        intensity = np.where(bytes > 0, flops / np.where(bytes > 0, bytes, 1.0), np.inf)
+    nothing = (flops == 0) & (bytes == 0)
+    time_s = np.where(nothing, 0.0, np.maximum(compute_time, memory_time) + hw.kernel_overhead_s)
+    return {"time_s": time_s, "compute_time_s": compute_time, "memory_time_s": memory_time,
+            "memory_bound": (intensity < ridge) & ~nothing}
+
+
 def summarize(op_times: Iterable[OpTime], total_flops, hw: "Hardware", dtype: str,
               tf32: bool = False, framework_s: float = 0.0) -> Summary:
     """Totals over ops run one after another, plus `framework_s` of eager framework work outside

@@ -25,15 +25,17 @@ class AttentionSteps:
     """The attention part of memory.timeline._Builder."""
 
     def _pair_attention(self, nodes) -> dict[str, fx.Node]:
+        """Each attention backward's forward: the one whose q, k, v it reads. Activation
+        checkpointing hands the backward detached aliases of the recomputed q, k, v."""
         forwards = {}
         pairs = {}
         for n in nodes:
             if n.op != "call_function":
                 continue
             if str(n.target) == SDPA:
-                forwards[tuple(id(a) for a in n.args[:3])] = n
+                forwards[tuple(id(_undetached(a)) for a in n.args[:3])] = n
             elif str(n.target) == SDPA_BACKWARD:
-                f = forwards.get(tuple(id(a) for a in n.args[1:4]))
+                f = forwards.get(tuple(id(_undetached(a)) for a in n.args[1:4]))
                 if f is not None:
                     pairs[f.name] = n
         return pairs
@@ -64,7 +66,8 @@ class AttentionSteps:
         if kernel == "math-analytic":   # the [B, H, L, S] probabilities instead (decomposition failed)
             k = node.args[1].meta["val"]
             lse = lse / 4 * plain(self.c.to_user(k.shape[-2])) * q.dtype.itemsize
-        i = self.new_buffer(("lse", node.name), sympy.expand(lse), ACTIVATIONS, step, f"{node.name}.logsumexp")
+        i = self.new_buffer(("lse", node.name), sympy.expand(lse), ACTIVATIONS, step, f"{node.name}.logsumexp",
+                            source=node.name)
         self.buffers[i].dtype, self.buffers[i].shape = "float32", "[B, H, L]"
         kept = [i]
         mask = node.args[3].meta.get("val") if isinstance(node.args[3], fx.Node) else None
@@ -74,7 +77,7 @@ class AttentionSteps:
             # kernel's backward reads it again
             size = sympy.Mul(*[plain(self.c.to_user(x)) for x in mask.shape]) * q.dtype.itemsize
             j = self.new_buffer(("float_mask", node.name), sympy.expand(size), ACTIVATIONS, step,
-                                f"{node.name}.float_mask")
+                                f"{node.name}.float_mask", source=node.args[3].name)
             self.buffers[j].dtype = str(q.dtype).removeprefix("torch.")
             self.buffers[j].shape = "[" + ", ".join(str(plain(self.c.to_user(x))) for x in mask.shape) + "]"
             kept.append(j)
@@ -97,7 +100,7 @@ class AttentionSteps:
             rows = sympy.Mul(*[plain(self.c.to_user(s)) for s in q.shape[:-1]])
             acc = 4 * rows * plain(self.c.to_user(q.shape[-1])) + 4 * rows    # dq accumulator + delta
             i = self.new_buffer(("dq_accum", node.name), sympy.expand(acc), TEMPORARIES, step,
-                                f"{node.name}.workspace")
+                                f"{node.name}.workspace", source=node.name)
             self.buffers[i].dtype, self.buffers[i].shape = "float32", "[B, H, L, E] + [B, H, L]"
 
     def _math_trace(self, node: fx.Node, train: bool) -> fx.GraphModule | None:
@@ -155,6 +158,9 @@ class AttentionSteps:
         placeholders = [n for n in nodes if n.op == "placeholder"]
         output = next(n for n in nodes if n.op == "output")
         backward = _descendants(placeholders[4]) if len(placeholders) == 5 else set()
+        # storages computed from q, k, v (or the gradient) are the attention node's values; those
+        # computed from the mask or nothing (a causal mask made inside) are not
+        data = set().union(*(_descendants(p) for i, p in enumerate(placeholders) if i != 3))
         keymap = {}
         outer_args = list((fwd or outer).args[:4])
         if part == "backward":
@@ -183,14 +189,22 @@ class AttentionSteps:
             if not in_part:
                 continue
             keymap_ns = _NamespacedMap(keymap, ns)
-            self._op(n, str(n.target), phase, module, ns=ns, keymap=keymap_ns, stack=stack)
+            source = outer.name if n in data else ""
+            self._op(n, str(n.target), phase, module, ns=ns, keymap=keymap_ns, stack=stack, source=source)
         self.node_keys[outer.name] = [k for k, _ in outer_val]
         # the outer node's own output: make sure it exists (a decomposition that returned an input view)
         step = len(self.steps) - 1
         for key, t in outer_val:
             if key not in self.by_key:
                 self.new_buffer(key, self.size_of(t), ACTIVATIONS if part == "forward" else TEMPORARIES, step,
-                                outer.name, t)
+                                outer.name, t, source=outer.name)
+
+
+def _undetached(node):
+    """The node a chain of aten.detach calls starts from."""
+    while isinstance(node, fx.Node) and str(node.target) == "aten.detach.default":
+        node = node.args[0]
+    return node
 
 
 class _NamespacedMap:

@@ -184,7 +184,7 @@ def largest(report, hardware, dim: str, dims: dict[str, int], capacity_bytes: in
     sym = dim_symbol(dim)
     ceiling = None      # the tightest upper bound of the limits on this dimension alone
     for limit in report.limits:
-        b = limit.bound(sym)
+        b = limit.bound(sym, {d: v for d, v in dims.items() if d != dim})
         if b is not None and (ceiling is None or b < ceiling[0]):
             ceiling = (b, limit)
     a = start if start is not None else report.primary.captured.hints.get(dim, 1)

@@ -57,6 +57,8 @@ class FrameLifetimes:
             if not ids:
                 continue
             for b in self.reads[s]:
+                if b in self.cache_inputs:
+                    continue         # reached through the cache object, not passed as an argument
                 start = self.buffers[b].start
                 for cid in ids:                       # outermost first
                     if spans[cid][0] > start:

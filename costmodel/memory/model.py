@@ -36,6 +36,8 @@ class Buffer:
     node: str
     dtype: str
     shape: str
+    source: str = ""    # the graph node whose value this storage is ("" for none: a constant, the optimizer's)
+    param: str = ""     # the parameter whose value, gradient or optimizer state it holds ("" for none)
 
 
 @dataclass
@@ -70,6 +72,7 @@ class MemoryModel:
         self.steps, self.buffers, self.dims, self.device = steps, buffers, list(dims), device
         self.kernels, self.amp = kernels, amp
         self.warnings: list[str] = []
+        self.reads: list[list[int]] = [[] for _ in steps]   # step -> buffers its op reads (when known)
         self._peak = None
         self._reduce()
 

@@ -33,7 +33,8 @@ class OptimizerSteps:
             if self.device == "cpu" and self.optimizer != "sgd" and self.optimizer != "sgd-momentum":
                 state += CPU_STEP_BYTES
             if state:
-                i = self.new_buffer(None, sympy.Integer(state), STATE, 0, f"{name} ({self.optimizer} state)")
+                i = self.new_buffer(None, sympy.Integer(state), STATE, 0, f"{name} ({self.optimizer} state)",
+                                    param=name)
                 self.buffers[i].dtype, self.buffers[i].shape = str(t.dtype).removeprefix("torch."), \
                     str(list(t.shape))
             groups[str(t.dtype)] = groups.get(str(t.dtype), 0) + nbytes

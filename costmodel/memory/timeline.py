@@ -31,6 +31,7 @@ import torch.fx as fx
 
 from costmodel._torch import tree_leaves
 from costmodel.capture.blocks import COPY
+from costmodel.capture.generate import CACHE_ROLE
 from costmodel.errors import UsageError
 from costmodel.formulas import plain
 from costmodel.memory.attention import SDPA, SDPA_BACKWARD, AttentionSteps
@@ -41,6 +42,7 @@ from costmodel.memory.optimizer import OptimizerSteps, optimizer_temporary_bytes
 from costmodel.rules import optimizer as opt
 
 DEVICE_KINDS = ("cuda", "cpu")
+_BLAS_MATMULS = {"aten.mm.default", "aten.addmm.default", "aten.bmm.default", "aten.baddbmm.default"}
 # make_fx reads sizes off whichever tensor first had them: no use of the data
 SHAPE_ONLY = {"aten.sym_size.int", "aten.sym_stride.int", "aten.sym_numel.default",
               "aten.sym_storage_offset.default"}
@@ -85,6 +87,7 @@ class _Builder(AttentionSteps, OptimizerSteps, FrameLifetimes):
         self._weight_casts: list[int] = []           # buffers of autocast's cached weight copies
         self.fused_out: set = set()                  # storages of fused attention outputs
         self.warnings: list[str] = []                # fallbacks taken, said in the report
+        self.cache_inputs: set[int] = set()          # buffers of a decode step's cache placeholders
 
     # storages
 
@@ -114,10 +117,11 @@ class _Builder(AttentionSteps, OptimizerSteps, FrameLifetimes):
         return self._sizes[key]
 
     def new_buffer(self, key, size, category: int, step: int, node: str, t: torch.Tensor | None = None,
-                   end: int | None = None) -> int:
+                   end: int | None = None, source: str = "", param: str = "") -> int:
         shape = "" if t is None else "[" + ", ".join(str(plain(self.c.to_user(s))) for s in t.shape) + "]"
         dtype = "" if t is None else str(t.dtype).removeprefix("torch.")
-        self.buffers.append(Buffer(size, category, step, step if end is None else end, node, dtype, shape))
+        self.buffers.append(Buffer(size, category, step, step if end is None else end, node, dtype, shape,
+                                   source, param))
         if key is not None:
             self.by_key[key] = len(self.buffers) - 1
         return len(self.buffers) - 1
@@ -141,19 +145,26 @@ class _Builder(AttentionSteps, OptimizerSteps, FrameLifetimes):
         graph = self.c.graph.graph
         nodes = list(graph.nodes)
         start = self.add_step("(start)", "", "", "start")
+        resident = []
         for node in nodes:
             if node.op != "placeholder":
                 continue
             role, name = self.c.roles.get(node.name, ("input", node.name))
-            cat = ACTIVATIONS if role == "input" else PARAMS
+            cat = ACTIVATIONS if role in ("input", CACHE_ROLE) else PARAMS
             keys = []
             for key, t in storage_keys(node.meta.get("val")):
                 if key not in self.by_key:
-                    self.new_buffer(key, self.size_of(t), cat, start, name, t)
+                    i = self.new_buffer(key, self.size_of(t), cat, start, name, t, source=node.name,
+                                        param=name if role == "param" else "")
+                    if role == CACHE_ROLE:
+                        # a decode step's cache: each layer replaces its keys and values with the
+                        # concatenation, which frees the old ones at that op (eager drops the last reference)
+                        self.cache_inputs.add(i)
+                    else:
+                        resident.append(i)
                 keys.append(key)
             self.node_keys[node.name] = keys
         backward_of = self._pair_attention(nodes)
-        resident = [i for i in range(len(self.buffers))]
         pending_bwd: dict[str, tuple] = {}
         output_node = None
         step_of: dict[str, int] = {}                 # graph node -> the last step made for it
@@ -175,6 +186,7 @@ class _Builder(AttentionSteps, OptimizerSteps, FrameLifetimes):
             step_of[node.name] = len(self.steps) - 1
         end = len(self.steps) - 1
         self._frame_locals(nodes, step_of)
+        self._autograd_node_lifetimes(nodes, step_of)
         if self.amp:
             # autocast caches the cast copy of each weight until the autocast region (forward and
             # loss) exits, whether or not the backward needs it
@@ -185,12 +197,17 @@ class _Builder(AttentionSteps, OptimizerSteps, FrameLifetimes):
         grads: list = []
         if output_node is not None:
             outs = list(tree_leaves(output_node.args))
+            grad_params = list(getattr(self.c, "grad_params", []))
             for j, arg in enumerate(outs):
                 if isinstance(arg, fx.Node):
                     keys = self.node_keys.get(arg.name, [])
                     self.touch(keys, end)
                     if self.c.mode == "train" and j > 0:
                         grads.extend(keys)
+                        if j - 1 < len(grad_params):
+                            for key in keys[:1]:
+                                if key in self.by_key and not self.buffers[self.by_key[key]].param:
+                                    self.buffers[self.by_key[key]].param = grad_params[j - 1]
         if self.c.mode == "train":
             self._optimizer_step(grads)
         self._eager_lifetimes()
@@ -202,10 +219,42 @@ class _Builder(AttentionSteps, OptimizerSteps, FrameLifetimes):
                 b.end = last
         model = MemoryModel(self.steps, self.buffers, self.c.dims, self.device, self.kernels, self.amp)
         model.warnings = list(self.warnings)
+        model.reads = self.reads
         return model
 
+    def _autograd_node_lifetimes(self, nodes: list[fx.Node], step_of: dict[str, int]) -> None:
+        """The autograd engine frees a backward node's saved tensors and incoming gradients when the
+        node returns, not at their last use inside it (MulBackward keeps both factors until both
+        products are made): what the ops of one node (consecutive backward ops of one seq_nr) read,
+        made before the node started, lives until its last op."""
+        run: list[int] = []
+        seq = None
+
+        def close() -> None:
+            if len(run) < 2:
+                return
+            first, last = run[0], run[-1]
+            for s in range(first, last + 1):
+                for b in self.reads[s]:
+                    buf = self.buffers[b]
+                    if buf.start < first and buf.end < last:
+                        buf.end = last
+        for node in nodes:
+            if node.op != "call_function" or node.name not in step_of:
+                continue
+            number = node.meta.get("seq_nr")
+            if node.meta.get("costmodel_phase") != "backward" or node.meta.get("is_gradient_acc") or number is None:
+                close()
+                run, seq = [], None
+                continue
+            if number != seq:
+                close()
+                run, seq = [], number
+            run.append(step_of[node.name])
+        close()
+
     def _op(self, node: fx.Node, target: str, phase: str, module: str, ns: str = "", keymap=None,
-            cat: int | None = None, stack: tuple | None = None) -> None:
+            cat: int | None = None, stack: tuple | None = None, source: str | None = None) -> None:
         if stack is None:
             stack = tuple(node.meta.get("nn_module_stack", ()) or ()) if phase == "forward" else ()
         step = self.add_step(ns + node.name, target, module, phase, stack)
@@ -225,8 +274,11 @@ class _Builder(AttentionSteps, OptimizerSteps, FrameLifetimes):
             key = self.alias.get(key, key)
             if key not in self.by_key:
                 size = self.size_of(t)
-                self.new_buffer(key, size, category, step, ns + node.name, t)
+                self.new_buffer(key, size, category, step, ns + node.name, t,
+                                source=node.name if source is None else source)
             keys.append(key)
+        if target in _BLAS_MATMULS and self.device == "cuda":
+            self._broadcast_operand_copies(node, step, ns)
         if target == "aten.bernoulli_.float" and self.device == "cuda":
             # CUDA's dropout is native_dropout: a bool mask, 1 byte per element
             for key, t in values[:1]:
@@ -250,6 +302,23 @@ class _Builder(AttentionSteps, OptimizerSteps, FrameLifetimes):
         if self.amp and target == "aten._to_copy.default" and node.args and isinstance(node.args[0], fx.Node) \
                 and self.c.roles.get(node.args[0].name, ("",))[0] == "param":
             self._weight_casts.extend(self.by_key[k] for k in keys if k in self.by_key)
+
+    def _broadcast_operand_copies(self, node: fx.Node, step: int, ns: str) -> None:
+        """A matmul operand broadcast with a zero stride (the gradient of a sum is an expanded scalar)
+        is copied to a contiguous tensor inside the kernel (BLAS takes no zero strides:
+        aten/src/ATen/native/LinearAlgebra.cpp on the CPU, prepare_matrix_for_cublas on CUDA); the
+        copy lives while the matmul runs. CUDA only: torch.cuda.max_memory_allocated sees it; on the
+        CPU the figure is the live tensors an op hands back (validate's meter, FSDPMemTracker), which a
+        kernel's internal copy is not."""
+        for arg in node.args:
+            t = arg.meta.get("val") if isinstance(arg, fx.Node) else None
+            if not isinstance(t, torch.Tensor) or t.dim() < 2:
+                continue
+            if any(isinstance(st, int) and st == 0 and not (isinstance(sz, int) and sz == 1)
+                   for st, sz in zip(t.stride(), t.shape)):
+                size = sympy.expand(sympy.Mul(*[plain(self.c.to_user(x)) for x in t.shape]) * t.dtype.itemsize)
+                self.new_buffer(None, size, TEMPORARIES, step, f"{ns}{node.name} (contiguous copy of {arg.name})", t,
+                                source=arg.name)
 
     def _is_fused_out_transposed(self, arg) -> bool:
         if not isinstance(arg, fx.Node) or str(arg.target) != "aten.transpose.int":

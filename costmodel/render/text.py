@@ -47,6 +47,116 @@ def _memory_lines(points: list[Point], h) -> list[str]:
     return lines
 
 
+def _generation_lines(report: Report, points: list[Point], h, fmt: str) -> list[str]:
+    """Generate mode: per point, the prefill and the decode steps, the KV cache, time to first token
+    and tokens/s (times on the first --hw device)."""
+    rows = []
+    for p in points:
+        g = p.extra.get("generate")
+        if g is None:
+            continue
+        rows.append([p.dims[d] for d in p.dims] + [
+            num(g["prefill"]["flops"]), num(g["decode"]["flops"]), size(g["kv_cache_bytes"]),
+            size(p.kv_bytes_per_token()), duration(g["time_to_first_token_s"]),
+            duration(g["decode"]["first_token_time_s"]), duration(g["decode"]["last_token_time_s"]),
+            duration(g["decode"]["time_s"]), num(g["tokens_per_s"], "tok/s") if g["tokens_per_s"] else "-",
+            pct(p.decode_memory_bound_share * 100) if p.decode_memory_bound_share is not None else "-"])
+    if not rows:
+        return []
+    dims = list(points[0].dims)
+    device = f" on {report.hardware[0].name}" if report.hardware else ""
+    lines = [h(f"Generation{device}"), tabulate(rows, headers=dims + [
+        "prefill FLOPs", "decode FLOPs", "KV cache", "KV per token", "time to 1st token", "1st decode step",
+        "last decode step", "all decode steps", "tokens/s", "decode memory-bound"], tablefmt=fmt,
+        disable_numparse=True)]
+    lines.append("KV cache: keys and values after the last step (prompt + gen tokens); KV per token: what the next "
+                 "token adds per sequence; tokens/s: batch x gen / the decode steps' time")
+    pieces = getattr(report, "decode_pieces", [])
+    if len(pieces) > 1:
+        lines.append("decode step captured in pieces over its context ctx: " + ", ".join(
+            f"[{lo}, {hi if hi is not None else 'inf'})" if hi is None else (f"{lo}" if lo == hi else f"[{lo}, {hi}]")
+            for lo, hi in pieces))
+    return lines
+
+
+def _parallel_lines(points: list[Point], h, fmt: str) -> list[str]:
+    """Per GPU under parallel training: each pipeline stage's peak and its parts, its compute,
+    exposed communication and bubble; the step time, tokens/s and MFU."""
+    last = points[-1] if points else None
+    if last is None or "ranks" not in last.extra:
+        return []
+    e = last.extra
+    par = e["parallel"]
+    where = ", ".join(f"{d}={x}" for d, x in last.dims.items())
+    degrees = ", ".join(f"{g}={par[g]}" for g in ("dp", "fsdp", "tp", "pp"))
+    extras = [f"zero {par['zero']}" if par["zero"] else "", f"{par['microbatches']} micro-batch{'es' if par['microbatches'] > 1 else ''}",
+              "sequence parallel" if par["sequence_parallel"] else "",
+              f"interleaved x{par['pp_interleave']}" if par["pp_interleave"] > 1 else "",
+              f"checkpointing {par['checkpointing']}" if par["checkpointing"] != "none" else "",
+              "master weights" if par["master_weights"] else ""]
+    lines = [h(f"Per GPU ({par['world_size']} GPUs) at {where}"),
+             f"{degrees}; " + ", ".join(x for x in extras if x) + f"; global batch {par['global_batch']}"]
+    rows = []
+    for r in e["ranks"]:
+        m = r["memory"]
+        rows.append([r["stage"], size(r["peak_memory_bytes"]), size(m.get("params")), size(m.get("grads")),
+                     size(m.get("optimizer_state")), size(m.get("activations")), size(m.get("temporaries")),
+                     duration(r.get("compute_time_s")), duration(r.get("exposed_communication_time_s")),
+                     duration(r.get("bubble_time_s"))])
+    lines.append(tabulate(rows, headers=["stage", "peak", "params", "grads", "optimizer", "activations",
+                                         "temporaries", "compute", "exposed comm", "bubble"], tablefmt=fmt))
+    if e.get("step_time_s") is not None:
+        lines.append(f"step {duration(e['step_time_s'])}, {num(e['tokens_per_s'])} tokens/s, "
+                     f"MFU {(e['mfu'] or 0) * 100:.1f}%")
+    return lines
+
+
+def plan_text(result: dict, top: int, fmt: str = "simple") -> str:
+    """`costmodel plan`: the fitting plans fastest first, then the rejected ones with why."""
+    out = [f"{result['model']} on {result['gpus']} x {result['hardware']} "
+           f"({size(result['capacity_bytes'])} usable each), "
+           + ", ".join(f"{d}={v}" for d, v in result["dims"].items())]
+    rows = []
+    for p in result["plans"][:top]:
+        c = p["parallel"]
+        b = p["breakdown"]
+        rows.append([", ".join(f"{g}={c[g]}" for g in ("dp", "fsdp", "tp", "pp") if c[g] > 1) or "1 GPU",
+                     c["zero"] or "", c["microbatches"], "yes" if c["sequence_parallel"] else "", p["checkpointing"],
+                     size(p["peak_memory_bytes"]), duration(p["step_time_s"]), num(p["tokens_per_s"]),
+                     f"{(p['mfu'] or 0) * 100:.1f}%", duration(b["exposed_communication_s"]),
+                     duration(b["bubble_s"])])
+    out.append(f"\n{len(result['plans'])} plans fit (the fastest {min(top, len(result['plans']))}, by tokens/s):")
+    out.append(tabulate(rows, headers=["parallel", "zero", "micro-batches", "seq. par.", "checkpointing", "peak/GPU",
+                                       "step", "tokens/s", "MFU", "exposed comm", "bubble"], tablefmt=fmt))
+    rejected = result["rejected"]
+    if rejected:
+        out.append(f"\n{len(rejected)} rejected:")
+        shown = rejected[:max(top, 10)]
+        for r in shown:
+            c = r.get("parallel")
+            name = ", ".join(f"{g}={c[g]}" for g in ("dp", "fsdp", "tp", "pp") if c[g] > 1) if c else "any"
+            extra = f", zero {c['zero']}" if c and c["zero"] else ""
+            extra += f", {c['microbatches']} micro-batches" if c and c["microbatches"] > 1 else ""
+            out.append(f"  {name or '1 GPU'}{extra}, checkpointing {r['checkpointing']}: {r['reason']}")
+        if len(rejected) > len(shown):
+            out.append(f"  ... and {len(rejected) - len(shown)} more (--format json lists all)")
+    return "\n".join(out) + "\n"
+
+
+def parallel_validation_text(report: Report, points: list[dict], fmt: str = "simple") -> str:
+    """`validate --parallel`: each rank's measured peak beside its stage's predicted one."""
+    out = [f"{report.model}: {report.options.parallel}, measured on gloo ranks (CPU) against the prediction"]
+    rows = []
+    for p in points:
+        where = ", ".join(f"{d}={v}" for d, v in p["dims"].items())
+        for r in p["ranks"]:
+            rows.append([where, r["rank"], r["stage"], size(r["measured"]["peak_memory_bytes"]),
+                         size(r["predicted"]["peak_memory_bytes"]), signed_pct(r["error_pct"])])
+    out.append(tabulate(rows, headers=["at", "rank", "stage", "measured peak", "predicted peak", "error"],
+                        tablefmt=fmt))
+    return "\n".join(out) + "\n"
+
+
 def _size_not_one(guard) -> bool:
     """PyTorch's contiguity checks assume derived sizes are not 1: true, and noise in a report."""
     e = guard.expr
@@ -119,6 +229,8 @@ def to_table(report: Report, points: list[Point], depth: int | None = 2, top: in
             out.append(f"\non {tm['device']} at {where}: {duration(last.totals['time_s'])}, "
                        f"{(tm['memory_bound_share'] or 0) * 100:.0f}% of the time memory-bound, "
                        f"MFU {(tm['mfu'] or 0) * 100:.0f}%" + (" (TF32 assumed for float32 matmuls)" if tm["tf32"] else ""))
+        out.extend(_generation_lines(report, points, h, fmt))
+        out.extend(_parallel_lines(points, h, fmt))
         out.extend(_memory_lines(points, h))
         out.append(h(f"By module (depth {depth}) at {where}" if by == "module" else f"By op at {where}"))
         if by == "module":
@@ -160,14 +272,17 @@ def _measured_cells(m: dict) -> tuple[str, str]:
 
 
 def validation_table(r, style: str = "simple") -> str:
-    """`costmodel validate`'s table: per point, the fitted exponents, the doubling ratios, the summary."""
-    from costmodel.validate.engine import SERIES, SERIES_LABELS
+    """`costmodel validate`'s table: per point, the fitted exponents, the doubling ratios, the summary
+    (generate mode: also the time to first token and per token, and per-token time against context)."""
+    from costmodel.validate.engine import labels_of, series_of
+    series, labels = series_of(r.mode), labels_of(r.mode)
+    generate = r.mode == "generate"
     names = list(r.points[0].dims) if r.points else []
     cross = any("independent_peak_memory_bytes" in p.measured for p in r.points)
     threads = r.environment.get("threads")
     head = (f"{r.model} ({r.mode}, {r.dtype}) on {r.device} ({r.device_name}"
             f"{f', {threads} threads' if threads and r.device == 'cpu' else ''}): median of at least {r.repeats} "
-            f"steps; predicted time on {r.hardware or '-'}")
+            f"{'generations' if generate else 'steps'}; predicted time on {r.hardware or '-'}")
     rows = []
     for p in r.points:
         t, peak = _measured_cells(p.measured)
@@ -177,6 +292,10 @@ def validation_table(r, style: str = "simple") -> str:
         if cross:
             row += [size(p.measured.get("independent_peak_memory_bytes")),
                     signed_pct(p.errors.get("measured_vs_independent_pct"))]
+        if generate:
+            row += [duration(p.measured.get("time_to_first_token_s")), duration(p.predicted.get("time_to_first_token_s")),
+                    signed_pct(p.errors.get("time_to_first_token_pct")), duration(p.measured.get("token_time_s")),
+                    duration(p.predicted.get("token_time_s")), signed_pct(p.errors.get("token_time_pct"))]
         row.append(num(p.predicted.get("flops")))
         if p.measured.get("oom") or "skipped" in p.measured:
             fits = p.errors.get("predicted_oom")
@@ -185,17 +304,25 @@ def validation_table(r, style: str = "simple") -> str:
     headers = names + ["time", "predicted", "error", "peak", "predicted", "error"]
     if cross:
         headers += ["allocator peak", "peak vs allocator"]
+    if generate:
+        headers += ["1st token", "predicted", "error", "per token", "predicted", "error"]
     headers += ["FLOPs"]
     if any(len(row) > len(headers) for row in rows):
         headers.append("note")
         rows = [row + [""] * (len(headers) - len(row)) for row in rows]
     parts = [head, "", tabulate(rows, headers=headers, tablefmt=style, disable_numparse=True)]
+    if generate:
+        parts += ["", "Time per token against context: least squares a + b * ctx over the decode steps "
+                      "(each step reads the whole cache)",
+                  tabulate([[p.dims[n] for n in names] + _line_cells(p) for p in r.points if p.ok],
+                           headers=names + ["measured a", "b (per 1k tokens)", "R^2", "predicted a",
+                                            "b (per 1k tokens)", "R^2"], tablefmt=style, disable_numparse=True)]
 
     if r.swept:
         exp_rows = []
         for d in r.swept:
-            for series, label in SERIES_LABELS.items():
-                exp_rows.append([d, label, fixed2(r.exponents[d].get(series)), r.classes[d].get(series) or "-"])
+            for key, label in labels.items():
+                exp_rows.append([d, label, fixed2(r.exponents[d].get(key)), r.classes[d].get(key) or "-"])
         parts += ["", "Fitted exponents (least squares on log size vs log value)",
                   tabulate(exp_rows, headers=["dim", "series", "exponent", "class"], tablefmt=style,
                            disable_numparse=True)]
@@ -204,12 +331,15 @@ def validation_table(r, style: str = "simple") -> str:
             for row in r.doubling_ratios[d]:
                 at = " ".join(f"{k}={v}" for k, v in row.get("at", {}).items())
                 ratio_rows.append([d, f"{row['from']} -> {row['to']}", at] +
-                                  [fixed2(row[s]) for s in SERIES])
+                                  [fixed2(row.get(key)) for key in series])
         parts += ["", "Ratios between consecutive sizes (the doubling experiment)",
-                  tabulate(ratio_rows, headers=["dim", "sizes", "at"] + [SERIES_LABELS[s] for s in SERIES],
+                  tabulate(ratio_rows, headers=["dim", "sizes", "at"] + [labels[key] for key in series],
                            tablefmt=style, disable_numparse=True)]
     e = r.errors
     summary = [f"time MAPE {pct(e['time_mape'])}", f"peak memory MAPE {pct(e['peak_memory_mape'])}"]
+    if generate:
+        summary += [f"time to first token MAPE {pct(e.get('time_to_first_token_mape'))}",
+                    f"time per token MAPE {pct(e.get('token_time_mape'))}"]
     if e.get("measured_vs_independent_max_pct") is not None:
         summary.append(f"measured peak vs allocator: max {e['measured_vs_independent_max_pct']:.1f}% apart")
     if e.get("oom_points"):
@@ -218,6 +348,16 @@ def validation_table(r, style: str = "simple") -> str:
         summary.append(f"{e['skipped_points']} point(s) skipped")
     parts += ["", "Summary: " + "; ".join(summary)]
     return "\n".join(parts) + "\n"
+
+
+def _line_cells(p) -> list[str]:
+    cells = []
+    for side in (p.measured, p.predicted):
+        b = side.get("token_time_slope_s")
+        r2 = side.get("token_time_r2")
+        cells += [duration(side.get("token_time_intercept_s")), duration(b * 1000) if b is not None else "-",
+                  f"{r2:.2f}" if r2 is not None else "-"]
+    return cells
 
 
 # --- fit, hardware, zoo, device comparison -------------------------------------------------------
@@ -284,7 +424,16 @@ def zoo_text(models) -> str:
 
 
 def comparison_text(rows: list[dict]) -> str:
-    """Devices side by side at one point: time, memory-bound share, MFU."""
+    """Devices side by side at one point: time, memory-bound share, MFU (generate mode: and the time to
+    first token, the decode steps, tokens/s)."""
+    if rows and "tokens_per_s" in rows[0]:
+        return "\nDevices compared at the last point\n" + tabulate(
+            [[c["device"], duration(c["time_s"]), duration(c["time_to_first_token_s"]),
+              duration(c["first_token_time_s"]), duration(c["last_token_time_s"]),
+              num(c["tokens_per_s"], "tok/s") if c["tokens_per_s"] else "-",
+              f"{(c['decode_memory_bound_share'] or 0) * 100:.0f}%", f"{(c['mfu'] or 0) * 100:.0f}%"] for c in rows],
+            headers=["device", "generation", "time to 1st token", "1st decode step", "last decode step", "tokens/s",
+                     "decode memory-bound", "MFU"], disable_numparse=True) + "\n"
     return "\nDevices compared at the last point\n" + tabulate(
         [[c["device"], duration(c["time_s"]), f"{(c['memory_bound_share'] or 0) * 100:.0f}%",
           f"{(c['mfu'] or 0) * 100:.0f}%"] for c in rows], headers=["device", "time", "memory-bound", "MFU"]) + "\n"

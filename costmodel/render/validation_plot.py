@@ -71,11 +71,15 @@ def validation_figure(result, title: str | None = None):
 
     data = result.to_dict() if hasattr(result, "to_dict") else result
     points, swept = data["points"], list(data["swept"])
-    if not swept:
+    generate = data.get("mode") == "generate"
+    if not swept and not generate:
         raise UsageError("the plot needs a swept dimension (a --dim with two or more values)")
-    fig = Figure(figsize=(11, 4.2 * len(swept)), layout="constrained")
+    fig = Figure(figsize=(11, 4.2 * (len(swept) + generate)), layout="constrained")
     FigureCanvasAgg(fig)
-    axes = fig.subplots(len(swept), 2, squeeze=False)
+    axes = fig.subplots(len(swept) + generate, 2, squeeze=False)
+    if generate:
+        _token_panels(axes[-1], points)
+        axes = axes[:-1]
     names = list(points[0]["dims"]) if points else []
     first_time = next((p["measured"]["time_s"] for p in points if "time_s" in p["measured"]), None)
     first_flops = next((p["predicted"]["flops"] for p in points if "time_s" in p["measured"]), None)
@@ -117,7 +121,8 @@ def validation_figure(result, title: str | None = None):
                     ax.plot([p["dims"][d] for p in ooms], [p["predicted"]["peak_memory_bytes"] for p in ooms],
                             color="tab:red", marker="x", markersize=10, linestyle="none",
                             label="measured OOM (at its predicted peak)")
-        for ax, ylabel, units in zip(row, ("time per step", "peak memory"), (_TIME_UNITS, _BYTE_UNITS)):
+        for ax, ylabel, units in zip(row, ("time per generation" if generate else "time per step", "peak memory"),
+                                     (_TIME_UNITS, _BYTE_UNITS)):
             ax.set_xscale("log", base=2)
             ax.set_yscale("log")
             lo, hi = ax.get_ylim()
@@ -139,6 +144,45 @@ def validation_figure(result, title: str | None = None):
     fig.suptitle(title or f"{data['model']} ({data['mode']}, {data['dtype']}) on {data['device']}: "
                           f"measured vs predicted, fitted log-log slopes k")
     return fig
+
+
+def _token_panels(row, points: list[dict]) -> None:
+    """Generate mode: each decode step's time against its context, measured (dots) and predicted
+    (line), one colour per point; and the time to first token against the prompt."""
+    from matplotlib.ticker import FuncFormatter
+    ax, ttft = row
+    colors = ["tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple", "tab:brown", "tab:pink", "tab:olive"]
+    for i, p in enumerate(q for q in points if q["measured"].get("token_times_s")):
+        color = colors[i % len(colors)]
+        prompt = p["dims"]["prompt"]
+        measured, predicted = p["measured"]["token_times_s"], p["predicted"].get("token_times_s") or []
+        at = " ".join(f"{k}={v}" for k, v in p["dims"].items())
+        ax.plot(range(prompt, prompt + len(measured)), [t * 1e3 for t in measured], color=color, marker="o",
+                markersize=3, markerfacecolor="none", linestyle="none", label=f"measured, {at}")
+        if predicted:
+            ax.plot(range(prompt, prompt + len(predicted)), [t * 1e3 for t in predicted], color=color,
+                    linestyle="-", linewidth=1.5, label=f"predicted, {at}")
+    ax.set_xlabel("context (tokens in the cache before the step)")
+    ax.set_ylabel("time per decode step (ms)")
+    ax.set_title("time per token against context", fontsize=10)
+    ax.grid(True, alpha=0.2)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=7)
+    done = [p for p in points if p["measured"].get("time_to_first_token_s")]
+    for key, color, marker, label in (("measured", "tab:blue", "o", "measured"),
+                                      ("predicted", "tab:orange", "s", "predicted")):
+        xy = sorted((p["dims"]["prompt"], p[key]["time_to_first_token_s"] * 1e3) for p in done
+                    if p[key].get("time_to_first_token_s"))
+        if xy:
+            ttft.plot(*zip(*xy), color=color, marker=marker, linestyle="none", label=label,
+                      **({"markerfacecolor": "none", "markersize": 10} if key == "measured" else {}))
+    ttft.set_xlabel("prompt (tokens)")
+    ttft.set_ylabel("time to first token (ms)")
+    ttft.set_title("time to first token (the prefill)", fontsize=10)
+    ttft.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+    ttft.grid(True, alpha=0.2)
+    if ttft.get_legend_handles_labels()[0]:
+        ttft.legend(fontsize=8)
 
 
 _TIME_UNITS = ((1.0, "s"), (1e-3, "ms"), (1e-6, "us"))
@@ -178,7 +222,7 @@ def _in_unit(value: float, unit: tuple[float, str]) -> str:
 
 
 def _value(p: dict, series: str):
-    from costmodel.validate.engine import SERIES
-    section, key = SERIES[series]
+    from costmodel.validate.engine import GENERATE_SERIES, SERIES
+    section, key = {**SERIES, **GENERATE_SERIES}[series]
     v = p[section].get(key)
     return v if isinstance(v, (int, float)) and v > 0 else None

@@ -23,6 +23,7 @@ import itertools
 import json
 import math
 import os
+import statistics
 import sys
 import tempfile
 import time
@@ -44,6 +45,21 @@ SERIES = {"measured": ("measured", "time_s"), "predicted": ("predicted", "time_s
           "memory": ("measured", "peak_memory_bytes"), "predicted_memory": ("predicted", "peak_memory_bytes")}
 SERIES_LABELS = {"measured": "measured time", "predicted": "predicted time", "flops": "FLOPs",
                  "memory": "measured peak", "predicted_memory": "predicted peak"}
+# generate mode adds the time to first token and the mean time of a decode step
+GENERATE_SERIES = {"measured_ttft": ("measured", "time_to_first_token_s"),
+                   "predicted_ttft": ("predicted", "time_to_first_token_s"),
+                   "measured_token": ("measured", "token_time_s"), "predicted_token": ("predicted", "token_time_s")}
+GENERATE_LABELS = {"measured_ttft": "measured time to 1st token", "predicted_ttft": "predicted time to 1st token",
+                   "measured_token": "measured time per token", "predicted_token": "predicted time per token"}
+
+
+def series_of(mode: str) -> dict:
+    """The series whose exponents are fitted: SERIES, and in generate mode GENERATE_SERIES too."""
+    return {**SERIES, **GENERATE_SERIES} if mode == "generate" else dict(SERIES)
+
+
+def labels_of(mode: str) -> dict:
+    return {**SERIES_LABELS, **GENERATE_LABELS} if mode == "generate" else dict(SERIES_LABELS)
 CALIBRATION_MAX_AGE_S = 12 * 3600
 CPU_MEMORY_MARGIN = 0.9      # do not run a CPU point predicted to need more than this share of free RAM
 
@@ -111,13 +127,18 @@ def validate(model, inputs: list[str] | None = None, *, dims: dict[str, list[int
              attention: str = "auto", loss: str = "sum", amp: bool = False, hardware=None, repeats: int = 5,
              warmup: int = 1, min_time_s: float = 0.5, progress: bool = True,
              cross_check: bool | None = None, trust_remote_code: bool = False,
-             targets: list[str] | None = None) -> ValidationResult:
+             targets: list[str] | None = None, kv_dtype: str | None = None) -> ValidationResult:
     """Measure `model` at every point of `dims` (a cartesian product of value lists) on `device`
     and compare with the prediction. `hardware` (a name, .toml path or Hardware) prices the predicted
     time; by default this machine is calibrated (once per shell session, cached in the temp dir).
     Each time is the median of at least `repeats` steps, more while under `min_time_s` of timing.
     `cross_check` (default: on the CPU) adds the profiler's allocator-level peak to each point.
-    `trust_remote_code`: a Hugging Face config's auto_map code may run (as in analyze)."""
+    `trust_remote_code`: a Hugging Face config's auto_map code may run (as in analyze).
+    `mode="generate"`: each point is a greedy generation of `gen` new tokens after a prompt of `prompt`
+    (no early stop), measured whole (peak, time) and step by step: the time to first token (the
+    prefill) and every decode step's time, against the roofline of each step; each point also gets
+    the straight line a + b * ctx fitted to its per-token times, measured and predicted (a decode
+    step reads the whole cache, so its time grows linearly with the context)."""
     from costmodel.api import analyze
     from costmodel.capture.specs import dtype_name, parse_dtype
 
@@ -143,7 +164,7 @@ def validate(model, inputs: list[str] | None = None, *, dims: dict[str, list[int
     # the analysis models the kernels and autocast policy of the device that runs
     report = analyze(model, inputs=inputs, mode=mode, dtype=torch_dtype, optimizer=optimizer, attention=attention,
                      loss=loss, dims=sweep, hardware=hw, complete=True, trust_remote_code=trust_remote_code,
-                     amp=device if amp else False, device=device, targets=targets)
+                     amp=device if amp else False, device=device, targets=targets, kv_dtype=kv_dtype)
     missing = [d for d in report.dims if d not in sweep]
     if missing:
         raise UsageError(f"dimension {missing[0]!r} has no value; validate runs the model, give it one, "
@@ -153,7 +174,8 @@ def validate(model, inputs: list[str] | None = None, *, dims: dict[str, list[int
     swept = [d for d in names if len(sweep[d]) > 1]
 
     environment = _environment(device)
-    runner = _Runner(model, report, device, torch_dtype, mode, optimizer, loss, amp, trust_remote_code)
+    runner = _Runner(model, report, device, torch_dtype, mode, optimizer, loss, amp, trust_remote_code,
+                     report.options.kv_dtype)
     capacity = _capacity_bytes(device, hw)
     results: list[PointResult] = []
     bar = _progress(len(combos), f"validate {report.model}", progress)
@@ -165,6 +187,8 @@ def validate(model, inputs: list[str] | None = None, *, dims: dict[str, list[int
             predicted = {"time_s": point.totals.get("time_s"),
                          "peak_memory_bytes": int(point.totals["peak_memory_bytes"]),
                          "flops": int(point.totals["flops"])}
+            if mode == "generate":
+                predicted.update(_predicted_generation(point, hw, report.tf32))
             measured = runner.measure(point_dims, predicted["peak_memory_bytes"], repeats, warmup, min_time_s,
                                       cross_check)
             results.append(PointResult(point_dims, measured, predicted, _point_errors(measured, predicted, capacity)))
@@ -175,11 +199,11 @@ def validate(model, inputs: list[str] | None = None, *, dims: dict[str, list[int
             bar.close()
         runner.close()
 
-    exponents, classes = _exponents(results, swept)
+    exponents, classes = _exponents(results, swept, series_of(mode))
     return ValidationResult(
         model=report.model, mode=mode, dtype=dtype_name(torch_dtype), device=device,
         hardware=hw.name if hw is not None else None, repeats=repeats, swept=swept, points=results,
-        exponents=exponents, doubling_ratios=_doubling(results, swept, names), classes=classes,
+        exponents=exponents, doubling_ratios=_doubling(results, swept, names, series_of(mode)), classes=classes,
         errors=_summary(results), capacity_bytes=capacity, device_name=_device_name(device),
         environment=environment)
 
@@ -188,14 +212,14 @@ class _Runner:
     """The real model on the device (validate/runner.Runner), measured point by point."""
 
     def __init__(self, source, report, device: str, dtype: torch.dtype, mode: str, optimizer: str, loss: str,
-                 amp: bool, trust_remote_code: bool = False):
+                 amp: bool, trust_remote_code: bool = False, kv_dtype: torch.dtype | None = None):
         self.report, self.device, self.mode = report, device, mode
         torch.manual_seed(0)
         model = build_real(source, report.model, device, trust_remote_code)
         if not amp and dtype != torch.float32:
             model = model.to(dtype)
         self.runner = Runner(model, list(report.inputs), mode=mode, targets=report.targets, optimizer=optimizer,
-                             loss=loss, amp=amp, device=device)
+                             loss=loss, amp=amp, device=device, kv_dtype=kv_dtype)
 
     def measure(self, dims: dict[str, int], predicted_peak: int | None, repeats: int, warmup: int,
                 min_time_s: float, cross_check: bool) -> dict:
@@ -207,16 +231,19 @@ class _Runner:
         values = run = None
         try:
             values = self.runner.values(dims)
-            run = self.runner.step(values)
+            run = self.runner.step(values, dims.get("gen")) if self.mode == "generate" else self.runner.step(values)
             run()    # warm-up: kernels chosen, lazy buffers made; in train, the optimizer state allocated
             resident = self.runner.resident(values)
             meter = measure(run, resident=resident, device=self.device)
             out = {"peak_memory_bytes": int(meter.peak_bytes)}
             if cross_check:
                 out["independent_peak_memory_bytes"] = profiler_peak_bytes(run, resident)
-            timing = time_call(run, repeats=repeats, warmup=warmup, device=self.device, min_time_s=min_time_s)
-            out = {"time_s": timing.median_s, **out, "time_min_s": min(timing.times_s),
-                   "samples": len(timing.times_s)}
+            if self.mode == "generate":
+                out = {**_time_generation(self.runner, values, dims["gen"], repeats, warmup, min_time_s), **out}
+            else:
+                timing = time_call(run, repeats=repeats, warmup=warmup, device=self.device, min_time_s=min_time_s)
+                out = {"time_s": timing.median_s, **out, "time_min_s": min(timing.times_s),
+                       "samples": len(timing.times_s)}
             if meter.op and not meter.op.startswith("("):
                 out["peak_at"] = meter.op
             return out
@@ -253,6 +280,48 @@ def is_oom(e: BaseException) -> bool:
 def _first_line(e: BaseException) -> str:
     text = str(e).strip()
     return text.splitlines()[0] if text else type(e).__name__
+
+
+def _time_generation(runner: Runner, values, gen: int, repeats: int, warmup: int, min_time_s: float) -> dict:
+    """Time whole generations (at least `repeats`, more while under `min_time_s`) step by step: the
+    medians of the whole, of the prefill (time to first token) and of each decode step, and the line
+    a + b * ctx fitted to the per-step medians."""
+    times: list[list[float]] = []
+    run = runner.step(values, gen, times)
+    for _ in range(max(warmup - 1, 0)):      # the caller ran one already
+        run()
+    times.clear()
+    spent = 0.0
+    while len(times) < repeats or (spent < min_time_s and len(times) < 200):
+        run()
+        spent += sum(times[-1])
+    whole = [sum(t) for t in times]
+    steps = [statistics.median(t[i] for t in times) for i in range(1, gen + 1)]
+    prompt = values[0].shape[-1]
+    return {"time_s": statistics.median(whole), "time_min_s": min(whole), "samples": len(times),
+            "time_to_first_token_s": statistics.median(t[0] for t in times),
+            "token_time_s": statistics.fmean(steps), "token_times_s": steps,
+            **_line("token_time", list(range(prompt, prompt + gen)), steps)}
+
+
+def _predicted_generation(point, hw, tf32: bool) -> dict:
+    """The prediction of one generation: time to first token, each decode step's time, their line."""
+    d = point.decode_timing(hw, tf32)
+    steps = [float(t) for t in d.step_time_s]
+    g = point.extra["generate"]
+    return {"time_to_first_token_s": g["time_to_first_token_s"], "token_time_s": statistics.fmean(steps),
+            "token_times_s": steps, **_line("token_time", [int(c) for c in d.ctx], steps)}
+
+
+def _line(name: str, xs: list[int], ys: list[float]) -> dict:
+    """Least squares y = a + b * x: {name_intercept_s, name_slope_s (per token of context), name_r2}."""
+    if len(xs) < 2:
+        return {}
+    b, a = np.polyfit(np.asarray(xs, dtype=float), np.asarray(ys, dtype=float), 1)
+    fitted = a + b * np.asarray(xs, dtype=float)
+    total = float(np.sum((np.asarray(ys) - np.mean(ys)) ** 2))
+    r2 = 1 - float(np.sum((np.asarray(ys) - fitted) ** 2)) / total if total > 0 else None
+    return {f"{name}_intercept_s": float(a), f"{name}_slope_s": float(b), f"{name}_r2": r2}
 
 
 # --- the independent peak (CPU) ------------------------------------------------------------------
@@ -400,6 +469,9 @@ def _point_errors(measured: dict, predicted: dict, capacity: int | None) -> dict
         return out
     out = {"time_pct": _pct(predicted.get("time_s"), measured["time_s"]),
            "peak_memory_pct": _pct(predicted.get("peak_memory_bytes"), measured["peak_memory_bytes"])}
+    if "time_to_first_token_s" in measured:
+        out["time_to_first_token_pct"] = _pct(predicted.get("time_to_first_token_s"), measured["time_to_first_token_s"])
+        out["token_time_pct"] = _pct(predicted.get("token_time_s"), measured["token_time_s"])
     if "independent_peak_memory_bytes" in measured:
         out["measured_vs_independent_pct"] = _pct(measured["peak_memory_bytes"],
                                                   measured["independent_peak_memory_bytes"])
@@ -412,14 +484,17 @@ def _summary(points: list[PointResult]) -> dict:
         return sum(values) / len(values) if values else None
     cross = [abs(p.errors["measured_vs_independent_pct"]) for p in points
              if p.errors.get("measured_vs_independent_pct") is not None]
-    return {"time_mape": mape("time_pct"), "peak_memory_mape": mape("peak_memory_pct"),
+    extra = {}
+    if any("token_time_pct" in p.errors for p in points):
+        extra = {"time_to_first_token_mape": mape("time_to_first_token_pct"), "token_time_mape": mape("token_time_pct")}
+    return {"time_mape": mape("time_pct"), "peak_memory_mape": mape("peak_memory_pct"), **extra,
             "measured_vs_independent_max_pct": max(cross) if cross else None,
             "points": len(points), "oom_points": sum(1 for p in points if p.measured.get("oom")),
             "skipped_points": sum(1 for p in points if "skipped" in p.measured)}
 
 
 def _value(p: PointResult, series: str):
-    section, key = SERIES[series]
+    section, key = {**SERIES, **GENERATE_SERIES}[series]
     v = getattr(p, section).get(key)
     return v if isinstance(v, (int, float)) and v > 0 and math.isfinite(v) else None
 
@@ -446,10 +521,10 @@ def fit_exponents(points: list[PointResult], swept: list[str], series: str) -> d
     return out
 
 
-def _exponents(points: list[PointResult], swept: list[str]):
+def _exponents(points: list[PointResult], swept: list[str], series_set: dict = SERIES):
     exponents: dict[str, dict] = {d: {} for d in swept}
     classes: dict[str, dict] = {d: {} for d in swept}
-    for series in SERIES:
+    for series in series_set:
         fitted = fit_exponents(points, swept, series)
         for d in swept:
             exponents[d][series] = fitted[d]
@@ -457,7 +532,8 @@ def _exponents(points: list[PointResult], swept: list[str]):
     return exponents, classes
 
 
-def _doubling(points: list[PointResult], swept: list[str], names: list[str]) -> dict[str, list[dict]]:
+def _doubling(points: list[PointResult], swept: list[str], names: list[str],
+              series_set: dict = SERIES) -> dict[str, list[dict]]:
     """Ratios of every series between consecutive sizes of each swept dimension, the others fixed."""
     out: dict[str, list[dict]] = {}
     for d in swept:
@@ -471,7 +547,7 @@ def _doubling(points: list[PointResult], swept: list[str], names: list[str]) -> 
                 row = {"from": a.dims[d], "to": b.dims[d], "size_ratio": b.dims[d] / a.dims[d]}
                 if at:
                     row["at"] = dict(at)
-                for series in SERIES:
+                for series in series_set:
                     va, vb = _value(a, series), _value(b, series)
                     row[series] = vb / va if va and vb else None
                 rows.append(row)

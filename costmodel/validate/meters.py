@@ -12,8 +12,8 @@ per-thread blocks): those never reach the dispatcher's Python key.
     >>> measure_peak(lambda: (x + 1) * 2, resident=[x])          # x, x + 1 and the product: 3 * 4096
     12288
 
-`measure_inference` and `measure_train_step` measure the contract's two scenarios on a real module,
-as validate/runner.py runs them (the validator runs the same steps).
+`measure_inference`, `measure_train_step` and `measure_generation` measure the contract's scenarios
+on a real module, as validate/runner.py runs them (the validator runs the same steps).
 """
 
 from __future__ import annotations
@@ -47,7 +47,9 @@ class LiveStorageMeter(_torch.dispatch_mode_class()):
     """Counts live tensor storage bytes on `device` ("cpu"); `.peak` is the high-water mark.
 
     A storage is counted from the first time a tensor on it is seen (an op's output, an op's input,
-    or `add()`) until PyTorch frees it, which a weak reference on the storage reports.
+    or `add()`) until PyTorch frees it, which a weak reference on the storage reports. A storage
+    resized in place (`UntypedStorage.resize_`, which no dispatch mode sees: FSDP frees and
+    re-allocates its unsharded parameters so) counts at its new size from then on.
     """
 
     def __init__(self, device: str = "cpu", keep_largest: int = 8):
@@ -57,7 +59,8 @@ class LiveStorageMeter(_torch.dispatch_mode_class()):
         self.current = 0
         self.peak = 0
         self.peak_op = ""
-        self.peak_largest: list[tuple[int, str, tuple[int, ...]]] = []
+        self.peak_largest: list[tuple[int, str, tuple[int, ...], str]] = []
+        self._op = "(resident)"
         self._keep = keep_largest
 
     def add(self, tensors: Iterable) -> None:
@@ -68,6 +71,11 @@ class LiveStorageMeter(_torch.dispatch_mode_class()):
         self._update("(resident)")
 
     def _track(self, t: torch.Tensor) -> None:
+        inner = _torch.wrapped_tensors(t)
+        if inner is not None:              # DTensor and other wrappers: their local tensors hold the bytes
+            for x in inner:
+                self._track(x)
+            return
         if t.device.type != self.device or t.layout != torch.strided or t.is_nested:
             return
         st = t.untyped_storage()
@@ -75,10 +83,33 @@ class LiveStorageMeter(_torch.dispatch_mode_class()):
         if key in self.live:
             return
         nbytes = st.nbytes()
-        self.live[key] = (nbytes, str(t.dtype).removeprefix("torch."), tuple(t.shape))
+        self.live[key] = (nbytes, str(t.dtype).removeprefix("torch."), tuple(t.shape), self._op)
         self.current += nbytes
         # Storages keep their Python object while the C++ storage lives, so this fires on free.
         weakref.finalize(st, self._free, key)
+
+    def __enter__(self):
+        self._orig_resize = torch.UntypedStorage.resize_
+        meter, orig = self, self._orig_resize
+
+        def resize_(st, size):
+            out = orig(st, size)
+            meter._resized(st)
+            return out
+        torch.UntypedStorage.resize_ = resize_
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        torch.UntypedStorage.resize_ = self._orig_resize
+        return super().__exit__(*exc)
+
+    def _resized(self, st) -> None:
+        key = st._cdata
+        entry = self.live.get(key)
+        if entry is not None and entry[0] != st.nbytes():
+            self.current += st.nbytes() - entry[0]
+            self.live[key] = (st.nbytes(), *entry[1:])
+            self._update("UntypedStorage.resize_")
 
     def _free(self, key: int) -> None:
         entry = self.live.pop(key, None)
@@ -93,6 +124,7 @@ class LiveStorageMeter(_torch.dispatch_mode_class()):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
+        self._op = str(func)              # the op that first handed the storage over (for diagnosis)
         for t in tree_leaves((args, kwargs, out)):
             if isinstance(t, torch.Tensor):
                 self._track(t)
@@ -149,3 +181,14 @@ def measure_train_step(model: nn.Module, inputs: list[str | InputSpec], dims: di
     step = runner.step(values)
     step()   # warm-up: allocates the optimizer state
     return measure(step, resident=runner.resident(values), device=device)
+
+
+def measure_generation(model: nn.Module, inputs: list[str | InputSpec], dims: dict[str, int], *,
+                       device: str = "cpu", kv_dtype: torch.dtype | None = None) -> MeterResult:
+    """A greedy generation of dims["gen"] new tokens after a prompt of dims["prompt"] (the input's
+    [batch, prompt]), in eval mode under no_grad: the peak over the prefill and every decode step;
+    weights, buffers and the prompt counted as resident."""
+    runner = Runner(model.eval(), [parse_input(s) if isinstance(s, str) else s for s in inputs], mode="generate",
+                    device=device, kv_dtype=kv_dtype)
+    values = runner.values(dims)
+    return measure(runner.step(values, dims["gen"]), resident=runner.resident(values), device=device)

@@ -1,10 +1,14 @@
 """The real step: the one place a model runs for real, for the memory meters and the validator.
 
-The contract's two scenarios on a real module:
+The contract's scenarios on a real module:
   inference  one forward in eval mode under no_grad;
   train      one steady-state step: forward in train mode, the loss (capture/loss.py, the same
              function the capture traces), backward, `optimizer.step()`,
-             `zero_grad(set_to_none=True)`; the optimizer state is allocated by a first step.
+             `zero_grad(set_to_none=True)`; the optimizer state is allocated by a first step;
+  generate   greedy generation of a fixed number of new tokens (no early stop) under no_grad: the
+             prefill over the prompt fills a fresh cache (capture/generate.py's `new_cache`, the one
+             the capture traces), then `gen` decode steps each feed the last token chosen
+             (argmax of the last logits) and append it to the cache, as `model.generate` does.
 Mixed precision (`amp`) is torch.autocast to bfloat16 on both devices: the dtype capture/amp.py
 emulates. Inputs are random: floats normal, integers in [0, high) so that any embedding accepts
 them, booleans all True (no padding).
@@ -14,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import time
 
 import torch
 import torch.nn as nn
@@ -70,9 +75,13 @@ class Runner:
 
     def __init__(self, model: nn.Module, inputs: list[InputSpec], *, mode: str = "inference",
                  targets: list[InputSpec] = (), optimizer: str = "adamw", loss: str = "sum", amp: bool = False,
-                 device: str = "cpu"):
+                 device: str = "cpu", kv_dtype: torch.dtype | None = None):
         self.model, self.inputs, self.targets = model.to(device), list(inputs), list(targets)
         self.mode, self.loss, self.amp, self.device = mode, loss, amp, device
+        self.kv_dtype = kv_dtype
+        if mode == "generate":
+            from costmodel.capture.generate import cache_argument
+            cache_argument(self.model)
         self.model.train(mode == "train")
         config = getattr(self.model, "config", None)
         self.high = int(getattr(config, "vocab_size", None) or 2)
@@ -90,8 +99,13 @@ class Runner:
         return (make_inputs(self.inputs, dims, self.device, dtype=None if self.amp else self.dtype, high=self.high)
                 + make_inputs(self.targets, dims, self.device))
 
-    def step(self, values: list[torch.Tensor]):
-        """The scenario as a zero-argument callable, on these inputs."""
+    def step(self, values: list[torch.Tensor], gen: int | None = None, times: list | None = None):
+        """The scenario as a zero-argument callable, on these inputs (generate: `gen` new tokens; with
+        `times`, each run appends the seconds of its prefill and of each decode step, a list)."""
+        if self.mode == "generate":
+            if gen is None or gen < 1:
+                raise UsageError(f"generate mode runs gen >= 1 decode steps; got gen={gen!r}")
+            return self._generation(values, gen, times)
         inputs, targets = values[:len(self.inputs)], values[len(self.inputs):]
         args, kwargs = self.call(inputs)
         model, opt = self.model, self.optimizer
@@ -108,6 +122,33 @@ class Runner:
             opt.step()
             opt.zero_grad(set_to_none=True)
         return train_step
+
+    def _generation(self, values: list[torch.Tensor], gen: int, times: list | None):
+        from costmodel.capture.generate import call_kwargs, new_cache
+        from costmodel.capture.loss import first_output
+        model, name, device = self.model, self.inputs[0].name, self.device
+        cuda = torch.device(device).type == "cuda"
+
+        def clock() -> float:
+            if cuda:
+                torch.cuda.synchronize()
+            return time.perf_counter()
+
+        def run():
+            cache = new_cache(model, self.kv_dtype)
+            kwargs = call_kwargs(model, cache)
+            tokens, seconds = values[0], []
+            with torch.no_grad():
+                for i in range(gen + 1):        # the prefill, then gen decode steps
+                    start = clock()
+                    out = model(**{name: tokens}, **kwargs)
+                    tokens = first_output(out)[:, -1:].argmax(-1)
+                    del out                      # generate drops each step's logits before the next
+                    seconds.append(clock() - start)
+            if times is not None:
+                times.append(seconds)
+            return cache
+        return run
 
     def state(self) -> list[torch.Tensor]:
         """The optimizer's state tensors (allocated by a first step)."""
@@ -138,4 +179,6 @@ def build_real(source, name: str, device: str, trust_remote_code: bool = False) 
     except Exception as e:
         raise AnalysisError(f"the factory of {name} raised {type(e).__name__}: {e} while building real weights "
                             f"on {device}") from e
+    if all(t.device.type == torch.device(device).type for t in itertools.chain(module.parameters(), module.buffers())):
+        return module           # already there (and fake tensors, under FakeTensorMode, cannot be swapped)
     return module.to(device)
