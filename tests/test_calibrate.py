@@ -115,3 +115,11 @@ def test_calibrate_command_writes_a_named_device(tmp_path, one_thread, capsys):
     assert printed.startswith(f"wrote {out}: my-cpu, ") and f"--hw {out}" in printed
     hw = load_hardware(str(out))
     assert hw.name == "my-cpu" and hw.kernels and hw.threads == 1
+
+
+def test_a_busy_machine_is_said():
+    from costmodel.hardware.calibrate import busy_cpu_note
+    assert busy_cpu_note(1, load=1.2, cores=2) is None                  # our own thread, a little more
+    one = busy_cpu_note(1, load=5.0, cores=2)
+    assert "5.0 on 2 CPUs" in one and "OMP_NUM_THREADS" not in one
+    assert "OMP_NUM_THREADS=1" in busy_cpu_note(2, load=3.0, cores=2)   # threads waiting on busy cores

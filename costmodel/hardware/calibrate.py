@@ -22,6 +22,7 @@ import platform
 import re
 import time
 import tomllib
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -104,6 +105,10 @@ def calibrate(device: str = "cpu", out_path: str | os.PathLike | None = None, *,
         if measured.allocation is not None:
             sections["allocation"] = measured.allocation.to_dict()
         sections.update({f"kernels.{_toml_key(key)}": table.to_dict() for key, table in measured.tables.items()})
+    if device == "cpu":
+        note = busy_cpu_note(torch.get_num_threads())
+        if note:
+            warnings.warn(note, stacklevel=2)
     text = _to_toml(
         header=f"Written by `costmodel hardware calibrate --device {device}`: measured achievable rates.",
         fields=fields, tables=sections)
@@ -111,6 +116,27 @@ def calibrate(device: str = "cpu", out_path: str | os.PathLike | None = None, *,
         out.write_text(text, encoding="utf-8")
     return hardware_from_dict(tomllib.loads(text), origin=f"calibration of {device}",
                               path=str(out) if out is not None else None)
+
+
+def busy_cpu_note(threads: int, load: float | None = None, cores: int | None = None) -> str | None:
+    """What to say when other work shared this CPU's cores during a calibration (the 1-minute load
+    average, ours included, above the cores): its tables then hold that slowdown; and at more than
+    one thread, each parallel op also waits for a thread on a busy core, so on a shared machine only
+    a one-thread calibration means much. None on a free machine or where the load is not known."""
+    if load is None:
+        try:
+            load = os.getloadavg()[0]
+        except (OSError, AttributeError):
+            return None
+    cores = cores or os.cpu_count() or 1
+    if load <= cores + 0.5:
+        return None
+    note = (f"the load average was {load:.1f} on {cores} CPUs during the calibration: other work shared the "
+            f"cores, and the measured rates include its slowdown")
+    if threads > 1:
+        note += (f"; at {threads} threads each parallel op also waits for a thread whose core is busy: "
+                 f"calibrate at one thread (OMP_NUM_THREADS=1) on a shared machine")
+    return note
 
 
 def _vendor(device: str) -> str:
