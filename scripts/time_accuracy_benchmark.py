@@ -31,27 +31,13 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from costmodel.capture.zoo import hf_factory  # noqa: E402
+from tests.models import ConvNeXtBlock  # noqa: E402  (depthwise 7x7, channels-last LayerNorm, MLP 4x)
 
 
 # --- architectures --------------------------------------------------------------------------------
-
-class ConvNeXtBlock(nn.Module):
-    """Depthwise 7x7, LayerNorm over channels (channels-last), MLP 4x, residual (ConvNeXt, Liu 2022)."""
-
-    def __init__(self, d: int):
-        super().__init__()
-        self.dw = nn.Conv2d(d, d, 7, padding=3, groups=d)
-        self.norm = nn.LayerNorm(d)
-        self.up, self.down = nn.Linear(d, 4 * d), nn.Linear(4 * d, d)
-
-    def forward(self, x):
-        y = self.dw(x).permute(0, 2, 3, 1)
-        return x + self.down(F.gelu(self.up(self.norm(y)))).permute(0, 3, 1, 2)
-
 
 class ConvNeXt(nn.Module):
     def __init__(self, dims=(48, 96, 192), depths=(2, 2, 2), classes: int = 100):

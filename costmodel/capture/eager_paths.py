@@ -54,6 +54,22 @@ def derived_from(t: torch.Tensor, is_input: Callable[[fx.Node], bool]) -> bool |
 @contextlib.contextmanager
 def eager_decisions(is_input: Callable[[fx.Node], bool]):
     """Within this context (around make_fx), library decisions on values follow eager (see above)."""
+    def own_rows(original):
+        def find_packed_sequence_indices(position_ids: torch.Tensor):
+            packed = original(position_ids)
+            if packed is not None and derived_from(position_ids, is_input) is False:
+                return None          # the model's own positions: one sequence per row, as eager finds
+            return packed
+        return find_packed_sequence_indices
+
+    with _packed_finder(own_rows):
+        yield
+
+
+@contextlib.contextmanager
+def _packed_finder(replace: Callable):
+    """transformers' `masking_utils.find_packed_sequence_indices` replaced by replace(original) for
+    the duration; nothing where transformers has no such function."""
     try:
         import transformers.masking_utils as masking
     except ImportError:
@@ -63,14 +79,7 @@ def eager_decisions(is_input: Callable[[fx.Node], bool]):
     if original is None:
         yield
         return
-
-    def find_packed_sequence_indices(position_ids: torch.Tensor):
-        packed = original(position_ids)
-        if packed is not None and derived_from(position_ids, is_input) is False:
-            return None          # the model's own positions: one sequence per row, as eager finds
-        return packed
-
-    masking.find_packed_sequence_indices = find_packed_sequence_indices
+    masking.find_packed_sequence_indices = replace(original)
     try:
         yield
     finally:
@@ -83,20 +92,8 @@ def own_positions():
     no positions: the positions the model makes are one sequence per row, as eager finds from their
     values (fake tensors have none, and `transformers` would answer "packed", building masks eager
     never allocates)."""
-    try:
-        import transformers.masking_utils as masking
-    except ImportError:
+    with _packed_finder(lambda original: lambda position_ids: None):
         yield
-        return
-    original = getattr(masking, "find_packed_sequence_indices", None)
-    if original is None:
-        yield
-        return
-    masking.find_packed_sequence_indices = lambda position_ids: None
-    try:
-        yield
-    finally:
-        masking.find_packed_sequence_indices = original
 
 
 @contextlib.contextmanager
