@@ -129,6 +129,8 @@ class Point:
             else:   # what of it no longer fits: its own bytes plus the traffic since, beyond the cache
                 cold = sum(size if name not in seen else min(size, max(0.0, traffic - seen[name] + size - cache_bytes))
                            for (name, _), size in zip(record.reads, sizes))
+                # no more than it reads: a gather (an embedding's lookup) reads rows of its table, not all of it
+                cold = min(cold, float(op["bytes_read"]))
             for name, _ in record.reads:
                 seen[name] = traffic
             traffic += float(op["bytes"])

@@ -24,6 +24,9 @@ Time: the prefill's roofline time is the time to first token; each decode step i
 the roofline at its own ctx, every ctx of the range (an op's time is not linear in its size: a step
 is memory-bound at small batch, its attention grows with ctx), and tokens/s is batch * gen over the
 decode time: the rate at which the decode steps emit tokens, all sequences of the batch together.
+On a device with measured kernel tables (`hardware calibrate`) a step is priced as any forward is,
+op by op from its kernel class's table (a decode step's products read weights from memory: the
+"matmul.streamed" table), at up to MAX_TIMED_STEPS contexts per piece, linear in ctx between them.
 """
 
 from __future__ import annotations
@@ -50,6 +53,7 @@ DEFAULT_GEN = 128            # new tokens when no value is given
 MAX_PIECES = 16              # decode captures over the context axis before giving up
 _N = dim_symbol("n")         # F(n) = sum_{ctx < n} f(ctx); made as Evaluator makes its symbols
 _LOWEST_CTX = 2              # symbolic sizes start at 2 (PyTorch specialises 0 and 1)
+MAX_TIMED_STEPS = 33         # decode steps priced per piece on a calibrated device (the rest interpolated)
 
 
 def generation_inputs(specs: list[InputSpec], defaults: list[InputSpec]) -> list[InputSpec]:
@@ -102,6 +106,7 @@ class DecodeTiming:
     overhead_s: float
     op_times: list[list]           # per piece, per op of its analysis: an OpTime summed over its contexts
                                    # (its efficiencies, which vary with ctx, are nan)
+    framework_s: float = 0.0       # eager's module calls over the steps (measured devices), inside step_time_s
 
     @property
     def time_s(self) -> float:
@@ -302,7 +307,9 @@ class DecodeSteps:
     # time
 
     def timing(self, hw, batch: int, a: int, z: int, tf32: bool = False) -> DecodeTiming:
-        """Every step at ctx = a .. z on the roofline of `hw`, op by op (see the module docstring)."""
+        """Every step at ctx = a .. z on `hw`, op by op (see the module docstring)."""
+        if hw.kernels or hw.allocation:
+            return self._measured_timing(hw, batch, a, z, tf32)
         from costmodel.hardware.roofline import OpTime, op_times
         ctx_all = np.arange(a, z + 1)
         step = np.zeros(len(ctx_all))
@@ -327,6 +334,65 @@ class DecodeSteps:
                                   ridge * hw.bandwidth_bytes_per_s, ridge, math.nan, math.nan))
             per_piece.append(ops)
         return DecodeTiming(ctx_all, step, memory_bound, overhead, per_piece)
+
+    def _measured_timing(self, hw, batch: int, a: int, z: int, tf32: bool) -> DecodeTiming:
+        """The steps on a device with measured kernel tables, priced as a single forward is
+        (Point.timing: each op by its kernel class and shape, the cache it misses, eager's module
+        calls). A table's price is not a formula in ctx, so the steps are priced at up to
+        MAX_TIMED_STEPS contexts of each piece (all of them when there are no more) and each op's
+        time is interpolated linearly in ctx between them: its size, and so its time, moves
+        smoothly with the cache it reads."""
+        from costmodel.hardware.roofline import OpTime
+        ctx_all = np.arange(a, z + 1)
+        step = np.zeros(len(ctx_all))
+        memory_bound = overhead = framework = 0.0
+        per_piece = []
+        for lo, hi, analysis in self.pieces(batch, a, z):
+            cs = np.arange(lo, hi + 1)
+            timed = cs if len(cs) <= MAX_TIMED_STEPS else \
+                np.unique(np.linspace(lo, hi, MAX_TIMED_STEPS).round().astype(int))
+            samples = [self.step_point(analysis, batch, int(c)).timing(hw, tf32) for c in timed]
+            framework_s = samples[0]["summary"].framework_time_s
+            step[lo - a:hi - a + 1] += framework_s
+            framework += framework_s * len(cs)
+            nearest = np.clip(np.searchsorted(timed, cs), 0, len(timed) - 1)   # a priced step at or after
+            ops = []
+            for i, op in enumerate(analysis.ops):
+                at = [s["op_times"][i] for s in samples]
+                per_step = {name: np.interp(cs, timed, [getattr(t, name) for t in at])
+                            for name in ("time_s", "compute_time_s", "memory_time_s", "allocation_s")}
+                times = per_step["time_s"]
+                step[lo - a:hi - a + 1] += times
+                # what is not a time (bound, launches) comes from the nearest priced step
+                memory_bound += float(sum(times[j] for j, k in enumerate(nearest) if at[k].bound == "memory"))
+                launched = float(sum(at[k].overhead_s for k in nearest))
+                overhead += launched
+                f = float(self._values(op.cost["flops"], batch, cs).sum())
+                b = float(self._values(op.cost["bytes"], batch, cs).sum())
+                intensity = (f / b if b else math.inf) if (f or b) else None
+                ridge = at[-1].ridge_point
+                ops.append(OpTime(f, b, float(times.sum()), float(per_step["compute_time_s"].sum()),
+                                  float(per_step["memory_time_s"].sum()), launched, intensity,
+                                  None if intensity is None else "compute" if intensity >= ridge else "memory",
+                                  at[-1].peak_flops_per_s, ridge, math.nan, math.nan, at[-1].kernel,
+                                  float(per_step["allocation_s"].sum())))
+            per_piece.append(ops)
+        return DecodeTiming(ctx_all, step, memory_bound, overhead + framework, per_piece, framework)
+
+    def step_point(self, analysis: Analysis, batch: int, ctx: int) -> Point:
+        """The decode step of `analysis` at (batch, ctx) as a Point (costs and timing; no memory)."""
+        c = analysis.captured
+        dims = {BATCH: batch, CTX: ctx}
+        values = {d: dims[d] for d in c.dims}
+        if analysis._evaluator is None:
+            analysis._evaluator = Evaluator([analysis.totals[m] for m in METRICS], c.dims)
+        totals = dict(zip(METRICS, analysis._evaluator(values)))
+
+        def op_values():
+            if analysis._op_evaluator is None:
+                analysis._op_evaluator = Evaluator([op.cost[m] for op in analysis.ops for m in METRICS], c.dims)
+            return analysis._op_evaluator(values)
+        return Point(dims, totals, analysis, op_values, self.report)
 
     def _values(self, expr: sympy.Expr, batch: int, cs: np.ndarray) -> np.ndarray:
         key = (expr, batch)
@@ -605,7 +671,8 @@ class GeneratePoint(Point):
         times = list(pre["op_times"]) + [t for piece in dec.op_times for t in piece]
         model_dtype = next((op["dtype"] for op in self.ops if op["category"] in ("matmul", "conv", "attention")),
                            "float32")
-        summary = roofline.summarize(times, self.totals["matmul_flops"], hw, model_dtype, tf32)
+        summary = roofline.summarize(times, self.totals["matmul_flops"], hw, model_dtype, tf32,
+                                     pre["summary"].framework_time_s + dec.framework_s)
         return {"hardware": hw, "op_times": times, "summary": summary, "prefill": pre["summary"], "decode": dec}
 
     def apply_timing(self, hw, tf32: bool = False) -> dict:

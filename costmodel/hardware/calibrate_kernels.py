@@ -41,6 +41,10 @@ class KernelPlan:
     mm_ref: int                      # products: m = n = k = mm_ref is the reference shape
     mm_cubes: tuple[int, ...]        # n^3 products for the rate by size
     mm_curve: tuple[int, ...]        # values of m, of n, of k, the others at mm_ref
+    stream_ref: int                  # streamed products: w[n, k] read from memory, n = k = stream_ref
+    stream_m: tuple[int, ...]        # their rows m (few: a decode step's batch)
+    stream_n: tuple[int, ...]        # their output widths, at m = STREAM_CURVE_M
+    stream_k: tuple[int, ...]        # their inner sizes, at m = STREAM_CURVE_M
     bmm_batch: int
     bmm_ref: int
     bmm_cubes: tuple[int, ...]
@@ -78,7 +82,8 @@ def kernel_plan(device: str, quick: bool) -> KernelPlan:
     if quick:
         return KernelPlan(
             block_s=0.001, blocks=5, elements=(16, 4096, 65536), pointwise_ops=("add", "mul", "tanh"),
-            mm_ref=64, mm_cubes=(64, 128), mm_curve=(1, 16, 64), bmm_batch=4, bmm_ref=32, bmm_cubes=(32, 64),
+            mm_ref=64, mm_cubes=(64, 128), mm_curve=(1, 16, 64), stream_ref=256, stream_m=(1, 2, 8),
+            stream_n=(64, 256), stream_k=(64, 256), bmm_batch=4, bmm_ref=32, bmm_cubes=(32, 64),
             bmm_curve=(4, 32), conv_batch=1, conv_base=((8, 8), (16, 8)), conv_ref=8, conv_side=8,
             conv_sides=(4, 8), conv_channels=(4, 16), conv_kernels=(1, 3), conv_groups=(4, 16), attn_heads=2,
             attn_e=16, attn_lengths=(16, 64), attn_e_curve=(16,), attn_heads_curve=(1,), attn_kernels=kernels,
@@ -90,7 +95,9 @@ def kernel_plan(device: str, quick: bool) -> KernelPlan:
         return KernelPlan(
             block_s=0.004, blocks=7, elements=(16, 1024, 16384, 262144, 1048576, 4194304),
             pointwise_ops=_POINTWISE_ALL, mm_ref=256, mm_cubes=(256, 512, 1024),
-            mm_curve=(1, 4, 16, 64, 256, 1024, 4096), bmm_batch=16, bmm_ref=128, bmm_cubes=(64, 128, 256),
+            mm_curve=(1, 4, 16, 64, 256, 1024, 4096), stream_ref=4096, stream_m=(1, 2, 3, 4, 8, 16, 64, 256),
+            stream_n=(512, 2048, 8192, 32768), stream_k=(512, 1024, 2048, 8192), bmm_batch=16, bmm_ref=128,
+            bmm_cubes=(64, 128, 256),
             bmm_curve=(1, 8, 32, 128, 512, 2048), conv_batch=4, conv_base=((32, 8), (64, 16), (128, 16), (128, 32)),
             conv_ref=128, conv_side=16, conv_sides=(2, 4, 8, 16, 32, 64), conv_channels=(3, 16, 64, 128, 512),
             conv_kernels=(1, 3, 5, 7), conv_groups=(16, 64, 256, 1024), attn_heads=8, attn_e=64,
@@ -100,7 +107,9 @@ def kernel_plan(device: str, quick: bool) -> KernelPlan:
     return KernelPlan(
         block_s=0.005, blocks=5, elements=(16, 65536, 1 << 20, 1 << 24, 1 << 26, 1 << 28),
         pointwise_ops=_POINTWISE_ALL, mm_ref=2048, mm_cubes=(1024, 2048, 4096, 8192),
-        mm_curve=(1, 8, 64, 256, 1024, 4096, 16384), bmm_batch=32, bmm_ref=512, bmm_cubes=(256, 512, 1024, 2048),
+        mm_curve=(1, 8, 64, 256, 1024, 4096, 16384), stream_ref=8192, stream_m=(1, 2, 4, 8, 16, 64, 256, 1024),
+        stream_n=(1024, 4096, 32768, 131072), stream_k=(1024, 2048, 4096, 16384), bmm_batch=32, bmm_ref=512,
+        bmm_cubes=(256, 512, 1024, 2048),
         bmm_curve=(1, 16, 64, 256, 1024, 4096), conv_batch=32, conv_base=((64, 28), (128, 56), (256, 56), (512, 28)),
         conv_ref=256, conv_side=28, conv_sides=(4, 7, 14, 28, 56, 112), conv_channels=(3, 32, 128, 512, 2048),
         conv_kernels=(1, 3, 5, 7), conv_groups=(32, 128, 512, 2048), attn_heads=64, attn_e=128,
@@ -162,6 +171,9 @@ def rule_cost(op, *args, counting: str = "math", **kwargs) -> Cost:
     cost = rule_for(op)(*sargs, **skwargs, out=sout, op=op, **extra)
     return Cost(float(cost.flops), float(cost.bytes), cost.kernel_class,
                 {k: float(v) for k, v in cost.features.items()}, float(_fresh_output_bytes(op, sout)))
+
+
+STREAM_CURVE_M = 1    # rows of the streamed products' n and k curves: a batch-1 decode step's
 
 
 # --- timing -------------------------------------------------------------------------------------------
@@ -344,6 +356,33 @@ class Prober:
                         self.how(f"torch.addmm(bias, x[m, k], w[n, k].t()), {dtype}; rate by size on n^3 for "
                                  f"n in {list(p.mm_cubes)}; efficiency of m, n, k in {list(p.mm_curve)} with "
                                  f"the others {ref}"))
+
+    def matmul_streamed(self, dtype: str) -> Measured:
+        """Products of few rows whose weight comes from memory, as a decode step's are: the weight
+        w[n, k] is past the cache (rotating through copies where one alone is not), so a call
+        streams it. The in-cache table plus the weight's read at the copy bandwidth does not
+        price these: a BLAS may run a product of m rows as m matrix-vector products (each reading
+        the whole weight) up to some m, and short rows or wide outputs run at other rates. By m at
+        n = k = stream_ref, with efficiency curves of n and of k at m = STREAM_CURVE_M."""
+        dt = _DTYPES[dtype]
+        p = self.plan
+        ref = p.stream_ref
+
+        def run(m, n, k):
+            def make():
+                x, w, bias = self.t(m, k, dtype=dt), self.t(n, k, dtype=dt), self.t(n, dtype=dt)
+                return lambda: torch.addmm(bias, x, w.t()), aten.addmm.default, (bias, x, w.t()), {}
+            return self.instance(make, "matmul", rotate=True)
+        tiny = run(1, 4, 4)
+        base = [run(m, ref, ref) for m in p.stream_m]
+        curves = {"n": [run(STREAM_CURVE_M, n, ref) for n in p.stream_n],
+                  "k": [run(STREAM_CURVE_M, ref, k) for k in p.stream_k]}
+        return Measured("matmul.streamed", dtype, tiny, base, curves,
+                        self.how(f"torch.addmm(bias, x[m, k], w[n, k].t()), {dtype}, the weight rotating through "
+                                 f"copies past twice the last-level cache; rate by m in {list(p.stream_m)} at n = k = "
+                                 f"{ref}; efficiency of n in {list(p.stream_n)} and of k in {list(p.stream_k)} at "
+                                 f"m = {STREAM_CURVE_M}, the other {ref}"),
+                        by="m")
 
     def bmm(self, dtype: str) -> Measured:
         dt = _DTYPES[dtype]
@@ -816,7 +855,7 @@ def measure_kernels(device: str, plan: KernelPlan, stamp: str, progress=None) ->
         measured: list[Measured] = []
         for dtype in plan.dtypes:
             prober.progress(f"matmul {dtype}")
-            measured += [prober.matmul(dtype), prober.bmm(dtype)]
+            measured += [prober.matmul(dtype), prober.matmul_streamed(dtype), prober.bmm(dtype)]
         conv_dtypes = plan.dtypes if device == "cpu" else tuple(d for d in plan.dtypes if d != "float16")
         kinds = ("dense", "depthwise", "grouped", "transposed") if plan.variants else ("dense", "depthwise")
         for dtype in conv_dtypes:

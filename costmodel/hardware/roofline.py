@@ -194,8 +194,13 @@ def _measured_time(flops: float, bytes: float, category: str, dtype: str, hw: "H
     # other side is the ideal time at the datasheet figure, for the record.
     # Tables were measured with the operands in cache (as far as they fit); what the cache no
     # longer holds is read from memory first.
-    kernel_s = table.kernel_time_s(flops if table.work == FLOPS else bytes, features) + \
-        float(features.get(COLD_FEATURE, 0)) / bandwidth
+    streamed = _streamed_table(hw, kernel, key, bytes, features)
+    if streamed is not None:    # measured with its weight coming from memory: nothing to add
+        table = streamed
+        kernel_s = table.kernel_time_s(flops, features)
+    else:
+        kernel_s = table.kernel_time_s(flops if table.work == FLOPS else bytes, features) + \
+            float(features.get(COLD_FEATURE, 0)) / bandwidth
     if table.work == FLOPS:
         compute_time_s, memory_time_s = kernel_s, bytes / bandwidth
     else:
@@ -268,6 +273,22 @@ def summarize(op_times: Iterable[OpTime], total_flops, hw: "Hardware", dtype: st
         flops=total_flops, peak_flops_per_s=peak,
         mfu=total_flops / (time_s * peak) if time_s else None, framework_time_s=framework_s,
     )
+
+
+def _streamed_table(hw: "Hardware", kernel: str | None, dtype: str, bytes: float, features: Mapping[str, float]):
+    """The device's "matmul.streamed" table for a product of few rows that reads mostly from
+    memory (at least half its bytes are past the cache: its weight, first read in the step), as a
+    decode step's products are; None for others (they keep the in-cache table plus the cold read).
+    Past the table's largest m a product is compute-bound and the in-cache table holds."""
+    if kernel is None or kernel.split(".", 1)[0] != "matmul":
+        return None
+    cold, m = float(features.get(COLD_FEATURE, 0)), features.get("m")
+    if m is None or bytes <= 0 or cold < 0.5 * bytes:
+        return None
+    table = hw.kernel_table("matmul.streamed", dtype)
+    if table is None or table.kernel != "matmul.streamed" or not table.sizes or m > table.sizes[-1]:
+        return None
+    return table
 
 
 def _overhead_s(measured_s: float, hw: "Hardware", features: Mapping[str, float]) -> float:

@@ -28,6 +28,7 @@ from costmodel.capture.trace import call_plan
 from costmodel.capture.specs import InputSpec, parse_input
 from costmodel.errors import AnalysisError, CostModelError, UsageError
 from costmodel.rules.optimizer import OPTIMIZERS
+from costmodel.validate.stats import cpu_clock
 
 AMP_DTYPE = torch.bfloat16     # what capture.amp emulates, and what the real runs autocast to
 
@@ -129,10 +130,13 @@ class Runner:
         model, name, device = self.model, self.inputs[0].name, self.device
         cuda = torch.device(device).type == "cuda"
 
+        thread_clock = cpu_clock()     # as the other modes time: one thread's own clock at one thread
+
         def clock() -> float:
             if cuda:
                 torch.cuda.synchronize()
-            return time.perf_counter()
+                return time.perf_counter()
+            return thread_clock()
 
         def run():
             cache = new_cache(model, self.kv_dtype)

@@ -126,14 +126,14 @@ def _block(fn, number: int, cuda: bool, thread_clock: bool = False) -> float:
         end.record()
         end.synchronize()
         return start.elapsed_time(end) / 1e3
-    clock = _cpu_clock() if thread_clock else time.perf_counter
+    clock = cpu_clock() if thread_clock else time.perf_counter
     t0 = clock()
     for _ in range(number):
         fn()
     return clock() - t0
 
 
-def _cpu_clock() -> Callable[[], float]:
+def cpu_clock() -> Callable[[], float]:
     """The calling thread's CPU clock where every op runs on it (one intra-op thread), else wall time."""
     import torch
     return time.thread_time if torch.get_num_threads() == 1 else time.perf_counter
