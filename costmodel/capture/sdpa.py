@@ -20,7 +20,7 @@ from torch.overrides import TorchFunctionMode
 from costmodel.errors import UsageError
 from costmodel.capture.moe import GROUPED_MM_FUNCTIONS, call_grouped_mm
 from costmodel.rules.registry import TensorSpec, register
-from costmodel.rules.attention import KERNELS, attention_backward, attention_forward
+from costmodel.rules.attention import KERNELS, MASK_GRAD, attention_backward, attention_forward
 
 
 @torch.library.custom_op("costmodel::sdpa", mutates_args=())
@@ -118,8 +118,15 @@ def _broadcast_baddbmm_input(self, batch1=None, batch2=None, *rest, **kwargs):
 
 def _call_sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
                enable_gqa=False):
-    return torch.ops.costmodel.sdpa(query, key, value, attn_mask, float(dropout_p), bool(is_causal),
-                                    scale, bool(enable_gqa))
+    out = torch.ops.costmodel.sdpa(query, key, value, attn_mask, float(dropout_p), bool(is_causal),
+                                   scale, bool(enable_gqa))
+    if isinstance(attn_mask, torch.Tensor) and attn_mask.requires_grad and torch.is_grad_enabled():
+        # a mask made from parameters (Swin's relative position bias) needs a gradient, which
+        # PyTorch's CPU flash kernel cannot give: the choice of kernel reads this
+        node = _torch.traced_node(out)
+        if node is not None:
+            node.meta[MASK_GRAD] = True
+    return out
 
 
 @contextlib.contextmanager
