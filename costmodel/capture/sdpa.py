@@ -19,6 +19,7 @@ from torch.overrides import TorchFunctionMode
 
 from costmodel.errors import UsageError
 from costmodel.capture.moe import GROUPED_MM_FUNCTIONS, call_grouped_mm
+from costmodel.capture.rnn import cpu_rnn
 from costmodel.rules.registry import TensorSpec, register
 from costmodel.rules.attention import KERNELS, MASK_GRAD, attention_backward, attention_forward
 
@@ -75,13 +76,22 @@ _BADDBMM = (torch.baddbmm, torch.Tensor.baddbmm)   # the originals (route_sdpa s
 # C++ composite kernels that read sizes as plain integers, which pins every symbolic size they
 # touch (the batch of an RNN, the image size of an upsample); their Python decompositions, which
 # PyTorch's Python dispatcher runs, keep the sizes symbolic (an RNN still unrolls its sequence).
-_PYTHON_DECOMPOSED = _torch.rnn_functions() | {F.interpolate, F.upsample, F.upsample_nearest, F.upsample_bilinear,
+_RNN_FUNCTIONS = _torch.rnn_functions()
+_PYTHON_DECOMPOSED = _RNN_FUNCTIONS | {F.interpolate, F.upsample, F.upsample_nearest, F.upsample_bilinear,
                                                F.pad}
 
 
 class _RouteSDPA(TorchFunctionMode):
+    def __init__(self, device: str | None):
+        super().__init__()
+        self.device = device
+
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
+        if self.device == "cpu" and func in _RNN_FUNCTIONS:
+            out = cpu_rnn(func, args, kwargs)
+            if out is not NotImplemented:
+                return out
         if func is _ORIGINAL_SDPA:
             return _call_sdpa(*args, **kwargs)
         if func in _BADDBMM:
@@ -130,8 +140,9 @@ def _call_sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False
 
 
 @contextlib.contextmanager
-def route_sdpa():
-    """Within this context, F.scaled_dot_product_attention calls become costmodel::sdpa.
+def route_sdpa(device: str | None = None):
+    """Within this context, F.scaled_dot_product_attention calls become costmodel::sdpa; with
+    `device` "cpu", RNNs run as the CPU's kernels do (capture.rnn).
 
     Calls through the module attribute (`F.scaled_dot_product_attention(...)`, as Hugging Face
     and most code write it) are rerouted by swapping the attribute, which costs nothing per op; the
@@ -143,7 +154,7 @@ def route_sdpa():
     # where a torch-function mode does not see it: swap the attributes too
     torch.baddbmm, torch.Tensor.baddbmm = _broadcasting(baddbmm), _broadcasting(tensor_baddbmm)
     try:
-        with _RouteSDPA():
+        with _RouteSDPA(device):
             yield
     finally:
         F.scaled_dot_product_attention = original
