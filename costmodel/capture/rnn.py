@@ -233,6 +233,7 @@ def _full_layers(cell, x, hx, params, has_biases, num_layers, dropout, train, bi
         fw_out = torch.stack(fw_steps, 0)
         finals.append(fw_h)
         if dirs == 1:
+            _live_until_now([fw_in])                   # the layer's locals are freed when it returns
             layer_input = fw_out
         else:
             bw_in = F.linear(layer_input, w[1][0], w[1][2])
@@ -240,7 +241,7 @@ def _full_layers(cell, x, hx, params, has_biases, num_layers, dropout, train, bi
             bw_steps, bw_h = _steps(cell, bw_in.unbind(0)[::-1], h0[layer * dirs + 1], w[1])
             bw_out = torch.stack(bw_steps[::-1], 0)
             layer_input = torch.cat([fw_out, bw_out], fw_out.dim() - 1)
-            _live_until_now(fw_steps + bw_steps)       # both results are held until the layer returns
+            _live_until_now(fw_steps + bw_steps + [bw_in])   # the layer's locals, freed when it returns
             finals.append(bw_h)
         if dropout and train and layer < num_layers - 1:
             layer_input = torch.dropout(layer_input, dropout, True)
