@@ -94,7 +94,7 @@ def onednn_lstm_layer_backward(x: torch.Tensor, w_ih: torch.Tensor, w_hh: torch.
 @onednn_lstm_layer_backward.register_fake
 def _(x, w_ih, w_hh, b_ih, b_hh, hx, cx, y, hy, cy, gy, ghy, gcy, ws, reverse, x_grad, hx_grad):
     return (torch.empty_like(x), torch.empty_like(hx), torch.empty_like(cx), torch.empty_like(w_ih),
-            torch.empty_like(w_hh), torch.empty_like(b_ih))
+            torch.empty_like(w_hh), b_ih.new_empty(w_hh.shape[0]))
 
 
 def _setup_context(ctx, inputs, output):
@@ -111,7 +111,8 @@ def _backward(ctx, gy, ghy, gcy, _):
     need = ctx.needs_input_grad
     gx, ghx, gcx, gw_ih, gw_hh, gb = onednn_lstm_layer_backward(
         x, w_ih, w_hh, b_ih, b_hh, hx, cx, y, hy, cy, gy, ghy, gcy, ws, ctx.reverse, need[0], need[5])
-    return gx, gw_ih, gw_hh, gb, gb, ghx, gcx, None, None
+    grads = (gx, gw_ih, gw_hh, gb, gb, ghx, gcx)
+    return tuple(g if n else None for g, n in zip(grads, need)) + (None, None)
 
 
 onednn_lstm_layer.register_autograd(_backward, setup_context=_setup_context)
@@ -193,6 +194,7 @@ def _onednn_lstm(x, h0, c0, params, has_biases, num_layers, dropout, train, bidi
             outputs[d] = y
             hy.append(h.squeeze(0))
             cy.append(c.squeeze(0))
+        _live_until_now([layer_input])                 # the local is reassigned only now
         layer_input = outputs[0] if dirs == 1 else torch.cat(outputs, -1)
         if dropout and train and layer < num_layers - 1:
             layer_input = torch.dropout(layer_input, dropout, True)
@@ -233,15 +235,17 @@ def _full_layers(cell, x, hx, params, has_biases, num_layers, dropout, train, bi
         fw_out = torch.stack(fw_steps, 0)
         finals.append(fw_h)
         if dirs == 1:
-            _live_until_now([fw_in])                   # the layer's locals are freed when it returns
+            _live_until_now([fw_in, layer_input])      # the layer's locals are freed when it returns
             layer_input = fw_out
         else:
             bw_in = F.linear(layer_input, w[1][0], w[1][2])
             _live_until_now([fw_in])                   # input_w reassigned only now
             bw_steps, bw_h = _steps(cell, bw_in.unbind(0)[::-1], h0[layer * dirs + 1], w[1])
             bw_out = torch.stack(bw_steps[::-1], 0)
-            layer_input = torch.cat([fw_out, bw_out], fw_out.dim() - 1)
-            _live_until_now(fw_steps + bw_steps + [bw_in])   # the layer's locals, freed when it returns
+            out = torch.cat([fw_out, bw_out], fw_out.dim() - 1)
+            # the layer's locals are freed when it returns, its input when the loop reassigns it
+            _live_until_now(fw_steps + bw_steps + [bw_in, layer_input])
+            layer_input = out
             finals.append(bw_h)
         if dropout and train and layer < num_layers - 1:
             layer_input = torch.dropout(layer_input, dropout, True)
