@@ -598,7 +598,7 @@ def _analyze_once(loaded: cap.LoadedModel, inputs: list[InputSpec], options: Opt
                   capability: str = "", step=None) -> Analysis:
     """One capture, its attention kernels on `device_kind` (of compute `capability`), the costs of
     every op (and the optimizer). `step`: generate mode's prefill or decode (capture.generate.Step)."""
-    captured = cap.capture(loaded.module, inputs, options, hints=hints, fixed=fixed, step=step)
+    captured = cap.capture(loaded.module, inputs, options.with_(device=device_kind), hints=hints, fixed=fixed, step=step)
     kernels, notes = attention_kernels(captured.graph.graph, options.attention, device_kind, capability)
     analysis = cost_graph(captured, kernels)
     analysis.notes = captured.notes + notes

@@ -19,8 +19,9 @@ from torch.overrides import TorchFunctionMode
 
 from costmodel.errors import UsageError
 from costmodel.capture.moe import GROUPED_MM_FUNCTIONS, call_grouped_mm
+from costmodel.capture.rnn import cpu_rnn
 from costmodel.rules.registry import TensorSpec, register
-from costmodel.rules.attention import KERNELS, attention_backward, attention_forward
+from costmodel.rules.attention import KERNELS, MASK_GRAD, attention_backward, attention_forward
 
 
 @torch.library.custom_op("costmodel::sdpa", mutates_args=())
@@ -75,13 +76,22 @@ _BADDBMM = (torch.baddbmm, torch.Tensor.baddbmm)   # the originals (route_sdpa s
 # C++ composite kernels that read sizes as plain integers, which pins every symbolic size they
 # touch (the batch of an RNN, the image size of an upsample); their Python decompositions, which
 # PyTorch's Python dispatcher runs, keep the sizes symbolic (an RNN still unrolls its sequence).
-_PYTHON_DECOMPOSED = _torch.rnn_functions() | {F.interpolate, F.upsample, F.upsample_nearest, F.upsample_bilinear,
+_RNN_FUNCTIONS = _torch.rnn_functions()
+_PYTHON_DECOMPOSED = _RNN_FUNCTIONS | {F.interpolate, F.upsample, F.upsample_nearest, F.upsample_bilinear,
                                                F.pad}
 
 
 class _RouteSDPA(TorchFunctionMode):
+    def __init__(self, device: str | None):
+        super().__init__()
+        self.device = device
+
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
+        if self.device == "cpu" and func in _RNN_FUNCTIONS:
+            out = cpu_rnn(func, args, kwargs)
+            if out is not NotImplemented:
+                return out
         if func is _ORIGINAL_SDPA:
             return _call_sdpa(*args, **kwargs)
         if func in _BADDBMM:
@@ -118,13 +128,21 @@ def _broadcast_baddbmm_input(self, batch1=None, batch2=None, *rest, **kwargs):
 
 def _call_sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
                enable_gqa=False):
-    return torch.ops.costmodel.sdpa(query, key, value, attn_mask, float(dropout_p), bool(is_causal),
-                                    scale, bool(enable_gqa))
+    out = torch.ops.costmodel.sdpa(query, key, value, attn_mask, float(dropout_p), bool(is_causal),
+                                   scale, bool(enable_gqa))
+    if isinstance(attn_mask, torch.Tensor) and attn_mask.requires_grad and torch.is_grad_enabled():
+        # a mask made from parameters (Swin's relative position bias) needs a gradient, which
+        # PyTorch's CPU flash kernel cannot give: the choice of kernel reads this
+        node = _torch.traced_node(out)
+        if node is not None:
+            node.meta[MASK_GRAD] = True
+    return out
 
 
 @contextlib.contextmanager
-def route_sdpa():
-    """Within this context, F.scaled_dot_product_attention calls become costmodel::sdpa.
+def route_sdpa(device: str | None = None):
+    """Within this context, F.scaled_dot_product_attention calls become costmodel::sdpa; with
+    `device` "cpu", RNNs run as the CPU's kernels do (capture.rnn).
 
     Calls through the module attribute (`F.scaled_dot_product_attention(...)`, as Hugging Face
     and most code write it) are rerouted by swapping the attribute, which costs nothing per op; the
@@ -136,7 +154,7 @@ def route_sdpa():
     # where a torch-function mode does not see it: swap the attributes too
     torch.baddbmm, torch.Tensor.baddbmm = _broadcasting(baddbmm), _broadcasting(tensor_baddbmm)
     try:
-        with _RouteSDPA():
+        with _RouteSDPA(device):
             yield
     finally:
         F.scaled_dot_product_attention = original

@@ -32,6 +32,7 @@ KERNELS = ("math", "flash", "efficient")
 ATTENTION_CHOICES = ("auto",) + KERNELS
 SDPA_TARGET = "costmodel.sdpa.default"
 SDPA_BACKWARD_TARGET = "costmodel.sdpa_backward.default"
+MASK_GRAD = "costmodel_mask_grad"     # node.meta of an attention node whose mask requires grad
 
 
 def _dims(q: TensorSpec, k: TensorSpec, v: TensorSpec):
@@ -127,13 +128,14 @@ def sdpa_composite(q, k, v, attn_mask=None, *args, out, **_) -> OpCost:
 # --- the one choice of kernel ------------------------------------------------------------------
 
 def choose_kernel(requested: str, device: str, q, k, v, mask, dropout_p: float, is_causal: bool, scale,
-                  gqa: bool, notes: list[str] | None = None, capability: str = "") -> str:
+                  gqa: bool, notes: list[str] | None = None, capability: str = "", mask_grad: bool = False) -> str:
     """The SDPA kernel of one attention call: `requested` unless it is "auto", else the one PyTorch
     runs for these inputs on `device` ("cpu" or "cuda"). Costs and memory both use this choice.
     Where it has to be assumed, or a requested kernel is one PyTorch would not run, a sentence
     saying so is appended to `notes`.
     CPU: what `torch._fused_sdp_choice` picks for inputs of the same ranks, dtypes, mask, dropout
-    and causality (flash unless dropout or a 3-D input forces math). CUDA: flash for float16 and
+    and causality (flash unless dropout, a 3-D input or a mask that requires grad, `mask_grad`,
+    forces math). CUDA: flash for float16 and
     bfloat16 without a mask on compute capability 8.0 or newer (`capability`, "" when unknown), else
     memory-efficient (which has no enable_gqa: math then)."""
     if requested not in ATTENTION_CHOICES:
@@ -157,7 +159,7 @@ def choose_kernel(requested: str, device: str, q, k, v, mask, dropout_p: float, 
             qs, ks, vs = small(q), small(k), small(v)
             if gqa and q.dim() == 4:
                 qs = torch.zeros([2, 4, 2, qs.shape[-1]], dtype=q.dtype)
-            ms = None if mask is None else torch.zeros([2] * mask.dim(), dtype=mask.dtype)
+            ms = None if mask is None else torch.zeros([2] * mask.dim(), dtype=mask.dtype).requires_grad_(mask_grad)
             choice = _torch.fused_sdp_choice(qs, ks, vs, ms, float(dropout_p), bool(is_causal), scale, bool(gqa))
         except (RuntimeError, TypeError, ValueError) as e:
             if notes is not None:
@@ -190,7 +192,7 @@ def attention_kernels(graph, requested: str, device: str, capability: str = "") 
             q, k, v, mask = [a.meta.get("val") if isinstance(a, fx.Node) else None for a in node.args[:4]]
             dropout_p, is_causal, scale, gqa = node.args[4:8]
             kernels[node.name] = choose_kernel(requested, device, q, k, v, mask, dropout_p, is_causal, scale, gqa,
-                                               notes, capability)
+                                               notes, capability, mask_grad=bool(node.meta.get(MASK_GRAD)))
             forwards[tuple(node.args[:3])] = node.name
         elif str(node.target) == SDPA_BACKWARD_TARGET:
             forward = forwards.get(tuple(node.args[1:4]))
