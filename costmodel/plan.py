@@ -81,26 +81,28 @@ def plan(model, *, hardware, gpus: int, dims: dict[str, int], inputs: list[str] 
         values = {d: point.dims[d] for d in analysis.captured.dims}
         base = report.memory_model(analysis=analysis)
         blocks = find_blocks(report._loaded.module)
+        shared: dict = {}                 # what the configurations of this capture have in common
+        sizes: dict = {}                  # buffer size formula -> bytes at `values`
         for cfg in configurations(gpus, hw.gpus_per_node):
             desc = {**cfg["parallel"].to_dict(), "zero": cfg["zero"], "microbatches": cfg["microbatches"],
                     "sequence_parallel": cfg["sequence_parallel"]}
             try:
                 options = report.options.with_(**cfg, master_weights=master_weights)
-                par = parallel.build(base, analysis.captured, blocks, options)
-                stage, peak, _ = par.largest(values)
+                par = parallel.build(base, analysis.captured, blocks, options, shared)
+                stage, peak_bytes = par.peak_at(values, sizes)
             except CostModelError as e:
                 rejected.append({"parallel": desc, "checkpointing": ckpt, "reason": str(e)})
                 continue
-            if peak.peak_bytes > capacity:
-                rejected.append({"parallel": desc, "checkpointing": ckpt, "peak_memory_bytes": peak.peak_bytes,
-                                 "reason": f"peak {peak.peak_bytes / 2**30:.1f} GiB on stage {stage} > "
+            if peak_bytes > capacity:
+                rejected.append({"parallel": desc, "checkpointing": ckpt, "peak_memory_bytes": peak_bytes,
+                                 "reason": f"peak {peak_bytes / 2**30:.1f} GiB on stage {stage} > "
                                            f"{capacity / 2**30:.1f} GiB usable on {hw.name}"})
                 continue
-            timing = parallel_step(point, par, hw, tf32)
-            plans.append({"parallel": desc, "checkpointing": ckpt, "peak_memory_bytes": peak.peak_bytes,
+            timing = parallel_step(point, par, hw, tf32, shared)
+            plans.append({"parallel": desc, "checkpointing": ckpt, "peak_memory_bytes": peak_bytes,
                           "step_time_s": timing["step_time_s"], "tokens_per_s": timing["tokens_per_s"],
                           "mfu": timing["mfu"], "peak_stage": stage, "breakdown": breakdown(timing),
-                          "headroom_bytes": capacity - peak.peak_bytes})
+                          "headroom_bytes": capacity - peak_bytes})
     # fastest first: most tokens (samples) per second, since the configurations differ in global batch
     # (batch x dp x fsdp x micro-batches); at one global batch that is the shortest step
     plans.sort(key=lambda p: (-(p["tokens_per_s"] or 0), p["step_time_s"], p["peak_memory_bytes"]))

@@ -18,6 +18,8 @@ from dataclasses import replace
 import pytest
 
 import costmodel
+from costmodel.capture.checkpointing import find_blocks
+from costmodel.errors import CostModelError
 from costmodel.memory.parallel import in_flight
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -25,6 +27,7 @@ sys.path.insert(0, os.path.join(ROOT, "scripts"))
 from megatron_gpt import gpt  # noqa: E402
 
 GPT2 = "tests/parallel_models.py:gpt2_style"
+LLAMA = "tests/parallel_models.py:llama_style"
 TOKENS = ["input_ids:int64[batch,seq]"]
 
 
@@ -132,6 +135,74 @@ def test_tied_embedding_gradient_is_not_received():
     assert all("256, 64" not in b.shape for b in received), [(b.node, b.shape) for b in received]
 
 
+def _saved_bytes(run) -> int:
+    """Bytes of the distinct storages autograd saves while `run()` builds its graph, parameters aside."""
+    import torch
+    seen: dict = {}
+
+    def pack(t):
+        if not isinstance(t, torch.nn.Parameter):
+            seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        run()
+    return sum(seen.values())
+
+
+def test_received_rotary_tables_save_what_autograd_saves():
+    # torch.distributed.pipelining's traced stages make every float tensor they receive require a
+    # gradient: on Llama's second stage the rotary cos/sin (no gradient in the model) do, and each
+    # attention then saves q, k and their rotate_half. Measured: the bytes autograd saves in the
+    # stage's two layers with cos/sin requiring a gradient, less without.
+    import torch
+    from tests.parallel_models import llama_style
+    dims = {"batch": 2, "seq": 64}
+    os.chdir(ROOT)
+    report = costmodel.analyze(LLAMA, inputs=TOKENS, mode="train", device="cpu", parallel="pp=2", microbatches=4)
+    par = report.parallel_memory()
+    from costmodel.symbols import dim_symbol
+    sub = {dim_symbol(d): v for d, v in dims.items()}
+    stage = par.stages[1].model
+    predicted = sum(int(b.size.xreplace(sub)) for b in stage.buffers
+                    if "(saved: a received tensor" in b.node and "later micro-batch" not in b.node)
+    torch.manual_seed(0)
+    model = llama_style()
+    h = torch.randn(dims["batch"], dims["seq"], 64, requires_grad=True)
+    positions = torch.arange(dims["seq"]).unsqueeze(0)
+    cos, sin = (t.detach() for t in model.model.rotary_emb(h, positions))
+
+    def layers(grad: bool):
+        c, s = cos.clone().requires_grad_(grad), sin.clone().requires_grad_(grad)
+        def run():
+            x = h
+            for layer in model.model.layers[2:]:
+                x = layer(x, position_embeddings=(c, s), position_ids=positions)
+        return run
+    measured = _saved_bytes(layers(True)) - _saved_bytes(layers(False))
+    # per layer: q [2 * 64, 64] and rotate_half(q) [2, 4, 64, 16], k [2 * 64, 32] and rotate_half(k)
+    # [2, 2, 64, 16], float32: 2 * (32768 + 32768 + 16384 + 16384) = 196608
+    assert measured == predicted == 196608
+    # and the first stage keeps one gradient receive buffer per micro-batch for each: 4 * 64 * 16 * 4 bytes
+    first = par.stages[0].model
+    made = [int(b.size.xreplace(sub)) for b in first.buffers if "received gradient, made for pipelining" in b.node]
+    assert made == [16384, 16384]
+
+
+def test_warmup_send_handle_holds_a_sent_output():
+    # Schedule1F1B's `send_work` holds the first stage's first sent output until the 1B1F phase ends:
+    # past the later micro-batch's backward with m = 4 (m > 2 w - 2, w = 2 warm-up forwards), not with m = 2
+    def sent_end(m):
+        stage = costmodel.analyze(GPT2, inputs=TOKENS, mode="train", device="cpu", parallel="pp=2",
+                                  microbatches=m).parallel_memory().stages[0].model
+        b = next(b for b in stage.buffers if b.node.endswith("(sent to the next stage)"))
+        last_backward = max(i for i, st in enumerate(stage.steps) if st.phase == "backward")
+        return b.end, last_backward
+    end, last_backward = sent_end(4)
+    assert end == last_backward
+    end, last_backward = sent_end(2)
+    assert end < last_backward
+
+
 # --- tensor parallelism from the graph ------------------------------------------------------------
 
 def test_tensor_parallel_plan_from_the_graph():
@@ -216,6 +287,34 @@ def test_plan_ranks_what_fits_and_says_why_the_rest_does_not():
     assert any("usable" in r["reason"] for r in rejected)
     assert all(p["parallel"]["dp"] * p["parallel"]["fsdp"] * p["parallel"]["tp"] * p["parallel"]["pp"] == 4
                for p in plans)
+
+
+def test_plan_fast_path_is_the_plain_one():
+    # plan shares one build cache per capture and takes the peak straight from the buffers
+    # (MemoryModel.peak_at); each configuration gives what a build of its own and `largest` give
+    from costmodel.hardware.catalog import load_hardware
+    from costmodel.hardware.parallel_step import parallel_step
+    from costmodel.memory import parallel
+    from costmodel.plan import configurations
+    os.chdir(ROOT)
+    hw = load_hardware("a100-80gb")
+    report = costmodel.analyze(GPT2, inputs=TOKENS, mode="train", device="cpu", hardware=hw)
+    dims = {"batch": 2, "seq": 64}
+    point = report.evaluate(**dims)
+    blocks = find_blocks(report._loaded.module)
+    shared, sizes, checked = {}, {}, 0
+    for cfg in configurations(8, 8):
+        options = report.options.with_(**cfg)
+        try:
+            plain = parallel.build(report.memory_model(), report.primary.captured, blocks, options)
+        except CostModelError:         # tp = 8 does not divide the 4 heads, 8 stages > 4 blocks
+            continue
+        fast = parallel.build(report.memory_model(), report.primary.captured, blocks, options, shared)
+        checked += 1
+        stage, peak, _ = plain.largest(dims)
+        assert fast.peak_at(dims, sizes) == (stage, peak.peak_bytes), cfg
+        assert parallel_step(point, fast, hw, False, shared) == parallel_step(point, plain, hw, False), cfg
+    assert checked > 20
 
 
 def test_cli_parallel_json_keys(capsys):

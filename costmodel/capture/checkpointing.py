@@ -65,10 +65,16 @@ class Blocks:
 
     def index_of(self, module_path: str) -> int | None:
         """The block a module path lies in (None outside every block)."""
-        for i, p in enumerate(self.paths):
-            if module_path == p or module_path.startswith(p + "."):
-                return i
-        return None
+        return _block_index(self.paths, module_path)
+
+
+@functools.lru_cache(maxsize=1 << 16)
+def _block_index(paths: tuple[str, ...], module_path: str) -> int | None:
+    # memoized: the parallel analyses ask it of every step of the timeline, many times over
+    for i, p in enumerate(paths):
+        if module_path == p or module_path.startswith(p + "."):
+            return i
+    return None
 
 
 def find_blocks(model: nn.Module) -> Blocks | None:

@@ -99,26 +99,38 @@ def stage_collectives(par, stage: int, values: dict) -> list[comm.Collective]:
     return calls
 
 
-def parallel_step(point, par, hw, tf32: bool = False) -> dict:
+def parallel_step(point, par, hw, tf32: bool = False, cache: dict | None = None) -> dict:
     """The step of `point` (an api.Point of a parallel report) on `hw`: per stage compute (forward,
     backward per micro-batch, optimizer), communication, exposed communication and bubble; step
     time, tokens/s and MFU (model FLOPs: three times the forward's matmul FLOPs per sample, no
-    recomputation counted)."""
+    recomputation counted). `cache`: a dict shared by the calls for one point and device (`plan`):
+    the compute per stage depends on the split alone, not on the micro-batch count."""
     o = par.options
     p = o.parallel
     ops = point.ops
-    placement = op_placement(ops, par)
     pp = p.pp
-    fwd, bwd, opt = [0.0] * pp, [0.0] * pp, [0.0] * pp
-    for op, (stages, share) in zip(ops, placement):
-        t = roofline.op_time(op["flops"] * share, op["bytes"] * share, op["category"], op["dtype"], hw, tf32).time_s
-        for s in stages:
-            if op["phase"] == "optimizer":
-                opt[s] += t
-            elif op["phase"] == "backward":
-                bwd[s] += t
-            else:
-                fwd[s] += t
+    key = ("compute", id(point), id(hw), tf32, p.dp, p.fsdp, p.tp, p.pp, o.zero, o.sequence_parallel,
+           o.pp_interleave)
+    if cache is None or key not in cache:
+        placement = op_placement(ops, par)
+        fwd, bwd, opt = [0.0] * pp, [0.0] * pp, [0.0] * pp
+        times = {} if cache is None else cache.setdefault(("op times", id(hw), tf32), {})
+        for op, (stages, share) in zip(ops, placement):
+            args = (op["flops"] * share, op["bytes"] * share, op["category"], op["dtype"])
+            if args not in times:
+                times[args] = roofline.op_time(*args, hw, tf32).time_s
+            t = times[args]
+            for s in stages:
+                if op["phase"] == "optimizer":
+                    opt[s] += t
+                elif op["phase"] == "backward":
+                    bwd[s] += t
+                else:
+                    fwd[s] += t
+        if cache is None:
+            cache = {}
+        cache[key] = (fwd, bwd, opt, point, hw)     # point and hw kept: their ids stay theirs
+    fwd, bwd, opt = cache[key][:3]
     net = hw.interconnect
     placements = comm.mesh_placements({"tp": p.tp, "fsdp": p.fsdp, "dp": p.dp, "pp": p.pp}, net.gpus_per_node)
     values = dict(point.dims)

@@ -23,6 +23,9 @@ from costmodel.formulas import Evaluator
 CATEGORIES = ("params", "grads", "optimizer_state", "activations", "temporaries")
 PARAMS, GRADS, STATE, ACTIVATIONS, TEMPORARIES = range(5)
 _LARGEST = 8              # tensors listed at the peak
+# what MemoryModel._reduce makes
+_REDUCED = {"monomials", "_scale", "_by_category", "_candidates", "_candidate_steps", "_mono_eval", "_live_at",
+            "_size_index", "_size_eval"}
 
 
 @dataclass
@@ -72,9 +75,16 @@ class MemoryModel:
         self.steps, self.buffers, self.dims, self.device = steps, buffers, list(dims), device
         self.kernels, self.amp = kernels, amp
         self.warnings: list[str] = []
-        self.reads: list[list[int]] = [[] for _ in steps]   # step -> buffers its op reads (when known)
+        self.reads: list[list[int]] = [[]] * len(steps)   # step -> buffers its op reads (when known)
         self._peak = None
-        self._reduce()
+
+    def __getattr__(self, name: str):
+        # the reduction is made on first use: `plan` builds dozens of models and asks each only
+        # `peak_at`, which needs none of it
+        if name in _REDUCED and "_candidates" not in self.__dict__:
+            self._reduce()
+            return self.__dict__[name]
+        raise AttributeError(name)
 
     # --- symbolic ------------------------------------------------------------------------------
 
@@ -173,6 +183,28 @@ class MemoryModel:
     def _dot(self, row, mv) -> int:
         s = sum(int(c) * v for c, v in zip(row, mv) if c)
         return int(s // self._scale) if self._scale != 1 else int(s)
+
+    def peak_at(self, values: dict[str, int], sizes: dict | None = None) -> int:
+        """`peak_bytes(values)` straight from the buffers, without the reduction to candidate
+        formulas: the live total at every step, exactly (each size evaluated once; `sizes`, a dict
+        of expression -> value, may be shared by the models of one capture), its maximum floored."""
+        from fractions import Fraction
+        from costmodel.symbols import dim_symbol
+        sizes = {} if sizes is None else sizes
+        sub = {dim_symbol(d): v for d, v in values.items()}
+        exact = []
+        for b in self.buffers:
+            if b.size not in sizes:
+                v = sympy.sympify(b.size).xreplace(sub)
+                sizes[b.size] = int(v) if v.is_Integer else Fraction(int(v.p), int(v.q))
+            exact.append(sizes[b.size])
+        scale = math.lcm(*[x.denominator for x in exact if isinstance(x, Fraction)]) or 1
+        delta = np.zeros(len(self.steps) + 1, dtype=np.int64)
+        vals = np.array([int(x * scale) for x in exact], dtype=np.int64)
+        np.add.at(delta, np.array([b.start for b in self.buffers], dtype=np.int64), vals)
+        np.add.at(delta, np.array([b.end + 1 for b in self.buffers], dtype=np.int64), -vals)
+        top = int(np.cumsum(delta[:-1]).max()) if len(self.steps) else 0
+        return top // scale
 
     def evaluate(self, values: dict[str, int]) -> MemoryPoint:
         mv = self._values(values)

@@ -21,14 +21,23 @@ holds for any model (transformer, conv net, ...), not a per-architecture formula
       from another stage arrives in a receive buffer that torch.distributed.pipelining allocates
       once per micro-batch and keeps (as do the gradients it receives); the stage's outputs stay
       (the schedule's forward cache) until their backward is done, and the gradients of its inputs
-      until that backward ends (they are sent then).
+      until that backward ends (they are sent then). torch.distributed.pipelining's traced stages
+      (pipeline(), torch.export) make every floating-point tensor a stage receives require a
+      gradient, whether or not it has one in the model (Llama's rotary cos/sin, made from a buffer
+      and the positions): the receiving stage saves what the derivative for it needs (a product's
+      other factor), computes that gradient and sends it back, and the sending stage allocates one
+      gradient receive buffer per micro-batch for it (`received_gradients`). Users of the traced
+      frontend hold these bytes, so the prediction counts them.
   1F1B over `microbatches` m: stage s holds the saved activations of up to
       min(pp - s - 1, m - 1) other micro-batches while it runs one (Narayanan et al. 2021;
       interleaved: Megatron-LM's warm-up count (pp - s - 1) * 2 + (V - 1) * pp chunk-micro-batches,
       each 1/V of a stage's). With m > 1 the timeline is the first micro-batch (no gradients yet)
       followed by a later one (the accumulated gradients resident, its own transient) and the
       optimizer step. The activations saved by one micro-batch are what is live at the stage's
-      first backward op that its forward made.
+      first backward op that its forward made. Schedule1F1B keeps the send handles of its warm-up
+      forwards but the last (`send_work`) until the steady 1B1F phase ends, and a gloo or NCCL send
+      handle holds its tensor: a stage with w = min(m, pp - s) >= 2 warm-up forwards holds one
+      micro-batch's sent outputs past their backward when m > 2 w - 2.
   DDP (dp): full replicas; PyTorch's reducer keeps one flat bucket per 25 MiB of gradients for the
       whole run (gradient_as_bucket_view=False, the default): the gradients' size again, resident.
   ZeRO-1 (dp, --zero 1): PyTorch's ZeroRedundancyOptimizer: each parameter's optimizer state on
@@ -93,14 +102,23 @@ _NONLINEAR = ("sdpa", "softmax", "gelu", "silu", "relu", "tanh", "sigmoid", "mis
 
 # --- the timeline, editable ----------------------------------------------------------------------
 
+def _copy(b, **changes):
+    """dataclasses.replace of a Buffer or Step without its per-call introspection (timelines copy
+    every buffer)."""
+    nb = object.__new__(type(b))
+    nb.__dict__.update(b.__dict__)
+    nb.__dict__.update(changes)
+    return nb
+
+
 class _Timeline:
     """Steps and buffers of one rank's timeline, as plain lists (copies: edits do not touch the
     single-device model)."""
 
     def __init__(self, steps: list[Step], buffers: list[Buffer], reads: list[list[int]] | None = None):
         self.steps = list(steps)
-        self.buffers = [replace(b) for b in buffers]
-        self.reads = [list(r) for r in reads] if reads is not None else [[] for _ in steps]
+        self.buffers = [_copy(b) for b in buffers]
+        self.reads = list(reads) if reads is not None else [[] for _ in steps]   # never edited in place
 
     @property
     def last(self) -> int:
@@ -113,7 +131,7 @@ class _Timeline:
         return b
 
     def model(self, dims: list[str], base: MemoryModel) -> MemoryModel:
-        buffers = [b for b in self.buffers if b.size != 0]
+        buffers = [b for b in self.buffers if not (b.size.is_Number and b.size == 0)]
         m = MemoryModel(self.steps, buffers, dims, base.device, base.kernels, base.amp)
         return m
 
@@ -127,6 +145,7 @@ class _Insertions:
         self.places: dict[tuple[int, int], list[Step]] = defaultdict(list)   # (index, 0 before | 1 after)
         self.handles: list[tuple[int, int, int]] = []
         self.pending: list[tuple[Buffer, object, object]] = []
+        self.removed: set[int] = set()        # ids of the timeline's buffers to drop (re-added as pending)
 
     def point(self, index: int, label: str, after: bool, phase: str, module: str = "") -> int:
         """A new step right before (or after) original step `index`; several at one place keep the
@@ -144,6 +163,9 @@ class _Insertions:
     def apply(self) -> dict[int, int]:
         """Rebuild the timeline with the new steps; returns old index -> new index."""
         tl = self.tl
+        if self.removed:
+            tl.buffers = [b for b in tl.buffers if id(b) not in self.removed]
+            self.removed.clear()
         steps, reads, new_index = [], [], {}
         placed: dict[tuple[int, int, int], int] = {}
         for i, st in enumerate(tl.steps):
@@ -361,20 +383,12 @@ def _vocabulary(captured, result: TensorParallel, linears: dict, block_of: dict,
         if w is not None and isinstance(src, fx.Node) and src.op == "placeholder" \
                 and roles.get(src.name, ("input", ""))[0] == "input":
             result.embeddings[w] = w.rpartition(".")[0]
-    feeds_linear: set = set()
-    for lin in reversed(forward):                 # does a linear's output reach another linear?
-        if lin not in linears:
-            continue
-        todo, seen = list(lin.users), set()
-        while todo:
-            u = todo.pop()
-            if u in seen or u.op != "call_function":
-                continue
-            seen.add(u)
-            if u in linears or u in feeds_linear:
-                feeds_linear.add(lin)
-                break
-            todo.extend(u.users)
+    # does a linear's output reach another linear (through call nodes)? One pass from the graph's end
+    reaches: set = set()                          # nodes with a linear among their descendants
+    for n in reversed(captured.graph.graph.nodes):
+        if any(u.op == "call_function" and (u in linears or u in reaches) for u in n.users):
+            reaches.add(n)
+    feeds_linear = {lin for lin in linears if lin in reaches}
     for lin, (w, _) in linears.items():
         if lin in feeds_linear or block_of.get(lin) is not None or (w in result.params and w not in result.embeddings):
             continue
@@ -561,35 +575,50 @@ class ParallelMemory:
     def evaluate(self, values: dict[str, int]) -> list[MemoryPoint]:
         return [s.model.evaluate(values) for s in self.stages]
 
+    def peak_at(self, values: dict[str, int], sizes: dict | None = None) -> tuple[int, int]:
+        """(stage, peak bytes) of the largest stage, as `largest` finds them, without the stages'
+        reductions (MemoryModel.peak_at; `sizes` may be shared by the builds of one capture)."""
+        peaks = [s.model.peak_at(values, sizes) for s in self.stages]
+        k = max(range(len(peaks)), key=lambda i: peaks[i])
+        return k, peaks[k]
+
     def largest(self, values: dict[str, int]) -> tuple[int, MemoryPoint, list[MemoryPoint]]:
         points = self.evaluate(values)
         k = max(range(len(points)), key=lambda i: points[i].peak_bytes)
         return k, points[k], points
 
 
-def build(base: MemoryModel, captured, blocks: Blocks | None, options) -> ParallelMemory:
+def build(base: MemoryModel, captured, blocks: Blocks | None, options, cache: dict | None = None) -> ParallelMemory:
     """The per-stage memory of `options`' parallel configuration, from `base` (the single-device
-    model of `captured`, at the micro-batch). See the module docstring."""
+    model of `captured`, at the micro-batch). See the module docstring. `cache`: a dict that the
+    builds of one capture share (`plan` tries dozens of configurations): what depends only on the
+    tensor-parallel split and the pipeline stages is made once, each configuration edits a copy."""
     par = options.parallel
+    cache = {} if cache is None else cache
     notes: list[str] = []
     params = param_infos(captured)
     if blocks is None and (par.pp > 1 or par.fsdp > 1 or options.zero == 2):
         what = "pp" if par.pp > 1 else ("fsdp" if par.fsdp > 1 else "--zero 2")
         raise UsageError(f"{what} works on the model's repeated blocks (FSDP units, pipeline stages), but it has "
                          "no two sibling modules of the same structure; accepted: dp, tp")
-    tl = _Timeline(base.steps, base.buffers, base.reads)
-    tp = find_tensor_parallel(captured, par.tp, blocks)
+    split = ("split", par.tp, options.sequence_parallel and par.tp > 1)
+    if split not in cache:
+        if ("tp", par.tp) not in cache:
+            cache[("tp", par.tp)] = find_tensor_parallel(captured, par.tp, blocks)
+        tp = cache[("tp", par.tp)]
+        tl = _Timeline(base.steps, base.buffers, base.reads)
+        local_shapes = {n: p.shape for n, p in params.items()}
+        if par.tp > 1:
+            _apply_tensor_parallel(tl, tp, par.tp, options.sequence_parallel, blocks, captured)
+            for w in set(tp.columns) | set(tp.embeddings):
+                local_shapes[w] = _split_dim(local_shapes[w], 0, par.tp)
+            for b in tp.column_biases:
+                local_shapes[b] = _split_dim(local_shapes[b], 0, par.tp)
+            for w in tp.rows:
+                local_shapes[w] = _split_dim(local_shapes[w], -1, par.tp)
+        cache[split] = (tl, tp, local_shapes, block_spans(tl.steps, blocks))
+    tl, tp, local_shapes, block_of = cache[split]
     notes += tp.notes
-    local_shapes = {n: p.shape for n, p in params.items()}
-    if par.tp > 1:
-        _apply_tensor_parallel(tl, tp, par.tp, options.sequence_parallel, blocks, captured)
-        for w in set(tp.columns) | set(tp.embeddings):
-            local_shapes[w] = _split_dim(local_shapes[w], 0, par.tp)
-        for b in tp.column_biases:
-            local_shapes[b] = _split_dim(local_shapes[b], 0, par.tp)
-        for w in tp.rows:
-            local_shapes[w] = _split_dim(local_shapes[w], -1, par.tp)
-    block_of = block_spans(tl.steps, blocks)
     chunks = chunk_blocks(len(blocks), par.pp * options.pp_interleave) if par.pp > 1 else \
         [list(range(len(blocks)))] if blocks is not None else [[]]
     stage_of_block = {b: c % par.pp for c, bs in enumerate(chunks) for b in bs}
@@ -598,14 +627,25 @@ def build(base: MemoryModel, captured, blocks: Blocks | None, options) -> Parall
             f"{s}: {sum(len(chunks[c]) for c in range(s, len(chunks), par.pp))}" for s in range(par.pp))
             + " (consecutive, the first chunks take the remainder; embeddings on the first stage, head and "
               "loss on the last)")
-    stages_of = step_stages(tl.steps, block_of, stage_of_block, par.pp - 1) if par.pp > 1 else [0] * len(tl.steps)
+    pipeline = (split, par.pp, options.pp_interleave)
+    if par.pp > 1 and pipeline not in cache:
+        cache[pipeline] = step_stages(tl.steps, block_of, stage_of_block, par.pp - 1)
+    if par.pp > 1 and "flow" not in cache:
+        cache["flow"] = grad_flow(captured)
     stages = []
     unit_count = 0
     param_bytes = {}
     stage_units: dict[int, int] = {}
     for s in range(par.pp):
-        st = _restrict(tl, stages_of, s, options.microbatches) if par.pp > 1 else \
-            _Timeline(tl.steps, tl.buffers, tl.reads)
+        if par.pp > 1:
+            key = (pipeline, options.microbatches, s)
+            if key not in cache:
+                cache[key] = _restrict(tl, cache[pipeline], s, options.microbatches, cache["flow"], blocks,
+                                       captured.graph.graph)
+            mine = cache[key]
+            st = _Timeline(mine.steps, mine.buffers, mine.reads)
+        else:
+            st = _Timeline(tl.steps, tl.buffers, tl.reads)
         stage_params = {b.param for b in st.buffers if b.category == PARAMS and b.param}
         st_blocks = [b for b, k in stage_of_block.items() if k == s]
         units = _units(st, blocks, st_blocks)
@@ -614,10 +654,12 @@ def build(base: MemoryModel, captured, blocks: Blocks | None, options) -> Parall
         whole = {p: math.prod(local_shapes[p] or (1,)) * params[p].itemsize for p in stage_params}
         param_bytes[s] = {"params": sum(whole.values()),
                           "grads": sum(v for p, v in whole.items() if params[p].trainable)}
-        inflight = _compose_microbatches(st, options, s, par.pp)
+        inflight = _compose_microbatches(st, options, s, par.pp, cache)
         stages.append(StageMemory(s, st.model(base.dims, base), sorted(st_blocks), inflight))
         stage_units[s] = len([u for u in units if u.params])
-    whole = _block_output_bytes(base, blocks)
+    if "block output" not in cache:
+        cache["block output"] = _block_output_bytes(base, blocks)
+    whole = cache["block output"]
     boundary = sympy.expand(whole / par.tp) if par.tp > 1 and options.sequence_parallel else whole
     return ParallelMemory(stages, options, notes, tp, unit_count, param_bytes, boundary,
                           len(blocks) if blocks is not None else 0, blocks, stage_of_block, whole, stage_units)
@@ -695,14 +737,143 @@ def _apply_tensor_parallel(tl: _Timeline, tp: TensorParallel, n: int, sequence_p
 # --- pipeline stages on the timeline ---------------------------------------------------------------
 
 SENT_GRADIENT = "(gradient sent to the previous stage)"
+SENT_OUTPUT = "(sent to the next stage)"
+# ops whose derivative for an argument needs no tensor saved (linear in it, or moving its data)
+_NOTHING_SAVED = _VIEWS | {"aten.add.Tensor", "aten.sub.Tensor", "aten.neg.default", "aten.cat.default",
+                           "aten.stack.default", "aten.slice.Tensor", "aten.select.int", "aten.split.Tensor",
+                           "aten.split_with_sizes.default", "aten.sum.default", "aten.sum.dim_IntList",
+                           "aten.mean.dim", "aten.mean.default", "<built-in function getitem>"}
+
+
+@dataclass
+class GradFlow:
+    """Which values of the captured graph have a gradient, and which backward ops compute gradients."""
+
+    requires: set[str]     # nodes whose value depends on a trainable parameter (autograd tracks them)
+    gradient: set[str]     # backward ops fed by the loss's gradient (not a checkpoint's recomputation)
+
+
+def grad_flow(captured) -> GradFlow:
+    """`GradFlow` of a captured training step. The loss's gradient starts at the loss op's
+    `ones_like`-style seed (the last loss op a backward op reads when there is none); the ops that
+    a checkpointed block re-runs in the backward read saved values only, never that seed."""
+    graph = captured.graph.graph
+    roles, trainable = captured.roles, captured.trainable
+    requires: set[str] = set()
+    for n in graph.nodes:
+        if n.op == "placeholder":
+            role, name = roles.get(n.name, ("input", n.name))
+            if role == "param" and name in trainable:
+                requires.add(n.name)
+        elif n.op == "call_function" and any(a.name in requires for a in n.all_input_nodes):
+            requires.add(n.name)
+    phase = {n: n.meta.get("costmodel_phase") for n in graph.nodes}
+    read_by_backward = [n for n in graph.nodes if phase[n] == "loss"
+                        and any(phase[u] == "backward" for u in n.users)]
+    seeds = [n for n in read_by_backward if str(n.target).split(".")[1:2] in (["ones_like"], ["full_like"],
+                                                                               ["full"], ["ones"])]
+    gradient = {n.name for n in (seeds or read_by_backward[-1:])}
+    for n in graph.nodes:
+        if phase[n] == "backward" and any(a.name in gradient for a in n.all_input_nodes):
+            gradient.add(n.name)
+    return GradFlow(requires, gradient)
+
+
+def _floating(dtype: str) -> bool:
+    t = getattr(torch, dtype, None)
+    return isinstance(t, torch.dtype) and t.is_floating_point
+
+
+def _saved_operands(node: fx.Node, newly: set[str]) -> list:
+    """The arguments autograd saves for the derivative of `node` with respect to its arguments in
+    `newly` (tensors that now require a gradient): a product's other factor, a quotient's divisor
+    (and its dividend, for the divisor's derivative), a matmul's other matrix; nothing for ops
+    linear in them; any other op: all its tensor arguments (the conservative case)."""
+    t = str(node.target)
+    if t in _NOTHING_SAVED:
+        return []
+    if t == "aten.mul.Tensor" or t in _MATMULS:
+        ops = _operands(node) if t in _MATMULS else list(node.args[:2])
+        return [a for a in ops if isinstance(a, fx.Node) and a.name not in newly]
+    if t == "aten.div.Tensor":
+        a, b = node.args[:2]
+        out = [b] if isinstance(b, fx.Node) else []
+        if isinstance(b, fx.Node) and b.name in newly and isinstance(a, fx.Node):
+            out.append(a)
+        return out
+    return [a for a in node.all_input_nodes if _holds_tensors(a)]
+
+
+def received_gradients(out: "_Timeline", graph: fx.Graph, flow: GradFlow, received: list[Buffer],
+                       step_of: dict[str, int], blocks: Blocks | None, last_backward: int) -> None:
+    """A stage's work for the floating-point tensors it receives that have no gradient in the model
+    (`received`, its receive buffers): pipelining makes them require one (see the module docstring).
+    Every op reading them (or a tensor made from them alone) now saves what its derivative for them
+    needs (`_saved_operands`) until the block's last gradient op that reads them (a checkpointed
+    block: its recomputation saves, its forward does not); each gradient op reading them makes a
+    product of its own size beside its own (a product's derivative for the other factor), and each
+    tensor's gradient, made from the first of those ops on, is sent back to the stage it came from."""
+    nodes = {n.name: n for n in graph.nodes}
+    newly = {b.source for b in received}
+    todo = [nodes[n] for n in newly if n in nodes]
+    consumers: list[fx.Node] = []
+    gradient_ops: list[fx.Node] = []
+    seen: set = set()
+    while todo:
+        n = todo.pop()
+        for u in n.users:
+            if u in seen or u.op != "call_function" or u.name not in step_of:
+                continue
+            seen.add(u)
+            if u.name in flow.gradient:
+                gradient_ops.append(u)
+                continue
+            consumers.append(u)
+            v = u.meta.get("val")
+            if u.name not in flow.requires and isinstance(v, torch.Tensor) and v.is_floating_point():
+                newly.add(u.name)
+                todo.append(u)
+    if not gradient_ops:
+        return                                      # nothing differentiates through them here
+
+    def block(n: fx.Node):
+        return blocks.index_of(n.meta.get("costmodel_module", "")) if blocks is not None else None
+    grad_ends: dict = {}
+    for g in gradient_ops:
+        b = block(g)
+        grad_ends[b] = max(grad_ends.get(b, 0), step_of[g.name])
+    recomputed = {block(u) for u in consumers if u.meta.get("costmodel_phase") == "backward"}
+    made = {b.source: b for b in out.buffers if b.source and not b.param and not (b.start == 0 and b.end == out.last)}
+    for u in consumers:
+        b = block(u)
+        if b not in grad_ends or (u.meta.get("costmodel_phase") != "backward" and b in recomputed):
+            continue
+        for a in _saved_operands(u, newly):
+            while a.name not in made and str(a.target) in _VIEWS and a.args and isinstance(a.args[0], fx.Node):
+                a = a.args[0]
+            buf = made.get(a.name)
+            if buf is not None and buf.end < grad_ends[b]:
+                buf.end = grad_ends[b]
+                buf.node = f"{buf.node} (saved: a received tensor needs its gradient)"
+    for g in gradient_ops:
+        buf = made.get(g.name)
+        if str(g.target) == "aten.mul.Tensor" and buf is not None:
+            out.add(buf.size, TEMPORARIES, step_of[g.name], step_of[g.name],
+                    f"{g.name} (its twin: the product for a received tensor's gradient)", buf.dtype, buf.shape)
+    first = min(step_of[g.name] for g in gradient_ops)
+    for r in received:
+        out.add(r.size, TEMPORARIES, first, max(first, last_backward),
+                f"{r.source} gradient (made for pipelining) {SENT_GRADIENT}", r.dtype, r.shape)
 IN_FLIGHT = "in flight (saved activations)"
 KEPT_OUTPUT = "(output, kept until its backward)"
 
 
-def _restrict(tl: _Timeline, stages_of: list, s: int, microbatches: int) -> _Timeline:
+def _restrict(tl: _Timeline, stages_of: list, s: int, microbatches: int, flow: GradFlow | None = None,
+              blocks: Blocks | None = None, graph: fx.Graph | None = None) -> _Timeline:
     """Stage s's own timeline (see the module docstring): its steps (and the start and optimizer
     steps every stage has); the parameters its ops read, with their gradients; the storages its ops
-    make; the storages it reads from other stages, as receive buffers."""
+    make; the storages it reads from other stages, as receive buffers; with `flow` (and the graph),
+    what pipelining adds for the received tensors that have no gradient in the model."""
     keep = [i for i, st in enumerate(tl.steps) if stages_of[i] in (s, None)]
     new = {i: k for k, i in enumerate(keep)}
     steps = [tl.steps[i] for i in keep]
@@ -718,6 +889,7 @@ def _restrict(tl: _Timeline, stages_of: list, s: int, microbatches: int) -> _Tim
     mine = {b.param for j, b in enumerate(tl.buffers) if b.category == PARAMS and b.param and s in readers[j]}
     last_backward = max((k for k, st in enumerate(steps) if st.phase == "backward"), default=last)
     loss_reads = {b for i, bufs in enumerate(tl.reads) if tl.steps[i].phase == "loss" for b in bufs}
+    received: list[Buffer] = []            # received forward tensors with no gradient in the model
     # step -> the shapes of the parameter gradients it makes (a tied weight's gradient sums partials)
     grad_shapes: dict[int, set] = defaultdict(set)
     for b in tl.buffers:
@@ -732,14 +904,14 @@ def _restrict(tl: _Timeline, stages_of: list, s: int, microbatches: int) -> _Tim
     for j, b in enumerate(tl.buffers):
         if b.param:                               # a parameter, its gradient or optimizer state
             if b.param in mine:
-                nb = replace(b)
+                nb = _copy(b)
                 nb.start, nb.end = clip(b.start, b.end)
                 out.buffers.append(nb)
             continue
         resident = b.start == 0 and b.end >= tl.last
         if resident:                              # model buffers and inputs: where they are read
             if s in readers[j]:
-                nb = replace(b)
+                nb = _copy(b)
                 nb.start, nb.end = 0, last
                 if b.category == ACTIVATIONS and microbatches > 1:
                     # the schedule takes the step's whole batch and splits it into views
@@ -749,14 +921,19 @@ def _restrict(tl: _Timeline, stages_of: list, s: int, microbatches: int) -> _Tim
             continue
         made_at = stages_of[b.start]
         if made_at == s:
-            nb = replace(b)
+            nb = _copy(b)
             nb.start, nb.end = clip(b.start, b.end)
             sent = bool(readers[j] - {s, None})
             output = j in loss_reads and steps[nb.start].phase == "forward"
             if (sent or output) and steps[nb.start].phase != "backward":
                 # the schedule's forward cache keeps the stage's output until its backward is done
                 nb.end = max(nb.end, last_backward)
-                nb.node = f"{b.node} ({'sent to the next stage' if sent else KEPT_OUTPUT[1:-1]})"
+                nb.node = f"{b.node} {SENT_OUTPUT if sent else KEPT_OUTPUT}"
+                if sent and flow is not None and b.source not in flow.requires and _floating(b.dtype):
+                    # no gradient in the model, but the next stage sends one back: its receive buffers
+                    out.add(sympy.expand(b.size * microbatches), TEMPORARIES, 0, last,
+                            f"{b.node} (received gradient, made for pipelining: {microbatches} buffer"
+                            f"{'s' if microbatches > 1 else ''}, one per micro-batch)", b.dtype, b.shape)
             elif sent:
                 nb.end = max(nb.end, last_backward)    # the backward cache holds it until it is sent
                 nb.node = f"{b.node} {SENT_GRADIENT}"
@@ -771,7 +948,7 @@ def _restrict(tl: _Timeline, stages_of: list, s: int, microbatches: int) -> _Tim
             continue
         elif read_here.get(j):
             # from another stage: torch.distributed.pipelining keeps one receive buffer per micro-batch
-            nb = replace(b)
+            nb = _copy(b)
             nb.start, nb.end = 0, last
             nb.size = sympy.expand(b.size * microbatches)
             backward = tl.steps[read_here[j][0]].phase == "backward"
@@ -779,6 +956,11 @@ def _restrict(tl: _Timeline, stages_of: list, s: int, microbatches: int) -> _Tim
             nb.node = (f"{b.node} (received {'gradient' if backward else 'activation'}: {microbatches} buffer"
                        f"{'s' if microbatches > 1 else ''}, one per micro-batch)")
             out.buffers.append(nb)
+            if flow is not None and not backward and b.source not in flow.requires and _floating(b.dtype):
+                received.append(_copy(b))
+    if received and graph is not None:
+        step_of = {st.node: k for k, st in enumerate(steps)}
+        received_gradients(out, graph, flow, received, step_of, blocks, last_backward)
     return out
 
 
@@ -1019,7 +1201,7 @@ def _reduce_scatter(ins: _Insertions, tl: _Timeline, u: _Unit, stop: int, n: int
         ins.buffer(math.prod(padded[p] or (1,)) * reduce_itemsize(p), GRADS, out, opt_step,
                    f"{p} gradient (sharded 1/{n})", param=p)
         g = grads.pop(p)                       # the unsharded gradient: freed after the copy-in
-        tl.buffers.remove(g)
+        ins.removed.add(id(g))
         g.node = f"{g.node} (unsharded gradient of {p})"
         ins.pending.append((g, g.start, copy_in))
     return None if last else rs
@@ -1076,9 +1258,9 @@ def in_flight(pp: int, stage: int, microbatches: int, interleave: int) -> tuple[
     return sympy.Rational(max(0, held - v), v), sympy.Rational(max(0, later - v), v)
 
 
-def _compose_microbatches(tl: _Timeline, options, stage: int, pp: int) -> sympy.Rational:
+def _compose_microbatches(tl: _Timeline, options, stage: int, pp: int, cache: dict | None = None) -> sympy.Rational:
     """One micro-batch's timeline -> the step's: other micro-batches in flight, and with m > 1 a later
-    micro-batch (accumulated gradients resident) before the optimizer step."""
+    micro-batch (accumulated gradients resident) before the optimizer step. `cache`: build's."""
     m = options.microbatches
     first, later = in_flight(pp, stage, m, options.pp_interleave)
     fb = [i for i, st in enumerate(tl.steps) if st.phase in ("forward", "loss", "backward")]
@@ -1086,8 +1268,8 @@ def _compose_microbatches(tl: _Timeline, options, stage: int, pp: int) -> sympy.
         return first
     f0, b1 = min(fb), max(fb)
     boundary = next((i for i in fb if tl.steps[i].phase == "backward"), b1)
-    saved = sympy.expand(sum((b.size for b in tl.buffers if b.category in (ACTIVATIONS, TEMPORARIES)
-                              and f0 <= b.start < boundary <= b.end and not b.param), sympy.Integer(0)))
+    saved = sympy.expand(sympy.Add(*[b.size for b in tl.buffers if b.category in (ACTIVATIONS, TEMPORARIES)
+                                     and f0 <= b.start < boundary <= b.end and not b.param]))
     if m == 1:
         if first:
             tl.add(sympy.expand(first * saved), ACTIVATIONS, f0, b1,
@@ -1095,38 +1277,54 @@ def _compose_microbatches(tl: _Timeline, options, stage: int, pp: int) -> sympy.
         return first
     last_forward = max((i for i in fb if tl.steps[i].phase in ("forward", "loss")), default=f0)
     # [start] F+B of the first micro-batch, F+B of a later one, then the optimizer step
+    warmup = min(m, pp - stage)
+    held = options.pp_interleave == 1 and warmup >= 2 and m > 2 * warmup - 2
     n = len(tl.steps)
     shift = b1 - f0 + 1
-    steps = tl.steps[:b1 + 1] + [replace(tl.steps[i], node=f"{tl.steps[i].node} (later micro-batch)")
-                                 for i in range(f0, b1 + 1)] + tl.steps[b1 + 1:]
+    copies = {} if cache is None else cache.setdefault("later steps", {})   # id -> (step, its copy)
+
+    def later_step(st: Step) -> Step:
+        if id(st) not in copies:             # the step is kept with its copy: its id stays its own
+            copies[id(st)] = (st, _copy(st, node=f"{st.node} (later micro-batch)"))
+        return copies[id(st)][1]
+    steps = tl.steps[:b1 + 1] + [later_step(tl.steps[i]) for i in range(f0, b1 + 1)] + tl.steps[b1 + 1:]
     out = []
-    for b in tl.buffers:
+    for b in tl.buffers:                          # the stage's own copies: edited in place
         if b.start == 0 and b.end >= n - 1:       # resident
-            out.append(replace(b, end=len(steps) - 1))
+            b.end = len(steps) - 1
+            out.append(b)
             continue
         if b.start > b1:                          # the optimizer step's own
-            out.append(replace(b, start=b.start + shift, end=b.end + shift))
+            b.start, b.end = b.start + shift, b.end + shift
+            out.append(b)
             continue
         if b.end > b1 and b.category == GRADS:
             # the first micro-batch's gradient is what the later ones add into
-            out.append(replace(b, end=b.end + shift))
-            out.append(replace(b, start=b.start + shift, end=b.start + shift, category=TEMPORARIES,
-                               node=f"{b.node} (later micro-batch, added into the accumulated gradient)"))
+            added = _copy(b, start=b.start + shift, end=b.start + shift, category=TEMPORARIES,
+                          node=f"{b.node} (later micro-batch, added into the accumulated gradient)")
+            b.end += shift
+            out += [b, added]
             continue
+        later_copy = _copy(b, start=b.start + shift, end=b.end + shift, node=f"{b.node} (later micro-batch)")
         end = b.end + shift if b.end > b1 else b.end
+        if b.node.endswith(SENT_OUTPUT) and held:
+            # Schedule1F1B's `send_work` keeps a warm-up forward's send handle, which holds the
+            # tensor, until the 1B1F phase ends (see the module docstring)
+            end = max(end, b1 + shift)
         if b.node.endswith(SENT_GRADIENT):
             # the 1F1B loop's `bwd_sends` holds it until the next micro-batch's backward makes the
             # next ones (torch.distributed.pipelining's Schedule1F1B)
             end = max(end, b1 + shift)
-        out.append(replace(b, end=end))
-        out.append(replace(b, start=b.start + shift, end=b.end + shift, node=f"{b.node} (later micro-batch)"))
+        b.end = end
+        out.append(b)
+        out.append(later_copy)
         if b.node.endswith(KEPT_OUTPUT):
             # the schedule's loop variable (`output = stage.forward_one_chunk(...)` in
             # torch.distributed.pipelining's 1F1B) holds the previous micro-batch's output until the
             # next forward returns, after its backward has dropped the cache's reference
-            out.append(replace(b, start=f0 + shift, end=last_forward + shift,
+            out.append(_copy(b, start=f0 + shift, end=last_forward + shift,
                                node=f"{b.node} (the previous micro-batch's, held until this forward returns)"))
-    tl.steps, tl.buffers, tl.reads = steps, out, [[] for _ in steps]
+    tl.steps, tl.buffers, tl.reads = steps, out, [[]] * len(steps)     # reads are not needed from here on
     if first:
         tl.add(sympy.expand(first * saved), ACTIVATIONS, f0, b1,
                f"{first} other micro-batch(es) {IN_FLIGHT}")
