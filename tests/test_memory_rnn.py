@@ -49,3 +49,12 @@ def test_cpu_lstm_keeps_seq_symbolic_and_counts_the_unrolled_flops(mode):
     for b, s in ((2, 6), (3, 9)):
         expected = flop_counter_total(M.LSTM, {"x": ((b, s, 16), torch.float32)}, mode)
         assert r.evaluate(batch=b, seq=s).totals["matmul_flops"] == expected, (b, s)
+
+
+@pytest.mark.parametrize("mode", ["inference", "train"])
+def test_cpu_gru_counts_what_flop_counter_counts(mode):
+    r = costmodel.analyze(M.GRUTagger, inputs=["ids:int64[batch,seq]"], mode=mode, dims={"batch": 2, "seq": 6},
+                          device="cpu")
+    for b, s in ((2, 6), (3, 6), (2, 9)):
+        expected = flop_counter_total(M.GRUTagger, {"ids": ((b, s), torch.int64)}, mode)
+        assert r.evaluate(batch=b, seq=s).totals["matmul_flops"] == expected, (b, s)
