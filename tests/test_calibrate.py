@@ -62,6 +62,10 @@ def test_quick_calibration_measures_each_kernel_class(quick_cpu):
         assert key == "view" or "fastest of" in table.how, key       # each says how it was measured
     # products carry their shape curves, convolutions theirs
     assert set(hw.kernels["matmul:float32"].efficiency) == {"m", "n", "k"}
+    # products of few rows with their weight streamed from memory: by m, with curves of n and k
+    streamed = hw.kernels["matmul.streamed:float32"]
+    assert streamed.by == "m" and streamed.sizes == (1.0, 2.0, 8.0) and all(r > 0 for r in streamed.rates)
+    assert set(streamed.efficiency) == {"n", "k"} and "rotating" in streamed.how
     assert {"m", "k"} <= set(hw.kernels["conv.dense:float32"].efficiency)
     # rated by work, like the others (a grouped backward's work is the kernel's, not FlopCounterMode's)
     assert hw.kernels["conv.depthwise:float32"].by == "work"

@@ -231,3 +231,37 @@ def test_cli_fit_generate(capsys):
     out = capsys.readouterr()
     assert code == 0, out.err
     assert "largest batch that fits" in out.out
+
+
+def test_decode_steps_on_a_calibrated_device_are_priced_as_a_forward(reports, monkeypatch):
+    """With measured kernel tables each decode step is the step's own Point priced from the tables
+    (cold weights, module calls); past MAX_TIMED_STEPS steps the rest are linear in ctx between the
+    priced ones."""
+    from costmodel import generation
+    from costmodel.hardware.catalog import Hardware
+    from costmodel.hardware.kernels import KernelTable
+    tables = {"matmul:float32": KernelTable("matmul", "float32", 3e-6, (1e4, 1e8), (1e11, 1e12),
+                                            {"m": ((1.0, 0.3), (64.0, 1.0))}),
+              "matmul.streamed:float32": KernelTable("matmul.streamed", "float32", 3e-6, (1.0, 4.0), (5e9, 2e10),
+                                                     by="m"),
+              "attention:float32": KernelTable("attention", "float32", 8e-6, (1e3, 1e8), (1e9, 2e10)),
+              "pointwise": KernelTable("pointwise", None, 2e-6, (1e3, 1e7), (1e9, 1e10)),
+              "view": KernelTable("view", None, 5e-7), "module": KernelTable("module", None, 1e-6)}
+    # a slow memory: the decode step's products are bound by reading their weights
+    hw = Hardware("cpu-tables", 1 << 34, 1e9, {"float32": 5e10}, kernels=tables, cache_bytes=1 << 14, calibrated=True)
+    report = reports["llama-gqa"]
+    p = report.evaluate(batch=2, prompt=5, gen=7)
+    d = p.decode_timing(hw)
+    steps = report.steps
+    for i, ctx in enumerate(range(5, 12)):
+        point = steps.step_point(p.pieces[0][2], 2, ctx)
+        assert d.step_time_s[i] == pytest.approx(point.timing(hw)["summary"].time_s, rel=1e-9), ctx
+    assert {t.kernel for t in d.op_times[0] if t.kernel and t.kernel.startswith("matmul")} == {"matmul.streamed"}
+    t = p.timing(hw)
+    assert t["summary"].time_s == pytest.approx(t["prefill"].time_s + d.time_s, rel=1e-9)
+    # priced at 3 contexts only: the ends exact, the middle linear between them
+    monkeypatch.setattr(generation, "MAX_TIMED_STEPS", 3)
+    few = report.evaluate(batch=2, prompt=5, gen=7).decode_timing(hw)
+    assert few.step_time_s[0] == pytest.approx(d.step_time_s[0])
+    assert few.step_time_s[-1] == pytest.approx(d.step_time_s[-1])
+    assert few.step_time_s[1] == pytest.approx((2 * few.step_time_s[0] + few.step_time_s[3]) / 3)

@@ -393,3 +393,53 @@ def test_internal_ops_skip_the_python_binding(tmp_path):
                    features={"internal": 1}).overhead_s == pytest.approx(1e-6)
     # never below a tenth of the measured overhead
     assert op_time(0, 0, "view", "float32", hw, kernel="view", features={"internal": 1}).time_s == pytest.approx(1e-7)
+
+
+STREAMED = KernelTable("matmul.streamed", "float32", 2e-6, sizes=(1.0, 2.0, 64.0), rates=(1e10, 5e9, 6e10),
+                       efficiency={"k": ((256.0, 0.5), (4096.0, 1.0))}, by="m")
+
+
+def test_products_bound_by_their_cold_read_take_the_streamed_table(tmp_path):
+    hw = with_cache(tmp_path, cache_bytes=1 << 20)
+    streamed = with_cache(tmp_path, cache_bytes=1 << 20)
+    streamed.kernels["matmul.streamed:float32"] = STREAMED
+    weight = 4096 * 4096 * 4
+
+    def price(device, m, cold, k=4096):
+        f = {"m": m, "n": 4096, "k": k, "cold_bytes": cold}
+        return op_time(2 * m * 4096 * k, weight + 8 * m * 4096, "matmul", "float32", device, kernel="matmul",
+                       features=f)
+    # one row, its weight from memory: the streamed rate at m = 1, nothing added for the read
+    t = price(streamed, 1, weight)
+    assert t.kernel == "matmul.streamed"
+    assert t.time_s == pytest.approx(2e-6 + 2 * 4096 * 4096 / 1e10)
+    # two rows run slower than one where the table says so (m separate matrix-vector products)
+    assert price(streamed, 2, weight).time_s == pytest.approx(2e-6 + 4 * 4096 * 4096 / 5e9)
+    assert price(streamed, 1, weight, k=256).time_s == pytest.approx(2e-6 + 2 * 4096 * 256 / (1e10 * 0.5))
+    # without the table: the in-cache table plus the read, as before
+    plain = price(hw, 1, weight)
+    assert plain.kernel == "matmul"
+    assert plain.time_s == pytest.approx(MATMUL.time_s(2 * 4096 * 4096, {"m": 1}) + weight / hw.bandwidth_bytes_per_s)
+    # not bound by the read (weights in cache; many rows; past the table's largest m): the in-cache table
+    assert price(streamed, 1, 0).kernel == "matmul"
+    assert price(streamed, 2048, weight).kernel == "matmul"
+    assert price(streamed, 100, weight).kernel == "matmul"
+    # batched products have no streamed table
+    assert op_time(2e6, 1e8, "matmul", "float32", streamed, kernel="bmm",
+                   features={"m": 1, "n": 4096, "k": 256, "cold_bytes": 1e8}).kernel != "matmul.streamed"
+
+
+def test_a_gather_misses_the_cache_on_what_it_reads_only(tmp_path):
+    class Lookup(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.table = nn.Embedding(50000, 64)
+
+        def forward(self, ids):
+            return self.table(ids)
+    r = analyze(Lookup, inputs=["ids:int64[batch,seq]"], dims={"batch": [2], "seq": [8]})
+    pt = r.evaluate(batch=2, seq=8)
+    i = next(i for i, op in enumerate(pt.ops) if op["target"] == "aten.embedding.default")
+    cold = pt._with_cold_inputs(pt.features, 1)[i]["cold_bytes"]
+    assert cold == pt.ops[i]["bytes_read"] < 50000 * 64 * 4      # rows and indices, not the table
+

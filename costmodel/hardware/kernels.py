@@ -36,7 +36,8 @@ FLOPS, BYTES = "flops", "bytes"
 # ".backward" (the gradient kernel of the same op; a convolution's without the input's gradient is
 # ".backward.weight"); attention classes add ".causal", then ".dropout".
 FAMILIES: dict[str, str] = {
-    "matmul": FLOPS,        # one product: mm, addmm, linear, 2-D matmul; features m, n, k
+    "matmul": FLOPS,        # one product: mm, addmm, linear, 2-D matmul; features m, n, k; .streamed:
+                            # measured with its weight read from memory (by m), for products bound by that
     "bmm": FLOPS,           # batched products: bmm, baddbmm, batched matmul; features batch, m, n, k
     "conv": FLOPS,          # .dense, .depthwise, .grouped, .transposed; features below
     "attention": FLOPS,     # .math, .flash, .efficient, .cudnn: the SDPA kernel the device runs

@@ -6,7 +6,8 @@ op (data in DEFAULT_EFFICIENCY, overridable) and ramps up with the op's size. Ma
 attention run on the tensor-core peak of their dtype; every other op runs on the float32 vector peak.
 Calibrated: where the device file has a measured table for the op's kernel class (costmodel/hardware/kernels.py,
 written by `costmodel hardware calibrate`), the op takes that table's overhead plus its work at the
-measured rate for its size and shape, plus, on a CPU, the first touch of a large new output.
+measured rate for its size and shape, plus, on a CPU, the first touch of a large new output; a
+product bound by reading its weight from memory (few rows) takes the "matmul.streamed" table's.
 `bound` compares the op's intensity with the ridge point (datasheet peak / datasheet bandwidth) of
 the peak it runs on, so it agrees with `costmodel hardware show` and the roofline plot.
 No torch here: numbers in, numbers out.
@@ -194,13 +195,14 @@ def _measured_time(flops: float, bytes: float, category: str, dtype: str, hw: "H
     # other side is the ideal time at the datasheet figure, for the record.
     # Tables were measured with the operands in cache (as far as they fit); what the cache no
     # longer holds is read from memory first.
-    streamed = _streamed_table(hw, kernel, key, bytes, features)
+    kernel_s = table.kernel_time_s(flops if table.work == FLOPS else bytes, features)
+    cold_s = float(features.get(COLD_FEATURE, 0)) / bandwidth
+    streamed = _streamed_table(hw, kernel, key, features) if cold_s >= kernel_s else None
     if streamed is not None:    # measured with its weight coming from memory: nothing to add
         table = streamed
         kernel_s = table.kernel_time_s(flops, features)
     else:
-        kernel_s = table.kernel_time_s(flops if table.work == FLOPS else bytes, features) + \
-            float(features.get(COLD_FEATURE, 0)) / bandwidth
+        kernel_s += cold_s
     if table.work == FLOPS:
         compute_time_s, memory_time_s = kernel_s, bytes / bandwidth
     else:
@@ -275,18 +277,16 @@ def summarize(op_times: Iterable[OpTime], total_flops, hw: "Hardware", dtype: st
     )
 
 
-def _streamed_table(hw: "Hardware", kernel: str | None, dtype: str, bytes: float, features: Mapping[str, float]):
-    """The device's "matmul.streamed" table for a product of few rows that reads mostly from
-    memory (at least half its bytes are past the cache: its weight, first read in the step), as a
-    decode step's products are; None for others (they keep the in-cache table plus the cold read).
-    Past the table's largest m a product is compute-bound and the in-cache table holds."""
-    if kernel is None or kernel.split(".", 1)[0] != "matmul":
-        return None
-    cold, m = float(features.get(COLD_FEATURE, 0)), features.get("m")
-    if m is None or bytes <= 0 or cold < 0.5 * bytes:
+def _streamed_table(hw: "Hardware", kernel: str | None, dtype: str, features: Mapping[str, float]):
+    """The device's "matmul.streamed" table for a product, or None. The caller asks only for a
+    product bound by its cold read (reading what the cache no longer holds takes longer than the
+    in-cache kernel: its weight, first read in the step, at few rows, as a decode step's products
+    are); a BLAS runs those at rates the in-cache table plus the read does not give. Past the
+    table's largest m there is no measurement and the in-cache table holds."""
+    if kernel is None or kernel.split(".", 1)[0] != "matmul" or features.get("m") is None:
         return None
     table = hw.kernel_table("matmul.streamed", dtype)
-    if table is None or table.kernel != "matmul.streamed" or not table.sizes or m > table.sizes[-1]:
+    if table is None or table.kernel != "matmul.streamed" or not table.sizes or features["m"] > table.sizes[-1]:
         return None
     return table
 
