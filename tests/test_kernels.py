@@ -420,6 +420,12 @@ def test_products_bound_by_their_cold_read_take_the_streamed_table(tmp_path):
     plain = price(hw, 1, weight)
     assert plain.kernel == "matmul"
     assert plain.time_s == pytest.approx(MATMUL.time_s(2 * 4096 * 4096, {"m": 1}) + weight / hw.bandwidth_bytes_per_s)
+    # a weight larger than the cache streams whatever the rows (as the table's did); the curves,
+    # measured at one row, fade log-linearly to nothing at the table's most rows (64)
+    many = price(streamed, 16, weight, k=256)
+    assert many.kernel == "matmul.streamed"
+    rate16 = STREAMED.rate(16)
+    assert many.time_s == pytest.approx(2e-6 + 2 * 16 * 4096 * 256 / (rate16 * 0.5 ** (1 - math.log(16) / math.log(64))))
     # not bound by the read (weights in cache; many rows; past the table's largest m): the in-cache table
     assert price(streamed, 1, 0).kernel == "matmul"
     assert price(streamed, 2048, weight).kernel == "matmul"

@@ -197,10 +197,12 @@ def _measured_time(flops: float, bytes: float, category: str, dtype: str, hw: "H
     # longer holds is read from memory first.
     kernel_s = table.kernel_time_s(flops if table.work == FLOPS else bytes, features)
     cold_s = float(features.get(COLD_FEATURE, 0)) / bandwidth
-    streamed = _streamed_table(hw, kernel, key, features) if cold_s >= kernel_s else None
+    cold = float(features.get(COLD_FEATURE, 0))
+    streams = cold_s >= kernel_s or (hw.cache_bytes is not None and cold > hw.cache_bytes)
+    streamed = _streamed_table(hw, kernel, key, features) if streams else None
     if streamed is not None:    # measured with its weight coming from memory: nothing to add
         table = streamed
-        kernel_s = table.kernel_time_s(flops, features)
+        kernel_s = flops / (table.rate(features["m"]) * _streamed_shape_efficiency(table, features))
     else:
         kernel_s += cold_s
     if table.work == FLOPS:
@@ -281,14 +283,24 @@ def _streamed_table(hw: "Hardware", kernel: str | None, dtype: str, features: Ma
     """The device's "matmul.streamed" table for a product, or None. The caller asks only for a
     product bound by its cold read (reading what the cache no longer holds takes longer than the
     in-cache kernel: its weight, first read in the step, at few rows, as a decode step's products
-    are); a BLAS runs those at rates the in-cache table plus the read does not give. Past the
-    table's largest m there is no measurement and the in-cache table holds."""
+    are) or whose cold read is larger than the cache (as the table's weights were): a BLAS runs
+    those at rates the in-cache table plus the read does not give. Past the table's largest m
+    there is no measurement and the in-cache table holds."""
     if kernel is None or kernel.split(".", 1)[0] != "matmul" or features.get("m") is None:
         return None
     table = hw.kernel_table("matmul.streamed", dtype)
     if table is None or table.kernel != "matmul.streamed" or not table.sizes or features["m"] > table.sizes[-1]:
         return None
     return table
+
+
+def _streamed_shape_efficiency(table, features: Mapping[str, float]) -> float:
+    """The streamed table's curves of n and k, measured at its fewest rows (matrix-vector products,
+    whose speed depends on the row length), fade log-linearly in m to nothing at its most rows
+    (a product blocked for compute, as the rate by m already says)."""
+    m, lo, hi = float(features["m"]), table.sizes[0], table.sizes[-1]
+    weight = 1.0 if m <= lo or hi <= lo else max(0.0, 1.0 - math.log(m / lo) / math.log(hi / lo))
+    return table.shape_efficiency(features) ** weight
 
 
 def _overhead_s(measured_s: float, hw: "Hardware", features: Mapping[str, float]) -> float:
