@@ -386,6 +386,20 @@ class Report:
         if tf32 is not None:
             self.options = self.options.with_(tf32=tf32)
 
+    def costs_at(self, analysis: Analysis, point: dict[str, int]) -> Point:
+        """`analysis`'s totals and per-op figures at `point` as a Point: costs only (no memory, not timed)."""
+        c = analysis.captured
+        values = {d: point[d] for d in c.dims}
+        if analysis._evaluator is None:
+            analysis._evaluator = Evaluator([analysis.totals[m] for m in METRICS], c.dims)
+        totals = dict(zip(METRICS, analysis._evaluator(values)))
+
+        def op_values():
+            if analysis._op_evaluator is None:
+                analysis._op_evaluator = Evaluator([op.cost[m] for op in analysis.ops for m in METRICS], c.dims)
+            return analysis._op_evaluator(values)
+        return Point(point, totals, analysis, op_values, self)
+
     def evaluate(self, **dims: int) -> Point:
         """Concrete totals and per-op figures at one point (recaptures where the formulas do not hold)."""
         point = self._complete(dims)
@@ -394,17 +408,10 @@ class Report:
                 self.warn(f"{self.model} at {', '.join(f'{d}={v}' for d, v in point.items())} is beyond "
                           f"{limit.expr} ({limit.reason}): the model was not built for that length")
         analysis = self._analysis_for(point)
-        c = analysis.captured
-        values = {d: point[d] for d in c.dims}
-        if analysis._evaluator is None:
-            analysis._evaluator = Evaluator([analysis.totals[m] for m in METRICS], c.dims)
-        totals = dict(zip(METRICS, analysis._evaluator(values)))
+        values = {d: point[d] for d in analysis.captured.dims}
+        result = self.costs_at(analysis, point)
+        totals = result.totals
         totals.update(params=self.params, param_bytes=self.param_bytes)
-        def op_values():
-            if analysis._op_evaluator is None:
-                analysis._op_evaluator = Evaluator([op.cost[m] for op in analysis.ops for m in METRICS], c.dims)
-            return analysis._op_evaluator(values)
-
         totals["time_s"] = None
         model = self.memory_model(analysis=analysis)
         if self.options.parallel_training:
@@ -414,7 +421,6 @@ class Report:
             m = model.evaluate(values)
         totals["peak_memory_bytes"] = m.peak_bytes
         totals["memory"] = m.breakdown
-        result = Point(point, totals, analysis, op_values, self)
         result.extra["memory"] = m.extra(model)
         if self.options.parallel_training:
             from costmodel.memory.parallel import point_extra

@@ -381,18 +381,7 @@ class DecodeSteps:
 
     def step_point(self, analysis: Analysis, batch: int, ctx: int) -> Point:
         """The decode step of `analysis` at (batch, ctx) as a Point (costs and timing; no memory)."""
-        c = analysis.captured
-        dims = {BATCH: batch, CTX: ctx}
-        values = {d: dims[d] for d in c.dims}
-        if analysis._evaluator is None:
-            analysis._evaluator = Evaluator([analysis.totals[m] for m in METRICS], c.dims)
-        totals = dict(zip(METRICS, analysis._evaluator(values)))
-
-        def op_values():
-            if analysis._op_evaluator is None:
-                analysis._op_evaluator = Evaluator([op.cost[m] for op in analysis.ops for m in METRICS], c.dims)
-            return analysis._op_evaluator(values)
-        return Point(dims, totals, analysis, op_values, self.report)
+        return self.report.costs_at(analysis, {BATCH: batch, CTX: ctx})
 
     def _values(self, expr: sympy.Expr, batch: int, cs: np.ndarray) -> np.ndarray:
         key = (expr, batch)

@@ -196,8 +196,8 @@ def _measured_time(flops: float, bytes: float, category: str, dtype: str, hw: "H
     # Tables were measured with the operands in cache (as far as they fit); what the cache no
     # longer holds is read from memory first.
     kernel_s = table.kernel_time_s(flops if table.work == FLOPS else bytes, features)
-    cold_s = float(features.get(COLD_FEATURE, 0)) / bandwidth
     cold = float(features.get(COLD_FEATURE, 0))
+    cold_s = cold / bandwidth
     streams = cold_s >= kernel_s or (hw.cache_bytes is not None and cold > hw.cache_bytes)
     streamed = _streamed_table(hw, kernel, key, features) if streams else None
     if streamed is not None:    # measured with its weight coming from memory: nothing to add
