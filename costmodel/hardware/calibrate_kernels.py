@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import math
 import statistics
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -27,6 +26,7 @@ import torch.nn.functional as F
 from torch.utils._pytree import tree_leaves, tree_map
 
 from costmodel.hardware.kernels import ALLOC_FEATURE, AllocationTable, KernelTable, work_of
+from costmodel.validate.stats import cpu_clock, cuda_block_s
 
 aten = torch.ops.aten
 
@@ -193,16 +193,10 @@ class Timer:
 
     def block(self, call, number: int) -> float:
         if self.device == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            for _ in range(number):
-                call()
-            end.record()
-            end.synchronize()
-            return start.elapsed_time(end) / 1e3
+            return cuda_block_s(call, number)
         # One CPU thread: the thread's CPU time, which time slices lost to other processes do not
         # inflate; more threads: wall time (their work is spread over threads).
-        clock = time.thread_time if torch.get_num_threads() == 1 else time.perf_counter
+        clock = cpu_clock()
         faults = _minor_faults()
         t0 = clock()
         for _ in range(number):
@@ -338,16 +332,21 @@ class Prober:
 
     # --- products -------------------------------------------------------------------------------------
 
-    def matmul(self, dtype: str) -> Measured:
-        """torch.addmm(bias, x, w.t()) as nn.Linear calls it, the weights rotating through enough
-        copies to leave the cache (each call reads a weight that the last call did not)."""
+    def addmm(self, dtype: str, m: int, n: int, k: int, rotate: bool = False) -> Instance:
+        """One torch.addmm(bias, x[m, k], w[n, k].t()), as nn.Linear calls it, timed."""
         dt = _DTYPES[dtype]
 
+        def make():
+            x, w, bias = self.t(m, k, dtype=dt), self.t(n, k, dtype=dt), self.t(n, dtype=dt)
+            return lambda: torch.addmm(bias, x, w.t()), aten.addmm.default, (bias, x, w.t()), {}
+        return self.instance(make, "matmul", rotate=rotate)
+
+    def matmul(self, dtype: str) -> Measured:
+        """torch.addmm(bias, x, w.t()) as nn.Linear calls it, its operands in cache (the roofline
+        adds the read of what a model's cache no longer holds; `matmul_streamed` measures products
+        bound by that read)."""
         def run(m, n, k):
-            def make():
-                x, w, bias = self.t(m, k, dtype=dt), self.t(n, k, dtype=dt), self.t(n, dtype=dt)
-                return lambda: torch.addmm(bias, x, w.t()), aten.addmm.default, (bias, x, w.t()), {}
-            return self.instance(make, "matmul", rotate=False)
+            return self.addmm(dtype, m, n, k)
         p = self.plan
         ref = p.mm_ref
         return Measured("matmul", dtype, run(4, 4, 4), [run(n, n, n) for n in p.mm_cubes],
@@ -364,15 +363,11 @@ class Prober:
         price these: a BLAS may run a product of m rows as m matrix-vector products (each reading
         the whole weight) up to some m, and short rows or wide outputs run at other rates. By m at
         n = k = stream_ref, with efficiency curves of n and of k at m = STREAM_CURVE_M."""
-        dt = _DTYPES[dtype]
         p = self.plan
         ref = p.stream_ref
 
         def run(m, n, k):
-            def make():
-                x, w, bias = self.t(m, k, dtype=dt), self.t(n, k, dtype=dt), self.t(n, dtype=dt)
-                return lambda: torch.addmm(bias, x, w.t()), aten.addmm.default, (bias, x, w.t()), {}
-            return self.instance(make, "matmul", rotate=True)
+            return self.addmm(dtype, m, n, k, rotate=True)
         tiny = run(1, 4, 4)
         base = [run(m, ref, ref) for m in p.stream_m]
         curves = {"n": [run(STREAM_CURVE_M, n, ref) for n in p.stream_n],

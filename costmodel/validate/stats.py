@@ -116,16 +116,21 @@ def time_call(fn: Callable[[], Any], *, repeats: int = 5, warmup: int = 1, devic
     return Timing(statistics.median(times), times, number)
 
 
+def cuda_block_s(fn, number: int) -> float:
+    """Seconds of `number` calls of `fn` on the GPU, between two CUDA events."""
+    import torch
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(number):
+        fn()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) / 1e3
+
+
 def _block(fn, number: int, cuda: bool, thread_clock: bool = False) -> float:
     if cuda:
-        import torch
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for _ in range(number):
-            fn()
-        end.record()
-        end.synchronize()
-        return start.elapsed_time(end) / 1e3
+        return cuda_block_s(fn, number)
     clock = cpu_clock() if thread_clock else time.perf_counter
     t0 = clock()
     for _ in range(number):
