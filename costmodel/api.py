@@ -28,7 +28,7 @@ from costmodel.capture.limits import Limit, config_limits
 from costmodel.capture.specs import InputSpec, parse_input
 from costmodel.errors import AnalysisError, CaptureFailed, OutsideLimits, UsageError
 from costmodel.formulas import Evaluator, degree
-from costmodel.hardware.kernels import COLD_FEATURE
+from costmodel.hardware.kernels import COLD_FEATURE, EVICTED_FEATURE
 from costmodel.memory import timeline as memory
 from costmodel.options import Options
 from costmodel.rules.attention import attention_kernels
@@ -95,6 +95,8 @@ class Point:
             features = self.features
             if hw.cache_bytes:
                 features = self._with_cold_inputs(features, hw.cache_bytes)
+            if hw.core_cache_bytes:
+                features = self._with_evicted(features, hw.core_cache_bytes * (hw.threads or 1))
             times = [roofline.op_time(op["flops"], op["bytes"], op["category"], op["dtype"], hw, tf32,
                                       kernel=self.kernel_class(i), features=features[i])
                      for i, op in enumerate(self.ops)]
@@ -137,6 +139,20 @@ class Point:
             if record.writes:
                 seen[record.writes] = traffic
             out.append({**f, COLD_FEATURE: cold} if cold else f)
+        return out
+
+    def _with_evicted(self, features: list[dict], core_bytes: int) -> list[dict]:
+        """Each op's features, with EVICTED_FEATURE = 1 where the kernel's own working state is out
+        of the core caches when it runs: its first call in the step, or more than `core_bytes` of
+        traffic since the last call of the same class at the same FLOPs and bytes (another layer's
+        call of it: evicted; the next timestep's of an RNN cell: not)."""
+        out, last, traffic = [], {}, 0.0
+        for i, (op, f) in enumerate(zip(self.ops, features)):
+            key = (self.kernel_class(i), float(op["flops"]), float(op["bytes"]))
+            evicted = key not in last or traffic - last[key] > core_bytes
+            last[key] = traffic + float(op["bytes"])
+            traffic += float(op["bytes"])
+            out.append({**f, EVICTED_FEATURE: 1} if evicted and (op["flops"] or op["bytes"]) else f)
         return out
 
     def apply_timing(self, hw, tf32: bool = False) -> dict:

@@ -113,8 +113,13 @@ def alone(rep, pt, timing, hw, prefix: str) -> int:
     nodes = {n.name: n for n in pt.analysis.captured.graph.graph.nodes}
     timer = Timer("cpu", dataclasses.replace(kernel_plan("cpu", quick=True), block_s=0.004, blocks=7))
 
-    def hint_int(s):
-        return s if isinstance(s, int) else int(s.node.hint)
+    captured = pt.analysis.captured
+
+    def hint_int(s):   # a size at the point's dims (the trace's own hints are its example sizes)
+        if isinstance(s, int):
+            return s
+        value = captured.to_user(s).xreplace({x: pt.dims[x.name] for x in captured.to_user(s).free_symbols if x.name in pt.dims})
+        return int(value) if getattr(value, 'is_number', True) else int(s.node.hint)
 
     def real(x):
         if isinstance(x, torch.fx.Node):

@@ -71,6 +71,16 @@ def test_quick_calibration_measures_each_kernel_class(quick_cpu):
     assert hw.kernels["conv.depthwise:float32"].by == "work"
     assert hw.kernels["conv.depthwise.backward:float32"].by == "work"
     assert hw.allocation is not None and len(hw.allocation.sizes) == 2
+    # where sysfs tells the core's own cache: what each call costs more after other work evicted
+    # its state, by size (none for the streamed product, whose operands come from memory anyway)
+    from costmodel.hardware.calibrate_kernels import core_cache_bytes
+    assert hw.core_cache_bytes == core_cache_bytes("cpu")
+    if hw.core_cache_bytes:
+        assert "largest level below the last" in hw.sources["core_cache_bytes"]
+        for key in ("matmul:float32", "conv.dense:float32", "pointwise.add", "norm.layer"):
+            evicted = hw.kernels[key].evicted
+            assert evicted and all(0 <= s < 1e-2 for _, s in evicted), key
+        assert not streamed.evicted
 
 
 def test_calibrated_cpu_predicts_a_matmul_it_did_not_measure(quick_cpu, one_thread):

@@ -227,6 +227,9 @@ def test_tables_round_trip_through_the_file(tmp_path):
      "must be a list of \\[value, factor\\] pairs"),
     ("matmul:float32", {"overhead_s": 0.0, "work": "bytes"}, "priced by flops, but the table says work = 'bytes'"),
     ("conv.dense:float32", {"overhead_s": 0.0, "by": "h"}, "'by' must be work or a feature of conv classes"),
+    ("pointwise", {"overhead_s": 0.0, "evicted": [[1.0]]}, "'evicted' must be a list of \\[size, seconds\\] pairs"),
+    ("pointwise", {"overhead_s": 0.0, "evicted": [[1.0, -1.0]]}, "'evicted' seconds must be numbers, 0 <= value < 1"),
+    ("pointwise", {"overhead_s": 0.0, "evicted": [[2.0, 0.0], [1.0, 0.0]]}, "'evicted' sizes must be strictly ascending"),
 ])
 def test_table_errors_say_what_is_wrong(tmp_path, key, table, message):
     with pytest.raises(UsageError, match=message):
@@ -449,3 +452,55 @@ def test_a_gather_misses_the_cache_on_what_it_reads_only(tmp_path):
     cold = pt._with_cold_inputs(pt.features, 1)[i]["cold_bytes"]
     assert cold == pt.ops[i]["bytes_read"] < 50000 * 64 * 4      # rows and indices, not the table
 
+
+
+EVICTED = KernelTable("pointwise", None, 3e-6, sizes=(1.0,), rates=(1e10,),
+                      evicted=((1e3, 1e-6), (1e6, 4e-6), (1e9, 0.0)))
+
+
+def test_evicted_seconds_are_linear_in_log_size_and_hold_past_the_ends(tmp_path):
+    assert EVICTED.evicted_s(1e3) == 1e-6 and EVICTED.evicted_s(10.0) == 1e-6
+    assert EVICTED.evicted_s(math.sqrt(1e3 * 1e6)) == pytest.approx(2.5e-6)   # halfway in log size
+    assert EVICTED.evicted_s(1e12) == 0.0
+    assert KernelTable("pointwise", None, 3e-6).evicted_s(1e6) == 0.0         # not measured: nothing
+    path = device_file(tmp_path, {"pointwise": EVICTED.to_dict()})
+    assert load_hardware(str(path)).kernels["pointwise"] == EVICTED
+    assert load_hardware(str(path)).kernels["pointwise"].evicted == EVICTED.evicted
+
+
+def test_an_op_pays_its_evicted_seconds_only_when_flagged(tmp_path):
+    hw = with_cache(tmp_path, cache_bytes=1 << 30)
+    hw.kernels["pointwise"] = EVICTED
+    warm = op_time(1e3, 1e6, "pointwise", "float32", hw, kernel="pointwise")
+    evicted = op_time(1e3, 1e6, "pointwise", "float32", hw, kernel="pointwise", features={"evicted": 1})
+    assert evicted.time_s == pytest.approx(warm.time_s + 4e-6)
+
+
+class Recurrent(nn.Module):
+    """The same small cell over steps (an RNN's loop), then a large product once."""
+
+    def __init__(self):
+        super().__init__()
+        self.cell, self.head = nn.Linear(16, 16), nn.Linear(16, 4096)
+
+    def forward(self, x):
+        h = x
+        for _ in range(4):
+            h = torch.tanh(self.cell(h))
+        return self.head(h)
+
+
+def test_evicted_when_first_run_or_after_more_traffic_than_the_core_cache():
+    r = analyze(Recurrent, inputs=["x:float32[batch,16]"], dims={"batch": [8]})
+    pt = r.evaluate(batch=8)
+    tanh = [i for i, op in enumerate(pt.ops) if op["target"] == "aten.tanh.default"]
+    cell = [i for i, op in enumerate(pt.ops) if op["target"] == "aten.addmm.default"][:4]
+    roomy = pt._with_evicted(pt.features, core_bytes=1 << 20)
+    # the loop's first call of each kernel finds its state gone; the next ones, a few KiB later, do not
+    assert [bool(roomy[i].get("evicted")) for i in tanh] == [True, False, False, False]
+    assert [bool(roomy[i].get("evicted")) for i in cell] == [True, False, False, False]
+    # a core cache smaller than one step's traffic: every call finds it gone
+    tiny = pt._with_evicted(pt.features, core_bytes=64)
+    assert all(tiny[i].get("evicted") for i in tanh + cell)
+    # views do no work: never flagged
+    assert not any(f.get("evicted") for f, op in zip(tiny, pt.ops) if not (op["flops"] or op["bytes"]))

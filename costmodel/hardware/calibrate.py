@@ -98,6 +98,9 @@ def calibrate(device: str = "cpu", out_path: str | os.PathLike | None = None, *,
         fields["cache_bytes"] = measured.cache_bytes
         sources["cache_bytes"] = "sysfs /sys/devices/system/cpu/cpu0/cache (the largest level)" if device == "cpu" \
             else "torch.cuda.get_device_properties().L2_cache_size"
+        if measured.core_cache_bytes is not None:
+            fields["core_cache_bytes"] = measured.core_cache_bytes
+            sources["core_cache_bytes"] = "sysfs /sys/devices/system/cpu/cpu0/cache (the largest level below the last)"
         if measured.python_call_s is not None:
             fields["python_call_s"] = measured.python_call_s
             sources["python_call_s"] = f"{stamp}: a Python loop of tiny in-place adds less the same adds made by " \

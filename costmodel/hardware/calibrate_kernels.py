@@ -123,15 +123,34 @@ def last_level_cache_bytes(device: str) -> int:
     if device == "cuda":
         return int(getattr(torch.cuda.get_device_properties(torch.cuda.current_device()), "L2_cache_size", 0)
                    or 32 << 20)
-    sizes = []
+    return max(_cpu_caches().values(), default=32 << 20)
+
+
+def core_cache_bytes(device: str) -> int | None:
+    """A CPU core's largest own cache: the largest level below the last (sysfs; L2 on most CPUs).
+    None on a GPU, or where sysfs does not tell."""
+    if device != "cpu":
+        return None
+    caches = _cpu_caches()
+    below = [size for level, size in caches.items() if level < max(caches, default=0)]
+    return max(below, default=None)
+
+
+def _cpu_caches() -> dict[int, int]:
+    """{level: bytes} of cpu0's data and unified caches, from sysfs."""
+    caches: dict[int, int] = {}
     for index in Path("/sys/devices/system/cpu/cpu0/cache").glob("index*"):
         try:
+            if (index / "type").read_text().strip() == "Instruction":
+                continue
+            level = int((index / "level").read_text())
             text = (index / "size").read_text().strip().upper()
-            sizes.append(int(text[:-1]) * {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}[text[-1]] if text[-1] in "KMG"
-                         else int(text))
+            size = int(text[:-1]) * {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}[text[-1]] if text[-1] in "KMG" \
+                else int(text)
         except (OSError, ValueError, KeyError):
             continue
-    return max(sizes, default=32 << 20)
+        caches[level] = max(size, caches.get(level, 0))
+    return caches
 
 
 def _attention_kernels(device: str) -> tuple[str, ...]:
@@ -186,6 +205,24 @@ class Timer:
         # taken out of its time, so that a table holds the kernel, whatever glibc's heap did to
         # the probe (the roofline adds the faults a model's large outputs pay).
         self.fault_s_per_byte = 0.0
+        self._flush = None      # (call, seconds) of the copy that evicts a core's cache, see evicted()
+
+    def evicted(self, call, alone_s: float, core_bytes: int | None) -> float | None:
+        """Seconds a call costs more right after a copy that overflows the core caches of the threads
+        (4x each, read and written), as in a model, where other ops run between two calls of one
+        kernel: (copy, call) less the copy less `alone_s` (the call's own time),
+        each the fastest of `blocks` blocks; 0 at least. None on a GPU, where the core's cache is not
+        known, and for calls over EVICTED_MAX_S (the difference is then within the noise of the call)."""
+        if self.device != "cpu" or not core_bytes or alone_s > EVICTED_MAX_S:
+            return None
+        if self._flush is None:
+            n = 4 * core_bytes * torch.get_num_threads() // 4
+            src, dst = torch.randn(n), torch.empty(n)
+            flush = lambda: dst.copy_(src)   # noqa: E731
+            self._flush = (flush, self(flush))
+        flush, flush_s = self._flush
+        both = self(lambda: (flush(), call()))
+        return max(0.0, both - flush_s - alone_s)
 
     def sync(self) -> None:
         if self.device == "cuda":
@@ -216,6 +253,7 @@ class Timer:
 
 
 PAGE = 4096
+EVICTED_MAX_S = 2e-3    # Timer.evicted: the longest call it measures; the table's largest size holds past it
 
 
 def _minor_faults() -> int:
@@ -230,9 +268,11 @@ def _minor_faults() -> int:
 
 @dataclass
 class Instance:
-    """One measured call: its cost, and the seconds it took."""
+    """One measured call: its cost, and the seconds it took (and took more after other work
+    evicted its state from the core's cache: Timer.evicted)."""
     cost: Cost
     time_s: float
+    evicted_s: float | None = None
 
 
 @dataclass
@@ -269,6 +309,10 @@ def fit(m: Measured, allocation: AllocationTable | None) -> KernelTable:
     if not rates and m.base:
         big = max(m.base, key=size)
         rates[size(big)] = work(big) / max(big.time_s, 1e-12)
+    evicted: dict[float, float] = {}
+    for i in sorted([m.tiny] + list(m.base), key=size):
+        if i.evicted_s is not None and size(i) > 0:
+            evicted[size(i)] = i.evicted_s
     base = KernelTable(m.kernel, m.dtype, overhead, tuple(rates), tuple(rates.values()), how=m.how, by=m.by)
     curves = {}
     for feature, instances in m.curves.items():
@@ -279,7 +323,8 @@ def fit(m: Measured, allocation: AllocationTable | None) -> KernelTable:
                 points[i.cost.features[feature]] = work(i) / k / base.rate(size(i))
         if points:
             curves[feature] = tuple(points.items())
-    return KernelTable(m.kernel, m.dtype, overhead, base.sizes, base.rates, curves, m.how, m.by)
+    return KernelTable(m.kernel, m.dtype, overhead, base.sizes, base.rates, curves, m.how, m.by,
+                       tuple(evicted.items()))
 
 
 # --- probes -------------------------------------------------------------------------------------------
@@ -295,6 +340,7 @@ class Prober:
         self.time = Timer(device, plan)
         self.progress = progress or (lambda _: None)
         self.cache_bytes = last_level_cache_bytes(device)
+        self.core_cache_bytes = core_cache_bytes(device)
 
     def t(self, *shape, dtype=torch.float32, grad=False):
         x = torch.randn(*shape, device=self.device, dtype=dtype)
@@ -312,7 +358,10 @@ class Prober:
         if not (cost.kernel == expected or (kernel.startswith("attention") and cost.kernel.startswith("attention"))):
             raise AssertionError(f"the probe for {kernel} runs {op}, whose rule names class {cost.kernel}")
         cost.kernel = kernel
-        return Instance(cost, self.time(self.rotating(make, call, args, kwargs) if rotate else call))
+        if rotate:   # its operands come from memory: no state of its own to evict
+            return Instance(cost, self.time(self.rotating(make, call, args, kwargs)))
+        time_s = self.time(call)
+        return Instance(cost, time_s, self.time.evicted(call, time_s, self.core_cache_bytes))
 
     def rotating(self, make, call, args, kwargs):
         per_set = sum(t.untyped_storage().nbytes() for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor))
@@ -505,7 +554,9 @@ class Prober:
                 return self.instance(make, name, counting)
             both = self.instance(lambda: make("both"), name, counting)
             forward = self.instance(make, name, counting)
-            return Instance(both.cost, max(both.time_s - forward.time_s, 0.0))
+            evicted = max(both.evicted_s - forward.evicted_s, 0.0) \
+                if both.evicted_s is not None and forward.evicted_s is not None else None
+            return Instance(both.cost, max(both.time_s - forward.time_s, 0.0), evicted)
         # the math kernel holds [batch * heads, L, S] scores: at most 1 GiB of them
         lengths = [L for L in p.attn_lengths if kernel != "math" or p.attn_heads * L * L * 4 <= 1 << 30]
         mid = lengths[len(lengths) // 2]
@@ -833,6 +884,7 @@ class KernelMeasurements:
     allocation: AllocationTable | None
     python_call_s: float | None
     cache_bytes: int
+    core_cache_bytes: int | None = None
 
 
 def measure_kernels(device: str, plan: KernelPlan, stamp: str, progress=None) -> KernelMeasurements:
@@ -889,4 +941,4 @@ def measure_kernels(device: str, plan: KernelPlan, stamp: str, progress=None) ->
         python_call_s = prober.python_call_s()
     finally:
         torch.set_grad_enabled(grad_mode)
-    return KernelMeasurements(tables, allocation, python_call_s, prober.cache_bytes)
+    return KernelMeasurements(tables, allocation, python_call_s, prober.cache_bytes, prober.core_cache_bytes)

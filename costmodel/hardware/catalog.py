@@ -39,7 +39,8 @@ _DTYPE_ALIASES = {
 }
 _REQUIRED = ("memory_bytes", "bandwidth_bytes_per_s", "peak_flops_per_s")
 _OPTIONAL = ("name", "vendor", "description", "kernel_overhead_s", "calibrated", "efficiency", "sources",
-             "compute_capability", "threads", "kernels", "allocation", "cache_bytes", "python_call_s",
+             "compute_capability", "threads", "kernels", "allocation", "cache_bytes", "core_cache_bytes",
+             "python_call_s",
              *INTERCONNECT_FIELDS)
 
 
@@ -77,6 +78,10 @@ class Hardware:
     # Last-level cache (CPU) or L2 (GPU): a parameter read again after more traffic than this comes
     # from memory again. None: not known, no such term.
     cache_bytes: int | None = None
+    # A CPU core's own cache (the level below the shared one): when more traffic than this (times
+    # the threads) ran since a kernel's last call, its working state is evicted, and the tables'
+    # `evicted` seconds apply. None: not known.
+    core_cache_bytes: int | None = None
     # What the Python binding adds to an eager op over the same op called from C++ (the 2nd..nth op
     # of F.linear, of nn.GRU's loop; backward nodes but their first op). None: not measured.
     python_call_s: float | None = None
@@ -153,6 +158,7 @@ class Hardware:
             "path": self.path,
             "threads": self.threads,
             "cache_bytes": self.cache_bytes,
+            "core_cache_bytes": self.core_cache_bytes,
             "python_call_s": self.python_call_s,
             "kernels": {k: t.to_dict() for k, t in self.kernels.items()},
             "allocation": self.allocation.to_dict() if self.allocation else None,
@@ -247,10 +253,11 @@ def hardware_from_dict(data: dict, *, origin: str, path: str | None = None) -> H
     if threads is not None and (not isinstance(threads, int) or isinstance(threads, bool) or threads < 1):
         raise UsageError(f"{origin}: 'threads' must be a positive integer (the CPU threads of the "
                          f"calibration), got {threads!r}")
+    for key in ("cache_bytes", "core_cache_bytes"):
+        value = data.get(key)
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+            raise UsageError(f"{origin}: '{key}' must be a positive integer number of bytes, got {value!r}")
     cache_bytes = data.get("cache_bytes")
-    if cache_bytes is not None and (not isinstance(cache_bytes, int) or isinstance(cache_bytes, bool)
-                                    or cache_bytes < 1):
-        raise UsageError(f"{origin}: 'cache_bytes' must be a positive integer number of bytes, got {cache_bytes!r}")
     python_call_s = data.get("python_call_s")
     if python_call_s is not None and (not _is_number(python_call_s) or not 0 <= python_call_s < 1):
         raise UsageError(f"{origin}: 'python_call_s' must be seconds, 0 <= value < 1, got {python_call_s!r}")
@@ -265,7 +272,7 @@ def hardware_from_dict(data: dict, *, origin: str, path: str | None = None) -> H
         efficiency=_efficiency(data.get("efficiency", {}), origin), **interconnect,
         kernels=tables_from_dict(data.get("kernels", {}), origin, DTYPES),
         allocation=allocation_from_dict(data["allocation"], origin) if "allocation" in data else None,
-        threads=threads, cache_bytes=cache_bytes,
+        threads=threads, cache_bytes=cache_bytes, core_cache_bytes=data.get("core_cache_bytes"),
         python_call_s=float(python_call_s) if python_call_s is not None else None,
     )
 

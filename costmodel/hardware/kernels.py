@@ -14,6 +14,10 @@ convolution's output positions, attention's query length); rate() interpolates t
 log-log between the measured sizes (constant past either end); each efficiency_f is a measured
 curve of one shape feature (a product's m: one row of output per call is a matrix-vector
 product), about 1 at the reference shape the rates were measured at.
+On a CPU a table also says what a call costs more when other ops ran since the same call last ran
+(`evicted`, seconds by size): a kernel's own working state (a BLAS's packed panels, oneDNN's
+reordered weights and scratchpad, its code) is then out of the core's cache, as in a model, where
+the ops between two calls of one kernel evict it; measured after a copy that fills the core's cache.
 Allocation is the CPU's price for fresh pages (glibc maps large blocks anew each time; the first
 touch of each page faults): seconds per byte of an op's largest new output, by its size.
 No torch here.
@@ -77,6 +81,7 @@ INTERNAL_FEATURE = "internal"   # 1: eager runs it inside another op's call (no 
 SHAPE_ONLY_FEATURE = "shape_only"  # 1: a size read of the trace (sym_size): eager dispatches nothing
 COLD_FEATURE = "cold_bytes"     # bytes it reads that the cache no longer holds (set per point)
 STRIDED_FEATURE = "strided_bytes"  # permuted inputs a norm, softmax or convolution copies contiguous first
+EVICTED_FEATURE = "evicted"        # 1: the traffic since this call last ran (same class and size) filled the core's cache
 
 
 def root(kernel: str) -> str:
@@ -130,6 +135,8 @@ class KernelTable:
     efficiency: dict[str, tuple[tuple[float, float], ...]] = field(default_factory=dict, hash=False)
     how: str = ""                          # what was run, how it was timed
     by: str = "work"                       # what `sizes` measure: the work, or a feature's value
+    # [(size, seconds)]: what a call costs more after other ops filled the core's cache (see above)
+    evicted: tuple[tuple[float, float], ...] = field(default=(), hash=False)
 
     @property
     def work(self) -> str:
@@ -163,6 +170,21 @@ class KernelTable:
     def time_s(self, work: float, features: Mapping[str, float] | None = None) -> float:
         return self.overhead_s + self.kernel_time_s(work, features)
 
+    def evicted_s(self, work: float, features: Mapping[str, float] | None = None) -> float:
+        """Seconds a call costs more with its working state evicted: linear in log size between the
+        measured sizes (seconds, which may be 0), constant past the ends; 0 without a measurement."""
+        if not self.evicted:
+            return 0.0
+        size = self.size_of(work, features) if work > 0 else None
+        xs, ys = [x for x, _ in self.evicted], [y for _, y in self.evicted]
+        if size is None or size <= xs[0]:
+            return ys[0]
+        if size >= xs[-1]:
+            return ys[-1]
+        i = bisect.bisect_right(xs, size)
+        t = (math.log(size) - math.log(xs[i - 1])) / (math.log(xs[i]) - math.log(xs[i - 1]))
+        return ys[i - 1] + t * (ys[i] - ys[i - 1])
+
     def to_dict(self) -> dict:
         out = {"work": self.work, "overhead_s": self.overhead_s}
         if self.sizes:
@@ -173,6 +195,8 @@ class KernelTable:
             out["by"] = self.by
         if self.efficiency:
             out["efficiency"] = {k: [list(p) for p in v] for k, v in self.efficiency.items()}
+        if self.evicted:
+            out["evicted"] = [list(p) for p in self.evicted]
         if self.how:
             out["how"] = self.how
         return out
@@ -225,7 +249,7 @@ def find_table(tables: Mapping[str, KernelTable], kernel: str | None, dtype: str
 
 # --- the TOML schema --------------------------------------------------------------------------------
 
-_TABLE_FIELDS = ("work", "dtype", "overhead_s", "by", "sizes", "rates", "efficiency", "how")
+_TABLE_FIELDS = ("work", "dtype", "overhead_s", "by", "sizes", "rates", "efficiency", "evicted", "how")
 _ALLOC_FIELDS = ("sizes", "seconds_per_byte", "how")
 
 
@@ -288,6 +312,16 @@ def _table(key: str, data, where: str, dtypes) -> KernelTable:
         factors = _positive_list([p[1] for p in curve], f"{where}: 'efficiency.{feature}' factors")
         _ascending(values, f"{where}: 'efficiency.{feature}' values")
         curves[feature] = tuple(zip(values, factors))
+    evicted = data.get("evicted", [])
+    if not isinstance(evicted, list) or not all(isinstance(p, list) and len(p) == 2 for p in evicted):
+        raise UsageError(f"{where}: 'evicted' must be a list of [size, seconds] pairs, got {evicted!r}")
+    if evicted:
+        sizes_e = _positive_list([p[0] for p in evicted], f"{where}: 'evicted' sizes")
+        _ascending(sizes_e, f"{where}: 'evicted' sizes")
+        seconds_e = [p[1] for p in evicted]
+        if not all(_number(v) and 0 <= v < 1 for v in seconds_e):
+            raise UsageError(f"{where}: 'evicted' seconds must be numbers, 0 <= value < 1, got {seconds_e!r}")
+        evicted = list(zip(sizes_e, (float(v) for v in seconds_e)))
     how = data.get("how", "")
     if not isinstance(how, str):
         raise UsageError(f"{where}: 'how' must be a string, got {how!r}")
@@ -296,7 +330,8 @@ def _table(key: str, data, where: str, dtypes) -> KernelTable:
         raise UsageError(f"{where}: 'by' must be work or a feature of {root(kernel)} classes "
                          f"({', '.join(known) or 'none'}), got {by!r}")
     return KernelTable(kernel=kernel, dtype=dtype or None, overhead_s=float(overhead), sizes=tuple(sizes),
-                       rates=tuple(rates), efficiency=curves, how=how, by=by)
+                       rates=tuple(rates), efficiency=curves, how=how, by=by,
+                       evicted=tuple(tuple(p) for p in evicted))
 
 
 def allocation_from_dict(data, origin: str) -> AllocationTable:

@@ -21,8 +21,8 @@ from typing import TYPE_CHECKING, Iterable, Mapping
 
 from costmodel.rules.cost import ATTENTION, CONV, INDEX, KERNEL_OF_CATEGORY, MATMUL, VIEW
 from costmodel.errors import UsageError
-from costmodel.hardware.kernels import (ALLOC_FEATURE, COLD_FEATURE, FLOPS, INTERNAL_FEATURE, SHAPE_ONLY_FEATURE,
-                               STRIDED_FEATURE)
+from costmodel.hardware.kernels import (ALLOC_FEATURE, COLD_FEATURE, EVICTED_FEATURE, FLOPS, INTERNAL_FEATURE,
+                                        SHAPE_ONLY_FEATURE, STRIDED_FEATURE)
 
 if TYPE_CHECKING:
     from costmodel.hardware.catalog import Hardware
@@ -205,6 +205,8 @@ def _measured_time(flops: float, bytes: float, category: str, dtype: str, hw: "H
         kernel_s = flops / (table.rate(features["m"]) * _streamed_shape_efficiency(table, features))
     else:
         kernel_s += cold_s
+    if features.get(EVICTED_FEATURE):   # other ops since its last call took its state out of the core's cache
+        kernel_s += table.evicted_s(flops if table.work == FLOPS else bytes, features)
     if table.work == FLOPS:
         compute_time_s, memory_time_s = kernel_s, bytes / bandwidth
     else:
