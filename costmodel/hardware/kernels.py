@@ -162,10 +162,14 @@ class KernelTable:
         return eff
 
     def kernel_time_s(self, work: float, features: Mapping[str, float] | None = None) -> float:
-        """Seconds of the kernel itself, overhead excluded."""
+        """Seconds of the kernel itself, overhead excluded: at rate(size) * shape efficiency, where
+        the shape is faster than the reference; where it is slower, at the lower of rate(size) and
+        the best measured rate times the efficiency. Two slowdowns, a size's (caches spilled) and a
+        shape's (a 7x7 depthwise backward), are two limits on one kernel, not one on top of the other."""
         if work <= 0 or not self.sizes:
             return 0.0
-        return work / (self.rate(self.size_of(work, features)) * self.shape_efficiency(features))
+        rate, eff = self.rate(self.size_of(work, features)), self.shape_efficiency(features)
+        return work / (rate * eff if eff >= 1 else min(rate, max(self.rates) * eff))
 
     def time_s(self, work: float, features: Mapping[str, float] | None = None) -> float:
         return self.overhead_s + self.kernel_time_s(work, features)
