@@ -227,6 +227,7 @@ def test_tables_round_trip_through_the_file(tmp_path):
      "must be a list of \\[value, factor\\] pairs"),
     ("matmul:float32", {"overhead_s": 0.0, "work": "bytes"}, "priced by flops, but the table says work = 'bytes'"),
     ("conv.dense:float32", {"overhead_s": 0.0, "by": "h"}, "'by' must be work or a feature of conv classes"),
+    ("pointwise", {"overhead_s": 0.0, "reference": -1.0}, "'reference' must be a positive size"),
     ("pointwise", {"overhead_s": 0.0, "evicted": [[1.0]]}, "'evicted' must be a list of \\[size, seconds\\] pairs"),
     ("pointwise", {"overhead_s": 0.0, "evicted": [[1.0, -1.0]]}, "'evicted' seconds must be numbers, 0 <= value < 1"),
     ("pointwise", {"overhead_s": 0.0, "evicted": [[2.0, 0.0], [1.0, 0.0]]}, "'evicted' sizes must be strictly ascending"),
@@ -504,3 +505,21 @@ def test_evicted_when_first_run_or_after_more_traffic_than_the_core_cache():
     assert all(tiny[i].get("evicted") for i in tanh + cell)
     # views do no work: never flagged
     assert not any(f.get("evicted") for f, op in zip(tiny, pt.ops) if not (op["flops"] or op["bytes"]))
+
+
+def test_a_slow_shape_at_a_slow_size_is_two_limits_not_their_product():
+    # rates fall past the reference size (caches spilled); a shape at a quarter of the reference's
+    # efficiency (a 7x7 depthwise backward)
+    table = KernelTable("conv.depthwise.backward", "float32", 0.0, sizes=(1e6, 1e8), rates=(4e10, 1e10),
+                        efficiency={"k": ((9.0, 1.0), (49.0, 0.25))}, reference=1e6)
+    slow = {"k": 49.0}
+    # at the reference size: the curve as measured
+    assert table.kernel_time_s(1e6, slow) == pytest.approx(1e6 / (4e10 * 0.25))
+    # at the large size: the lower of the size's rate (1e10) and the shape's (4e10 * 0.25 = 1e10)
+    assert table.kernel_time_s(1e8, slow) == pytest.approx(1e8 / 1e10)
+    # a shape faster than the reference scales the size's rate, as does a table without a reference
+    assert table.kernel_time_s(1e8, {"k": 9.0}) == pytest.approx(1e8 / 1e10)
+    plain = KernelTable("conv.depthwise.backward", "float32", 0.0, sizes=(1e6, 1e8), rates=(4e10, 1e10),
+                        efficiency={"k": ((9.0, 1.0), (49.0, 0.25))})
+    assert plain.kernel_time_s(1e8, slow) == pytest.approx(1e8 / (1e10 * 0.25))
+    assert KernelTable(**{**table.__dict__}).to_dict()["reference"] == 1e6

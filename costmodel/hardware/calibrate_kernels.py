@@ -205,24 +205,35 @@ class Timer:
         # taken out of its time, so that a table holds the kernel, whatever glibc's heap did to
         # the probe (the roofline adds the faults a model's large outputs pay).
         self.fault_s_per_byte = 0.0
-        self._flush = None      # (call, seconds) of the copy that evicts a core's cache, see evicted()
+        self._flush = None      # the copy that evicts the core caches, see evicted()
 
     def evicted(self, call, alone_s: float, core_bytes: int | None) -> float | None:
         """Seconds a call costs more right after a copy that overflows the core caches of the threads
         (4x each, read and written), as in a model, where other ops run between two calls of one
-        kernel: (copy, call) less the copy less `alone_s` (the call's own time),
-        each the fastest of `blocks` blocks; 0 at least. None on a GPU, where the core's cache is not
-        known, and for calls over EVICTED_MAX_S (the difference is then within the noise of the call)."""
+        kernel: (copy, call) less the copy less `alone_s` (the call's own time). The two are timed
+        in alternating blocks, the fastest of `blocks` each, so that the machine's drift between
+        them (its speed wanders by some percent over seconds) does not land on the difference;
+        0 at least. None on a GPU, where the core's cache is not known, and for calls over
+        EVICTED_MAX_S (the difference is then within the noise of the call)."""
         if self.device != "cpu" or not core_bytes or alone_s > EVICTED_MAX_S:
             return None
         if self._flush is None:
             n = 4 * core_bytes * torch.get_num_threads() // 4
             src, dst = torch.randn(n), torch.empty(n)
-            flush = lambda: dst.copy_(src)   # noqa: E731
-            self._flush = (flush, self(flush))
-        flush, flush_s = self._flush
-        both = self(lambda: (flush(), call()))
-        return max(0.0, both - flush_s - alone_s)
+            self._flush = lambda: dst.copy_(src)   # noqa: E731
+        flush = self._flush
+
+        def both():
+            flush()
+            call()
+        both()
+        once = self.block(both, 1)
+        number = max(1, min(100_000, math.ceil(self.plan.block_s / max(once, 1e-7))))
+        both_s = flush_s = math.inf
+        for _ in range(self.plan.blocks):
+            both_s = min(both_s, self.block(both, number) / number)
+            flush_s = min(flush_s, self.block(flush, number) / number)
+        return max(0.0, both_s - flush_s - alone_s)
 
     def sync(self) -> None:
         if self.device == "cuda":
@@ -313,6 +324,7 @@ def fit(m: Measured, allocation: AllocationTable | None) -> KernelTable:
     for i in sorted([m.tiny] + list(m.base), key=size):
         if i.evicted_s is not None and size(i) > 0:
             evicted[size(i)] = i.evicted_s
+    evicted = dict(zip(evicted, nondecreasing(list(evicted.values()))))
     base = KernelTable(m.kernel, m.dtype, overhead, tuple(rates), tuple(rates.values()), how=m.how, by=m.by)
     curves = {}
     for feature, instances in m.curves.items():
@@ -323,8 +335,23 @@ def fit(m: Measured, allocation: AllocationTable | None) -> KernelTable:
                 points[i.cost.features[feature]] = work(i) / k / base.rate(size(i))
         if points:
             curves[feature] = tuple(points.items())
+    sizes = sorted(size(i) for instances in m.curves.values() for i in instances)
+    reference = sizes[len(sizes) // 2] if curves and sizes else None
     return KernelTable(m.kernel, m.dtype, overhead, base.sizes, base.rates, curves, m.how, m.by,
-                       tuple(evicted.items()))
+                       tuple(evicted.items()), reference)
+
+
+def nondecreasing(values: list[float]) -> list[float]:
+    """The least-squares nondecreasing fit of `values` (pool adjacent violators): a larger call
+    never refills less of its state than a smaller one, and the measured differences are noisy
+    by a few microseconds either way."""
+    blocks: list[list[float]] = []      # [mean, count]
+    for v in values:
+        blocks.append([v, 1])
+        while len(blocks) > 1 and blocks[-2][0] > blocks[-1][0]:
+            (m1, n1), (m2, n2) = blocks.pop(-2), blocks.pop()
+            blocks.append([(m1 * n1 + m2 * n2) / (n1 + n2), n1 + n2])
+    return [m for m, n in blocks for _ in range(int(n))]
 
 
 # --- probes -------------------------------------------------------------------------------------------

@@ -137,6 +137,8 @@ class KernelTable:
     by: str = "work"                       # what `sizes` measure: the work, or a feature's value
     # [(size, seconds)]: what a call costs more after other ops filled the core's cache (see above)
     evicted: tuple[tuple[float, float], ...] = field(default=(), hash=False)
+    # the size the efficiency curves were measured around (their instances' median size); None: not known
+    reference: float | None = None
 
     @property
     def work(self) -> str:
@@ -163,13 +165,16 @@ class KernelTable:
 
     def kernel_time_s(self, work: float, features: Mapping[str, float] | None = None) -> float:
         """Seconds of the kernel itself, overhead excluded: at rate(size) * shape efficiency, where
-        the shape is faster than the reference; where it is slower, at the lower of rate(size) and
-        the best measured rate times the efficiency. Two slowdowns, a size's (caches spilled) and a
-        shape's (a 7x7 depthwise backward), are two limits on one kernel, not one on top of the other."""
+        the shape is faster than the reference, or its size is not slower than the curves'
+        reference size; else at the lower of rate(size) and rate(reference) * efficiency. Two
+        slowdowns, a size's (caches spilled) and a shape's (a 7x7 depthwise backward), are two
+        limits on one kernel, not one on top of the other."""
         if work <= 0 or not self.sizes:
             return 0.0
         rate, eff = self.rate(self.size_of(work, features)), self.shape_efficiency(features)
-        return work / (rate * eff if eff >= 1 else min(rate, max(self.rates) * eff))
+        if eff >= 1 or self.reference is None:
+            return work / (rate * eff)
+        return work / min(rate, max(rate, self.rate(self.reference)) * eff)
 
     def time_s(self, work: float, features: Mapping[str, float] | None = None) -> float:
         return self.overhead_s + self.kernel_time_s(work, features)
@@ -201,6 +206,8 @@ class KernelTable:
             out["efficiency"] = {k: [list(p) for p in v] for k, v in self.efficiency.items()}
         if self.evicted:
             out["evicted"] = [list(p) for p in self.evicted]
+        if self.reference is not None:
+            out["reference"] = self.reference
         if self.how:
             out["how"] = self.how
         return out
@@ -253,7 +260,7 @@ def find_table(tables: Mapping[str, KernelTable], kernel: str | None, dtype: str
 
 # --- the TOML schema --------------------------------------------------------------------------------
 
-_TABLE_FIELDS = ("work", "dtype", "overhead_s", "by", "sizes", "rates", "efficiency", "evicted", "how")
+_TABLE_FIELDS = ("work", "dtype", "overhead_s", "by", "sizes", "rates", "efficiency", "evicted", "reference", "how")
 _ALLOC_FIELDS = ("sizes", "seconds_per_byte", "how")
 
 
@@ -326,6 +333,9 @@ def _table(key: str, data, where: str, dtypes) -> KernelTable:
         if not all(_number(v) and 0 <= v < 1 for v in seconds_e):
             raise UsageError(f"{where}: 'evicted' seconds must be numbers, 0 <= value < 1, got {seconds_e!r}")
         evicted = list(zip(sizes_e, (float(v) for v in seconds_e)))
+    reference = data.get("reference")
+    if reference is not None and not (_number(reference) and reference > 0):
+        raise UsageError(f"{where}: 'reference' must be a positive size, got {reference!r}")
     how = data.get("how", "")
     if not isinstance(how, str):
         raise UsageError(f"{where}: 'how' must be a string, got {how!r}")
@@ -335,7 +345,8 @@ def _table(key: str, data, where: str, dtypes) -> KernelTable:
                          f"({', '.join(known) or 'none'}), got {by!r}")
     return KernelTable(kernel=kernel, dtype=dtype or None, overhead_s=float(overhead), sizes=tuple(sizes),
                        rates=tuple(rates), efficiency=curves, how=how, by=by,
-                       evicted=tuple(tuple(p) for p in evicted))
+                       evicted=tuple(tuple(p) for p in evicted),
+                       reference=float(reference) if reference is not None else None)
 
 
 def allocation_from_dict(data, origin: str) -> AllocationTable:
