@@ -52,6 +52,23 @@ def test_conv_classes_come_from_groups_against_channels():
     assert convs[0][1]["alloc_bytes"] == 2 * 8 * 16 * 16 * 4
 
 
+def test_a_stride_past_the_kernel_skips_input_positions():
+    class Shortcuts(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.shortcut = nn.Conv2d(8, 16, 1, stride=2)              # reads 4 positions, uses 1
+            self.down = nn.Conv2d(8, 16, 3, stride=2, padding=1)       # its 3x3 window covers the stride
+            self.patch = nn.Conv2d(8, 16, 4, stride=4)
+
+        def forward(self, x):
+            return self.shortcut(x).sum() + self.down(x).sum() + self.patch(x).sum()
+    r = analyze(Shortcuts, inputs=["x:float32[batch,8,h,h]"], dims={"batch": [2], "h": [16]}, mode="train")
+    pt = r.evaluate(batch=2, h=32)
+    skipped = [(pt.kernel_class(i), pt.features[i]["skipped"]) for i, op in enumerate(pt.ops) if "convolution" in op["target"]]
+    assert [s for k, s in skipped if k == "conv.dense"] == [4, 1, 1]
+    assert sorted(s for k, s in skipped if k.startswith("conv.dense.backward")) == [1, 1, 4]
+
+
 def test_grouped_conv_backward_work_is_the_kernels_and_its_count_the_flop_counters():
     from torch.utils.flop_counter import FlopCounterMode
     r = analyze(Convs, inputs=["x:float32[batch,8,h,h]"], mode="train", dims={"batch": [2], "h": [16]})

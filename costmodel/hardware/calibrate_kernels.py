@@ -485,9 +485,9 @@ class Prober:
         kernel = f"conv.{kind}" + ({"input": ".backward", "weight": ".backward.weight"}[backward] if backward else "")
         mask = [backward == "input", True, True]
 
-        def run(cin, cout, side, k, groups=1, batch=B):
+        def run(cin, cout, side, k, groups=1, batch=B, stride=1):
             transposed = kind == "transposed"
-            stride = 2 if transposed else 1
+            stride = 2 if transposed else stride
             pad = 0 if transposed else k // 2
 
             def make():
@@ -515,10 +515,12 @@ class Prober:
                                 {"m": [run(ref, ref, v, 3) for v in sides],
                                  "n": [run(ref, v, ref_side, 3) for v in p.conv_channels if v >= 8],
                                  "k": [run(v, ref, ref_side, 3) for v in cins]
-                                 + [run(ref, ref, ref_side, k) for k in p.conv_kernels if k != 3]})
+                                 + [run(ref, ref, ref_side, k) for k in p.conv_kernels if k != 3],
+                                 **({"skipped": [run(ref, ref, ref_side, 1, stride=s) for s in (1, 2)]}
+                                    if backward != "weight" else {})})
             what = (f"3x3, (channels, side) in {base}; curves: sides {list(sides)}, c_out {list(p.conv_channels)}, "
-                    f"c_in {list(cins)}, kernel sides {list(p.conv_kernels)}, the others {ref} channels, side "
-                    f"{ref_side}")
+                    f"c_in {list(cins)}, kernel sides {list(p.conv_kernels)}, 1x1 at strides 1 and 2 (skipped), "
+                    f"the others {ref} channels, side {ref_side}")
         elif kind == "depthwise":
             c = ref
             measured = Measured(kernel, dtype, run(4, 4, 4, 3, groups=4, batch=1),

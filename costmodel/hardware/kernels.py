@@ -72,8 +72,10 @@ FEATURES = {
     "matmul": ("m", "n", "k"),
     "bmm": ("batch", "m", "n", "k"),
     # as the GEMM it lowers to, per group: m output positions (times batch), n output channels,
-    # k input channels times kernel area; and the groups
-    "conv": ("m", "n", "k", "groups"),
+    # k input channels times kernel area; the groups; and the input positions per output position
+    # the kernel does not cover (a 1x1 stride-2 convolution's 4: its input is still read and
+    # reordered whole)
+    "conv": ("m", "n", "k", "groups", "skipped"),
     "attention": ("batch_heads", "L", "S", "E"),
 }
 ALLOC_FEATURE = "alloc_bytes"   # every op: bytes of its largest freshly allocated output

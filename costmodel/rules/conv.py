@@ -15,6 +15,7 @@ conv.depthwise (one input channel per group); conv.grouped (the rest); ".backwar
 
 from __future__ import annotations
 
+import sympy
 import torch
 
 from costmodel.rules.cost import CONV, OpCost
@@ -37,7 +38,9 @@ def conv_class(x_shape, w_shape, out_shape, transposed: bool, backward: bool = F
                input_grad: bool = True) -> dict:
     """kernel class and features: the convolution as the GEMM it lowers to (im2col), per group:
     m = output positions (times batch), n = output channels, k = input channels * kernel area;
-    and groups. A backward without the input's gradient (a first layer) is ".backward.weight"."""
+    groups; and where the stride outruns the kernel (a 1x1 stride-2 shortcut), "skipped": the
+    input positions per output position the kernel does not cover (the whole input is still read
+    and reordered). A backward without the input's gradient (a first layer) is ".backward.weight"."""
     if transposed:   # weight [c_in, c_out / groups, *kernel]
         cout = w_shape[1]
         groups = out_shape[1] / cout
@@ -56,6 +59,9 @@ def conv_class(x_shape, w_shape, out_shape, transposed: bool, backward: bool = F
         kind = "grouped"
     suffix = (".backward" + ("" if input_grad else ".weight")) if backward else ""
     features = {"m": out_shape[0] * prod(out_shape[2:]), "n": cout, "k": cin * prod(w_shape[2:]), "groups": groups}
+    inputs, outputs = (out_shape, x_shape) if transposed else (x_shape, out_shape)
+    skipped = sympy.sympify(prod(inputs[2:])) / (prod(outputs[2:]) * prod(w_shape[2:]))
+    features["skipped"] = 1 if skipped.is_number and skipped <= 1 else sympy.Max(1, skipped)
     return {"kernel": f"conv.{kind}{suffix}", "features": features}
 
 
