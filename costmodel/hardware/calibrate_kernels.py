@@ -226,9 +226,7 @@ class Timer:
         def both():
             flush()
             call()
-        both()
-        once = self.block(both, 1)
-        number = max(1, min(100_000, math.ceil(self.plan.block_s / max(once, 1e-7))))
+        number = self._calls_per_block(both)
         both_s = flush_s = math.inf
         for _ in range(self.plan.blocks):
             both_s = min(both_s, self.block(both, number) / number)
@@ -256,11 +254,15 @@ class Timer:
     def __call__(self, call) -> float:
         """Seconds per call: the fastest of `blocks` blocks, each at least `block_s` long. Other
         work on the machine only ever adds time, so the fastest block is the one it disturbed least."""
+        number = self._calls_per_block(call)
+        return min(self.block(call, number) / number for _ in range(self.plan.blocks))
+
+    def _calls_per_block(self, call) -> int:
+        """Calls that fill a block of at least `block_s`, from one warm call's time."""
         call()
         self.sync()
         once = self.block(call, 1)
-        number = max(1, min(100_000, math.ceil(self.plan.block_s / max(once, 1e-7))))
-        return min(self.block(call, number) / number for _ in range(self.plan.blocks))
+        return max(1, min(100_000, math.ceil(self.plan.block_s / max(once, 1e-7))))
 
 
 PAGE = 4096
