@@ -118,8 +118,9 @@ def alone(rep, pt, timing, hw, prefix: str) -> int:
     def hint_int(s):   # a size at the point's dims (the trace's own hints are its example sizes)
         if isinstance(s, int):
             return s
-        value = captured.to_user(s).xreplace({x: pt.dims[x.name] for x in captured.to_user(s).free_symbols if x.name in pt.dims})
-        return int(value) if getattr(value, 'is_number', True) else int(s.node.hint)
+        expr = captured.to_user(s)
+        value = expr.xreplace({x: pt.dims[x.name] for x in expr.free_symbols if x.name in pt.dims})
+        return int(value) if value.is_number else int(s.node.hint)
 
     def real(x):
         if isinstance(x, torch.fx.Node):
