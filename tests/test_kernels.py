@@ -540,3 +540,20 @@ def test_a_slow_shape_at_a_slow_size_is_two_limits_not_their_product():
                         efficiency={"k": ((9.0, 1.0), (49.0, 0.25))})
     assert plain.kernel_time_s(1e8, slow) == pytest.approx(1e8 / (1e10 * 0.25))
     assert KernelTable(**{**table.__dict__}).to_dict()["reference"] == 1e6
+
+
+def test_a_product_reading_mostly_what_the_cache_lost_takes_the_streamed_table(tmp_path):
+    # a weight that fits the cache, read for the first time, by a product whose in-cache kernel is
+    # longer than the read: the streamed table still prices it (it was measured with its weight
+    # coming from memory), so the price does not jump as the read and the kernel trade places
+    hw = with_cache(tmp_path, cache_bytes=1 << 30)
+    hw.kernels["matmul.streamed:float32"] = STREAMED
+    weight = 4096 * 4096 * 4
+    f = {"m": 16, "n": 4096, "k": 4096, "cold_bytes": weight}
+    t = op_time(2 * 16 * 4096 * 4096, weight + 8 * 16 * 4096, "matmul", "float32", hw, kernel="matmul", features=f)
+    assert MATMUL.kernel_time_s(2 * 16 * 4096 * 4096, f) > weight / hw.bandwidth_bytes_per_s
+    assert t.kernel == "matmul.streamed"
+    # with a warm weight (a small part of what it reads is cold): the in-cache table
+    warm = op_time(2 * 16 * 4096 * 4096, weight + 8 * 16 * 4096, "matmul", "float32", hw, kernel="matmul",
+                   features={**f, "cold_bytes": 8 * 16 * 4096})
+    assert warm.kernel == "matmul"

@@ -198,7 +198,7 @@ def _measured_time(flops: float, bytes: float, category: str, dtype: str, hw: "H
     kernel_s = table.kernel_time_s(flops if table.work == FLOPS else bytes, features)
     cold = float(features.get(COLD_FEATURE, 0))
     cold_s = cold / bandwidth
-    streams = cold_s >= kernel_s or (hw.cache_bytes is not None and cold > hw.cache_bytes)
+    streams = cold_s >= kernel_s or (hw.cache_bytes is not None and cold > hw.cache_bytes) or cold >= 0.5 * bytes
     streamed = _streamed_table(hw, kernel, key, features) if streams else None
     if streamed is not None:    # measured with its weight coming from memory: nothing to add
         table = streamed
@@ -285,7 +285,9 @@ def _streamed_table(hw: "Hardware", kernel: str | None, dtype: str, features: Ma
     """The device's "matmul.streamed" table for a product, or None. The caller asks only for a
     product bound by its cold read (reading what the cache no longer holds takes longer than the
     in-cache kernel: its weight, first read in the step, at few rows, as a decode step's products
-    are) or whose cold read is larger than the cache (as the table's weights were): a BLAS runs
+    are), whose cold read is larger than the cache (as the table's weights were), or that reads at
+    least half its bytes from memory (so that the price does not jump where the read and the
+    in-cache kernel trade places, with a calibration's bandwidth): a BLAS runs
     those at rates the in-cache table plus the read does not give. Past the table's largest m
     there is no measurement and the in-cache table holds."""
     if kernel is None or kernel.split(".", 1)[0] != "matmul" or features.get("m") is None:
