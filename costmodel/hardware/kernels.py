@@ -17,7 +17,7 @@ product), about 1 at the reference shape the rates were measured at.
 On a CPU a table also says what a call costs more when other ops ran since the same call last ran
 (`evicted`, seconds by size): a kernel's own working state (a BLAS's packed panels, oneDNN's
 reordered weights and scratchpad, its code) is then out of the core's cache, as in a model, where
-the ops between two calls of one kernel evict it; measured after a copy that fills the core's cache.
+the ops between two calls of one kernel evict it; measured after a copy that overflows the core's cache.
 Allocation is the CPU's price for fresh pages (glibc maps large blocks anew each time; the first
 touch of each page faults): seconds per byte of an op's largest new output, by its size.
 No torch here.
@@ -186,15 +186,9 @@ class KernelTable:
         measured sizes (seconds, which may be 0), constant past the ends; 0 without a measurement."""
         if not self.evicted:
             return 0.0
-        size = self.size_of(work, features) if work > 0 else None
         xs, ys = [x for x, _ in self.evicted], [y for _, y in self.evicted]
-        if size is None or size <= xs[0]:
-            return ys[0]
-        if size >= xs[-1]:
-            return ys[-1]
-        i = bisect.bisect_right(xs, size)
-        t = (math.log(size) - math.log(xs[i - 1])) / (math.log(xs[i]) - math.log(xs[i - 1]))
-        return ys[i - 1] + t * (ys[i] - ys[i - 1])
+        size = self.size_of(work, features) if work > 0 else None
+        return interpolate(xs, ys, size, log_y=False) if size else ys[0]
 
     def to_dict(self) -> dict:
         out = {"work": self.work, "overhead_s": self.overhead_s}
@@ -237,8 +231,9 @@ class AllocationTable:
         return out
 
 
-def interpolate(xs, ys, x: float) -> float:
-    """Piecewise-linear in log x and log y through (xs, ys) (xs ascending), constant past the ends."""
+def interpolate(xs, ys, x: float, log_y: bool = True) -> float:
+    """Piecewise-linear in log x and log y through (xs, ys) (xs ascending), constant past the ends;
+    linear in y with `log_y=False` (values that may be 0)."""
     if len(xs) == 1 or x <= xs[0]:
         return ys[0]
     if x >= xs[-1]:
@@ -246,6 +241,8 @@ def interpolate(xs, ys, x: float) -> float:
     i = bisect.bisect_right(xs, x)
     x0, x1, y0, y1 = xs[i - 1], xs[i], ys[i - 1], ys[i]
     t = (math.log(x) - math.log(x0)) / (math.log(x1) - math.log(x0))
+    if not log_y:
+        return y0 + t * (y1 - y0)
     return math.exp(math.log(y0) + t * (math.log(y1) - math.log(y0)))
 
 
