@@ -205,33 +205,35 @@ class Timer:
         # taken out of its time, so that a table holds the kernel, whatever glibc's heap did to
         # the probe (the roofline adds the faults a model's large outputs pay).
         self.fault_s_per_byte = 0.0
-        self._flush = None      # the copy that evicts the core caches, see evicted()
+        self._others = None     # the work that runs between two calls of a kernel, see evicted()
 
     def evicted(self, call, alone_s: float, core_bytes: int | None) -> float | None:
-        """Seconds a call costs more right after a copy that overflows the core caches of the threads
-        (4x each, read and written), as in a model, where other ops run between two calls of one
-        kernel: (copy, call) less the copy less `alone_s` (the call's own time). The two are timed
-        in alternating blocks, the fastest of `blocks` each, so that the machine's drift between
-        them (its speed wanders by some percent over seconds) does not land on the difference;
-        0 at least. None on a GPU, where the core's cache is not known, and for calls over
-        EVICTED_MAX_S (the difference is then within the noise of the call)."""
+        """Seconds a call costs more when other ops ran since its last call, as in a model: (other
+        work, call) less the other work less `alone_s` (the call's own time). The other work
+        (`_other_ops`) is a copy that overflows the core caches of the threads (4x each, read and
+        written: the kernel's packed or reordered operands are gone) and ten different ops on
+        tensors large enough to run on every thread (their code takes the instruction cache and
+        branch predictors of each thread: an eager op's dispatch path, run once among others, costs
+        several microseconds more than in a loop of itself). The two are timed in alternating
+        blocks, the fastest of `blocks` each, so that the machine's drift between them (its speed
+        wanders by some percent over seconds) does not land on the difference; 0 at least. None on
+        a GPU, where the core's cache is not known, and for calls over EVICTED_MAX_S (the
+        difference is then within the noise of the call)."""
         if self.device != "cpu" or not core_bytes or alone_s > EVICTED_MAX_S:
             return None
-        if self._flush is None:
-            n = 4 * core_bytes * torch.get_num_threads() // 4
-            src, dst = torch.randn(n), torch.empty(n)
-            self._flush = lambda: dst.copy_(src)   # noqa: E731
-        flush = self._flush
+        if self._others is None:
+            self._others = _other_ops(core_bytes)
+        others = self._others
 
         def both():
-            flush()
+            others()
             call()
         number = self._calls_per_block(both)
-        both_s = flush_s = math.inf
+        both_s = others_s = math.inf
         for _ in range(self.plan.blocks):
             both_s = min(both_s, self.block(both, number) / number)
-            flush_s = min(flush_s, self.block(flush, number) / number)
-        return max(0.0, both_s - flush_s - alone_s)
+            others_s = min(others_s, self.block(others, number) / number)
+        return max(0.0, both_s - others_s - alone_s)
 
     def sync(self) -> None:
         if self.device == "cuda":
@@ -267,6 +269,30 @@ class Timer:
 
 PAGE = 4096
 EVICTED_MAX_S = 2e-3    # Timer.evicted: the longest call it measures; the table's largest size holds past it
+
+
+def _other_ops(core_bytes: int):
+    """What runs between two calls of a kernel in a model, for Timer.evicted: a copy of 4x the
+    core caches of the threads, then ten different eager ops on 256x256 float32 tensors (each 64K
+    elements, past the size at which an elementwise op goes to every thread)."""
+    n = 4 * core_bytes * torch.get_num_threads() // 4
+    src, dst = torch.randn(n), torch.empty(n)
+    a, b = torch.randn(256, 256), torch.randn(256, 256)
+    rows = torch.randint(0, 256, (128,))
+
+    def run():
+        dst.copy_(src)
+        torch.sin(a)
+        a.sum(1)
+        torch.softmax(b, -1)
+        F.layer_norm(a, (256,))
+        torch.cat([a, b])
+        b.t().contiguous()
+        F.gelu(a)
+        torch.where(a > 0, a, b)
+        a.index_select(0, rows)
+        torch.mm(a[:64], b[:, :64])
+    return run
 
 
 def _minor_faults() -> int:

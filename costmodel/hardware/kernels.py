@@ -16,8 +16,9 @@ curve of one shape feature (a product's m: one row of output per call is a matri
 product), about 1 at the reference shape the rates were measured at.
 On a CPU a table also says what a call costs more when other ops ran since the same call last ran
 (`evicted`, seconds by size): a kernel's own working state (a BLAS's packed panels, oneDNN's
-reordered weights and scratchpad, its code) is then out of the core's cache, as in a model, where
-the ops between two calls of one kernel evict it; measured after a copy that overflows the core's cache.
+reordered weights and scratchpad, its dispatch path's code) is then out of the core's caches, as in
+a model, where the ops between two calls of one kernel evict it; measured after a copy that
+overflows the core caches and ten other eager ops.
 Allocation is the CPU's price for fresh pages (glibc maps large blocks anew each time; the first
 touch of each page faults): seconds per byte of an op's largest new output, by its size.
 No torch here.
