@@ -83,6 +83,32 @@ def test_quick_calibration_measures_each_kernel_class(quick_cpu):
         assert not streamed.evicted
 
 
+def test_the_work_between_two_calls_of_an_evicted_probe_is_a_copy_past_the_core_caches_and_other_ops(one_thread):
+    """What runs between two calls of a probe, as other ops run between two calls of a kernel in a
+    model: a copy of 4x the core caches of the threads (the kernel's data out of them) and ten
+    different ops, each on 64K elements (their code in the instruction cache of every thread)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from costmodel.hardware.calibrate_kernels import _other_ops
+
+    calls = []
+
+    class Record(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            calls.append((func, args))
+            return func(*args, **(kwargs or {}))
+
+    core = 1 << 20
+    run = _other_ops(core)
+    with Record():
+        run()
+    copy, copy_args = calls[0]
+    assert copy is torch.ops.aten.copy_.default and copy_args[0].nbytes == 4 * core
+    others = {func.overloadpacket for func, _ in calls[1:]} - {torch.ops.aten.t, torch.ops.aten.slice}
+    assert len(others) >= 10
+    assert all(a.numel() >= 1 << 14 for _, args in calls[1:] for a in args if isinstance(a, torch.Tensor)
+               and a.is_floating_point())
+
+
 def test_calibrated_cpu_predicts_a_matmul_it_did_not_measure(quick_cpu, one_thread):
     hw = quick_cpu[1]
     n = 384  # the quick run times 64^3 and 128^3 products and m, n, k curves up to 64: not this one
