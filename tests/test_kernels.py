@@ -374,6 +374,31 @@ def test_permuted_inputs_name_strided_classes():
     assert ops["aten.native_layer_norm.default"][0] == "norm.layer"
     assert ops["aten.native_layer_norm.default"][1]["strided_bytes"] == 2 * 8 * 4 * 4 * 4
     assert ops["aten.add.Tensor"][0] == "pointwise.strided"
+    # x first: the loop runs along x's rows and steps y's 8 channels (32 bytes) at a time
+    assert ops["aten.add.Tensor"][1]["inner_stride_bytes"] == 8 * 4
+
+
+def test_the_order_of_the_operands_sets_the_inner_stride_of_a_strided_add():
+    class Across(nn.Module):
+        def forward(self, x):
+            y = x.permute(0, 2, 3, 1).contiguous()     # channels-last memory
+            return y.permute(0, 3, 1, 2) + x           # y's layout leads: x is read a plane apart
+    r = analyze(Across, inputs=["x:float32[batch,8,h,h]"], dims={"batch": [2], "h": [4, 8]})
+    for h in (4, 8):
+        ops = {t: (k, f) for t, k, f in classes(r, {"batch": 2, "h": h})}
+        assert ops["aten.add.Tensor"] == ("pointwise.strided", {**ops["aten.add.Tensor"][1],
+                                                                "inner_stride_bytes": h * h * 4})
+
+
+def test_a_strided_add_is_priced_by_its_inner_stride_curve(tmp_path):
+    rate = 1e10
+    table = KernelTable("pointwise.strided", None, 1e-6, (1.0, 1e9), (rate, rate),
+                        {"inner_stride_bytes": ((64.0, 2.0), (256.0, 1.0), (4096.0, 0.25))})
+    nbytes = 1e6
+    assert table.kernel_time_s(nbytes, {"inner_stride_bytes": 256}) == pytest.approx(nbytes / rate)
+    assert table.kernel_time_s(nbytes, {"inner_stride_bytes": 4096}) == pytest.approx(4 * nbytes / rate)
+    assert table.kernel_time_s(nbytes, {"inner_stride_bytes": 64}) == pytest.approx(nbytes / rate / 2)
+    assert table.kernel_time_s(nbytes, {}) == pytest.approx(nbytes / rate)   # no feature: the base
 
 
 def with_cache(tmp_path, cache_bytes: int, **fields) -> Hardware:

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils._pytree import tree_leaves, tree_map
 
-from costmodel.hardware.kernels import ALLOC_FEATURE, AllocationTable, KernelTable, work_of
+from costmodel.hardware.kernels import ALLOC_FEATURE, INNER_STRIDE_FEATURE, AllocationTable, KernelTable, work_of
 from costmodel.validate.stats import cpu_clock, cuda_block_s
 
 aten = torch.ops.aten
@@ -215,8 +215,9 @@ class Timer:
         tensors large enough to run on every thread (their code takes the instruction cache and
         branch predictors of each thread: an eager op's dispatch path, run once among others, costs
         several microseconds more than in a loop of itself). The two are timed in alternating
-        blocks, the fastest of `blocks` each, so that the machine's drift between them (its speed
-        wanders by some percent over seconds) does not land on the difference; 0 at least. None on
+        blocks, `blocks` pairs, and the median of the pairs' differences taken: the machine's
+        drift (its speed wanders by some percent over seconds) moves both blocks of a pair alike,
+        and one disturbed block moves one difference, not the estimate; 0 at least. None on
         a GPU, where the core's cache is not known, and for calls over EVICTED_MAX_S (the
         difference is then within the noise of the call)."""
         if self.device != "cpu" or not core_bytes or alone_s > EVICTED_MAX_S:
@@ -229,11 +230,9 @@ class Timer:
             others()
             call()
         number = self._calls_per_block(both)
-        both_s = others_s = math.inf
-        for _ in range(self.plan.blocks):
-            both_s = min(both_s, self.block(both, number) / number)
-            others_s = min(others_s, self.block(others, number) / number)
-        return max(0.0, both_s - others_s - alone_s)
+        differences = [(self.block(both, number) - self.block(others, number)) / number
+                       for _ in range(self.plan.blocks)]
+        return max(0.0, statistics.median(differences) - alone_s)
 
     def sync(self) -> None:
         if self.device == "cuda":
@@ -920,8 +919,22 @@ def byte_classes(prober: Prober) -> list[Measured]:
         return lambda: x.contiguous(), aten.clone.default, (x,), {}
 
     def add_strided(n):
-        x = nhwc(n)
-        y = torch.randn(x.shape, device=x.device)
+        """a channels-first tensor plus a channels-last view of one (64 channels: 256 B apart)"""
+        x = image(n)
+        y = x.permute(0, 2, 3, 1).contiguous().permute(0, 3, 1, 2)
+        return lambda: x + y, aten.add.Tensor, (x, y), {}
+
+    def add_across(n, channels=None, side=None):
+        """the inner_stride_bytes curve at n elements: channels-first plus a channels-last view of
+        `channels` channels (the view steps the channels, 16x16 planes), or a channels-last tensor
+        plus a channels-first view of 64 channels (the view steps a side x side plane)"""
+        c, s = (channels, 16) if channels else (64, side)
+        x = t(max(1, n // (c * s * s)), c, s, s)
+        if channels:
+            y = x.permute(0, 2, 3, 1).contiguous().permute(0, 3, 1, 2)
+            return lambda: x + y, aten.add.Tensor, (x, y), {}
+        x = x.permute(0, 2, 3, 1)
+        y = x.contiguous()
         return lambda: y + x, aten.add.Tensor, (y, x), {}
 
     out = []
@@ -930,8 +943,23 @@ def byte_classes(prober: Prober) -> list[Measured]:
         out.append(prober.bytes_class(kernel, make, what))
     out.append(prober.bytes_class("copy.strided", copy_strided, "x.permute(0, 2, 3, 1).contiguous(), 64 channels",
                                   rule_class="copy"))
-    out.append(prober.bytes_class("pointwise.strided", add_strided, "y + x.permute(0, 2, 3, 1), 64 channels",
-                                  rule_class="pointwise.add"))
+    prober.progress("pointwise.strided")
+    strided = prober.bytes_class("pointwise.strided", add_strided, "x + a channels-last view of x's shape, 64 channels",
+                                 rule_class="pointwise.add")
+    n = min(prober.plan.elements[1:], key=lambda e: abs(math.log(e / (1 << 18))))
+    curve = []
+    for channels, side in [(16, None), (64, None), (256, None), (None, 16), (None, 32), (None, 64)]:
+        if (channels or 64) * (side or 16) ** 2 > n:
+            continue
+        i = prober.instance(lambda: add_across(n, channels, side), "pointwise.strided", rule_class="pointwise.add")
+        i.cost.features[INNER_STRIDE_FEATURE] = 4.0 * (channels or side * side)
+        curve.append(i)
+    strided.curves = {INNER_STRIDE_FEATURE: curve}
+    head, stamp = strided.how.split("; fastest of ", 1)
+    strided.how = (f"{head}; curve of inner_stride_bytes at {n} elements: the view steps 16, 64 or 256 "
+                   f"channels (16x16 planes), or 16x16, 32x32 or 64x64 planes (a channels-last tensor plus a "
+                   f"channels-first view, 64 channels); fastest of {stamp}")
+    out.append(strided)
     return out
 
 

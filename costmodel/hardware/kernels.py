@@ -78,12 +78,18 @@ FEATURES = {
     # reordered whole)
     "conv": ("m", "n", "k", "groups", "skipped"),
     "attention": ("batch_heads", "L", "S", "E"),
+    # pointwise.strided: the bytes between consecutive loads of the input read against the loop
+    "pointwise": ("inner_stride_bytes",),
 }
 ALLOC_FEATURE = "alloc_bytes"   # every op: bytes of its largest freshly allocated output
 INTERNAL_FEATURE = "internal"   # 1: eager runs it inside another op's call (no Python binding of its own)
 SHAPE_ONLY_FEATURE = "shape_only"  # 1: a size read of the trace (sym_size): eager dispatches nothing
 COLD_FEATURE = "cold_bytes"     # bytes it reads that the cache no longer holds (set per point)
 STRIDED_FEATURE = "strided_bytes"  # permuted inputs a norm, softmax or convolution copies contiguous first
+# bytes between consecutive loads of the input an elementwise op reads against its loop's order (the
+# loop runs along its first input's densest dimension: a channels-last view read along a
+# channels-first tensor's rows jumps a channel's width, the other way round a whole plane)
+INNER_STRIDE_FEATURE = "inner_stride_bytes"
 EVICTED_FEATURE = "evicted"        # 1: the traffic since this call last ran (same class and size) filled the core's cache
 
 
