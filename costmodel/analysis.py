@@ -250,6 +250,11 @@ def _strided_inputs(c: cap.Captured, node: fx.Node, category: str, kernel, featu
     return kernel, {**features, STRIDED_FEATURE: sympy.Add(*strided)}
 
 
+def _hint(x) -> int:
+    """A size or stride at the trace's example sizes."""
+    return int(x.node.hint) if isinstance(x, torch.SymInt) else int(x)
+
+
 def _inner_stride_bytes(c: cap.Captured, node: fx.Node):
     """Bytes between consecutive loads of the input an elementwise op reads most against its loop:
     eager's loop runs along its first full-size input's densest dimension (TensorIterator lays a
@@ -257,27 +262,25 @@ def _inner_stride_bytes(c: cap.Captured, node: fx.Node):
     contiguous tensor plus a channels-last view of the same shape steps a channel's width through
     the view; the view plus the contiguous tensor, a whole plane through the tensor (4x slower on
     a CPU with 1K-element planes). None where every input is read along its own densest dimension."""
-    def hint(x):
-        return int(x.node.hint) if isinstance(x, torch.SymInt) else int(x)
     out = node.meta.get("val")
     values = [a.meta["val"] for a in node.all_input_nodes if isinstance(a.meta.get("val"), torch.Tensor)]
     try:
         full = [v for v in values if isinstance(out, torch.Tensor) and v.dim() == out.dim()
-                and [hint(s) for s in v.shape] == [hint(s) for s in out.shape]]
+                and [_hint(s) for s in v.shape] == [_hint(s) for s in out.shape]]
         if not full:
             return None
-        sizes = [hint(s) for s in full[0].shape]
+        sizes = [_hint(s) for s in full[0].shape]
 
         def densest(v):
-            dims = [(hint(st), d) for d, st in enumerate(v.stride()) if sizes[d] > 1 and hint(st) > 0]
+            dims = [(_hint(st), d) for d, st in enumerate(v.stride()) if sizes[d] > 1 and _hint(st) > 0]
             return min(dims)[1] if dims else None
         inner = densest(full[0])
         if inner is None:
             return None
-        against = [v for v in full[1:] if densest(v) != inner and hint(v.stride()[inner]) > 0]
+        against = [v for v in full[1:] if densest(v) != inner and _hint(v.stride()[inner]) > 0]
         if not against:
             return None
-        worst = max(against, key=lambda v: hint(v.stride()[inner]))
+        worst = max(against, key=lambda v: _hint(v.stride()[inner]))
         return plain(c.to_user(worst.stride()[inner])) * worst.element_size()
     except (TypeError, RuntimeError, NotImplementedError):
         return None
@@ -286,10 +289,8 @@ def _inner_stride_bytes(c: cap.Captured, node: fx.Node):
 def _permuted(value: torch.Tensor) -> bool:
     """Strides not in decreasing order over the dimensions of more than one element (at the
     sizes of the trace: a permutation does not depend on them)."""
-    def hint(x):
-        return int(x.node.hint) if isinstance(x, torch.SymInt) else int(x)
     try:
-        dims = [(hint(st), hint(sz)) for st, sz in zip(value.stride(), value.shape) if hint(sz) != 1]
+        dims = [(_hint(st), _hint(sz)) for st, sz in zip(value.stride(), value.shape) if _hint(sz) != 1]
     except (TypeError, RuntimeError, NotImplementedError):
         return False
     return any(a < b for (a, _), (b, _) in zip(dims, dims[1:]))

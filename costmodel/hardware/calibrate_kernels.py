@@ -628,12 +628,15 @@ class Prober:
 
     # --- byte-priced classes ------------------------------------------------------------------------
 
-    def bytes_class(self, kernel: str, make, what: str, rule_class: str | None = None) -> Measured:
-        """`make(n)` -> (call, op, args, kwargs) with tensors of about n float32 elements."""
+    def bytes_class(self, kernel: str, make, what: str, rule_class: str | None = None,
+                    curves: dict[str, list[Instance]] | None = None, curves_how: str = "") -> Measured:
+        """`make(n)` -> (call, op, args, kwargs) with tensors of about n float32 elements; `curves`,
+        instances measured already, with `curves_how` saying how."""
         sizes = self.plan.elements
         instances = [self.instance(lambda: make(n), kernel, rule_class=rule_class) for n in sizes]
-        return Measured(kernel, None, instances[0], instances[1:],
-                        how=self.how(f"{what}, float32, {list(sizes[1:])} elements (tiny: {sizes[0]})"))
+        return Measured(kernel, None, instances[0], instances[1:], curves or {},
+                        how=self.how(f"{what}, float32, {list(sizes[1:])} elements (tiny: {sizes[0]})"
+                                     + (f"; {curves_how}" if curves_how else "")))
 
     def pointwise(self, name: str) -> Measured:
         return self.bytes_class(f"pointwise.{name}", lambda n: _pointwise_call(name, self.t(n), self.t(n)),
@@ -944,8 +947,6 @@ def byte_classes(prober: Prober) -> list[Measured]:
     out.append(prober.bytes_class("copy.strided", copy_strided, "x.permute(0, 2, 3, 1).contiguous(), 64 channels",
                                   rule_class="copy"))
     prober.progress("pointwise.strided")
-    strided = prober.bytes_class("pointwise.strided", add_strided, "x + a channels-last view of x's shape, 64 channels",
-                                 rule_class="pointwise.add")
     n = min(prober.plan.elements[1:], key=lambda e: abs(math.log(e / (1 << 18))))
     curve = []
     for channels, side in [(16, None), (64, None), (256, None), (None, 16), (None, 32), (None, 64)]:
@@ -954,12 +955,12 @@ def byte_classes(prober: Prober) -> list[Measured]:
         i = prober.instance(lambda: add_across(n, channels, side), "pointwise.strided", rule_class="pointwise.add")
         i.cost.features[INNER_STRIDE_FEATURE] = 4.0 * (channels or side * side)
         curve.append(i)
-    strided.curves = {INNER_STRIDE_FEATURE: curve}
-    head, stamp = strided.how.split("; fastest of ", 1)
-    strided.how = (f"{head}; curve of inner_stride_bytes at {n} elements: the view steps 16, 64 or 256 "
-                   f"channels (16x16 planes), or 16x16, 32x32 or 64x64 planes (a channels-last tensor plus a "
-                   f"channels-first view, 64 channels); fastest of {stamp}")
-    out.append(strided)
+    out.append(prober.bytes_class(
+        "pointwise.strided", add_strided, "x + a channels-last view of x's shape, 64 channels",
+        rule_class="pointwise.add", curves={INNER_STRIDE_FEATURE: curve},
+        curves_how=f"curve of inner_stride_bytes at {n} elements: the view steps 16, 64 or 256 channels (16x16 "
+                   f"planes), or 16x16, 32x32 or 64x64 planes (a channels-last tensor plus a channels-first view, "
+                   f"64 channels)"))
     return out
 
 
