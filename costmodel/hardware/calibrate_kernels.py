@@ -921,11 +921,14 @@ def byte_classes(prober: Prober) -> list[Measured]:
         x = nhwc(n)
         return lambda: x.contiguous(), aten.clone.default, (x,), {}
 
-    def add_strided(n):
-        """a channels-first tensor plus a channels-last view of one (64 channels: 256 B apart)"""
-        x = image(n)
+    def plus_channels_last(x):
+        """x (channels-first) plus a channels-last view of x's shape: the view steps the channels"""
         y = x.permute(0, 2, 3, 1).contiguous().permute(0, 3, 1, 2)
         return lambda: x + y, aten.add.Tensor, (x, y), {}
+
+    def add_strided(n):
+        """a channels-first tensor plus a channels-last view of one (64 channels: 256 B apart)"""
+        return plus_channels_last(image(n))
 
     def add_across(n, channels=None, side=None):
         """the inner_stride_bytes curve at n elements: channels-first plus a channels-last view of
@@ -934,8 +937,7 @@ def byte_classes(prober: Prober) -> list[Measured]:
         c, s = (channels, 16) if channels else (64, side)
         x = t(max(1, n // (c * s * s)), c, s, s)
         if channels:
-            y = x.permute(0, 2, 3, 1).contiguous().permute(0, 3, 1, 2)
-            return lambda: x + y, aten.add.Tensor, (x, y), {}
+            return plus_channels_last(x)
         x = x.permute(0, 2, 3, 1)
         y = x.contiguous()
         return lambda: y + x, aten.add.Tensor, (y, x), {}
