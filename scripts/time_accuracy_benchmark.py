@@ -135,21 +135,27 @@ def wait_for_quiet(max_load: float, wait_s: float) -> float | None:
 
 def machine_speed(hw) -> dict[str, float] | None:
     """How fast this CPU runs now against its calibration: a product and an elementwise add, in
-    cache, timed as the calibration times them (thread clock at one thread; fastest of 7 blocks),
-    each as predicted / measured time (1.0: as calibrated; 0.8: 20% slower, other work sharing the
-    core's caches or the package's power). Recorded with each run to tell the model's errors from
-    the machine's; nothing is corrected with it. None where the file has no tables for them."""
+    cache, and a clone of the largest tensor the calibration cloned (16 MiB: past the core caches,
+    through the last-level cache and memory, which other tenants of the host share),
+    timed as the calibration times them (thread clock at one thread; fastest of 7 blocks), each as
+    predicted / measured time (1.0: as calibrated; 0.8: 20% slower, other work sharing the core's
+    caches, the memory or the package's power). Recorded with each run to tell the model's errors
+    from the machine's; nothing is corrected with it. None where the file has no tables for them."""
     from costmodel.hardware.roofline import op_time
     clock = time.thread_time if torch.get_num_threads() == 1 else time.perf_counter
     n, elements = 256, 262144
     x, w, b = torch.randn(n, n), torch.randn(n, n), torch.randn(n)
     u, v = torch.randn(elements), torch.randn(elements)
+    table = hw.kernel_table("copy", None)
+    copied = int(table.sizes[-1] // 8) if table is not None and table.sizes else 1 << 22   # elements copied
+    src = torch.randn(copied)
     probes = {"matmul": (lambda: torch.addmm(b, x, w.t()), (2 * n ** 3, 4 * (3 * n * n + n)), "matmul",
                          {"m": n, "n": n, "k": n}),
-              "add": (lambda: torch.add(u, v), (elements, 12 * elements), "pointwise", {})}
+              "add": (lambda: torch.add(u, v), (elements, 12 * elements), "pointwise", {}),
+              "copy": (lambda: src.clone(), (0, 8 * copied), "copy", {"alloc_bytes": 4 * copied})}
     out = {}
     for name, (fn, (flops, nbytes), category, features) in probes.items():
-        kernel = "matmul" if name == "matmul" else "pointwise.add"
+        kernel = {"matmul": "matmul", "add": "pointwise.add", "copy": "copy"}[name]
         if hw.kernel_table(kernel, "float32") is None:
             return None
         predicted = op_time(flops, nbytes, category, "float32", hw, kernel=kernel, features=features).time_s
@@ -264,7 +270,7 @@ def _speed(row: dict) -> str:
 
 def _summary(rows: list[dict], device: str) -> str:
     head = ["| architecture | held out | mode | threads | swept | time MAPE | exponent measured / predicted | "
-            "diff | load (before / after) | machine vs calibration (matmul / add) |",
+            "diff | load (before / after) | machine vs calibration (matmul / add / copy) |",
             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         if "error" in r:

@@ -109,6 +109,25 @@ def test_the_work_between_two_calls_of_an_evicted_probe_is_a_copy_past_the_core_
                and a.is_floating_point())
 
 
+def test_evicted_seconds_are_measured_for_the_instances_a_table_takes_them_from(one_thread):
+    """A table's evicted seconds come from its tiny and base instances: those are measured, the
+    curves' are not (their time goes to nothing), and no instance keeps its call (and its tensors)
+    past its class."""
+    from costmodel.hardware.calibrate_kernels import Prober, core_cache_bytes, kernel_plan
+    prober = Prober("cpu", kernel_plan("cpu", quick=True), "test")
+    timed = []
+    evicted = prober.time.evicted
+    prober.time.evicted = lambda call, alone_s, core: timed.append(call) or evicted(call, alone_s, core)
+    measured = prober.matmul("float32")
+    instances = [measured.tiny, *measured.base]
+    curves = [i for c in measured.curves.values() for i in c]
+    assert curves and len(timed) == len(instances)
+    assert all(i.measure_evicted is None for i in instances + curves)
+    assert all(i.evicted_s is None for i in curves)
+    if core_cache_bytes("cpu"):
+        assert all(i.evicted_s is not None and i.evicted_s >= 0 for i in instances)
+
+
 def test_calibrated_cpu_predicts_a_matmul_it_did_not_measure(quick_cpu, one_thread):
     hw = quick_cpu[1]
     n = 384  # the quick run times 64^3 and 128^3 products and m, n, k curves up to 64: not this one

@@ -14,6 +14,7 @@ the roofline adds it back per op.
 
 from __future__ import annotations
 
+import functools
 import math
 import statistics
 from dataclasses import dataclass, field
@@ -311,6 +312,9 @@ class Instance:
     cost: Cost
     time_s: float
     evicted_s: float | None = None
+    # measures evicted_s; Prober.finish runs it for the instances the table's evicted seconds come
+    # from (the tiny and base ones), and drops it (and the call's tensors) from all
+    measure_evicted: Callable[[], float | None] | None = field(default=None, repr=False, compare=False)
 
 
 @dataclass
@@ -386,6 +390,14 @@ def nondecreasing(values: list[float]) -> list[float]:
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
+def _finished(probe):
+    """A Prober method that returns a Measured, passed through Prober.finish."""
+    @functools.wraps(probe)
+    def run(self, *args, **kwargs):
+        return self.finish(probe(self, *args, **kwargs))
+    return run
+
+
 class Prober:
     """Builds and times each class's instances on one device."""
 
@@ -415,7 +427,17 @@ class Prober:
         if rotate:   # its operands come from memory: no state of its own to evict
             return Instance(cost, self.time(self.rotating(make, call, args, kwargs)))
         time_s = self.time(call)
-        return Instance(cost, time_s, self.time.evicted(call, time_s, self.core_cache_bytes))
+        return Instance(cost, time_s, measure_evicted=lambda: self.time.evicted(call, time_s, self.core_cache_bytes))
+
+    def finish(self, measured: Measured) -> Measured:
+        """`measured` with the evicted seconds of its tiny and base instances, the ones the table's
+        come from (Timer.evicted: the largest part of a class's time, not spent on its curves)."""
+        for i in [measured.tiny, *measured.base]:
+            if i.measure_evicted is not None:
+                i.evicted_s = i.measure_evicted()
+        for i in [measured.tiny, *measured.base, *(i for c in measured.curves.values() for i in c)]:
+            i.measure_evicted = None
+        return measured
 
     def rotating(self, make, call, args, kwargs):
         per_set = sum(t.untyped_storage().nbytes() for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor))
@@ -444,6 +466,7 @@ class Prober:
             return lambda: torch.addmm(bias, x, w.t()), aten.addmm.default, (bias, x, w.t()), {}
         return self.instance(make, "matmul", rotate=rotate)
 
+    @_finished
     def matmul(self, dtype: str) -> Measured:
         """torch.addmm(bias, x, w.t()) as nn.Linear calls it, its operands in cache (the roofline
         adds the read of what a model's cache no longer holds; `matmul_streamed` measures products
@@ -459,6 +482,7 @@ class Prober:
                                  f"n in {list(p.mm_cubes)}; efficiency of m, n, k in {list(p.mm_curve)} with "
                                  f"the others {ref}"))
 
+    @_finished
     def matmul_streamed(self, dtype: str) -> Measured:
         """Products of few rows whose weight comes from memory, as a decode step's are: the weight
         w[n, k] is past the cache (rotating through copies where one alone is not), so a call
@@ -482,6 +506,7 @@ class Prober:
                                  f"m = {STREAM_CURVE_M}, the other {ref}"),
                         by="m")
 
+    @_finished
     def bmm(self, dtype: str) -> Measured:
         dt = _DTYPES[dtype]
         p = self.plan
@@ -500,6 +525,7 @@ class Prober:
 
     # --- convolutions ---------------------------------------------------------------------------------
 
+    @_finished
     def conv(self, kind: str, backward: str | None, dtype: str) -> Measured:
         """F.conv2d (or conv_transpose2d) as the modules call it, padding 'same'; backward "input"
         is aten.convolution_backward for input, weight and bias gradients, "weight" without the
@@ -576,6 +602,7 @@ class Prober:
 
     # --- attention ------------------------------------------------------------------------------------
 
+    @_finished
     def attention(self, kernel: str, causal: bool, backward: bool, dropout: bool, dtype: str) -> Measured:
         """F.scaled_dot_product_attention under sdpa_kernel(<kernel>); the backward is timed as
         forward + backward less the forward."""
@@ -610,9 +637,10 @@ class Prober:
                 return self.instance(make, name, counting)
             both = self.instance(lambda: make("both"), name, counting)
             forward = self.instance(make, name, counting)
-            evicted = max(both.evicted_s - forward.evicted_s, 0.0) \
-                if both.evicted_s is not None and forward.evicted_s is not None else None
-            return Instance(both.cost, max(both.time_s - forward.time_s, 0.0), evicted)
+            def evicted():
+                b, f = both.measure_evicted(), forward.measure_evicted()
+                return max(b - f, 0.0) if b is not None and f is not None else None
+            return Instance(both.cost, max(both.time_s - forward.time_s, 0.0), measure_evicted=evicted)
         # the math kernel holds [batch * heads, L, S] scores: at most 1 GiB of them
         lengths = [L for L in p.attn_lengths if kernel != "math" or p.attn_heads * L * L * 4 <= 1 << 30]
         mid = lengths[len(lengths) // 2]
@@ -628,6 +656,7 @@ class Prober:
 
     # --- byte-priced classes ------------------------------------------------------------------------
 
+    @_finished
     def bytes_class(self, kernel: str, make, what: str, rule_class: str | None = None,
                     curves: dict[str, list[Instance]] | None = None, curves_how: str = "") -> Measured:
         """`make(n)` -> (call, op, args, kwargs) with tensors of about n float32 elements; `curves`,
@@ -642,6 +671,7 @@ class Prober:
         return self.bytes_class(f"pointwise.{name}", lambda n: _pointwise_call(name, self.t(n), self.t(n)),
                                 _POINTWISE_HOW.get(name, f"torch.{name}"))
 
+    @_finished
     def optimizer(self, name: str) -> Measured:
         """One step of torch.optim over 8 parameters of n elements (their gradients set), per parameter."""
         from costmodel.rules.optimizer import UPDATES, update_bytes
