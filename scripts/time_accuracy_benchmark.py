@@ -146,8 +146,10 @@ def machine_speed(hw) -> dict[str, float] | None:
     n, elements = 256, 262144
     x, w, b = torch.randn(n, n), torch.randn(n, n), torch.randn(n)
     u, v = torch.randn(elements), torch.randn(elements)
-    table = hw.kernel_table("copy", None)
-    copied = int(table.sizes[-1] // 8) if table is not None and table.sizes else 1 << 22   # elements copied
+    copy = hw.kernel_table("copy", None)
+    if copy is None or not copy.sizes:
+        return None
+    copied = int(copy.sizes[-1] // 8)   # elements of the largest clone: its bytes are read and written
     src = torch.randn(copied)
     probes = {"matmul": (lambda: torch.addmm(b, x, w.t()), (2 * n ** 3, 4 * (3 * n * n + n)), "matmul",
                          {"m": n, "n": n, "k": n}),
