@@ -128,6 +128,29 @@ def test_evicted_seconds_are_measured_for_the_instances_a_table_takes_them_from(
         assert all(i.evicted_s is not None and i.evicted_s >= 0 for i in instances)
 
 
+def test_a_curve_that_moved_with_the_machine_is_read_against_its_own_call_at_the_reference():
+    """A curve whose call at the reference shape is a base call measured again: what the two
+    measurements differ by is the machine (a neighbour's load began after the base was timed), so
+    the curve's efficiencies are read against its own call there, which is 1."""
+    from costmodel.hardware.calibrate_kernels import Cost, Instance, Measured, fit
+
+    def call(m, n, k, slow=1.0):
+        flops = 2.0 * m * n * k
+        cost = Cost(flops, 4.0 * (m * k + k * n + m * n), "matmul", {"m": m, "n": n, "k": k}, 0.0)
+        return Instance(cost, 1e-6 + slow * flops / 1e11)       # 100 GFLOP/s, 1 us overhead
+
+    base = [call(64, 64, 64), call(128, 128, 128)]
+    # the curves timed 1.7x slower throughout, their true shape effect: m = 16 at 0.8
+    curves = {"m": [call(16, 64, 64, 1.7 / 0.8), call(64, 64, 64, 1.7)],
+              "n": [call(64, 16, 64, 1.7), call(64, 64, 64, 1.7)]}
+    table = fit(Measured("matmul", "float32", call(1, 1, 1), base, curves), None)
+    assert dict(table.efficiency["m"]) == pytest.approx({16: 0.8, 64: 1.0}, rel=1e-4)
+    assert dict(table.efficiency["n"]) == pytest.approx({16: 1.0, 64: 1.0}, rel=1e-4)
+    # a curve without the reference call keeps its efficiencies against the base
+    table = fit(Measured("matmul", "float32", call(1, 1, 1), base, {"m": [call(16, 64, 64, 1.25)]}), None)
+    assert dict(table.efficiency["m"]) == pytest.approx({16: 0.8}, rel=1e-4)
+
+
 def test_calibrated_cpu_predicts_a_matmul_it_did_not_measure(quick_cpu, one_thread):
     hw = quick_cpu[1]
     n = 384  # the quick run times 64^3 and 128^3 products and m, n, k curves up to 64: not this one
