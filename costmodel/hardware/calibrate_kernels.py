@@ -360,18 +360,19 @@ def fit(m: Measured, allocation: AllocationTable | None) -> KernelTable:
     curves = {}
     for feature, instances in m.curves.items():
         points: dict[float, float] = {}
+        at_base_call = None
         for i in sorted(instances, key=lambda i: i.cost.features[feature]):
             k = kernel_s(i)
             if k is not None:
                 points[i.cost.features[feature]] = work(i) / k / base.rate(size(i))
-        twin = next((i for i in instances if kernel_s(i) is not None and any(i.cost == b.cost for b in m.base)), None)
-        if twin is not None:
+                if any(i.cost == b.cost for b in m.base):
+                    at_base_call = points[i.cost.features[feature]]
+        if at_base_call is not None:
             # The curve's call at the reference shape is a base call, measured again: by
             # definition at efficiency 1, so what it measures apart from 1 is the machine moving
             # between the two (a neighbour's load that began after the base was timed), and the
             # curve, timed together, moved with it.
-            at_twin = points[twin.cost.features[feature]]
-            points = {v: e / at_twin for v, e in points.items()}
+            points = {v: e / at_base_call for v, e in points.items()}
         if points:
             curves[feature] = tuple(points.items())
     sizes = sorted(size(i) for instances in m.curves.values() for i in instances)
