@@ -151,13 +151,13 @@ def machine_speed(hw) -> dict[str, float] | None:
         return None
     copied = int(copy.sizes[-1] // 8)   # elements of the largest clone: its bytes are read and written
     src = torch.randn(copied)
-    probes = {"matmul": (lambda: torch.addmm(b, x, w.t()), (2 * n ** 3, 4 * (3 * n * n + n)), "matmul",
+    # name: (call, (FLOPs, bytes), category, kernel class, features)
+    probes = {"matmul": (lambda: torch.addmm(b, x, w.t()), (2 * n ** 3, 4 * (3 * n * n + n)), "matmul", "matmul",
                          {"m": n, "n": n, "k": n}),
-              "add": (lambda: torch.add(u, v), (elements, 12 * elements), "pointwise", {}),
-              "copy": (lambda: src.clone(), (0, 8 * copied), "copy", {"alloc_bytes": 4 * copied})}
+              "add": (lambda: torch.add(u, v), (elements, 12 * elements), "pointwise", "pointwise.add", {}),
+              "copy": (lambda: src.clone(), (0, 8 * copied), "copy", "copy", {"alloc_bytes": 4 * copied})}
     out = {}
-    for name, (fn, (flops, nbytes), category, features) in probes.items():
-        kernel = {"matmul": "matmul", "add": "pointwise.add", "copy": "copy"}[name]
+    for name, (fn, (flops, nbytes), category, kernel, features) in probes.items():
         if hw.kernel_table(kernel, "float32") is None:
             return None
         predicted = op_time(flops, nbytes, category, "float32", hw, kernel=kernel, features=features).time_s
