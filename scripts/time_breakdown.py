@@ -29,7 +29,7 @@ def main(argv=None) -> int:
     from costmodel.capture.specs import parse_dims
     from costmodel.hardware.catalog import load_hardware
     from costmodel.validate.engine import _Runner
-    from costmodel.validate.stats import time_call
+    from costmodel.validate.stats import settle_heap, time_call
 
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("arch", choices=[a.name for a in ARCHS])
@@ -61,6 +61,7 @@ def main(argv=None) -> int:
         pred[key] += t.time_s
         count[key] += 1
     runner = _Runner(arch.build, rep, "cpu", torch.float32, args.mode, "adamw", "sum", False).runner
+    settle_heap()    # as validate times it
     values = runner.values(dims)
     step = runner.step(values)
     measured = time_call(step, repeats=5, warmup=2, min_time_s=1.0)

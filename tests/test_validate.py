@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import json
 import math
+import platform
+import subprocess
 import sys
 from pathlib import Path
 
@@ -89,6 +91,34 @@ def test_transformer_sdpa_over_seq(transformer):
     assert r.errors["peak_memory_mape"] <= 10
     assert r.errors["measured_vs_independent_max_pct"] <= 10
     assert r.errors["oom_points"] == 0
+    # measured in glibc's settled heap (stats.settle_heap): what the step's memory pays in page faults besides
+    assert all(p.measured["page_faults_per_step"] >= 0 for p in r.points)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux") or platform.libc_ver()[0] != "glibc", reason="glibc's heap")
+def test_a_settled_heap_stops_a_fresh_process_faulting_its_heap_each_step():
+    # a fresh process: freeing the first 2 MiB block sets glibc's trim threshold to 4 MiB, and a step
+    # whose 16 MiB of 2 MiB tensors are all freed at its end hands them back to the kernel, to fault
+    # in again next step; settle_heap raises the thresholds as a freed 32 MiB block does
+    code = """
+import torch
+from costmodel.validate.stats import minor_faults, settle_heap
+def step():
+    tensors = [torch.ones(1 << 19) for _ in range(8)]
+    del tensors
+def faults_per_step():
+    step()
+    before = minor_faults()
+    for _ in range(10):
+        step()
+    return (minor_faults() - before) / 10
+fresh = faults_per_step()
+settle_heap()
+print(fresh, faults_per_step())
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT)
+    fresh, settled = map(float, out.stdout.split())
+    assert fresh > 200 and settled < 20, (fresh, settled)
 
 
 def test_conv_net_over_image_size(convnet):

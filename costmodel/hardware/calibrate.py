@@ -68,6 +68,9 @@ def calibrate(device: str = "cpu", out_path: str | os.PathLike | None = None, *,
     out = Path(out_path) if out_path is not None else None
     if out is not None and not out.parent.is_dir():
         raise UsageError(f"--out '{out}': directory '{out.parent}' does not exist")
+    if device == "cpu":
+        from costmodel.validate.stats import settle_heap
+        settle_heap()    # glibc's heap as `validate` times models in, whatever this process ran before
     plan = _plan(device, quick)
     machine = _machine(device)
     stamp = f"measured by costmodel hardware calibrate on {datetime.date.today().isoformat()}, " \

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch.utils._pytree import tree_leaves, tree_map
 
 from costmodel.hardware.kernels import ALLOC_FEATURE, INNER_STRIDE_FEATURE, AllocationTable, KernelTable, work_of
-from costmodel.validate.stats import cpu_clock, cuda_block_s
+from costmodel.validate.stats import cpu_clock, cuda_block_s, minor_faults
 
 aten = torch.ops.aten
 
@@ -245,13 +245,13 @@ class Timer:
         # One CPU thread: the thread's CPU time, which time slices lost to other processes do not
         # inflate; more threads: wall time (their work is spread over threads).
         clock = cpu_clock()
-        faults = _minor_faults()
+        faults = minor_faults() or 0
         t0 = clock()
         for _ in range(number):
             call()
         elapsed = clock() - t0
         self.calls += number
-        return max(elapsed - (_minor_faults() - faults) * PAGE * self.fault_s_per_byte, 0.1 * elapsed)
+        return max(elapsed - ((minor_faults() or 0) - faults) * PAGE * self.fault_s_per_byte, 0.1 * elapsed)
 
     def __call__(self, call) -> float:
         """Seconds per call: the fastest of `blocks` blocks, each at least `block_s` long. Other
@@ -293,14 +293,6 @@ def _other_ops(core_bytes: int):
         a.index_select(0, rows)
         torch.mm(a[:64], b[:, :64])
     return run
-
-
-def _minor_faults() -> int:
-    try:
-        import resource
-        return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-    except (ImportError, OSError):
-        return 0
 
 
 # --- fitting ------------------------------------------------------------------------------------------

@@ -35,7 +35,7 @@ import torch
 
 from costmodel.validate.meters import measure
 from costmodel.validate.runner import Runner, build_real
-from costmodel.validate.stats import complexity_class, fit_exponent, time_call
+from costmodel.validate.stats import complexity_class, fit_exponent, minor_faults, settle_heap, time_call
 from costmodel.errors import AnalysisError, CostModelError, UsageError
 
 DEVICES = ("cpu", "cuda")
@@ -230,6 +230,8 @@ class _Runner:
                                    f"of the {free} bytes of RAM available; not run"}
         values = run = None
         try:
+            if self.device == "cpu":
+                settle_heap()    # glibc's heap as the costs model it, whatever ran in this process before
             values = self.runner.values(dims)
             run = self.runner.step(values, dims.get("gen")) if self.mode == "generate" else self.runner.step(values)
             run()    # warm-up: kernels chosen, lazy buffers made; in train, the optimizer state allocated
@@ -238,12 +240,19 @@ class _Runner:
             out = {"peak_memory_bytes": int(meter.peak_bytes)}
             if cross_check:
                 out["independent_peak_memory_bytes"] = profiler_peak_bytes(run, resident)
+            faults = minor_faults() if self.device == "cpu" else None
             if self.mode == "generate":
                 out = {**_time_generation(self.runner, values, dims["gen"], repeats, warmup, min_time_s), **out}
+                steps = out["samples"] + max(warmup - 1, 0)
             else:
                 timing = time_call(run, repeats=repeats, warmup=warmup, device=self.device, min_time_s=min_time_s)
                 out = {"time_s": timing.median_s, **out, "time_min_s": min(timing.times_s),
                        "samples": len(timing.times_s)}
+                steps = max(warmup, 0) + 1 + len(timing.times_s) * timing.number
+            if faults is not None:
+                # what the step's memory cost in page faults besides (outputs of 32 MiB or more
+                # fault each step, as modelled; many more point at heap trimming, not modelled)
+                out["page_faults_per_step"] = round((minor_faults() - faults) / max(steps, 1), 1)
             if meter.op and not meter.op.startswith("("):
                 out["peak_at"] = meter.op
             return out
