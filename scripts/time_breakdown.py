@@ -17,6 +17,7 @@ import warnings
 from pathlib import Path
 
 import torch
+import sympy
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -119,8 +120,8 @@ def alone(rep, pt, timing, hw, prefix: str) -> int:
     def hint_int(s):   # a size at the point's dims (the trace's own hints are its example sizes)
         if isinstance(s, int):
             return s
-        expr = captured.to_user(s)
-        value = expr.xreplace({x: pt.dims[x.name] for x in expr.free_symbols if x.name in pt.dims})
+        expr = sympy.sympify(captured.to_user(s))
+        value = sympy.sympify(expr.xreplace({x: pt.dims[x.name] for x in expr.free_symbols if x.name in pt.dims}))
         return int(value) if value.is_number else int(s.node.hint)
 
     def real(x):
