@@ -151,6 +151,35 @@ def test_a_curve_that_moved_with_the_machine_is_read_against_its_own_call_at_the
     assert dict(table.efficiency["m"]) == pytest.approx({16: 0.8}, rel=1e-4)
 
 
+def test_each_class_keeps_the_pass_the_machine_disturbed_least():
+    """A neighbour's load through one class's probe in the first pass (its small calls and curve
+    2.5x slower, its largest call as fast): that class keeps the second pass, whole. Passes within
+    10% on average keep the first, even where the second ran faster (choosing the luckier would bias
+    the tables low). The CPU plan measures twice; the quick one (tests) once."""
+    from costmodel.hardware.calibrate_kernels import Cost, Instance, Measured, kernel_plan, least_disturbed
+
+    def call(flops, slow=1.0):
+        return Instance(Cost(flops, 0.0, "matmul", {"m": flops}, 0.0), 1e-6 + slow * flops / 1e11)
+
+    def probe(kernel, slow_small=1.0, slow_all=1.0, evicted=0.0):
+        m = Measured(kernel, "float32", call(1, slow_small * slow_all),
+                     [call(1e5, slow_small * slow_all), call(1e9, slow_all)],
+                     {"m": [call(1e6, slow_small * slow_all)]}, how=f"{kernel} probe")
+        m.tiny.evicted_s = evicted
+        return m
+    first = [probe("matmul", slow_small=2.5, evicted=3e-4), probe("conv.dense"), probe("norm.layer", slow_all=1.05)]
+    second = [probe("matmul", evicted=4e-5), probe("conv.dense", slow_all=1.3), probe("norm.layer")]
+    kept = least_disturbed([first, second])
+    assert [m.kernel for m in kept] == ["matmul", "conv.dense", "norm.layer"]
+    assert kept[0].tiny.evicted_s == 4e-5 and kept[0].curves["m"][0].time_s == second[0].curves["m"][0].time_s
+    assert kept[0].how == "matmul probe; pass 2 of 2 kept (the first 1.43x slower on average)"
+    assert kept[1].base[1].time_s == first[1].base[1].time_s
+    assert kept[2].base[1].time_s == first[2].base[1].time_s
+    assert kept[2].how == "norm.layer probe; pass 1 of 2 kept (the others within 1.1x on average)"
+    assert least_disturbed([first]) == first
+    assert kernel_plan("cpu", quick=False).passes == 2 and kernel_plan("cpu", quick=True).passes == 1
+
+
 def test_calibrated_cpu_predicts_a_matmul_it_did_not_measure(quick_cpu, one_thread):
     hw = quick_cpu[1]
     n = 384  # the quick run times 64^3 and 128^3 products and m, n, k curves up to 64: not this one
