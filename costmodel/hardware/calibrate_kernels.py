@@ -1047,13 +1047,14 @@ DISTURBED = 1.1     # least_disturbed: a pass this much slower on average than a
 
 
 def least_disturbed(passes: list[list[Measured]]) -> list[Measured]:
-    """Of several passes over the classes, each class's measurement from the first pass unless its
-    calls ran DISTURBED slower than another's (the mean log of each call's time over its fastest in
-    any pass), then from the fastest pass: other work on the machine only ever slows a probe, and a
-    neighbour's load that lasts through one class's probe (seconds) is gone a pass later (a minute),
-    where the fastest of a probe's blocks cannot reject it. Between undisturbed passes (a few percent
-    apart) nothing is chosen, so the fastest's luck does not bias the tables low. Rates, curves and
-    evicted seconds all come from one pass, measured together."""
+    """Of several passes over the classes, each class's measurement: where its calls in the first
+    pass ran DISTURBED slower than in another (the mean log of each call's time over its fastest in
+    any pass), that other pass's, whole (rates, curves and evicted seconds measured together): other
+    work on the machine only ever slows a probe, and a neighbour's load that lasts through one
+    class's probe (seconds) is gone a pass later (a minute), where the fastest of a probe's blocks
+    cannot reject it. Otherwise the mean of the passes within DISTURBED of the fastest, call by call
+    (`_mean`): no pass is chosen for its luck, which would bias the tables low, and the evicted
+    seconds (differences of two timed blocks, noisy by tens of microseconds) steady."""
     if len(passes) == 1:
         return passes[0]
 
@@ -1077,12 +1078,30 @@ def least_disturbed(passes: list[list[Measured]]) -> list[Measured]:
             return sum(math.log(max(t, 1e-12) / max(f, 1e-12)) for t, f in zip(calls(p), fastest)) / len(fastest)
         best = min(same, key=slowness)
         ratio = math.exp(slowness(m) - slowness(best))
-        if ratio < DISTURBED:
-            best = m
-        kept = same.index(best) + 1
-        why = f"the first {ratio:.2f}x slower" if kept > 1 else f"the others within {DISTURBED}x"
-        out.append(replace(best, how=f"{best.how}; pass {kept} of {len(same)} kept ({why} on average)"))
+        if ratio >= DISTURBED:
+            out.append(replace(best, how=f"{best.how}; pass {same.index(best) + 1} of {len(same)} kept "
+                                         f"(the first {ratio:.2f}x slower on average)"))
+            continue
+        calm = [p for p in same if math.exp(slowness(p) - slowness(best)) < DISTURBED]
+        out.append(replace(_mean(calm), how=f"{m.how}; the mean of {len(calm)} of {len(same)} passes "
+                                           f"(the others over {DISTURBED}x slower on average)"
+                           if len(calm) < len(same) else f"{m.how}; the mean of {len(same)} passes"))
     return out
+
+
+def _mean(passes: list[Measured]) -> Measured:
+    """One class's measurements of several passes (the same calls, in the same order) as one: each
+    call's time their geometric mean, its evicted seconds their mean (None where none measured)."""
+    def merged(instances: list[Instance]) -> Instance:
+        evicted = [i.evicted_s for i in instances if i.evicted_s is not None]
+        time_s = math.exp(sum(math.log(max(i.time_s, 1e-12)) for i in instances) / len(instances))
+        return Instance(instances[0].cost, time_s, sum(evicted) / len(evicted) if evicted else None)
+    first = passes[0]
+    if len(passes) == 1:
+        return first
+    return replace(first, tiny=merged([p.tiny for p in passes]),
+                   base=[merged(list(i)) for i in zip(*(p.base for p in passes))],
+                   curves={f: [merged(list(i)) for i in zip(*(p.curves[f] for p in passes))] for f in first.curves})
 
 
 def measure_kernels(device: str, plan: KernelPlan, stamp: str, progress=None) -> KernelMeasurements:
