@@ -16,8 +16,8 @@ import sys
 import warnings
 from pathlib import Path
 
-import torch
 import sympy
+import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))

@@ -69,7 +69,7 @@ class KernelPlan:
     dtypes: tuple[str, ...]          # dtypes of the FLOP-priced classes
     variants: bool = True            # causal/dropout attention, transposed and grouped convolutions
     max_copies: int = 64             # operand copies a probe rotates through (see Prober.instance)
-    passes: int = 1                  # times every class is measured; each keeps its fastest (least_disturbed)
+    passes: int = 1                  # times every class is measured (least_disturbed)
 
 
 _POINTWISE_ALL = ("add", "sub", "mul", "div", "neg", "abs", "relu", "threshold_backward", "gelu", "gelu_tanh",
@@ -1076,13 +1076,15 @@ def least_disturbed(passes: list[list[Measured]]) -> list[Measured]:
 
         def slowness(p: Measured) -> float:    # the mean of log(time / fastest) over its calls
             return sum(math.log(max(t, 1e-12) / max(f, 1e-12)) for t, f in zip(calls(p), fastest)) / len(fastest)
-        best = min(same, key=slowness)
-        ratio = math.exp(slowness(m) - slowness(best))
+        scores = [slowness(p) for p in same]
+        low = min(scores)
+        ratio = math.exp(scores[0] - low)
         if ratio >= DISTURBED:
-            out.append(replace(best, how=f"{best.how}; pass {same.index(best) + 1} of {len(same)} kept "
-                                         f"(the first {ratio:.2f}x slower on average)"))
+            best = scores.index(low)
+            out.append(replace(same[best], how=f"{same[best].how}; pass {best + 1} of {len(same)} kept "
+                                               f"(the first {ratio:.2f}x slower on average)"))
             continue
-        calm = [p for p in same if math.exp(slowness(p) - slowness(best)) < DISTURBED]
+        calm = [p for p, score in zip(same, scores) if math.exp(score - low) < DISTURBED]
         out.append(replace(_mean(calm), how=f"{m.how}; the mean of {len(calm)} of {len(same)} passes "
                                            f"(the others over {DISTURBED}x slower on average)"
                            if len(calm) < len(same) else f"{m.how}; the mean of {len(same)} passes"))
