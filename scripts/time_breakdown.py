@@ -112,6 +112,7 @@ def alone(rep, pt, timing, hw, prefix: str) -> int:
     import dataclasses
 
     from costmodel.hardware.calibrate_kernels import Timer, kernel_plan
+    from costmodel.validate.stats import minor_faults
     nodes = {n.name: n for n in pt.analysis.captured.graph.graph.nodes}
     timer = Timer("cpu", dataclasses.replace(kernel_plan("cpu", quick=True), block_s=0.004, blocks=7))
 
@@ -148,10 +149,9 @@ def alone(rep, pt, timing, hw, prefix: str) -> int:
         node = nodes[op["name"]]
         args, kwargs = real(list(node.args)), {k: real(v) for k, v in node.kwargs.items()}
         try:
-            import resource
-            f0, c0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt, timer.calls
+            f0, c0 = minor_faults() or 0, timer.calls
             measured = timer(lambda: node.target(*args, **kwargs))
-            faults = (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0) / max(1, timer.calls - c0)
+            faults = ((minor_faults() or 0) - f0) / max(1, timer.calls - c0)
         except Exception as e:   # noqa: BLE001 - a diagnostic: say it and go on
             print(f"{op['name']}: could not run alone: {e}")
             continue
