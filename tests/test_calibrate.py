@@ -151,6 +151,26 @@ def test_a_curve_that_moved_with_the_machine_is_read_against_its_own_call_at_the
     assert dict(table.efficiency["m"]) == pytest.approx({16: 0.8}, rel=1e-4)
 
 
+def test_depthwise_channels_are_measured_at_the_work_of_a_base_call_that_the_curve_includes(one_thread):
+    """The depthwise channels curve runs at one work (the side shrinking as the channels grow), that
+    of a base call it includes: its points are read against a measured base rate and against its
+    own call of the base shape, not against rates interpolated between small calls that are mostly
+    a backward's setup (which read a 64-channel backward 2.6x faster than the base shape)."""
+    from costmodel.hardware.calibrate_kernels import Prober, kernel_plan
+    plan = kernel_plan("cpu", quick=True)
+    prober = Prober("cpu", plan, "test")
+    prober.time = lambda call, *a, **k: 1e-3          # the shapes are what this checks, not the times
+    prober.time.evicted = lambda call, alone_s, core: 0.0
+    for backward in (None, "input"):
+        measured = prober.conv("depthwise", backward, "float32")
+        groups = measured.curves["groups"]
+        assert sorted(i.cost.features["groups"] for i in groups) == sorted(set(plan.conv_groups) | {plan.conv_ref})
+        assert any(i.cost == b.cost for i in groups for b in measured.base)
+        ref = next(i for i in groups if i.cost.features["groups"] == plan.conv_ref).cost.flops
+        assert all(i.cost.flops == pytest.approx(ref, rel=0.35) for i in groups)
+        assert "the same work" in measured.how
+
+
 def test_each_class_keeps_the_pass_the_machine_disturbed_least():
     """A neighbour's load through one class's probe in the first pass (its small calls and curve
     2.5x slower, its largest call as fast): that class keeps the second pass, whole. Passes within

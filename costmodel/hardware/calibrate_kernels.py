@@ -577,13 +577,19 @@ class Prober:
                     f"c_in {list(cins)}, kernel sides {list(p.conv_kernels)}, 1x1 at strides 1 and 2 (skipped), "
                     f"the others {ref} channels, side {ref_side}")
         elif kind == "depthwise":
-            c = ref
+            # The channels curve runs at the work of a base call (the side shrinking as the
+            # channels grow) and includes that call: each point is read against a measured base
+            # rate, not one interpolated between small calls that are mostly setup (a depthwise
+            # backward's is 0.1 ms), and the curve against its own call of the base shape
+            c, side = ref, ref_side
+            channels = sorted(set(p.conv_groups) | {c})
+            at_work = {v: max(1, round(side * math.sqrt(c / v))) for v in channels}
             measured = Measured(kernel, dtype, run(4, 4, 4, 3, groups=4, batch=1),
                                 [run(c, c, v, 3, groups=c) for v in sides],
-                                {"k": [run(c, c, ref_side, k, groups=c) for k in p.conv_kernels if k > 1],
-                                 "groups": [run(v, v, ref_side, 3, groups=v) for v in p.conv_groups]})
-            what = (f"{c} channels, 3x3, sides {list(sides)}; curves: kernel sides {list(p.conv_kernels)}, "
-                    f"channels {list(p.conv_groups)}")
+                                {"k": [run(c, c, side, k, groups=c) for k in p.conv_kernels if k > 1],
+                                 "groups": [run(v, v, at_work[v], 3, groups=v) for v in channels]})
+            what = (f"{c} channels, 3x3, sides {list(sides)}; curves: kernel sides {list(p.conv_kernels)} at side "
+                    f"{side}, channels (side) {', '.join(f'{v} ({s_})' for v, s_ in at_work.items())}: the same work")
         elif kind == "grouped":
             g, per = 8, 16
             measured = Measured(kernel, dtype, run(8, 8, 4, 3, groups=2, batch=1),
