@@ -28,7 +28,7 @@ from costmodel.capture.limits import Limit, config_limits
 from costmodel.capture.specs import InputSpec, parse_input
 from costmodel.errors import AnalysisError, CaptureFailed, OutsideLimits, UsageError
 from costmodel.formulas import Evaluator, degree
-from costmodel.hardware.kernels import COLD_FEATURE, EVICTED_FEATURE
+from costmodel.hardware.kernels import COLD_FEATURE, EVICTED_FEATURE, INPUTS_OUT_FEATURE
 from costmodel.memory import timeline as memory
 from costmodel.options import Options
 from costmodel.rules.attention import attention_kernels
@@ -97,6 +97,7 @@ class Point:
                 features = self._with_cold_inputs(features, hw.cache_bytes)
             if hw.core_cache_bytes:
                 features = self._with_evicted(features, hw.core_cache_bytes * (hw.threads or 1))
+                features = self._with_inputs_out(features, hw.core_cache_bytes * (hw.threads or 1))
             times = [roofline.op_time(op["flops"], op["bytes"], op["category"], op["dtype"], hw, tf32,
                                       kernel=self.kernel_class(i), features=features[i])
                      for i, op in enumerate(self.ops)]
@@ -116,6 +117,26 @@ class Point:
         was last written or read puts beyond `cache_bytes` (an activation the backward reads again
         is gone; an RNN's weight read every timestep stays). An optimizer update reads its
         parameter, gradient and state from memory."""
+        out = []
+        for record, op, f, (beyond, _) in zip(self.analysis.ops, self.ops, features, self._reads_beyond(cache_bytes)):
+            if record.category == OPTIMIZER:
+                cold = float(op["bytes_read"])
+            else:   # no more than it reads: a gather (an embedding's lookup) reads rows of its table, not all of it
+                cold = min(beyond, float(op["bytes_read"]))
+            out.append({**f, COLD_FEATURE: cold} if cold else f)
+        return out
+
+    def _with_inputs_out(self, features: list[dict], core_bytes: int) -> list[dict]:
+        """Each op's features plus INPUTS_OUT_FEATURE: the share of what it reads that is beyond
+        the core caches (`core_bytes`, as `_with_cold_inputs` reckons it): an op reading what the
+        op before it wrote has its inputs at hand, a backward reading a saved activation has not."""
+        return [{**f, INPUTS_OUT_FEATURE: beyond / read if read else 1.0}
+                for f, (beyond, read) in zip(features, self._reads_beyond(core_bytes))]
+
+    def _reads_beyond(self, cache_bytes: int) -> list[tuple[float, float]]:
+        """Per op, (bytes of its reads beyond `cache_bytes`, bytes of its reads): a storage read
+        for the first time in the step is all beyond, else the part that its own size plus the
+        traffic since it was last written or read puts beyond."""
         a = self.analysis
         keys = [(i, j) for i, record in enumerate(a.ops) for j in range(len(record.reads))]
         if a._reads_evaluator is None:
@@ -125,20 +146,15 @@ class Point:
         for (i, _), value in zip(keys, values):
             read_bytes[i].append(float(value))
         out, seen, traffic = [], {}, 0.0
-        for record, op, f, sizes in zip(a.ops, self.ops, features, read_bytes):
-            if record.category == OPTIMIZER:
-                cold = float(op["bytes_read"])
-            else:   # what of it no longer fits: its own bytes plus the traffic since, beyond the cache
-                cold = sum(size if name not in seen else min(size, max(0.0, traffic - seen[name] + size - cache_bytes))
-                           for (name, _), size in zip(record.reads, sizes))
-                # no more than it reads: a gather (an embedding's lookup) reads rows of its table, not all of it
-                cold = min(cold, float(op["bytes_read"]))
+        for record, op, sizes in zip(a.ops, self.ops, read_bytes):
+            beyond = sum(size if name not in seen else min(size, max(0.0, traffic - seen[name] + size - cache_bytes))
+                         for (name, _), size in zip(record.reads, sizes))
+            out.append((beyond, sum(sizes)))
             for name, _ in record.reads:
                 seen[name] = traffic
             traffic += float(op["bytes"])
             if record.writes:
                 seen[record.writes] = traffic
-            out.append({**f, COLD_FEATURE: cold} if cold else f)
         return out
 
     def _with_evicted(self, features: list[dict], core_bytes: int) -> list[dict]:

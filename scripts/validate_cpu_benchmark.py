@@ -5,7 +5,7 @@ Run by hand: `python scripts/validate_cpu_benchmark.py [--out validate_cpu_out] 
 For each run it prints the validation table (measured and predicted time and peak per point, the
 measured peak beside the CPU allocator's own figure, fitted exponents, doubling ratios, MAPE) and
 writes <run>.json and <run>.png under --out, plus summary.md. Predicted times use this CPU
-calibrated once (`costmodel.hardware.calibrate`, about 3 min) at the same thread count.
+calibrated once (`costmodel.hardware.calibrate`, 3-4 min) at the same thread count.
 """
 
 from __future__ import annotations

@@ -117,15 +117,18 @@ def test_evicted_seconds_are_measured_for_the_instances_a_table_takes_them_from(
     prober = Prober("cpu", kernel_plan("cpu", quick=True), "test")
     timed = []
     evicted = prober.time.evicted
-    prober.time.evicted = lambda call, alone_s, core: timed.append(call) or evicted(call, alone_s, core)
+    prober.time.evicted = lambda call, alone_s, core, inputs: timed.append(inputs) or evicted(call, alone_s, core, inputs)
     measured = prober.matmul("float32")
     instances = [measured.tiny, *measured.base]
     curves = [i for c in measured.curves.values() for i in c]
     assert curves and len(timed) == len(instances)
     assert all(i.measure_evicted is None for i in instances + curves)
     assert all(i.evicted_s is None for i in curves)
+    # with the call's operands (bias, x, w.t()), read again just before it in the variant whose
+    # difference is the part of the evicted seconds that is them coming back
+    assert all(len(inputs) == 3 and all(isinstance(t, torch.Tensor) for t in inputs) for inputs in timed)
     if core_cache_bytes("cpu"):
-        assert all(i.evicted_s is not None and i.evicted_s >= 0 for i in instances)
+        assert all(i.evicted_s is not None and 0 <= i.refill_s <= i.evicted_s for i in instances)
 
 
 def test_a_curve_that_moved_with_the_machine_is_read_against_its_own_call_at_the_reference():
@@ -160,7 +163,7 @@ def test_depthwise_channels_are_measured_at_the_work_of_a_base_call_that_the_cur
     plan = kernel_plan("cpu", quick=True)
     prober = Prober("cpu", plan, "test")
     prober.time = lambda call, *a, **k: 1e-3          # the shapes are what this checks, not the times
-    prober.time.evicted = lambda call, alone_s, core: 0.0
+    prober.time.evicted = lambda call, alone_s, core, inputs: (0.0, 0.0)
     for backward in (None, "input"):
         measured = prober.conv("depthwise", backward, "float32")
         groups = measured.curves["groups"]

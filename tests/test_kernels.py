@@ -1,6 +1,7 @@
 """Kernel classes: decided from the op and its arguments, carried to the roofline with their shape
 features; measured tables in device files (schema, interpolation) and how the roofline uses them."""
 
+import dataclasses
 import math
 
 import pytest
@@ -248,6 +249,7 @@ def test_tables_round_trip_through_the_file(tmp_path):
     ("pointwise", {"overhead_s": 0.0, "evicted": [[1.0]]}, "'evicted' must be a list of \\[size, seconds\\] pairs"),
     ("pointwise", {"overhead_s": 0.0, "evicted": [[1.0, -1.0]]}, "'evicted' seconds must be numbers, 0 <= value < 1"),
     ("pointwise", {"overhead_s": 0.0, "evicted": [[2.0, 0.0], [1.0, 0.0]]}, "'evicted' sizes must be strictly ascending"),
+    ("pointwise", {"overhead_s": 0.0, "refill": [[1.0, 2.0]]}, "'refill' seconds must be numbers, 0 <= value < 1"),
 ])
 def test_table_errors_say_what_is_wrong(tmp_path, key, table, message):
     with pytest.raises(UsageError, match=message):
@@ -517,6 +519,34 @@ def test_an_op_pays_its_evicted_seconds_only_when_flagged(tmp_path):
     warm = op_time(1e3, 1e6, "pointwise", "float32", hw, kernel="pointwise")
     evicted = op_time(1e3, 1e6, "pointwise", "float32", hw, kernel="pointwise", features={"evicted": 1})
     assert evicted.time_s == pytest.approx(warm.time_s + 4e-6)
+
+
+def test_an_evicted_call_whose_inputs_are_at_hand_does_not_pay_their_refill(tmp_path):
+    """Of the evicted seconds, the refill part is the call's inputs coming back into the core
+    caches: paid in the share of its reads that are beyond them (a saved activation), not for
+    those the op before it just wrote; a table without it, or an op without the share, pays all."""
+    table = dataclasses.replace(EVICTED, refill=((1e3, 0.5e-6), (1e6, 3e-6)))
+    assert table.evicted_s(1e6) == pytest.approx(4e-6)
+    assert table.evicted_s(1e6, {"inputs_out": 1.0}) == pytest.approx(4e-6)
+    assert table.evicted_s(1e6, {"inputs_out": 0.0}) == pytest.approx(1e-6)
+    assert table.evicted_s(1e6, {"inputs_out": 0.5}) == pytest.approx(2.5e-6)
+    assert EVICTED.evicted_s(1e6, {"inputs_out": 0.0}) == pytest.approx(4e-6)
+    path = device_file(tmp_path, {"pointwise": table.to_dict()})
+    assert load_hardware(str(path)).kernels["pointwise"].refill == table.refill
+
+
+def test_the_share_of_reads_beyond_the_core_caches():
+    """An op reading what the op before it wrote has it at hand; a first read in the step (the
+    input, a weight) and a read after more traffic than the caches hold are beyond them."""
+    r = analyze(Recurrent, inputs=["x:float32[batch,16]"], dims={"batch": [8]})
+    pt = r.evaluate(batch=8)
+    tanh = [i for i, op in enumerate(pt.ops) if op["target"] == "aten.tanh.default"]
+    cell = [i for i, op in enumerate(pt.ops) if op["target"] == "aten.addmm.default"][:4]
+    roomy = pt._with_inputs_out(pt.features, core_bytes=1 << 20)
+    assert [roomy[i]["inputs_out"] for i in tanh] == [0.0] * 4
+    assert roomy[cell[0]]["inputs_out"] == 1.0 and roomy[cell[1]]["inputs_out"] == 0.0
+    tiny = pt._with_inputs_out(pt.features, core_bytes=64)
+    assert all(tiny[i]["inputs_out"] > 0.5 for i in tanh + cell)
 
 
 class Recurrent(nn.Module):

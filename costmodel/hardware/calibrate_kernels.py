@@ -79,7 +79,7 @@ _POINTWISE_ALL = ("add", "sub", "mul", "div", "neg", "abs", "relu", "threshold_b
 
 
 def kernel_plan(device: str, quick: bool) -> KernelPlan:
-    """Sizes by device: quick (tests: seconds), a CPU (about 3 min on 2 cores, in two passes), a GPU."""
+    """Sizes by device: quick (tests: seconds), a CPU (3-4 min on 2 cores, in two passes), a GPU."""
     kernels = _attention_kernels(device)
     if quick:
         return KernelPlan(
@@ -209,7 +209,7 @@ class Timer:
         self.fault_s_per_byte = 0.0
         self._others = None     # the work that runs between two calls of a kernel, see evicted()
 
-    def evicted(self, call, alone_s: float, core_bytes: int | None) -> float | None:
+    def evicted(self, call, alone_s: float, core_bytes: int | None, inputs=()) -> tuple[float, float] | None:
         """Seconds a call costs more when other ops ran since its last call, as in a model: (other
         work, call) less the other work less `alone_s` (the call's own time). The other work
         (`_other_ops`) is a copy that overflows the core caches of the threads (4x each, read and
@@ -221,7 +221,10 @@ class Timer:
         drift (its speed wanders by some percent over seconds) moves both blocks of a pair alike,
         and one disturbed block moves one difference, not the estimate; 0 at least. None on
         a GPU, where the core's cache is not known, and for calls over EVICTED_MAX_S (the
-        difference is then within the noise of the call)."""
+        difference is then within the noise of the call).
+        Returns (evicted seconds, refill seconds): the second, the part that is the call's
+        `inputs` coming back into the core caches, is the evicted seconds less those measured with
+        the inputs read just before the call (a model's op whose input the op before it wrote)."""
         if self.device != "cpu" or not core_bytes or alone_s > EVICTED_MAX_S:
             return None
         if self._others is None:
@@ -231,10 +234,25 @@ class Timer:
         def both():
             others()
             call()
+
+        def touched():
+            others()
+            with torch.no_grad():
+                for t in inputs:
+                    t.sum()
+
+        def touched_call():
+            touched()
+            call()
         number = self._calls_per_block(both)
-        differences = [(self.block(both, number) - self.block(others, number)) / number
-                       for _ in range(self.plan.blocks)]
-        return max(0.0, statistics.median(differences) - alone_s)
+        full, warm = [], []
+        for _ in range(self.plan.blocks):
+            full.append((self.block(both, number) - self.block(others, number)) / number)
+            if inputs:
+                warm.append((self.block(touched_call, number) - self.block(touched, number)) / number)
+        evicted = max(0.0, statistics.median(full) - alone_s)
+        state = max(0.0, statistics.median(warm) - alone_s) if inputs else evicted
+        return evicted, max(0.0, evicted - state)
 
     def sync(self) -> None:
         if self.device == "cuda":
@@ -305,9 +323,10 @@ class Instance:
     cost: Cost
     time_s: float
     evicted_s: float | None = None
-    # measures evicted_s; Prober.finish runs it for the instances the table's evicted seconds come
+    refill_s: float | None = None       # of evicted_s, the call's inputs coming back (Timer.evicted)
+    # measures evicted_s and refill_s; Prober.finish runs it for the instances the table's evicted seconds come
     # from (the tiny and base ones), and drops it (and the call's tensors) from all
-    measure_evicted: Callable[[], float | None] | None = field(default=None, repr=False, compare=False)
+    measure_evicted: Callable[[], tuple[float, float] | None] | None = field(default=None, repr=False, compare=False)
 
 
 @dataclass
@@ -345,10 +364,13 @@ def fit(m: Measured, allocation: AllocationTable | None) -> KernelTable:
         big = max(m.base, key=size)
         rates[size(big)] = work(big) / max(big.time_s, 1e-12)
     evicted: dict[float, float] = {}
+    refill: dict[float, float] = {}
     for i in sorted([m.tiny] + list(m.base), key=size):
         if i.evicted_s is not None and size(i) > 0:
             evicted[size(i)] = i.evicted_s
+            refill[size(i)] = i.refill_s or 0.0
     evicted = dict(zip(evicted, nondecreasing(list(evicted.values()))))
+    refill = {s_: min(r, evicted[s_]) for s_, r in zip(refill, nondecreasing(list(refill.values())))}
     base = KernelTable(m.kernel, m.dtype, overhead, tuple(rates), tuple(rates.values()), how=m.how, by=m.by)
     curves = {}
     for feature, instances in m.curves.items():
@@ -371,7 +393,8 @@ def fit(m: Measured, allocation: AllocationTable | None) -> KernelTable:
     sizes = sorted(size(i) for instances in m.curves.values() for i in instances)
     reference = sizes[len(sizes) // 2] if curves and sizes else None
     return KernelTable(m.kernel, m.dtype, overhead, base.sizes, base.rates, curves, m.how, m.by,
-                       tuple(evicted.items()), reference)
+                       tuple(evicted.items()), reference,
+                       tuple(refill.items()) if any(refill.values()) else ())
 
 
 def nondecreasing(values: list[float]) -> list[float]:
@@ -429,14 +452,16 @@ class Prober:
         if rotate:   # its operands come from memory: no state of its own to evict
             return Instance(cost, self.time(self.rotating(make, call, args, kwargs)))
         time_s = self.time(call)
-        return Instance(cost, time_s, measure_evicted=lambda: self.time.evicted(call, time_s, self.core_cache_bytes))
+        inputs = [t for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
+        return Instance(cost, time_s, measure_evicted=lambda: self.time.evicted(call, time_s, self.core_cache_bytes,
+                                                                                inputs))
 
     def finish(self, measured: Measured) -> Measured:
         """`measured` with the evicted seconds of its tiny and base instances, the ones the table's
         come from (Timer.evicted: the largest part of a class's time, not spent on its curves)."""
         for i in [measured.tiny, *measured.base]:
             if i.measure_evicted is not None:
-                i.evicted_s = i.measure_evicted()
+                i.evicted_s, i.refill_s = i.measure_evicted() or (None, None)
         for i in [measured.tiny, *measured.base, *(i for c in measured.curves.values() for i in c)]:
             i.measure_evicted = None
         return measured
@@ -647,7 +672,7 @@ class Prober:
             forward = self.instance(make, name, counting)
             def evicted():
                 b, f = both.measure_evicted(), forward.measure_evicted()
-                return max(b - f, 0.0) if b is not None and f is not None else None
+                return (max(b[0] - f[0], 0.0), max(b[1] - f[1], 0.0)) if b is not None and f is not None else None
             return Instance(both.cost, max(both.time_s - forward.time_s, 0.0), measure_evicted=evicted)
         # the math kernel holds [batch * heads, L, S] scores: at most 1 GiB of them
         lengths = [L for L in p.attn_lengths if kernel != "math" or p.attn_heads * L * L * 4 <= 1 << 30]
@@ -1102,8 +1127,10 @@ def _mean(passes: list[Measured]) -> Measured:
     call's time their geometric mean, its evicted seconds their mean (None where none measured)."""
     def merged(instances: list[Instance]) -> Instance:
         evicted = [i.evicted_s for i in instances if i.evicted_s is not None]
+        refill = [i.refill_s or 0.0 for i in instances if i.evicted_s is not None]
         time_s = math.exp(sum(math.log(max(i.time_s, 1e-12)) for i in instances) / len(instances))
-        return Instance(instances[0].cost, time_s, sum(evicted) / len(evicted) if evicted else None)
+        return Instance(instances[0].cost, time_s, sum(evicted) / len(evicted) if evicted else None,
+                        sum(refill) / len(refill) if evicted else None)
     first = passes[0]
     if len(passes) == 1:
         return first

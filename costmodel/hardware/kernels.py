@@ -18,7 +18,10 @@ On a CPU a table also says what a call costs more when other ops ran since the s
 (`evicted`, seconds by size): a kernel's own working state (a BLAS's packed panels, oneDNN's
 reordered weights and scratchpad, its dispatch path's code) is then out of the core's caches, as in
 a model, where the ops between two calls of one kernel evict it; measured after a copy that
-overflows the core caches and ten other eager ops.
+overflows the core caches and ten other eager ops. Of those seconds, `refill` is the part that is
+the call's operands coming back (the evicted seconds less those measured with the operands read just
+before the call): paid in the share of an op's reads the core caches no longer hold, so an op
+reading what the op before it just wrote pays its state's part only.
 Allocation is the CPU's price for fresh pages (glibc maps large blocks anew each time; the first
 touch of each page faults): seconds per byte of an op's largest new output, by its size.
 No torch here.
@@ -91,6 +94,7 @@ STRIDED_FEATURE = "strided_bytes"  # permuted inputs a norm, softmax or convolut
 # channels-first tensor's rows jumps a channel's width, the other way round a whole plane)
 INNER_STRIDE_FEATURE = "inner_stride_bytes"
 EVICTED_FEATURE = "evicted"        # 1: the traffic since this call last ran (same class and size) filled the core's cache
+INPUTS_OUT_FEATURE = "inputs_out"  # the share of the bytes it reads that the core caches no longer hold
 
 
 def root(kernel: str) -> str:
@@ -148,6 +152,9 @@ class KernelTable:
     evicted: tuple[tuple[float, float], ...] = field(default=(), hash=False)
     # the size the efficiency curves were measured around (their instances' median size); None: not known
     reference: float | None = None
+    # [(size, seconds)]: of the evicted seconds, the part that is the call's inputs coming back into
+    # the core caches (a call whose inputs the op before it just wrote does not pay it)
+    refill: tuple[tuple[float, float], ...] = field(default=(), hash=False)
 
     @property
     def work(self) -> str:
@@ -193,9 +200,16 @@ class KernelTable:
         measured sizes (seconds, which may be 0), constant past the ends; 0 without a measurement."""
         if not self.evicted:
             return 0.0
-        xs, ys = [x for x, _ in self.evicted], [y for _, y in self.evicted]
         size = self.size_of(work, features) if work > 0 else None
-        return interpolate(xs, ys, size, log_y=False) if size else ys[0]
+
+        def at(table):
+            xs, ys = [x for x, _ in table], [y for _, y in table]
+            return interpolate(xs, ys, size, log_y=False) if size else ys[0]
+        evicted = at(self.evicted)
+        out = (features or {}).get(INPUTS_OUT_FEATURE)
+        if self.refill and out is not None:
+            evicted -= min(at(self.refill), evicted) * (1.0 - min(1.0, max(0.0, float(out))))
+        return evicted
 
     def to_dict(self) -> dict:
         out = {"work": self.work, "overhead_s": self.overhead_s}
@@ -211,6 +225,8 @@ class KernelTable:
             out["evicted"] = [list(p) for p in self.evicted]
         if self.reference is not None:
             out["reference"] = self.reference
+        if self.refill:
+            out["refill"] = [list(p) for p in self.refill]
         if self.how:
             out["how"] = self.how
         return out
@@ -266,7 +282,8 @@ def find_table(tables: Mapping[str, KernelTable], kernel: str | None, dtype: str
 
 # --- the TOML schema --------------------------------------------------------------------------------
 
-_TABLE_FIELDS = ("work", "dtype", "overhead_s", "by", "sizes", "rates", "efficiency", "evicted", "reference", "how")
+_TABLE_FIELDS = ("work", "dtype", "overhead_s", "by", "sizes", "rates", "efficiency", "evicted", "refill", "reference",
+                 "how")
 _ALLOC_FIELDS = ("sizes", "seconds_per_byte", "how")
 
 
@@ -329,16 +346,7 @@ def _table(key: str, data, where: str, dtypes) -> KernelTable:
         factors = _positive_list([p[1] for p in curve], f"{where}: 'efficiency.{feature}' factors")
         _ascending(values, f"{where}: 'efficiency.{feature}' values")
         curves[feature] = tuple(zip(values, factors))
-    evicted = data.get("evicted", [])
-    if not isinstance(evicted, list) or not all(isinstance(p, list) and len(p) == 2 for p in evicted):
-        raise UsageError(f"{where}: 'evicted' must be a list of [size, seconds] pairs, got {evicted!r}")
-    if evicted:
-        sizes_e = _positive_list([p[0] for p in evicted], f"{where}: 'evicted' sizes")
-        _ascending(sizes_e, f"{where}: 'evicted' sizes")
-        seconds_e = [p[1] for p in evicted]
-        if not all(_number(v) and 0 <= v < 1 for v in seconds_e):
-            raise UsageError(f"{where}: 'evicted' seconds must be numbers, 0 <= value < 1, got {seconds_e!r}")
-        evicted = list(zip(sizes_e, (float(v) for v in seconds_e)))
+    evicted, refill = _seconds_by_size(data, "evicted", where), _seconds_by_size(data, "refill", where)
     reference = data.get("reference")
     if reference is not None and not (_number(reference) and reference > 0):
         raise UsageError(f"{where}: 'reference' must be a positive size, got {reference!r}")
@@ -351,8 +359,23 @@ def _table(key: str, data, where: str, dtypes) -> KernelTable:
                          f"({', '.join(known) or 'none'}), got {by!r}")
     return KernelTable(kernel=kernel, dtype=dtype or None, overhead_s=float(overhead), sizes=tuple(sizes),
                        rates=tuple(rates), efficiency=curves, how=how, by=by,
-                       evicted=tuple(tuple(p) for p in evicted),
+                       evicted=evicted, refill=refill,
                        reference=float(reference) if reference is not None else None)
+
+
+def _seconds_by_size(data, key: str, where: str) -> tuple[tuple[float, float], ...]:
+    """A table's [[size, seconds], ...] list under `key` (sizes ascending), checked."""
+    pairs = data.get(key, [])
+    if not isinstance(pairs, list) or not all(isinstance(p, list) and len(p) == 2 for p in pairs):
+        raise UsageError(f"{where}: '{key}' must be a list of [size, seconds] pairs, got {pairs!r}")
+    if not pairs:
+        return ()
+    sizes = _positive_list([p[0] for p in pairs], f"{where}: '{key}' sizes")
+    _ascending(sizes, f"{where}: '{key}' sizes")
+    seconds = [p[1] for p in pairs]
+    if not all(_number(v) and 0 <= v < 1 for v in seconds):
+        raise UsageError(f"{where}: '{key}' seconds must be numbers, 0 <= value < 1, got {seconds!r}")
+    return tuple(zip(sizes, (float(v) for v in seconds)))
 
 
 def allocation_from_dict(data, origin: str) -> AllocationTable:
