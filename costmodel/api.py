@@ -47,6 +47,7 @@ class Point:
         self._op_values = op_values
         self._ops: list[dict] | None = None
         self._features: list[dict] | None = None
+        self._read_bytes: list[list[float]] | None = None
 
     @property
     def ops(self) -> list[dict]:
@@ -138,15 +139,16 @@ class Point:
         for the first time in the step is all beyond, else the part that its own size plus the
         traffic since it was last written or read puts beyond."""
         a = self.analysis
-        keys = [(i, j) for i, record in enumerate(a.ops) for j in range(len(record.reads))]
-        if a._reads_evaluator is None:
-            a._reads_evaluator = Evaluator([a.ops[i].reads[j][1] for i, j in keys], a.captured.dims)
-        values = a._reads_evaluator({d: self.dims[d] for d in a.captured.dims}) if keys else []
-        read_bytes: list[list[float]] = [[] for _ in a.ops]
-        for (i, _), value in zip(keys, values):
-            read_bytes[i].append(float(value))
+        if self._read_bytes is None:    # the sizes of each op's reads at this point, evaluated once
+            keys = [(i, j) for i, record in enumerate(a.ops) for j in range(len(record.reads))]
+            if a._reads_evaluator is None:
+                a._reads_evaluator = Evaluator([a.ops[i].reads[j][1] for i, j in keys], a.captured.dims)
+            values = a._reads_evaluator({d: self.dims[d] for d in a.captured.dims}) if keys else []
+            self._read_bytes = [[] for _ in a.ops]
+            for (i, _), value in zip(keys, values):
+                self._read_bytes[i].append(float(value))
         out, seen, traffic = [], {}, 0.0
-        for record, op, sizes in zip(a.ops, self.ops, read_bytes):
+        for record, op, sizes in zip(a.ops, self.ops, self._read_bytes):
             beyond = sum(size if name not in seen else min(size, max(0.0, traffic - seen[name] + size - cache_bytes))
                          for (name, _), size in zip(record.reads, sizes))
             out.append((beyond, sum(sizes)))

@@ -197,7 +197,9 @@ class KernelTable:
 
     def evicted_s(self, work: float, features: Mapping[str, float] | None = None) -> float:
         """Seconds a call costs more with its working state evicted: linear in log size between the
-        measured sizes (seconds, which may be 0), constant past the ends; 0 without a measurement."""
+        measured sizes (seconds, which may be 0), constant past the ends; 0 without a measurement.
+        Less the `refill` part in the share of the op's reads the core caches still hold
+        (INPUTS_OUT_FEATURE; all of it paid where the feature or the table's refill is missing)."""
         if not self.evicted:
             return 0.0
         size = self.size_of(work, features) if work > 0 else None
