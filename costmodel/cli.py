@@ -166,6 +166,9 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--plot", help="write a log-log plot of measured vs predicted (PNG/SVG/PDF)")
     v.add_argument("--repeats", type=int, default=5,
                    help="timed steps per point, at least (more while under half a second); default: 5")
+    v.add_argument("--rounds", type=int, default=3,
+                   help="passes over the sweep the timing is spread across (a point's time is the median of "
+                        "all its steps; at most --repeats passes); default: 3")
     _parallel_args(v)
 
     h = _sub(sub, "hardware", "the device catalog")
@@ -408,7 +411,8 @@ def cmd_validate(args) -> str:
         check_plot_path(args.plot)
     result = validate(args.model, inputs=args.input or None, dims=dims, device=args.device, mode=args.mode,
                       dtype=args.dtype, optimizer=args.optimizer, attention=args.attention, loss=args.loss,
-                      amp=args.amp, hardware=args.hw, repeats=args.repeats, progress=args.format != "json",
+                      amp=args.amp, hardware=args.hw, repeats=args.repeats, rounds=args.rounds,
+                      progress=args.format != "json",
                       trust_remote_code=args.trust_remote_code, targets=args.target or None, kv_dtype=args.kv_dtype)
     if args.plot:
         from costmodel.render.validation_plot import validation_plot

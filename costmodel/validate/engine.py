@@ -97,11 +97,13 @@ class ValidationResult:
     capacity_bytes: int | None = None
     device_name: str = ""
     environment: dict = field(default_factory=dict)   # threads, load average: what the times were taken under
+    rounds: int = 1                                   # timing passes over the sweep
 
     def to_dict(self) -> dict:
         """The contract's JSON of `validate`."""
         return {"model": self.model, "mode": self.mode, "dtype": self.dtype, "device": self.device,
                 "device_name": self.device_name, "hardware": self.hardware, "repeats": self.repeats,
+                "rounds": self.rounds,
                 "capacity_bytes": self.capacity_bytes, "environment": dict(self.environment),
                 "swept": list(self.swept),
                 "points": [p.to_dict() for p in self.points], "exponents": self.exponents,
@@ -125,13 +127,16 @@ class ValidationResult:
 def validate(model, inputs: list[str] | None = None, *, dims: dict[str, list[int] | int], device: str = "cpu",
              mode: str = "inference", dtype: str | torch.dtype = "float32", optimizer: str = "adamw",
              attention: str = "auto", loss: str = "sum", amp: bool = False, hardware=None, repeats: int = 5,
-             warmup: int = 1, min_time_s: float = 0.5, progress: bool = True,
+             warmup: int = 1, min_time_s: float = 0.5, rounds: int = 3, progress: bool = True,
              cross_check: bool | None = None, trust_remote_code: bool = False,
              targets: list[str] | None = None, kv_dtype: str | None = None) -> ValidationResult:
     """Measure `model` at every point of `dims` (a cartesian product of value lists) on `device`
     and compare with the prediction. `hardware` (a name, .toml path or Hardware) prices the predicted
     time; by default this machine is calibrated (once per shell session, cached in the temp dir).
-    Each time is the median of at least `repeats` steps, more while under `min_time_s` of timing.
+    Each time is the median of at least `repeats` steps, more while under `min_time_s` of timing,
+    taken in `rounds` passes over the sweep (each with its share of both; at most `repeats` passes):
+    a machine slowed for a few seconds by other work then disturbs one pass of a point, not all its
+    samples, and the median stays with the others. The first pass also measures the peak memory.
     `cross_check` (default: on the CPU) adds the profiler's allocator-level peak to each point.
     `trust_remote_code`: a Hugging Face config's auto_map code may run (as in analyze).
     `mode="generate"`: each point is a greedy generation of `gen` new tokens after a prompt of `prompt`
@@ -148,6 +153,8 @@ def validate(model, inputs: list[str] | None = None, *, dims: dict[str, list[int
         raise UsageError(f"--device cuda, but torch {torch.__version__} sees no CUDA device; use --device cpu")
     if repeats < 1:
         raise UsageError(f"--repeats must be >= 1; got {repeats}")
+    if rounds < 1:
+        raise UsageError(f"--rounds must be >= 1; got {rounds}")
     sweep = {d: (list(v) if isinstance(v, (list, tuple)) else [v]) for d, v in (dims or {}).items()}
     empty = [d for d, v in sweep.items() if not v]
     if empty:
@@ -177,8 +184,10 @@ def validate(model, inputs: list[str] | None = None, *, dims: dict[str, list[int
     runner = _Runner(model, report, device, torch_dtype, mode, optimizer, loss, amp, trust_remote_code,
                      report.options.kv_dtype)
     capacity = _capacity_bytes(device, hw)
-    results: list[PointResult] = []
-    bar = _progress(len(combos), f"validate {report.model}", progress)
+    passes = min(rounds, repeats)
+    per_pass = {"repeats": math.ceil(repeats / passes), "warmup": warmup, "min_time_s": min_time_s / passes}
+    points: list[tuple[dict, dict, dict, list | None]] = []    # dims, predicted, measured, timed samples
+    bar = _progress(len(combos) * passes, f"validate {report.model}", progress)
     try:
         for point_dims in combos:
             if bar is not None:
@@ -189,20 +198,27 @@ def validate(model, inputs: list[str] | None = None, *, dims: dict[str, list[int
                          "flops": int(point.totals["flops"])}
             if mode == "generate":
                 predicted.update(_predicted_generation(point, hw, report.tf32))
-            measured = runner.measure(point_dims, predicted["peak_memory_bytes"], repeats, warmup, min_time_s,
-                                      cross_check)
-            results.append(PointResult(point_dims, measured, predicted, _point_errors(measured, predicted, capacity)))
+            measured, samples = runner.measure(point_dims, predicted["peak_memory_bytes"], cross_check=cross_check,
+                                               **per_pass)
+            points.append((point_dims, predicted, measured, samples))
             if bar is not None:
                 bar.update(1)
+        for _ in range(passes - 1):
+            for point_dims, _predicted, measured, samples in points:
+                if samples is not None and "oom" not in measured:
+                    runner.time_again(point_dims, samples, measured=measured, **per_pass)
+                if bar is not None:
+                    bar.update(1)
     finally:
         if bar is not None:
             bar.close()
         runner.close()
+    results = [PointResult(d, m, p, _point_errors(m, p, capacity)) for d, p, m, _ in points]
 
     exponents, classes = _exponents(results, swept, series_of(mode))
     return ValidationResult(
         model=report.model, mode=mode, dtype=dtype_name(torch_dtype), device=device,
-        hardware=hw.name if hw is not None else None, repeats=repeats, swept=swept, points=results,
+        hardware=hw.name if hw is not None else None, repeats=repeats, rounds=passes, swept=swept, points=results,
         exponents=exponents, doubling_ratios=_doubling(results, swept, names, series_of(mode)), classes=classes,
         errors=_summary(results), capacity_bytes=capacity, device_name=_device_name(device),
         environment=environment)
@@ -222,12 +238,14 @@ class _Runner:
                              loss=loss, amp=amp, device=device, kv_dtype=kv_dtype)
 
     def measure(self, dims: dict[str, int], predicted_peak: int | None, repeats: int, warmup: int,
-                min_time_s: float, cross_check: bool) -> dict:
+                min_time_s: float, cross_check: bool) -> tuple[dict, list | None]:
+        """The first pass at a point: its peak memory and a first timing. The measured dict (its time
+        from this pass alone) and the timed samples, for `time_again` to add to (None when not run)."""
         if self.device == "cpu" and predicted_peak is not None:
             free = _available_cpu_bytes()
             if free is not None and predicted_peak > CPU_MEMORY_MARGIN * free:
                 return {"skipped": f"the predicted peak ({predicted_peak} bytes) exceeds {CPU_MEMORY_MARGIN:.0%} "
-                                   f"of the {free} bytes of RAM available; not run"}
+                                   f"of the {free} bytes of RAM available; not run"}, None
         values = run = None
         try:
             if self.device == "cpu":
@@ -241,34 +259,68 @@ class _Runner:
             if cross_check:
                 out["independent_peak_memory_bytes"] = profiler_peak_bytes(run, resident)
             faults = minor_faults() if self.device == "cpu" else None
-            if self.mode == "generate":
-                out = {**_time_generation(self.runner, values, dims["gen"], repeats, warmup, min_time_s), **out}
-                steps = out["samples"] + max(warmup - 1, 0)
-            else:
-                timing = time_call(run, repeats=repeats, warmup=warmup, device=self.device, min_time_s=min_time_s)
-                out = {"time_s": timing.median_s, **out, "time_min_s": min(timing.times_s),
-                       "samples": len(timing.times_s)}
-                steps = max(warmup, 0) + 1 + len(timing.times_s) * timing.number
+            # the step ran twice already (warm-up, meter): a generation counts them, a step warms up again
+            again = max(warmup - 1, 0) if self.mode == "generate" else max(warmup, 0)
+            samples, steps = self._time(values, run, dims, repeats, again, min_time_s)
+            out = {**_timing_summary(samples, self.mode, values, dims), **out}
+            out["pass_times_s"] = [out["time_s"]]
             if faults is not None:
                 # what the step's memory cost in page faults besides (outputs of 32 MiB or more
                 # fault each step, as modelled; many more point at heap trimming, not modelled)
                 out["page_faults_per_step"] = round((minor_faults() - faults) / max(steps, 1), 1)
             if meter.op and not meter.op.startswith("("):
                 out["peak_at"] = meter.op
-            return out
+            return out, samples
         except Exception as e:
-            if not is_oom(e):
-                raise AnalysisError(f"running {self.report.model} ({self.mode}) at "
-                                    f"{', '.join(f'{k}={v}' for k, v in dims.items())} on {self.device} failed: "
-                                    f"{type(e).__name__}: {_first_line(e)}") from e
-            return {"oom": True, "error": _first_line(e)}
+            self._reraise(e, dims)
+            return {"oom": True, "error": _first_line(e)}, None
         finally:
             del values, run
-            if self.runner.optimizer is not None:
-                self.runner.optimizer.zero_grad(set_to_none=True)   # an OOM mid-backward leaves gradients behind
-            gc.collect()
-            if self.device == "cuda":
-                torch.cuda.empty_cache()
+            self._clean()
+
+    def time_again(self, dims: dict[str, int], samples: list, repeats: int, warmup: int, min_time_s: float,
+                   measured: dict) -> None:
+        """One more timing pass at a point measured before: its samples join `samples` and the
+        time fields of `measured` are those of all passes so far."""
+        values = run = None
+        try:
+            if self.device == "cpu":
+                settle_heap()
+            values = self.runner.values(dims)
+            run = self.runner.step(values, dims.get("gen")) if self.mode == "generate" else self.runner.step(values)
+            more, _ = self._time(values, run, dims, repeats, max(warmup, 1), min_time_s)
+            samples.extend(more)
+            passes = measured.get("pass_times_s", []) + [_timing_summary(more, self.mode, values, dims)["time_s"]]
+            measured.update(_timing_summary(samples, self.mode, values, dims), pass_times_s=passes)
+        except Exception as e:
+            self._reraise(e, dims)
+            # it ran in the first pass: that pass's samples stand, and the point says why no more came
+            measured["pass_error"] = f"{'out of memory' if is_oom(e) else type(e).__name__}: {_first_line(e)}"
+        finally:
+            del values, run
+            self._clean()
+
+    def _time(self, values, run, dims: dict[str, int], repeats: int, warmup: int, min_time_s: float):
+        """Timed samples of one pass (per-call block times; in generate, each generation's step times)
+        and how many steps ran for them, warm-up included."""
+        if self.mode == "generate":
+            times = _time_generation(self.runner, values, dims["gen"], repeats, warmup, min_time_s)
+            return times, len(times) + warmup
+        timing = time_call(run, repeats=repeats, warmup=warmup, device=self.device, min_time_s=min_time_s)
+        return list(timing.times_s), warmup + 1 + len(timing.times_s) * timing.number
+
+    def _reraise(self, e: BaseException, dims: dict[str, int]) -> None:
+        if not is_oom(e):
+            raise AnalysisError(f"running {self.report.model} ({self.mode}) at "
+                                f"{', '.join(f'{k}={v}' for k, v in dims.items())} on {self.device} failed: "
+                                f"{type(e).__name__}: {_first_line(e)}") from e
+
+    def _clean(self) -> None:
+        if self.runner.optimizer is not None:
+            self.runner.optimizer.zero_grad(set_to_none=True)   # an OOM mid-backward leaves gradients behind
+        gc.collect()
+        if self.device == "cuda":
+            torch.cuda.empty_cache()
 
     def close(self) -> None:
         self.runner = None
@@ -291,26 +343,35 @@ def _first_line(e: BaseException) -> str:
     return text.splitlines()[0] if text else type(e).__name__
 
 
-def _time_generation(runner: Runner, values, gen: int, repeats: int, warmup: int, min_time_s: float) -> dict:
-    """Time whole generations (at least `repeats`, more while under `min_time_s`) step by step: the
-    medians of the whole, of the prefill (time to first token) and of each decode step, and the line
-    a + b * ctx fitted to the per-step medians."""
+def _time_generation(runner: Runner, values, gen: int, repeats: int, warmup: int,
+                     min_time_s: float) -> list[list[float]]:
+    """Whole generations (at least `repeats`, more while under `min_time_s`) after `warmup` untimed
+    ones, timed step by step: each generation's list of step times (the prefill first)."""
     times: list[list[float]] = []
     run = runner.step(values, gen, times)
-    for _ in range(max(warmup - 1, 0)):      # the caller ran one already
+    for _ in range(warmup):
         run()
     times.clear()
     spent = 0.0
     while len(times) < repeats or (spent < min_time_s and len(times) < 200):
         run()
         spent += sum(times[-1])
-    whole = [sum(t) for t in times]
-    steps = [statistics.median(t[i] for t in times) for i in range(1, gen + 1)]
+    return list(times)
+
+
+def _timing_summary(samples: list, mode: str, values, dims: dict[str, int]) -> dict:
+    """The measured time fields of a point from all its timed samples: step times, or in generate
+    the medians of the whole generation, of the prefill (time to first token) and of each decode
+    step, and the line a + b * ctx fitted to the per-step medians."""
+    if mode != "generate":
+        return {"time_s": statistics.median(samples), "time_min_s": min(samples), "samples": len(samples)}
+    whole = [sum(t) for t in samples]
+    steps = [statistics.median(t[i] for t in samples) for i in range(1, dims["gen"] + 1)]
     prompt = values[0].shape[-1]
-    return {"time_s": statistics.median(whole), "time_min_s": min(whole), "samples": len(times),
-            "time_to_first_token_s": statistics.median(t[0] for t in times),
+    return {"time_s": statistics.median(whole), "time_min_s": min(whole), "samples": len(samples),
+            "time_to_first_token_s": statistics.median(t[0] for t in samples),
             "token_time_s": statistics.fmean(steps), "token_times_s": steps,
-            **_line("token_time", list(range(prompt, prompt + gen)), steps)}
+            **_line("token_time", list(range(prompt, prompt + dims["gen"])), steps)}
 
 
 def _predicted_generation(point, hw, tf32: bool) -> dict:
