@@ -1100,7 +1100,7 @@ def least_disturbed(passes: list[list[Measured]]) -> list[Measured]:
     class's probe (seconds) is gone a pass later (a minute), where the fastest of a probe's blocks
     cannot reject it. Otherwise the mean of the passes within DISTURBED of the fastest, call by call
     (`_mean`): no pass is chosen for its luck, which would bias the tables low, and the evicted
-    seconds (differences of two timed blocks, noisy by tens of microseconds) steady."""
+    seconds (which move by tens of microseconds with the machine) steady."""
     if len(passes) == 1:
         return passes[0]
 
