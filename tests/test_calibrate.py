@@ -131,38 +131,6 @@ def test_evicted_seconds_are_measured_for_the_instances_a_table_takes_them_from(
         assert all(i.evicted_s is not None and 0 <= i.refill_s <= i.evicted_s for i in instances)
 
 
-def test_evicted_seconds_are_the_calls_own_time_after_other_work_not_that_works_jitter(one_thread):
-    """A call that costs 0.1 ms more after other work, the other work lasting 0.5-3 ms at random:
-    timed call by call, the other work's jitter (up to 25 times the difference) is not in the figure."""
-    import random
-    import time as _time
-    from costmodel.hardware.calibrate_kernels import Timer, kernel_plan
-
-    def burn(s):
-        start = _time.thread_time()
-        while _time.thread_time() - start < s:
-            pass
-    state = {"cold": False}
-
-    def others():
-        burn(random.uniform(0.5e-3, 3e-3))
-        state["cold"] = True
-
-    def call():
-        burn(50e-6 + (100e-6 if state["cold"] else 0.0))
-        state["cold"] = False
-
-    timer = Timer("cpu", kernel_plan("cpu", quick=True))
-    timer._others = others
-    random.seed(0)
-    alone = timer(call)
-    assert alone == pytest.approx(50e-6, abs=20e-6)
-    evicted, refill = timer.evicted(call, alone, core_bytes=1 << 20)
-    assert evicted == pytest.approx(100e-6, abs=30e-6) and refill == 0.0
-    assert timer.evicted(call, 3e-3, core_bytes=1 << 20) is None       # past EVICTED_MAX_S: within the noise
-    assert timer.evicted(call, alone, core_bytes=None) is None         # the core's cache unknown
-
-
 def test_a_curve_that_moved_with_the_machine_is_read_against_its_own_call_at_the_reference():
     """A curve whose call at the reference shape is a base call measured again: what the two
     measurements differ by is the machine (a neighbour's load began after the base was timed), so

@@ -210,19 +210,18 @@ class Timer:
         self._others = None     # the work that runs between two calls of a kernel, see evicted()
 
     def evicted(self, call, alone_s: float, core_bytes: int | None, inputs=()) -> tuple[float, float] | None:
-        """Seconds a call costs more when other ops ran since its last call, as in a model: the
-        call's own time, timed call by call right after other work, less `alone_s` (its time in a
-        loop of itself). The other work (`_other_ops`) is a copy that overflows the core caches of
-        the threads (4x each, read and written: the kernel's packed or reordered operands are gone)
-        and ten different ops on tensors large enough to run on every thread (their code takes the
-        instruction cache and branch predictors of each thread: an eager op's dispatch path, run once
-        among others, costs several microseconds more than in a loop of itself). Each call is timed
-        alone, between two reads of the clock (their own cost, timed back to back, taken off), and
-        the median of the calls taken: the other work, several times longer than most calls, is not
-        in the figure, so its jitter is not either (timing it in blocks and taking the blocks without
-        the call off left that jitter in: the same call's evicted seconds read 0.02-0.14 ms in three
-        runs seconds apart). 0 at least. None on a GPU, where the core's cache is not known, and for
-        calls over EVICTED_MAX_S (the difference is then within the noise of the call).
+        """Seconds a call costs more when other ops ran since its last call, as in a model: (other
+        work, call) less the other work less `alone_s` (the call's own time). The other work
+        (`_other_ops`) is a copy that overflows the core caches of the threads (4x each, read and
+        written: the kernel's packed or reordered operands are gone) and ten different ops on
+        tensors large enough to run on every thread (their code takes the instruction cache and
+        branch predictors of each thread: an eager op's dispatch path, run once among others, costs
+        several microseconds more than in a loop of itself). The two are timed in alternating
+        blocks, `blocks` pairs, and the median of the pairs' differences taken: the machine's
+        drift (its speed wanders by some percent over seconds) moves both blocks of a pair alike,
+        and one disturbed block moves one difference, not the estimate; 0 at least. None on
+        a GPU, where the core's cache is not known, and for calls over EVICTED_MAX_S (the
+        difference is then within the noise of the call).
         Returns (evicted seconds, refill seconds): the second, the part that is the call's
         `inputs` coming back into the core caches, is the evicted seconds less those measured with
         the inputs read just before the call (a model's op whose input the op before it wrote)."""
@@ -232,38 +231,25 @@ class Timer:
             self._others = _other_ops(core_bytes)
         others = self._others
 
+        def both():
+            others()
+            call()
+
         def touched():
             others()
             with torch.no_grad():
                 for t in inputs:
                     t.sum()
 
-        def both():
-            others()
+        def touched_call():
+            touched()
             call()
-        calls = max(EVICTED_CALLS, self.plan.blocks * self._calls_per_block(both))
-        clock = cpu_clock()
-        reads = []
-        for _ in range(EVICTED_CALLS):
-            t0 = clock()
-            reads.append(clock() - t0)
-        read_s = statistics.median(reads)
-
-        def timed() -> float:   # as Timer.block: page faults (priced by the allocation probe) taken out
-            faults = minor_faults() or 0
-            t0 = clock()
-            call()
-            elapsed = clock() - t0 - read_s
-            return elapsed - ((minor_faults() or 0) - faults) * PAGE * self.fault_s_per_byte
-
+        number = self._calls_per_block(both)
         full, warm = [], []
-        for _ in range(calls):   # alternating, so the machine's drift moves both alike
-            others()
-            full.append(timed())
+        for _ in range(self.plan.blocks):
+            full.append((self.block(both, number) - self.block(others, number)) / number)
             if inputs:
-                touched()
-                warm.append(timed())
-        self.calls += calls * (2 if inputs else 1)
+                warm.append((self.block(touched_call, number) - self.block(touched, number)) / number)
         evicted = max(0.0, statistics.median(full) - alone_s)
         state = max(0.0, statistics.median(warm) - alone_s) if inputs else evicted
         return evicted, max(0.0, evicted - state)
@@ -302,7 +288,6 @@ class Timer:
 
 PAGE = 4096
 EVICTED_MAX_S = 2e-3    # Timer.evicted: the longest call it measures; the table's largest size holds past it
-EVICTED_CALLS = 21      # Timer.evicted: calls it times at least, after other work and with the inputs read
 
 
 def _other_ops(core_bytes: int):
@@ -1100,7 +1085,7 @@ def least_disturbed(passes: list[list[Measured]]) -> list[Measured]:
     class's probe (seconds) is gone a pass later (a minute), where the fastest of a probe's blocks
     cannot reject it. Otherwise the mean of the passes within DISTURBED of the fastest, call by call
     (`_mean`): no pass is chosen for its luck, which would bias the tables low, and the evicted
-    seconds (which move by tens of microseconds with the machine) steady."""
+    seconds (differences of two timed blocks, noisy by tens of microseconds) steady."""
     if len(passes) == 1:
         return passes[0]
 
