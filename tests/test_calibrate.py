@@ -154,6 +154,32 @@ def test_a_curve_that_moved_with_the_machine_is_read_against_its_own_call_at_the
     assert dict(table.efficiency["m"]) == pytest.approx({16: 0.8}, rel=1e-4)
 
 
+def test_a_curve_measured_on_another_shape_is_1_at_the_value_every_base_call_has():
+    """The dense convolution's `skipped` curve runs 1x1 kernels at strides 1 and 2; the base calls
+    are 3x3 and skip nothing. Read against the 3x3 base rate, its stride-1 point is the 1x1 kernel's
+    own slowness (0.64 on one machine), which the k curve already prices; left as it was, every
+    3x3 convolution (skipped = 1) ran at 0.64 of its measured rate, and a 1x1 at 0.64 twice. The
+    curve is 1 at the value all the base calls share: it says what skipping does, relative."""
+    from costmodel.hardware.calibrate_kernels import Cost, Instance, Measured, fit
+
+    def conv(cin, side, kernel, stride=1, speed=1.0):      # 100 GFLOP/s at speed 1, 1 us overhead
+        m, n, k = 4 * (side // stride) ** 2, cin, cin * kernel * kernel
+        flops = 2.0 * m * n * k
+        features = {"m": m, "n": n, "k": k, "groups": 1, "skipped": stride * stride if kernel == 1 else 1}
+        return Instance(Cost(flops, 4.0 * (m * n + m * k), "conv.dense", features, 0.0), 1e-6 + flops / (1e11 * speed))
+
+    base = [conv(32, 8, 3), conv(64, 16, 3), conv(128, 16, 3)]
+    curves = {"skipped": [conv(128, 16, 1, speed=0.64), conv(128, 16, 1, stride=2, speed=0.93)],
+              "k": [conv(128, 16, 1, speed=0.64), conv(128, 16, 3)]}
+    table = fit(Measured("conv.dense", "float32", conv(4, 4, 1), base, curves), None)
+    assert dict(table.efficiency["skipped"]) == pytest.approx({1: 1.0, 4: 0.93 / 0.64}, rel=1e-3)
+    reference = conv(128, 16, 3).cost
+    assert table.time_s(reference.flops, reference.features) == pytest.approx(1e-6 + reference.flops / 1e11, rel=0.02)
+    one_by_one = conv(128, 16, 1).cost
+    assert table.time_s(one_by_one.flops, one_by_one.features) == \
+        pytest.approx(1e-6 + one_by_one.flops / (1e11 * 0.64), rel=0.05)
+
+
 def test_depthwise_channels_are_measured_at_the_work_of_a_base_call_that_the_curve_includes(one_thread):
     """The depthwise channels curve runs at one work (the side shrinking as the channels grow), that
     of a base call it includes: its points are read against a measured base rate and against its

@@ -388,6 +388,15 @@ def fit(m: Measured, allocation: AllocationTable | None) -> KernelTable:
             # between the two (a neighbour's load that began after the base was timed), and the
             # curve, timed together, moved with it.
             points = {v: e / at_base_call for v, e in points.items()}
+        else:
+            # A curve measured on another shape than the base calls (a dense convolution's
+            # `skipped`, on 1x1 kernels) says how the feature moves that shape's rate, not what the
+            # shape itself runs at: at the value every base call has, it is 1 by definition (the
+            # 3x3 base calls skip nothing; a 1x1 kernel's own rate is the k curve's to say).
+            shared = {b.cost.features.get(feature) for b in m.base}
+            value = shared.pop() if len(shared) == 1 else None
+            if value in points and points[value] > 0:
+                points = {v: e / points[value] for v, e in points.items()}
         if points:
             curves[feature] = tuple(points.items())
     sizes = sorted(size(i) for instances in m.curves.values() for i in instances)
