@@ -28,7 +28,7 @@ from costmodel.capture.limits import Limit, config_limits
 from costmodel.capture.specs import InputSpec, parse_input
 from costmodel.errors import AnalysisError, CaptureFailed, OutsideLimits, UsageError
 from costmodel.formulas import Evaluator, degree
-from costmodel.hardware.kernels import COLD_FEATURE, EVICTED_FEATURE, INPUTS_OUT_FEATURE
+from costmodel.hardware.kernels import COLD_FEATURE, EVICTED_FEATURE, INPUTS_OUT_FEATURE, LLC_EVICTED_FEATURE
 from costmodel.memory import timeline as memory
 from costmodel.options import Options
 from costmodel.rules.attention import attention_kernels
@@ -97,7 +97,7 @@ class Point:
             if hw.cache_bytes:
                 features = self._with_cold_inputs(features, hw.cache_bytes)
             if hw.core_cache_bytes:
-                features = self._with_evicted(features, hw.core_cache_bytes * (hw.threads or 1))
+                features = self._with_evicted(features, hw.core_cache_bytes * (hw.threads or 1), hw.cache_bytes)
                 features = self._with_inputs_out(features, hw.core_cache_bytes * (hw.threads or 1))
             times = [roofline.op_time(op["flops"], op["bytes"], op["category"], op["dtype"], hw, tf32,
                                       kernel=self.kernel_class(i), features=features[i])
@@ -159,18 +159,39 @@ class Point:
                 seen[record.writes] = traffic
         return out
 
-    def _with_evicted(self, features: list[dict], core_bytes: int) -> list[dict]:
+    def _with_evicted(self, features: list[dict], core_bytes: int, cache_bytes: int | None = None) -> list[dict]:
         """Each op's features, with EVICTED_FEATURE = 1 where the kernel's own working state is out
         of the core caches when it runs: its first call in the step, or more than `core_bytes` of
         traffic since the last call of the same class at the same FLOPs and bytes (another layer's
-        call of it: evicted; the next timestep's of an RNN cell: not)."""
+        call of it: evicted; the next timestep's of an RNN cell: not). For those, with a last-level
+        cache of `cache_bytes`, LLC_EVICTED_FEATURE: the share of that cache the traffic since the
+        last call displaced (a first call's: the step's traffic from the same call's last one in the
+        step before), counting no more than the step's peak memory (the point's, where evaluated):
+        1 in a training step that holds its activations, gradients and optimizer state past the
+        cache; a fraction in an inference step whose activations reuse a few freed blocks."""
+        keys = [(self.kernel_class(i), float(op["flops"]), float(op["bytes"])) for i, op in enumerate(self.ops)]
+        step = sum(float(op["bytes"]) for op in self.ops)
+        # what the traffic can have displaced is at most what the step holds: an inference step's
+        # activations come and go in the same few freed blocks, a training step's stay (its peak)
+        footprint = float(self.totals.get("peak_memory_bytes") or step)
+        final: dict[tuple, float] = {}    # the traffic when each key's last call in the step ends
+        traffic = 0.0
+        for key, op in zip(keys, self.ops):
+            traffic += float(op["bytes"])
+            final[key] = traffic
         out, last, traffic = [], {}, 0.0
-        for i, (op, f) in enumerate(zip(self.ops, features)):
-            key = (self.kernel_class(i), float(op["flops"]), float(op["bytes"]))
-            evicted = key not in last or traffic - last[key] > core_bytes
+        for key, op, f in zip(keys, self.ops, features):
+            first = key not in last
+            since = step - final[key] + traffic if first else traffic - last[key]
             last[key] = traffic + float(op["bytes"])
             traffic += float(op["bytes"])
-            out.append({**f, EVICTED_FEATURE: 1} if evicted and (op["flops"] or op["bytes"]) else f)
+            if not (op["flops"] or op["bytes"]) or not (first or since > core_bytes):
+                out.append(f)
+                continue
+            flags = {EVICTED_FEATURE: 1}
+            if cache_bytes:
+                flags[LLC_EVICTED_FEATURE] = min(1.0, min(since, footprint) / cache_bytes)
+            out.append({**f, **flags})
         return out
 
     def apply_timing(self, hw, tf32: bool = False) -> dict:

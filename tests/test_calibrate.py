@@ -131,6 +131,37 @@ def test_evicted_seconds_are_measured_for_the_instances_a_table_takes_them_from(
         assert all(i.evicted_s is not None and 0 <= i.refill_s <= i.evicted_s for i in instances)
 
 
+def test_llc_evicted_seconds_time_the_call_after_a_flush_with_its_inputs_read_back(one_thread):
+    """Timer.evicted_llc: each call timed alone after writing twice the last-level cache and reading
+    its inputs back, less its time in a loop; not measured by the quick plan, on calls over
+    EVICTED_MAX_S, or without a cache size. fit takes the table's `evicted_llc` from the tiny and
+    base instances, never decreasing with size."""
+    import dataclasses as dc
+
+    from costmodel.hardware.calibrate_kernels import (EVICTED_MAX_S, Cost, Instance, Measured, Timer, fit,
+                                                      kernel_plan)
+    plan = dc.replace(kernel_plan("cpu", quick=True), llc_samples=3)
+    timer = Timer("cpu", plan)
+    x, w = torch.randn(64, 64), torch.randn(64, 64)
+
+    def call():
+        return x @ w
+    alone = timer(call)
+    llc = timer.evicted_llc(call, alone, 1 << 20, (x, w))
+    assert llc is not None and llc >= 0 and timer._flush.numel() == 2 << 20
+    assert timer.evicted_llc(call, EVICTED_MAX_S * 2, 1 << 20, (x, w)) is None
+    assert timer.evicted_llc(call, alone, None, (x, w)) is None
+    assert Timer("cpu", kernel_plan("cpu", quick=True)).evicted_llc(call, alone, 1 << 20, (x, w)) is None
+    assert kernel_plan("cpu", quick=False).llc_samples > 0
+
+    def inst(flops, llc_s):
+        return Instance(Cost(flops, 0.0, "matmul", {}, 0.0), 1e-6 + flops / 1e11, 1e-6, 0.0, llc_s)
+    m = Measured("matmul", "float32", inst(8, 5e-6), [inst(1e6, 40e-6), inst(1e8, 30e-6), inst(1e9, None)])
+    table = fit(m, None)
+    assert [size for size, _ in table.evicted_llc] == [8, 1e6, 1e8]
+    assert [s for _, s in table.evicted_llc] == pytest.approx([5e-6, 35e-6, 35e-6])
+
+
 def test_a_curve_that_moved_with_the_machine_is_read_against_its_own_call_at_the_reference():
     """A curve whose call at the reference shape is a base call measured again: what the two
     measurements differ by is the machine (a neighbour's load began after the base was timed), so
@@ -190,6 +221,7 @@ def test_depthwise_channels_are_measured_at_the_work_of_a_base_call_that_the_cur
     prober = Prober("cpu", plan, "test")
     prober.time = lambda call, *a, **k: 1e-3          # the shapes are what this checks, not the times
     prober.time.evicted = lambda call, alone_s, core, inputs: (0.0, 0.0)
+    prober.time.evicted_llc = lambda call, alone_s, cache, inputs: None
     for backward in (None, "input"):
         measured = prober.conv("depthwise", backward, "float32")
         groups = measured.curves["groups"]

@@ -579,6 +579,53 @@ def test_evicted_when_first_run_or_after_more_traffic_than_the_core_cache():
     assert not any(f.get("evicted") for f, op in zip(tiny, pt.ops) if not (op["flops"] or op["bytes"]))
 
 
+def test_llc_evicted_share_is_the_traffic_since_the_last_call_over_the_last_level_cache():
+    """An evicted call's state is out of the last-level cache too in the share of that cache the
+    traffic since its last call displaced: a first call's, the step's traffic from its last call a
+    step before; counted up to the step's peak memory (an inference step's activations reuse a few
+    freed blocks; a training step keeps its activations, gradients and optimizer state)."""
+    r = analyze(Recurrent, inputs=["x:float32[batch,16]"], dims={"batch": [8]})
+    pt = r.evaluate(batch=8)
+    tanh = [i for i, op in enumerate(pt.ops) if op["target"] == "aten.tanh.default"]
+    step = sum(float(op["bytes"]) for op in pt.ops)
+    peak = float(pt.totals["peak_memory_bytes"])
+    assert peak < step
+    core = pt._with_evicted(pt.features, core_bytes=1 << 20)
+    assert not any("llc_evicted" in f for f in core)          # no last-level cache known: as before
+    big = pt._with_evicted(pt.features, core_bytes=1 << 20, cache_bytes=int(100 * step))
+    small = pt._with_evicted(pt.features, core_bytes=1 << 20, cache_bytes=int(peak) // 2)
+    # the same calls are evicted; only the evicted carry a share
+    assert [bool(f.get("evicted")) for f in big] == [bool(f.get("evicted")) for f in core]
+    assert all(("llc_evicted" in f) == bool(f.get("evicted")) for f in big)
+    # the loop's first tanh: the step's traffic, at most its peak, over the cache
+    assert 0 < big[tanh[0]]["llc_evicted"] <= peak / int(100 * step)
+    assert small[tanh[0]]["llc_evicted"] == 1.0
+    assert not any(small[i].get("llc_evicted") for i in tanh[1:])   # a few KiB since: not even evicted
+    del pt.totals["peak_memory_bytes"]                               # costs only: the traffic counts
+    share = pt._with_evicted(pt.features, core_bytes=1 << 20, cache_bytes=int(100 * step))[tanh[0]]["llc_evicted"]
+    assert peak / int(100 * step) < share <= step / int(100 * step)
+
+
+def test_an_llc_evicted_call_pays_its_share_of_the_larger_evicted_seconds(tmp_path):
+    table = dataclasses.replace(EVICTED, refill=((1e3, 0.5e-6), (1e6, 3e-6)),
+                                evicted_llc=((1e3, 2e-6), (1e6, 30e-6)))
+    assert table.evicted_s(1e6, {"evicted": 1}) == pytest.approx(4e-6)
+    assert table.evicted_s(1e6, {"evicted": 1, "llc_evicted": 1}) == pytest.approx(30e-6)
+    assert table.evicted_s(1e6, {"evicted": 1, "llc_evicted": 0.5}) == pytest.approx(17e-6)   # half the cache
+    # its operands aside (measured with them read back): an op whose inputs are at hand pays it whole
+    assert table.evicted_s(1e6, {"evicted": 1, "llc_evicted": 1, "inputs_out": 0.0}) == pytest.approx(30e-6)
+    assert table.evicted_s(1e3, {"evicted": 1, "llc_evicted": 1}) == pytest.approx(2e-6)
+    assert EVICTED.evicted_s(1e6, {"evicted": 1, "llc_evicted": 1}) == pytest.approx(4e-6)   # not measured
+    hw = with_cache(tmp_path, cache_bytes=1 << 30)
+    hw.kernels["pointwise"] = table
+    core = op_time(1e3, 1e6, "pointwise", "float32", hw, kernel="pointwise", features={"evicted": 1})
+    llc = op_time(1e3, 1e6, "pointwise", "float32", hw, kernel="pointwise",
+                  features={"evicted": 1, "llc_evicted": 1})
+    assert llc.time_s == pytest.approx(core.time_s + 26e-6)
+    path = device_file(tmp_path, {"pointwise": table.to_dict()})
+    assert load_hardware(str(path)).kernels["pointwise"].evicted_llc == table.evicted_llc
+
+
 def test_a_slow_shape_at_a_slow_size_is_two_limits_not_their_product():
     # rates fall past the reference size (caches spilled); a shape at a quarter of the reference's
     # efficiency (a 7x7 depthwise backward)

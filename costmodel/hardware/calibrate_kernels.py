@@ -70,6 +70,7 @@ class KernelPlan:
     variants: bool = True            # causal/dropout attention, transposed and grouped convolutions
     max_copies: int = 64             # operand copies a probe rotates through (see Prober.instance)
     passes: int = 1                  # times every class is measured (least_disturbed)
+    llc_samples: int = 0             # calls Timer.evicted_llc times per instance (0: not measured)
 
 
 _POINTWISE_ALL = ("add", "sub", "mul", "div", "neg", "abs", "relu", "threshold_backward", "gelu", "gelu_tanh",
@@ -105,7 +106,7 @@ def kernel_plan(device: str, quick: bool) -> KernelPlan:
             conv_kernels=(1, 3, 5, 7), conv_groups=(16, 64, 256, 1024), attn_heads=8, attn_e=64,
             attn_lengths=(32, 128, 256, 512, 1024), attn_e_curve=(16, 32, 64, 128),
             attn_heads_curve=(1, 2, 4, 16, 32), attn_kernels=kernels, optimizer_elements=(256, 16384, 262144, 1048576),
-            alloc_sizes=tuple(1 << p for p in range(20, 29)), dtypes=("float32",), passes=2)
+            alloc_sizes=tuple(1 << p for p in range(20, 29)), dtypes=("float32",), passes=2, llc_samples=9)
     return KernelPlan(
         block_s=0.005, blocks=5, elements=(16, 65536, 1 << 20, 1 << 24, 1 << 26, 1 << 28),
         pointwise_ops=_POINTWISE_ALL, mm_ref=2048, mm_cubes=(1024, 2048, 4096, 8192),
@@ -208,6 +209,7 @@ class Timer:
         # the probe (the roofline adds the faults a model's large outputs pay).
         self.fault_s_per_byte = 0.0
         self._others = None     # the work that runs between two calls of a kernel, see evicted()
+        self._flush = None      # a buffer of twice the last-level cache, see evicted_llc()
 
     def evicted(self, call, alone_s: float, core_bytes: int | None, inputs=()) -> tuple[float, float] | None:
         """Seconds a call costs more when other ops ran since its last call, as in a model: (other
@@ -253,6 +255,37 @@ class Timer:
         evicted = max(0.0, statistics.median(full) - alone_s)
         state = max(0.0, statistics.median(warm) - alone_s) if inputs else evicted
         return evicted, max(0.0, evicted - state)
+
+    def evicted_llc(self, call, alone_s: float, cache_bytes: int | None, inputs=()) -> float | None:
+        """Seconds a call costs more when the traffic since its last call overflowed the last-level
+        cache as well, as a training step's does (activations, gradients and optimizer state well
+        past it): each call timed alone right after writing a buffer of twice that cache and then
+        reading the call's inputs back, the median of the plan's llc_samples, less `alone_s`; 0 at least. Its
+        operands are in cache (the roofline prices what a model's cache no longer holds of them);
+        what comes from memory is the kernel's own state: oneDNN's reordered weights and scratch
+        buffers, a BLAS's packing buffers, their pages' table entries (a 3x3 convolution on this
+        kind of host: 60-170 us more at one thread, where a flush of the core caches alone costs it
+        nearly nothing). Timed call by call: a flush costs milliseconds, whose jitter would drown
+        the difference of two blocks. None on a GPU, for calls over EVICTED_MAX_S and where the plan
+        takes no samples (the quick one)."""
+        if self.device != "cpu" or not cache_bytes or alone_s > EVICTED_MAX_S or not self.plan.llc_samples:
+            return None
+        if self._flush is None or self._flush.numel() < 2 * cache_bytes:
+            self._flush = torch.empty(2 * cache_bytes, dtype=torch.uint8)
+        clock = cpu_clock()
+        times = []
+        with torch.no_grad():
+            for _ in range(self.plan.llc_samples):
+                self._flush.fill_(1)
+                for t in inputs:
+                    t.sum()
+                faults = minor_faults() or 0
+                t0 = clock()
+                call()
+                elapsed = clock() - t0
+                self.calls += 1
+                times.append(elapsed - ((minor_faults() or 0) - faults) * PAGE * self.fault_s_per_byte)
+        return max(0.0, statistics.median(times) - alone_s)
 
     def sync(self) -> None:
         if self.device == "cuda":
@@ -324,9 +357,10 @@ class Instance:
     time_s: float
     evicted_s: float | None = None
     refill_s: float | None = None       # of evicted_s, the call's inputs coming back (Timer.evicted)
-    # measures evicted_s and refill_s; Prober.finish runs it for the instances the table's evicted seconds come
+    llc_s: float | None = None          # more with the last-level cache flushed too (Timer.evicted_llc)
+    # measures evicted_s, refill_s and llc_s; Prober.finish runs it for the instances the table's evicted seconds come
     # from (the tiny and base ones), and drops it (and the call's tensors) from all
-    measure_evicted: Callable[[], tuple[float, float] | None] | None = field(default=None, repr=False, compare=False)
+    measure_evicted: Callable[[], tuple[float, float, float | None] | None] | None = field(default=None, repr=False, compare=False)
 
 
 @dataclass
@@ -365,11 +399,15 @@ def fit(m: Measured, allocation: AllocationTable | None) -> KernelTable:
         rates[size(big)] = work(big) / max(big.time_s, 1e-12)
     evicted: dict[float, float] = {}
     refill: dict[float, float] = {}
+    llc: dict[float, float] = {}
     for i in sorted([m.tiny] + list(m.base), key=size):
         if i.evicted_s is not None and size(i) > 0:
             evicted[size(i)] = i.evicted_s
             refill[size(i)] = i.refill_s or 0.0
+        if i.llc_s is not None and size(i) > 0:
+            llc[size(i)] = i.llc_s
     evicted = dict(zip(evicted, nondecreasing(list(evicted.values()))))
+    llc = dict(zip(llc, nondecreasing(list(llc.values()))))
     refill = {s_: min(r, evicted[s_]) for s_, r in zip(refill, nondecreasing(list(refill.values())))}
     base = KernelTable(m.kernel, m.dtype, overhead, tuple(rates), tuple(rates.values()), how=m.how, by=m.by)
     curves = {}
@@ -403,7 +441,7 @@ def fit(m: Measured, allocation: AllocationTable | None) -> KernelTable:
     reference = sizes[len(sizes) // 2] if curves and sizes else None
     return KernelTable(m.kernel, m.dtype, overhead, base.sizes, base.rates, curves, m.how, m.by,
                        tuple(evicted.items()), reference,
-                       tuple(refill.items()) if any(refill.values()) else ())
+                       tuple(refill.items()) if any(refill.values()) else (), tuple(llc.items()))
 
 
 def nondecreasing(values: list[float]) -> list[float]:
@@ -462,15 +500,22 @@ class Prober:
             return Instance(cost, self.time(self.rotating(make, call, args, kwargs)))
         time_s = self.time(call)
         inputs = [t for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
-        return Instance(cost, time_s, measure_evicted=lambda: self.time.evicted(call, time_s, self.core_cache_bytes,
-                                                                                inputs))
+        return Instance(cost, time_s, measure_evicted=lambda: self.evicted(call, time_s, inputs))
+
+    def evicted(self, call, time_s: float, inputs) -> tuple[float, float, float | None] | None:
+        """(evicted, refill, llc) seconds of a call that took `time_s` in a loop (Timer.evicted and
+        Timer.evicted_llc); None where the core's cache is not known."""
+        core = self.time.evicted(call, time_s, self.core_cache_bytes, inputs)
+        if core is None:
+            return None
+        return (*core, self.time.evicted_llc(call, time_s, self.cache_bytes, inputs))
 
     def finish(self, measured: Measured) -> Measured:
         """`measured` with the evicted seconds of its tiny and base instances, the ones the table's
         come from (Timer.evicted: the largest part of a class's time, not spent on its curves)."""
         for i in [measured.tiny, *measured.base]:
             if i.measure_evicted is not None:
-                i.evicted_s, i.refill_s = i.measure_evicted() or (None, None)
+                i.evicted_s, i.refill_s, i.llc_s = i.measure_evicted() or (None, None, None)
         for i in [measured.tiny, *measured.base, *(i for c in measured.curves.values() for i in c)]:
             i.measure_evicted = None
         return measured
@@ -681,7 +726,10 @@ class Prober:
             forward = self.instance(make, name, counting)
             def evicted():
                 b, f = both.measure_evicted(), forward.measure_evicted()
-                return (max(b[0] - f[0], 0.0), max(b[1] - f[1], 0.0)) if b is not None and f is not None else None
+                if b is None or f is None:
+                    return None
+                llc = max(b[2] - f[2], 0.0) if b[2] is not None and f[2] is not None else None
+                return max(b[0] - f[0], 0.0), max(b[1] - f[1], 0.0), llc
             return Instance(both.cost, max(both.time_s - forward.time_s, 0.0), measure_evicted=evicted)
         # the math kernel holds [batch * heads, L, S] scores: at most 1 GiB of them
         lengths = [L for L in p.attn_lengths if kernel != "math" or p.attn_heads * L * L * 4 <= 1 << 30]
@@ -1137,9 +1185,10 @@ def _mean(passes: list[Measured]) -> Measured:
     def merged(instances: list[Instance]) -> Instance:
         evicted = [i.evicted_s for i in instances if i.evicted_s is not None]
         refill = [i.refill_s or 0.0 for i in instances if i.evicted_s is not None]
+        llc = [i.llc_s for i in instances if i.llc_s is not None]
         time_s = math.exp(sum(math.log(max(i.time_s, 1e-12)) for i in instances) / len(instances))
         return Instance(instances[0].cost, time_s, sum(evicted) / len(evicted) if evicted else None,
-                        sum(refill) / len(refill) if evicted else None)
+                        sum(refill) / len(refill) if evicted else None, sum(llc) / len(llc) if llc else None)
     first = passes[0]
     if len(passes) == 1:
         return first

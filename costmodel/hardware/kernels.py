@@ -21,7 +21,10 @@ a model, where the ops between two calls of one kernel evict it; measured after 
 overflows the core caches and ten other eager ops. Of those seconds, `refill` is the part that is
 the call's operands coming back (the evicted seconds less those measured with the operands read just
 before the call): paid in the share of an op's reads the core caches no longer hold, so an op
-reading what the op before it just wrote pays its state's part only.
+reading what the op before it just wrote pays its state's part only. `evicted_llc` is the same after
+a flush of the last-level cache, the call's operands read back just before it (their reads from
+memory are priced apart): a training step's traffic, which its activations, gradients and
+optimizer state keep past that cache, takes oneDNN's and a BLAS's state from the LLC as well.
 Allocation is the CPU's price for fresh pages (glibc maps large blocks anew each time; the first
 touch of each page faults): seconds per byte of an op's largest new output, by its size.
 No torch here.
@@ -94,6 +97,7 @@ STRIDED_FEATURE = "strided_bytes"  # permuted inputs a norm, softmax or convolut
 # channels-first tensor's rows jumps a channel's width, the other way round a whole plane)
 INNER_STRIDE_FEATURE = "inner_stride_bytes"
 EVICTED_FEATURE = "evicted"        # 1: the traffic since this call last ran (same class and size) filled the core's cache
+LLC_EVICTED_FEATURE = "llc_evicted"  # of an evicted call: the share of the last-level cache that traffic displaced
 INPUTS_OUT_FEATURE = "inputs_out"  # the share of the bytes it reads that the core caches no longer hold
 
 
@@ -155,6 +159,10 @@ class KernelTable:
     # [(size, seconds)]: of the evicted seconds, the part that is the call's inputs coming back into
     # the core caches (a call whose inputs the op before it just wrote does not pay it)
     refill: tuple[tuple[float, float], ...] = field(default=(), hash=False)
+    # [(size, seconds)]: what a call costs more when the traffic since its last call overflowed the
+    # last-level cache as well, its operands aside (Timer.evicted_llc); paid, where larger than
+    # `evicted`, in the share of that cache the traffic displaced (LLC_EVICTED_FEATURE)
+    evicted_llc: tuple[tuple[float, float], ...] = field(default=(), hash=False)
 
     @property
     def work(self) -> str:
@@ -199,7 +207,9 @@ class KernelTable:
         """Seconds a call costs more with its working state evicted: linear in log size between the
         measured sizes (seconds, which may be 0), constant past the ends; 0 without a measurement.
         Less the `refill` part in the share of the op's reads the core caches still hold
-        (INPUTS_OUT_FEATURE; all of it paid where the feature or the table's refill is missing)."""
+        (INPUTS_OUT_FEATURE; all of it paid where the feature or the table's refill is missing).
+        Where the traffic displaced a share of the last-level cache too (LLC_EVICTED_FEATURE), that
+        share of what `evicted_llc` says more."""
         if not self.evicted:
             return 0.0
         size = self.size_of(work, features) if work > 0 else None
@@ -211,6 +221,9 @@ class KernelTable:
         out = (features or {}).get(INPUTS_OUT_FEATURE)
         if self.refill and out is not None:
             evicted -= min(at(self.refill), evicted) * (1.0 - min(1.0, max(0.0, float(out))))
+        share = float((features or {}).get(LLC_EVICTED_FEATURE, 0))
+        if self.evicted_llc and share > 0:
+            evicted += max(0.0, at(self.evicted_llc) - evicted) * min(1.0, share)
         return evicted
 
     def to_dict(self) -> dict:
@@ -229,6 +242,8 @@ class KernelTable:
             out["reference"] = self.reference
         if self.refill:
             out["refill"] = [list(p) for p in self.refill]
+        if self.evicted_llc:
+            out["evicted_llc"] = [list(p) for p in self.evicted_llc]
         if self.how:
             out["how"] = self.how
         return out
@@ -284,8 +299,8 @@ def find_table(tables: Mapping[str, KernelTable], kernel: str | None, dtype: str
 
 # --- the TOML schema --------------------------------------------------------------------------------
 
-_TABLE_FIELDS = ("work", "dtype", "overhead_s", "by", "sizes", "rates", "efficiency", "evicted", "refill", "reference",
-                 "how")
+_TABLE_FIELDS = ("work", "dtype", "overhead_s", "by", "sizes", "rates", "efficiency", "evicted", "refill",
+                 "evicted_llc", "reference", "how")
 _ALLOC_FIELDS = ("sizes", "seconds_per_byte", "how")
 
 
@@ -349,6 +364,7 @@ def _table(key: str, data, where: str, dtypes) -> KernelTable:
         _ascending(values, f"{where}: 'efficiency.{feature}' values")
         curves[feature] = tuple(zip(values, factors))
     evicted, refill = _seconds_by_size(data, "evicted", where), _seconds_by_size(data, "refill", where)
+    evicted_llc = _seconds_by_size(data, "evicted_llc", where)
     reference = data.get("reference")
     if reference is not None and not (_number(reference) and reference > 0):
         raise UsageError(f"{where}: 'reference' must be a positive size, got {reference!r}")
@@ -361,7 +377,7 @@ def _table(key: str, data, where: str, dtypes) -> KernelTable:
                          f"({', '.join(known) or 'none'}), got {by!r}")
     return KernelTable(kernel=kernel, dtype=dtype or None, overhead_s=float(overhead), sizes=tuple(sizes),
                        rates=tuple(rates), efficiency=curves, how=how, by=by,
-                       evicted=evicted, refill=refill,
+                       evicted=evicted, refill=refill, evicted_llc=evicted_llc,
                        reference=float(reference) if reference is not None else None)
 
 
