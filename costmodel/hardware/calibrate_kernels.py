@@ -260,8 +260,8 @@ class Timer:
         """Seconds a call costs more when the traffic since its last call overflowed the last-level
         cache as well, as a training step's does (activations, gradients and optimizer state well
         past it): each call timed alone right after writing a buffer of twice that cache and then
-        reading the call's inputs back, the median of the plan's llc_samples, less `alone_s`; 0 at least. Its
-        operands are in cache (the roofline prices what a model's cache no longer holds of them);
+        reading the call's inputs back, the median of the plan's llc_samples, less `alone_s`; 0 at
+        least. Its operands are in cache (the roofline prices what a model's cache no longer holds of them);
         what comes from memory is the kernel's own state: oneDNN's reordered weights and scratch
         buffers, a BLAS's packing buffers, their pages' table entries (a 3x3 convolution on this
         kind of host: 60-170 us more at one thread, where a flush of the core caches alone costs it
@@ -360,7 +360,8 @@ class Instance:
     llc_s: float | None = None          # more with the last-level cache flushed too (Timer.evicted_llc)
     # measures evicted_s, refill_s and llc_s; Prober.finish runs it for the instances the table's evicted seconds come
     # from (the tiny and base ones), and drops it (and the call's tensors) from all
-    measure_evicted: Callable[[], tuple[float, float, float | None] | None] | None = field(default=None, repr=False, compare=False)
+    measure_evicted: Callable[[], tuple[float, float, float | None] | None] | None = field(
+        default=None, repr=False, compare=False)
 
 
 @dataclass
