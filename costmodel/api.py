@@ -170,15 +170,15 @@ class Point:
         1 in a training step that holds its activations, gradients and optimizer state past the
         cache; a fraction in an inference step whose activations reuse a few freed blocks."""
         keys = [(self.kernel_class(i), float(op["flops"]), float(op["bytes"])) for i, op in enumerate(self.ops)]
-        step = sum(float(op["bytes"]) for op in self.ops)
-        # what the traffic can have displaced is at most what the step holds: an inference step's
-        # activations come and go in the same few freed blocks, a training step's stay (its peak)
-        footprint = float(self.totals.get("peak_memory_bytes") or step)
         final: dict[tuple, float] = {}    # the traffic when each key's last call in the step ends
         traffic = 0.0
         for key, op in zip(keys, self.ops):
             traffic += float(op["bytes"])
             final[key] = traffic
+        step = traffic
+        # what the traffic can have displaced is at most what the step holds: an inference step's
+        # activations come and go in the same few freed blocks, a training step's stay (its peak)
+        footprint = float(self.totals.get("peak_memory_bytes") or step)
         out, last, traffic = [], {}, 0.0
         for key, op, f in zip(keys, self.ops, features):
             first = key not in last

@@ -272,19 +272,13 @@ class Timer:
             return None
         if self._flush is None or self._flush.numel() < 2 * cache_bytes:
             self._flush = torch.empty(2 * cache_bytes, dtype=torch.uint8)
-        clock = cpu_clock()
         times = []
         with torch.no_grad():
             for _ in range(self.plan.llc_samples):
                 self._flush.fill_(1)
                 for t in inputs:
                     t.sum()
-                faults = minor_faults() or 0
-                t0 = clock()
-                call()
-                elapsed = clock() - t0
-                self.calls += 1
-                times.append(elapsed - ((minor_faults() or 0) - faults) * PAGE * self.fault_s_per_byte)
+                times.append(self.block(call, 1))
         return max(0.0, statistics.median(times) - alone_s)
 
     def sync(self) -> None:
