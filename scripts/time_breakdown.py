@@ -4,7 +4,9 @@ profiler's self time per aten op, for one architecture of time_accuracy_benchmar
 Run by hand: `python scripts/time_breakdown.py decoder --dim batch=1 --dim seq=512 --hw cpu.toml
 [--mode train] [--threads 1]`. The profiler's own cost inflates small ops a little; the measured
 step (no profiler) is printed above the table. Ops eager runs inside a composite (linear's addmm)
-appear under their own names on both sides.
+appear under their own names on both sides. With `--ops CLASS`, each op of that kernel class: its
+prediction in parts (overhead, cold reads, evicted state, the kernel) beside its time in the model and
+alone in a loop.
 """
 
 from __future__ import annotations
@@ -40,8 +42,9 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--top", type=int, default=30)
     p.add_argument("--by", choices=("op", "kernel"), default="op")
-    p.add_argument("--ops", metavar="CLASS", help="instead: each op of this kernel class (prefix) timed alone "
-                                                   "with random tensors of its shapes, against its prediction")
+    p.add_argument("--ops", metavar="CLASS", help="instead: each op of this kernel class (prefix) timed in the "
+                                                   "model and alone (random tensors of its shapes), against its "
+                                                   "prediction and the parts of it")
     args = p.parse_args(argv)
     warnings.filterwarnings("ignore")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
@@ -54,17 +57,17 @@ def main(argv=None) -> int:
                   hardware=hw, complete=True)
     pt = rep.evaluate(**dims)
     timing = pt.timing(hw)
+    runner = _Runner(arch.build, rep, "cpu", torch.float32, args.mode, "adamw", "sum", False).runner
+    settle_heap()    # as validate times it
+    values = runner.values(dims)
+    step = runner.step(values)
     if args.ops:
-        return alone(rep, pt, timing, hw, args.ops)
+        return alone(pt, timing, args.ops, step, args.threads)
     pred, count = collections.Counter(), collections.Counter()
     for i, (op, t) in enumerate(zip(pt.ops, timing["op_times"])):
         key = pt.kernel_class(i) if args.by == "kernel" else op["target"].replace("aten.", "aten::").rsplit(".", 1)[0]
         pred[key] += t.time_s
         count[key] += 1
-    runner = _Runner(arch.build, rep, "cpu", torch.float32, args.mode, "adamw", "sum", False).runner
-    settle_heap()    # as validate times it
-    values = runner.values(dims)
-    step = runner.step(values)
     measured = time_call(step, repeats=5, warmup=2, min_time_s=1.0)
     iters = 3
     meas, mcount = collections.Counter(), collections.Counter()
@@ -107,14 +110,60 @@ def main(argv=None) -> int:
     return 0
 
 
-def alone(rep, pt, timing, hw, prefix: str) -> int:
-    """Each op of the class timed alone (its shapes, random data) against its predicted time."""
+def in_model_calls(step, threads: int, iters: int = 5) -> dict[tuple, list[float]]:
+    """Each aten call's seconds in the model (its real cache state), by a dispatch-mode clock around
+    the call (thread CPU time at one thread, wall time at more): {(op, its tensors' shapes):
+    [the median over `iters` steps of the k-th such call in a step, for each k]}."""
+    import statistics
+    import time as _time
+
+    from torch.utils._python_dispatch import TorchDispatchMode
+    clock = _time.thread_time if threads == 1 else _time.perf_counter
+    runs: list[dict[tuple, list[float]]] = []
+
+    class Clock(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            t0 = clock()
+            out = func(*args, **(kwargs or {}))
+            elapsed = clock() - t0
+            runs[-1].setdefault(call_key(func, args), []).append(elapsed)
+            return out
+    step()
+    for _ in range(iters):
+        runs.append({})
+        with Clock():
+            step()
+    return {key: [statistics.median(r[key][k] for r in runs if len(r.get(key, ())) > k)
+                  for k in range(max(len(r.get(key, ())) for r in runs))]
+            for key in runs[-1]}
+
+
+def call_key(func, args) -> tuple:
+    """An aten call's op and the shapes of its tensor arguments (nested lists flattened)."""
+    shapes = []
+
+    def walk(x):
+        if isinstance(x, torch.Tensor):
+            shapes.append(tuple(x.shape))
+        elif isinstance(x, (list, tuple)):
+            for v in x:
+                walk(v)
+    walk(args)
+    return str(func), tuple(shapes)
+
+
+def alone(pt, timing, prefix: str, step, threads: int) -> int:
+    """Each op of the class: its predicted time and the parts of it (overhead, cold reads, evicted
+    state: `OpTime`), its time in the model (the k-th call of its op and shapes in the step) and
+    alone (its shapes, random data, in a loop)."""
     import dataclasses
 
     from costmodel.hardware.calibrate_kernels import Timer, kernel_plan
     from costmodel.validate.stats import minor_faults
     nodes = {n.name: n for n in pt.analysis.captured.graph.graph.nodes}
     timer = Timer("cpu", dataclasses.replace(kernel_plan("cpu", quick=True), block_s=0.004, blocks=7))
+    model = in_model_calls(step, threads)
+    seen = collections.Counter()
 
     captured = pt.analysis.captured
 
@@ -141,13 +190,19 @@ def alone(rep, pt, timing, hw, prefix: str) -> int:
         if isinstance(x, (list, tuple)):
             return type(x)(real(v) for v in x)
         return x
-    total_p = total_m = 0.0
+    print(f"{'op':28s} {'class':24s} {'predicted':>9s} = {'overhead':>8s} + {'cold':>6s} + {'evicted':>7s} + "
+          f"{'rest':>7s}   {'in model':>8s} {'alone':>8s} (ms)")
+    totals = collections.Counter()
     for i, (op, t) in enumerate(zip(pt.ops, timing["op_times"])):
         kernel = pt.kernel_class(i)
         if not kernel.startswith(prefix) or op["name"] not in nodes:
             continue
         node = nodes[op["name"]]
         args, kwargs = real(list(node.args)), {k: real(v) for k, v in node.kwargs.items()}
+        key = call_key(node.target, args)
+        calls = model.get(key, [])
+        in_model = calls[seen[key]] if seen[key] < len(calls) else float("nan")
+        seen[key] += 1
         try:
             f0, c0 = minor_faults() or 0, timer.calls
             measured = timer(lambda: node.target(*args, **kwargs))
@@ -155,12 +210,16 @@ def alone(rep, pt, timing, hw, prefix: str) -> int:
         except Exception as e:   # noqa: BLE001 - a diagnostic: say it and go on
             print(f"{op['name']}: could not run alone: {e}")
             continue
-        total_p += t.time_s
-        total_m += measured
-        feats = {k: int(v) for k, v in pt.features[i].items() if v}
-        print(f"{op['name'][:28]:28s} {kernel[:32]:32s} pred {t.time_s * 1e3:8.3f} ms  alone {measured * 1e3:8.3f} ms  "
-              f"{t.time_s / measured:5.2f}x  {faults:6.0f} faults/call {feats}")
-    print(f"total: predicted {total_p * 1e3:.2f} ms, alone {total_m * 1e3:.2f} ms")
+        rest = t.time_s - t.overhead_s - t.cold_s - t.evicted_s
+        parts = {"predicted": t.time_s, "overhead": t.overhead_s, "cold": t.cold_s, "evicted": t.evicted_s,
+                 "rest": rest, "in model": in_model, "alone": measured}
+        totals.update({k: v for k, v in parts.items() if v == v})
+        feats = {k: round(v, 2) if isinstance(v, float) and v < 10 else int(v)
+                 for k, v in pt.features[i].items() if v}
+        print(f"{op['name'][:28]:28s} {kernel[:24]:24s} {t.time_s * 1e3:9.3f} = {t.overhead_s * 1e3:8.3f} + "
+              f"{t.cold_s * 1e3:6.3f} + {t.evicted_s * 1e3:7.3f} + {rest * 1e3:7.3f}   {in_model * 1e3:8.3f} "
+              f"{measured * 1e3:8.3f}  {faults:4.0f} faults/call {feats}")
+    print("total: " + ", ".join(f"{k} {v * 1e3:.2f} ms" for k, v in totals.items()))
     return 0
 
 

@@ -622,6 +622,11 @@ def test_an_llc_evicted_call_pays_its_share_of_the_larger_evicted_seconds(tmp_pa
     llc = op_time(1e3, 1e6, "pointwise", "float32", hw, kernel="pointwise",
                   features={"evicted": 1, "llc_evicted": 1})
     assert llc.time_s == pytest.approx(core.time_s + 26e-6)
+    # the parts of its time it was priced in, for a diagnosis (scripts/time_breakdown.py --ops)
+    assert (core.evicted_s, llc.evicted_s) == (pytest.approx(4e-6), pytest.approx(30e-6))
+    cold = op_time(1e3, 1e6, "pointwise", "float32", hw, kernel="pointwise", features={"cold_bytes": 1e5})
+    assert cold.evicted_s == 0.0 and cold.cold_s == pytest.approx(1e5 / hw.bandwidth_bytes_per_s)
+    assert cold.time_s == pytest.approx(core.time_s - core.evicted_s + cold.cold_s)
     path = device_file(tmp_path, {"pointwise": table.to_dict()})
     assert load_hardware(str(path)).kernels["pointwise"].evicted_llc == table.evicted_llc
 

@@ -72,6 +72,8 @@ class OpTime:
     memory_efficiency: float
     kernel: str | None = None   # the measured table that priced it ("conv.depthwise"), None: the ramps
     allocation_s: float = 0.0   # first touch of a large new output (calibrated CPUs), inside time_s
+    cold_s: float = 0.0         # reading what the cache no longer holds (calibrated devices), inside time_s
+    evicted_s: float = 0.0      # the kernel's state coming back after other ops evicted it, inside time_s
 
     @property
     def flops_per_s(self) -> float:
@@ -205,8 +207,10 @@ def _measured_time(flops: float, bytes: float, category: str, dtype: str, hw: "H
         kernel_s = flops / (table.rate(features["m"]) * _streamed_shape_efficiency(table, features))
     else:
         kernel_s += cold_s
+    evicted_s = 0.0
     if features.get(EVICTED_FEATURE):   # other ops since its last call took its state out of the core's cache
-        kernel_s += table.evicted_s(flops if table.work == FLOPS else bytes, features)
+        evicted_s = table.evicted_s(flops if table.work == FLOPS else bytes, features)
+        kernel_s += evicted_s
     if table.work == FLOPS:
         compute_time_s, memory_time_s = kernel_s, bytes / bandwidth
     else:
@@ -225,7 +229,8 @@ def _measured_time(flops: float, bytes: float, category: str, dtype: str, hw: "H
         peak_flops_per_s=peak, ridge_point=ridge,
         compute_efficiency=flops / (peak * compute_time_s) if compute_time_s else 1.0,
         memory_efficiency=bytes / (bandwidth * memory_time_s) if memory_time_s else 1.0,
-        kernel=table.kernel, allocation_s=allocation_s,
+        kernel=table.kernel, allocation_s=allocation_s, cold_s=0.0 if streamed is not None else cold_s,
+        evicted_s=evicted_s,
     )
 
 
