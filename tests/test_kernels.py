@@ -649,6 +649,17 @@ def test_a_slow_shape_at_a_slow_size_is_two_limits_not_their_product():
     assert KernelTable(**{**table.__dict__}).to_dict()["reference"] == 1e6
 
 
+def test_a_slow_shape_below_the_reference_size_runs_at_its_share_of_the_rate_at_its_work():
+    # rates rise with size (small calls are setup); the m curve's point at m=16 was measured at a
+    # work of 1e6, at 0.4 of the base rate there (a dense convolution backward over a 2x2 image)
+    table = KernelTable("conv.dense.backward", "float32", 0.0, sizes=(1e6, 1e8), rates=(5e10, 2e11),
+                        efficiency={"m": ((16.0, 0.4), (1024.0, 1.0))}, reference=1e8)
+    # its own call is priced as measured: 0.4 of 5e10, not the lower of 5e10 and 0.4 * 2e11
+    assert table.kernel_time_s(1e6, {"m": 16.0}) == pytest.approx(1e6 / (0.4 * 5e10))
+    # a larger call of that shape, still below the reference size: its share of the rate at its work
+    assert table.kernel_time_s(1e7, {"m": 16.0}) == pytest.approx(1e7 / (0.4 * table.rate(1e7)))
+
+
 def test_a_product_reading_mostly_what_the_cache_lost_takes_the_streamed_table(tmp_path):
     # a weight that fits the cache, read for the first time, by a product whose in-cache kernel is
     # longer than the read: the streamed table still prices it (it was measured with its weight

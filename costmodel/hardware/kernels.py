@@ -189,14 +189,18 @@ class KernelTable:
 
     def kernel_time_s(self, work: float, features: Mapping[str, float] | None = None) -> float:
         """Seconds of the kernel itself, overhead excluded: at rate(size) * shape efficiency, where
-        the shape is faster than the reference, or its size is not slower than the curves'
-        reference size; else at the lower of rate(size) and rate(reference) * efficiency. Two
-        slowdowns, a size's (caches spilled) and a shape's (a 7x7 depthwise backward), are two
-        limits on one kernel, not one on top of the other."""
+        the shape is faster than the reference, its size is at most the curves' reference size (a
+        curve's efficiency is its rate over the base rate at its own work: a dense convolution
+        backward at 16 positions, 40% of the rate of the same work in the base calls, runs at 40%
+        of it), or its size is not slower than the reference size; else, past the reference at a
+        slower rate, at the lower of rate(size) and rate(reference) * efficiency. Two slowdowns, a
+        size's (caches spilled) and a shape's (a 7x7 depthwise backward), are two limits on one
+        kernel, not one on top of the other."""
         if work <= 0 or not self.sizes:
             return 0.0
-        rate, eff = self.rate(self.size_of(work, features)), self.shape_efficiency(features)
-        if eff >= 1 or self.reference is None:
+        size = self.size_of(work, features)
+        rate, eff = self.rate(size), self.shape_efficiency(features)
+        if eff >= 1 or self.reference is None or (size is not None and size <= self.reference):
             return work / (rate * eff)
         return work / min(rate, max(rate, self.rate(self.reference)) * eff)
 
