@@ -7,12 +7,18 @@ Run by hand:
     python scripts/time_accuracy_benchmark.py --device cuda --out gpu_time  # on a GPU (gpu_check.sh runs it)
 
 The device is calibrated once per thread count (`costmodel hardware calibrate`, written under --out
-as calibrated-<device>-<threads>t.toml and reused when present), or --hw gives the file. Before each
+as calibrated-<device>-<threads>.toml and reused when present), or --hw gives the file. Before each
 run on the CPU the script waits (up to --wait-s) for the 1-minute load average to drop below
 --max-load, and records the load during the run and how fast a calibrated product and add run just
 before it against the calibration ("machine vs calibration": 1.0 as calibrated, 0.8 20% slower):
 other work on the machine slows measured steps, even on one thread's own clock.
 Writes summary.md (the table) and one JSON per run under --out.
+
+    python scripts/time_accuracy_benchmark.py --reprice time_out [--hw other.toml]
+
+prices the measurements stored under a previous --out again (with --hw, or the calibration stored
+beside each run), running no model: a change to the cost model, or another calibration, judged on
+the same measured steps, apart from the machine's moods between two runs.
 
 Architectures: which ones the kernel classes and calibration were developed against ("dev") and
 which were held out (not looked at while developing): see ARCHS.
@@ -212,9 +218,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-load", type=float, default=1.0, help="CPU: wait for a 1-minute load below this")
     parser.add_argument("--wait-s", type=float, default=300.0, help="CPU: wait at most this long per run")
     parser.add_argument("--quick", action="store_true", help="two points per run, quick calibration (a smoke test)")
+    parser.add_argument("--reprice", metavar="DIR", help="price the runs stored under DIR (a previous --out) "
+                                                          "again, with --hw or their stored calibration; run nothing")
     args = parser.parse_args(argv)
     warnings.filterwarnings("ignore")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    if args.reprice:
+        return reprice(Path(args.reprice), args)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     threads_list = [None] if args.device == "cuda" else (args.threads or [1, 2])
@@ -254,6 +264,49 @@ def main(argv: list[str] | None = None) -> int:
     (out / "summary.md").write_text(text)
     (out / "summary.json").write_text(json.dumps(rows, indent=2, default=str))
     print(text)
+    return 0
+
+
+def reprice(stored: Path, args) -> int:
+    """The runs stored under `stored` priced again: each point's measured step against the
+    prediction of the cost model as it is now, with --hw or the calibration stored beside the run."""
+    from costmodel.api import analyze
+    from costmodel.hardware.catalog import load_hardware
+    from costmodel.validate.stats import fit_exponent
+    rows = []
+    for arch in ARCHS:
+        if args.only and arch.name not in args.only:
+            continue
+        for mode in args.mode or ["inference", "train"]:
+            for path in sorted(stored.glob(f"{arch.name}-{mode}-*t.json")):
+                threads = path.stem.rsplit("-", 1)[1][:-1]
+                if args.threads and threads not in {str(t) for t in args.threads}:
+                    continue
+                hw_path = args.hw or stored / f"calibrated-{args.device}-{threads}.toml"
+                if not Path(hw_path).exists() and not args.hw:
+                    raise SystemExit(f"--reprice: no calibration for {path.name}: give --hw (looked for {hw_path})")
+                hw = load_hardware(str(hw_path))
+                run = json.loads(path.read_text())
+                points = [p for p in run["points"] if p["measured"].get("time_s")]
+                dims = {d: sorted({p["dims"][d] for p in points}) for d in points[0]["dims"]}
+                report = analyze(arch.build, inputs=arch.inputs, mode=mode, dims=dims, hardware=hw, complete=True,
+                                 device=args.device)
+                measured = [p["measured"]["time_s"] for p in points]
+                predicted = [report.evaluate(**p["dims"]).totals["time_s"] for p in points]
+                dim = run["swept"][0] if run["swept"] else None
+                sizes = [p["dims"][dim] for p in points] if dim else []
+                row = {"arch": arch.name, "held_out": arch.held_out, "mode": mode,
+                       "threads": int(threads) if threads.isdigit() else None, "dim": dim,
+                       "time_mape": sum(abs(q - m) / m for q, m in zip(predicted, measured)) / len(points) * 100,
+                       "exp_measured": fit_exponent(sizes, measured) if dim else None,
+                       "exp_predicted": fit_exponent(sizes, predicted) if dim else None,
+                       "load": [None, None], "speed": None,
+                       "points": [(p["dims"], m, q) for p, m, q in zip(points, measured, predicted)]}
+                rows.append(row)
+                print(_line(row), flush=True)
+    if not rows:
+        raise SystemExit(f"--reprice: no stored runs (<arch>-<mode>-<threads>t.json) under {stored}")
+    print(_summary(rows, args.device))
     return 0
 
 
