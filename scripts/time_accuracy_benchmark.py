@@ -288,6 +288,9 @@ def reprice(stored: Path, args) -> int:
                 hw = load_hardware(str(hw_path))
                 run = json.loads(path.read_text())
                 points = [p for p in run["points"] if p["measured"].get("time_s")]
+                if not points:
+                    print(f"{path.name}: no measured step to price", flush=True)
+                    continue
                 dims = {d: sorted({p["dims"][d] for p in points}) for d in points[0]["dims"]}
                 report = analyze(arch.build, inputs=arch.inputs, mode=mode, dims=dims, hardware=hw, complete=True,
                                  device=args.device)
