@@ -76,18 +76,12 @@ def main(argv=None) -> int:
         # dispatch mode: other processes' time slices do not count, as they would in wall time.
         import time as _time
 
-        from torch.utils._python_dispatch import TorchDispatchMode
-
-        class Clock(TorchDispatchMode):
-            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-                t0 = _time.thread_time()
-                out = func(*args, **(kwargs or {}))
-                key = "aten::" + func.overloadpacket.__name__ if func.namespace == "aten" else str(func)
-                meas[key] += (_time.thread_time() - t0) / iters
-                mcount[key] += 1 / iters
-                return out
+        def record(func, args, elapsed):
+            key = "aten::" + func.overloadpacket.__name__ if func.namespace == "aten" else str(func)
+            meas[key] += elapsed / iters
+            mcount[key] += 1 / iters
         for _ in range(iters):
-            with Clock():
+            with clocked(_time.thread_time, record):
                 step()
         clock = "thread CPU time per op"
     else:
@@ -110,6 +104,19 @@ def main(argv=None) -> int:
     return 0
 
 
+def clocked(clock, record):
+    """A dispatch mode that times each aten call with `clock` and hands record(func, args, seconds)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Clock(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            t0 = clock()
+            out = func(*args, **(kwargs or {}))
+            record(func, args, clock() - t0)
+            return out
+    return Clock()
+
+
 def in_model_calls(step, threads: int, iters: int = 5) -> dict[tuple, list[float]]:
     """Each aten call's seconds in the model (its real cache state), by a dispatch-mode clock around
     the call (thread CPU time at one thread, wall time at more): {(op, its tensors' shapes):
@@ -117,21 +124,15 @@ def in_model_calls(step, threads: int, iters: int = 5) -> dict[tuple, list[float
     import statistics
     import time as _time
 
-    from torch.utils._python_dispatch import TorchDispatchMode
     clock = _time.thread_time if threads == 1 else _time.perf_counter
     runs: list[dict[tuple, list[float]]] = []
 
-    class Clock(TorchDispatchMode):
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            t0 = clock()
-            out = func(*args, **(kwargs or {}))
-            elapsed = clock() - t0
-            runs[-1].setdefault(call_key(func, args), []).append(elapsed)
-            return out
+    def record(func, args, elapsed):
+        runs[-1].setdefault(call_key(func, args), []).append(elapsed)
     step()
     for _ in range(iters):
         runs.append({})
-        with Clock():
+        with clocked(clock, record):
             step()
     return {key: [statistics.median(r[key][k] for r in runs if len(r.get(key, ())) > k)
                   for k in range(max(len(r.get(key, ())) for r in runs))]
