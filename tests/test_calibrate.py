@@ -1,5 +1,7 @@
 """Calibration writes a device file that loads back, with measured figures and their sources."""
 
+import dataclasses
+
 import pytest
 import torch
 from torch.utils import benchmark
@@ -7,6 +9,7 @@ from torch.utils import benchmark
 from costmodel.hardware.calibrate import calibrate
 from costmodel.errors import UsageError
 from costmodel.hardware.catalog import load_hardware
+from costmodel.hardware.kernels import KernelTable
 from costmodel.hardware.roofline import op_time
 
 
@@ -81,6 +84,20 @@ def test_quick_calibration_measures_each_kernel_class(quick_cpu):
             evicted = hw.kernels[key].evicted
             assert evicted and all(0 <= s < 1e-2 for _, s in evicted), key
         assert not streamed.evicted
+    # the quick plan times no call after a flush of the last-level cache: no share to place it by
+    assert all(t.evicted_share is None for t in hw.kernels.values())
+
+
+def test_tables_with_both_evicted_measurements_carry_the_share_of_the_cache_the_probe_displaced():
+    from costmodel.hardware.calibrate_kernels import with_evicted_share
+    both = KernelTable("conv.dense", "float32", 1e-6, (1.0,), (1e9,), evicted=((1e3, 50e-6),),
+                       evicted_llc=((1e3, 100e-6),))
+    core_only = dataclasses.replace(both, kernel="matmul", evicted_llc=())
+    tables = with_evicted_share({"conv.dense:float32": both, "matmul:float32": core_only}, 16 << 20, 32 << 20)
+    assert tables["conv.dense:float32"].evicted_share == 0.5
+    assert tables["matmul:float32"].evicted_share is None
+    assert with_evicted_share({"c": both}, 64 << 20, 32 << 20)["c"].evicted_share == 1.0
+    assert with_evicted_share({"c": both}, 16 << 20, None)["c"].evicted_share is None
 
 
 def test_the_work_between_two_calls_of_an_evicted_probe_is_a_copy_past_the_core_caches_and_other_ops(one_thread):
@@ -98,11 +115,13 @@ def test_the_work_between_two_calls_of_an_evicted_probe_is_a_copy_past_the_core_
             return func(*args, **(kwargs or {}))
 
     core = 1 << 20
-    run = _other_ops(core)
+    run, footprint = _other_ops(core)
     with Record():
         run()
     copy, copy_args = calls[0]
     assert copy is torch.ops.aten.copy_.default and copy_args[0].nbytes == 4 * core
+    # its footprint: the copy's two buffers and the ops' tensors, what it displaces of the last-level cache
+    assert 8 * core < footprint < 8 * core + (8 << 20)
     others = {func.overloadpacket for func, _ in calls[1:]} - {torch.ops.aten.t, torch.ops.aten.slice}
     assert len(others) >= 10
     assert all(a.numel() >= 1 << 14 for _, args in calls[1:] for a in args if isinstance(a, torch.Tensor)

@@ -631,6 +631,28 @@ def test_an_llc_evicted_call_pays_its_share_of_the_larger_evicted_seconds(tmp_pa
     assert load_hardware(str(path)).kernels["pointwise"].evicted_llc == table.evicted_llc
 
 
+def test_evicted_seconds_lie_on_the_line_through_the_probe_s_share_of_the_cache_and_a_flush_of_all_of_it(tmp_path):
+    # measured 40 us after a probe that displaced 60% of the last-level cache, 100 us after a flush
+    table = KernelTable("conv.dense", "float32", 1e-6, (1.0,), (1e9,), evicted=((1e3, 40e-6),),
+                        evicted_llc=((1e3, 100e-6),), evicted_share=0.6)
+    at = lambda share: table.evicted_s(1e3, {"evicted": 1, "llc_evicted": share})
+    assert at(0.6) == pytest.approx(40e-6) and at(1.0) == pytest.approx(100e-6)
+    assert at(0.8) == pytest.approx(70e-6)
+    # a small net's inference step displaces less than the probe did: it pays less than the probe read
+    assert at(0.4) == pytest.approx(10e-6)
+    assert at(0.1) == 0.0                                   # never below nothing
+    assert table.evicted_s(1e3, {"evicted": 1}) == pytest.approx(40e-6)   # no cache size known: as measured
+    # a share not known (a file written before it was): the probe taken as displacing none of it
+    old = dataclasses.replace(table, evicted_share=None)
+    assert old.evicted_s(1e3, {"evicted": 1, "llc_evicted": 0.5}) == pytest.approx(70e-6)
+    assert old.evicted_s(1e3, {"evicted": 1, "llc_evicted": 0.0}) == pytest.approx(40e-6)
+    path = device_file(tmp_path, {"conv.dense:float32": table.to_dict()})
+    assert load_hardware(str(path)).kernels["conv.dense:float32"].evicted_share == 0.6
+    bad = {**table.to_dict(), "evicted_share": 1.5}
+    with pytest.raises(UsageError, match=r"evicted_share.*0\.\.1, got 1\.5"):
+        load_hardware(str(device_file(tmp_path, {"conv.dense:float32": bad})))
+
+
 def test_a_slow_shape_at_a_slow_size_is_two_limits_not_their_product():
     # rates fall past the reference size (caches spilled); a shape at a quarter of the reference's
     # efficiency (a 7x7 depthwise backward)

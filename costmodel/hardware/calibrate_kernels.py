@@ -209,6 +209,7 @@ class Timer:
         # the probe (the roofline adds the faults a model's large outputs pay).
         self.fault_s_per_byte = 0.0
         self._others = None     # the work that runs between two calls of a kernel, see evicted()
+        self.others_bytes = 0   # its footprint
         self._flush = None      # a buffer of twice the last-level cache, see evicted_llc()
 
     def evicted(self, call, alone_s: float, core_bytes: int | None, inputs=()) -> tuple[float, float] | None:
@@ -230,7 +231,7 @@ class Timer:
         if self.device != "cpu" or not core_bytes or alone_s > EVICTED_MAX_S:
             return None
         if self._others is None:
-            self._others = _other_ops(core_bytes)
+            self._others, self.others_bytes = _other_ops(core_bytes)
         others = self._others
 
         def both():
@@ -320,25 +321,24 @@ EVICTED_MAX_S = 2e-3    # Timer.evicted: the longest call it measures; the table
 def _other_ops(core_bytes: int):
     """What runs between two calls of a kernel in a model, for Timer.evicted: a copy of 4x the
     core caches of the threads, then ten different eager ops on 256x256 float32 tensors (each 64K
-    elements, past the size at which an elementwise op goes to every thread)."""
+    elements, past the size at which an elementwise op goes to every thread). Returns the work and
+    its footprint in bytes (its tensors and the ops' outputs: what it displaces of the last-level
+    cache each time it runs)."""
     n = 4 * core_bytes * torch.get_num_threads() // 4
     src, dst = torch.randn(n), torch.empty(n)
     a, b = torch.randn(256, 256), torch.randn(256, 256)
     rows = torch.randint(0, 256, (128,))
+    ops = [lambda: torch.sin(a), lambda: a.sum(1), lambda: torch.softmax(b, -1), lambda: F.layer_norm(a, (256,)),
+           lambda: torch.cat([a, b]), lambda: b.t().contiguous(), lambda: F.gelu(a),
+           lambda: torch.where(a > 0, a, b), lambda: a.index_select(0, rows), lambda: torch.mm(a[:64], b[:, :64])]
 
     def run():
         dst.copy_(src)
-        torch.sin(a)
-        a.sum(1)
-        torch.softmax(b, -1)
-        F.layer_norm(a, (256,))
-        torch.cat([a, b])
-        b.t().contiguous()
-        F.gelu(a)
-        torch.where(a > 0, a, b)
-        a.index_select(0, rows)
-        torch.mm(a[:64], b[:, :64])
-    return run
+        for op in ops:
+            op()
+    with torch.no_grad():
+        footprint = sum(t.nbytes for t in (src, dst, a, b, rows)) + sum(op().nbytes for op in ops)
+    return run, footprint
 
 
 # --- fitting ------------------------------------------------------------------------------------------
@@ -437,6 +437,18 @@ def fit(m: Measured, allocation: AllocationTable | None) -> KernelTable:
     return KernelTable(m.kernel, m.dtype, overhead, base.sizes, base.rates, curves, m.how, m.by,
                        tuple(evicted.items()), reference,
                        tuple(refill.items()) if any(refill.values()) else (), tuple(llc.items()))
+
+
+def with_evicted_share(tables: dict[str, KernelTable], others_bytes: int, cache_bytes: int | None) -> dict[str, KernelTable]:
+    """`tables` with the share of the last-level cache that the work between the evicted probe's
+    calls displaced (its footprint over the cache, at most 1) on each that measured both evicted
+    seconds and those after a flush: KernelTable.evicted_s reads the two as points of a line in the
+    share a model's traffic displaced (a probe at two threads copies 4x their core caches: 59% of
+    a 32 MiB cache, more than a small net's inference step moves)."""
+    if not others_bytes or not cache_bytes:
+        return tables
+    share = min(1.0, others_bytes / cache_bytes)
+    return {key: replace(t, evicted_share=share) if t.evicted and t.evicted_llc else t for key, t in tables.items()}
 
 
 def nondecreasing(values: list[float]) -> list[float]:
@@ -1211,6 +1223,7 @@ def measure_kernels(device: str, plan: KernelPlan, stamp: str, progress=None) ->
             passes.append(_classes(prober, plan, device))
         measured = least_disturbed(passes)
         tables = {table_key(m.kernel, m.dtype): fit(m, allocation) for m in measured}
+        tables = with_evicted_share(tables, prober.time.others_bytes, prober.cache_bytes)
         add = tables.get("pointwise.add")
         if add is not None:   # elementwise ops no probe ran are priced as an add
             tables["pointwise"] = KernelTable("pointwise", None, add.overhead_s, add.sizes, add.rates,

@@ -163,6 +163,9 @@ class KernelTable:
     # last-level cache as well, its operands aside (Timer.evicted_llc); paid, where larger than
     # `evicted`, in the share of that cache the traffic displaced (LLC_EVICTED_FEATURE)
     evicted_llc: tuple[tuple[float, float], ...] = field(default=(), hash=False)
+    # the share of the last-level cache the work before the `evicted` calls displaced (their probe's
+    # copy and ops are part of it, 0..1); None: not known (the evicted seconds are taken as its core part)
+    evicted_share: float | None = None
 
     @property
     def work(self) -> str:
@@ -212,8 +215,12 @@ class KernelTable:
         measured sizes (seconds, which may be 0), constant past the ends; 0 without a measurement.
         Less the `refill` part in the share of the op's reads the core caches still hold
         (INPUTS_OUT_FEATURE; all of it paid where the feature or the table's refill is missing).
-        Where the traffic displaced a share of the last-level cache too (LLC_EVICTED_FEATURE), that
-        share of what `evicted_llc` says more."""
+        Where the traffic displaced a share of the last-level cache too (LLC_EVICTED_FEATURE): on
+        the line through the two measurements in that share, `evicted` at the share its probe's work
+        displaced (`evicted_share`; 0 where not known) and `evicted_llc` at all of it. Below the
+        probe's share, less than `evicted` (an inference step of a small net, its weights and
+        activations held in that cache: 3x3 convolutions at two threads paid 10-40 us more in the
+        model than in a loop, where the probe, 59% of the cache displaced, read 80)."""
         if not self.evicted:
             return 0.0
         size = self.size_of(work, features) if work > 0 else None
@@ -225,9 +232,13 @@ class KernelTable:
         out = (features or {}).get(INPUTS_OUT_FEATURE)
         if self.refill and out is not None:
             evicted -= min(at(self.refill), evicted) * (1.0 - min(1.0, max(0.0, float(out))))
-        share = float((features or {}).get(LLC_EVICTED_FEATURE, 0))
-        if self.evicted_llc and share > 0:
-            evicted += max(0.0, at(self.evicted_llc) - evicted) * min(1.0, share)
+        share = (features or {}).get(LLC_EVICTED_FEATURE)
+        if self.evicted_llc and share is not None:
+            # linear in the share of the last-level cache displaced, through the two measurements:
+            # `evicted` at the share its probe's work displaced, `evicted_llc` at all of it
+            probed = min(max(self.evicted_share or 0.0, 0.0), 0.99)
+            per_share = max(0.0, at(self.evicted_llc) - evicted) / (1.0 - probed)
+            evicted = max(0.0, evicted + (min(1.0, max(0.0, float(share))) - probed) * per_share)
         return evicted
 
     def to_dict(self) -> dict:
@@ -248,6 +259,8 @@ class KernelTable:
             out["refill"] = [list(p) for p in self.refill]
         if self.evicted_llc:
             out["evicted_llc"] = [list(p) for p in self.evicted_llc]
+        if self.evicted_share is not None:
+            out["evicted_share"] = self.evicted_share
         if self.how:
             out["how"] = self.how
         return out
@@ -304,7 +317,7 @@ def find_table(tables: Mapping[str, KernelTable], kernel: str | None, dtype: str
 # --- the TOML schema --------------------------------------------------------------------------------
 
 _TABLE_FIELDS = ("work", "dtype", "overhead_s", "by", "sizes", "rates", "efficiency", "evicted", "refill",
-                 "evicted_llc", "reference", "how")
+                 "evicted_llc", "evicted_share", "reference", "how")
 _ALLOC_FIELDS = ("sizes", "seconds_per_byte", "how")
 
 
@@ -369,6 +382,10 @@ def _table(key: str, data, where: str, dtypes) -> KernelTable:
         curves[feature] = tuple(zip(values, factors))
     evicted, refill = _seconds_by_size(data, "evicted", where), _seconds_by_size(data, "refill", where)
     evicted_llc = _seconds_by_size(data, "evicted_llc", where)
+    evicted_share = data.get("evicted_share")
+    if evicted_share is not None and not (_number(evicted_share) and 0 <= evicted_share <= 1):
+        raise UsageError(f"{where}: 'evicted_share' must be a share of the last-level cache, 0..1, "
+                         f"got {evicted_share!r}")
     reference = data.get("reference")
     if reference is not None and not (_number(reference) and reference > 0):
         raise UsageError(f"{where}: 'reference' must be a positive size, got {reference!r}")
@@ -382,6 +399,7 @@ def _table(key: str, data, where: str, dtypes) -> KernelTable:
     return KernelTable(kernel=kernel, dtype=dtype or None, overhead_s=float(overhead), sizes=tuple(sizes),
                        rates=tuple(rates), efficiency=curves, how=how, by=by,
                        evicted=evicted, refill=refill, evicted_llc=evicted_llc,
+                       evicted_share=float(evicted_share) if evicted_share is not None else None,
                        reference=float(reference) if reference is not None else None)
 
 
