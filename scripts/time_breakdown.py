@@ -180,12 +180,13 @@ def alone(pt, timing, prefix: str, step, threads: int) -> int:
             x = x.meta.get("val")
         if isinstance(x, torch.Tensor):   # the graph's shape and strides (a transposed view stays one)
             shape, stride = [hint_int(s) for s in x.shape], [hint_int(s) for s in x.stride()]
-            t = torch.empty_strided(shape, stride, dtype=x.dtype)
+            # filled through its storage: an expanded view (stride 0) has elements that share one
+            storage = torch.empty(1 + sum((n - 1) * st for n, st in zip(shape, stride) if n > 0), dtype=x.dtype)
             if x.dtype.is_floating_point:
-                return t.normal_()
-            if x.dtype == torch.bool:
-                return t.fill_(True)
-            return t.zero_()
+                storage.normal_()
+            else:
+                storage.fill_(x.dtype == torch.bool)
+            return storage.as_strided(shape, stride)
         if isinstance(x, torch.SymInt):
             return hint_int(x)
         if isinstance(x, (list, tuple)):
