@@ -58,7 +58,7 @@ def test_quick_calibration_measures_each_kernel_class(quick_cpu):
     for key in ("matmul:float32", "bmm:float32", "conv.dense:float32", "conv.dense.backward:float32",
                 "conv.dense.backward.weight:float32", "conv.depthwise:float32", "attention.flash:float32",
                 "attention.math.backward:float32", "pointwise.tanh", "pointwise", "norm.layer", "softmax",
-                "reduction", "copy", "embedding", "random.dropout", "optimizer.adamw", "view"):
+                "reduction", "copy", "copy.pad", "embedding", "random.dropout", "optimizer.adamw", "view"):
         table = hw.kernels[key]
         assert 0 <= table.overhead_s < 1e-2, key
         assert all(r > 0 for r in table.rates), key

@@ -144,6 +144,21 @@ def test_pointwise_class_is_the_op_and_its_approximation():
     assert "pointwise.gelu_tanh" in [k for _, k, _ in classes(r, {"batch": 2, "seq": 64})]
 
 
+class Padded(nn.Module):
+    """TF-style "same" padding before a convolution (HF MobileNetV2, EfficientNet): F.pad, then a clone."""
+
+    def forward(self, x):
+        return F.pad(x, (0, 1, 0, 1)).clone()
+
+
+def test_constant_padding_is_its_own_copy_class_with_the_plain_copy_behind_it():
+    r = analyze(Padded, inputs=["x:float32[batch,8,16,16]"], dims={"batch": [2]})
+    by_target = {t: k for t, k, _ in classes(r, {"batch": 2})}
+    assert by_target["aten.constant_pad_nd.default"] == "copy.pad"
+    assert by_target["aten.clone.default"] == "copy"
+    assert chain("copy.pad") == ["copy.pad", "copy"]     # a file without its table prices it as a copy
+
+
 def test_class_names_and_chain():
     assert chain("conv.depthwise.backward") == ["conv.depthwise.backward", "conv.depthwise", "conv"]
     assert check_kernel("pointwise.tanh") == "pointwise.tanh"

@@ -960,6 +960,10 @@ def byte_classes(prober: Prober) -> list[Measured]:
         x = t(n)
         return lambda: x.clone(), aten.clone.default, (x,), {}
 
+    def pad(n):
+        x = image(n)
+        return lambda: F.pad(x, (1, 1, 1, 1)), aten.constant_pad_nd.default, (x, [1, 1, 1, 1]), {}
+
     def fill(n):
         dev = p.device
         return lambda: torch.zeros(n, device=dev), aten.zeros.default, ([n],), {"device": torch.device("meta")}
@@ -1028,6 +1032,7 @@ def byte_classes(prober: Prober) -> list[Measured]:
         ("softmax.backward", softmax_backward, f"aten._softmax_backward_data over rows of {d}"),
         ("reduction", reduction, f"x.sum(-1) over rows of {d}"),
         ("copy", copy, "x.clone()"),
+        ("copy.pad", pad, "F.pad(x, (1, 1, 1, 1)) of an image, 64 channels (eager's constant_pad_nd)"),
         ("fill", fill, "torch.zeros(n)"),
         ("random", random, "x.bernoulli_(0.5)"),
         ("random.dropout", dropout, "aten.native_dropout(x, 0.1, train=True)"),

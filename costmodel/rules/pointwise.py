@@ -186,9 +186,13 @@ def scatter_into_zeros(*args, out, **_) -> OpCost:
           aten.reflection_pad1d, aten.reflection_pad2d, aten.replication_pad1d, aten.replication_pad2d,
           aten.pad, aten.lift_fresh_copy, aten.split_with_sizes_copy, aten.split_copy, aten.unbind_copy,
           aten.slice_copy, aten.select_copy, aten.detach_copy, aten.hstack, aten.vstack)
-def copy(*args, out, **_) -> OpCost:
-    """reads every input tensor once, writes the output once"""
-    return OpCost(0, nbytes_of(tensors_in(args)), nbytes_of(tensors_in(out)), COPY)
+def copy(*args, out, op=None, **_) -> OpCost:
+    """reads every input tensor once, writes the output once; eager's constant padding is its own
+    class (copy.pad: a composite of an empty output, a fill of the border and a copy into its middle,
+    several dispatches where a clone is one)"""
+    packet = getattr(op, "overloadpacket", op)
+    return OpCost(0, nbytes_of(tensors_in(args)), nbytes_of(tensors_in(out)), COPY,
+                  kernel="copy.pad" if packet is aten.constant_pad_nd else None)
 
 
 @register(aten.zeros, aten.ones, aten.full, aten.arange, aten.scalar_tensor, aten.zeros_like, aten.ones_like,
