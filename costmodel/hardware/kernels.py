@@ -60,7 +60,8 @@ FAMILIES: dict[str, str] = {
     "softmax": BYTES,       # softmax and log_softmax
     "embedding": BYTES,
     "index": BYTES,         # gather, index_select; .scatter: index_put, scatter, slice_backward
-    "copy": BYTES,          # clone, cat, _to_copy, contiguous, pad; .strided: from a permuted input
+    "copy": BYTES,          # clone, cat, _to_copy, contiguous, pad; .strided: from a permuted input;
+                            # .pad: eager's constant padding (an empty output, the border filled, a copy)
     "fill": BYTES,          # zeros, ones, full, arange: written, not read
     "pool": BYTES,          # .max, .avg, .adaptive, .upsample
     "loss": BYTES,
