@@ -443,8 +443,8 @@ def with_evicted_share(tables: dict[str, KernelTable], others_bytes: int, cache_
     """`tables` with the share of the last-level cache that the work between the evicted probe's
     calls displaced (its footprint over the cache, at most 1) on each that measured both evicted
     seconds and those after a flush: KernelTable.evicted_s reads the two as points of a line in the
-    share a model's traffic displaced (a probe at two threads copies 4x their core caches: 59% of
-    a 32 MiB cache, more than a small net's inference step moves)."""
+    share a model's traffic displaced (a probe at two threads copies 4x their core caches: 58% of
+    a 32 MiB cache with its ops, more than a small net's inference step moves)."""
     if not others_bytes or not cache_bytes:
         return tables
     share = min(1.0, others_bytes / cache_bytes)

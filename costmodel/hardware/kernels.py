@@ -24,7 +24,9 @@ before the call): paid in the share of an op's reads the core caches no longer h
 reading what the op before it just wrote pays its state's part only. `evicted_llc` is the same after
 a flush of the last-level cache, the call's operands read back just before it (their reads from
 memory are priced apart): a training step's traffic, which its activations, gradients and
-optimizer state keep past that cache, takes oneDNN's and a BLAS's state from the LLC as well.
+optimizer state keep past that cache, takes oneDNN's and a BLAS's state from the LLC as well. The
+probe's own work displaced a share of that cache too (`evicted_share`): a call is priced on the line
+through the two measurements at the share its model's traffic displaced.
 Allocation is the CPU's price for fresh pages (glibc maps large blocks anew each time; the first
 touch of each page faults): seconds per byte of an op's largest new output, by its size.
 No torch here.
@@ -161,8 +163,8 @@ class KernelTable:
     # the core caches (a call whose inputs the op before it just wrote does not pay it)
     refill: tuple[tuple[float, float], ...] = field(default=(), hash=False)
     # [(size, seconds)]: what a call costs more when the traffic since its last call overflowed the
-    # last-level cache as well, its operands aside (Timer.evicted_llc); paid, where larger than
-    # `evicted`, in the share of that cache the traffic displaced (LLC_EVICTED_FEATURE)
+    # last-level cache as well, its operands aside (Timer.evicted_llc); with `evicted`, two points of a
+    # line in the share of that cache the traffic displaced (LLC_EVICTED_FEATURE; see evicted_s)
     evicted_llc: tuple[tuple[float, float], ...] = field(default=(), hash=False)
     # the share of the last-level cache the work before the `evicted` calls displaced (their probe's
     # copy and ops are part of it, 0..1); None: not known (the evicted seconds are taken as its core part)
@@ -221,7 +223,7 @@ class KernelTable:
         displaced (`evicted_share`; 0 where not known) and `evicted_llc` at all of it. Below the
         probe's share, less than `evicted` (an inference step of a small net, its weights and
         activations held in that cache: 3x3 convolutions at two threads paid 10-40 us more in the
-        model than in a loop, where the probe, 59% of the cache displaced, read 80)."""
+        model than in a loop, where the probe, 58% of the cache displaced, read 80)."""
         if not self.evicted:
             return 0.0
         size = self.size_of(work, features) if work > 0 else None
