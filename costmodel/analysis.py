@@ -46,6 +46,10 @@ class OpRecord:
     # each, and the storage it writes: what the cache model of a calibrated device follows.
     reads: tuple[tuple[str, sympy.Expr], ...] = ()
     writes: str | None = None
+    # a dense 2-D convolution's call as eager makes it, less the input's sizes (features in_d0..in_d3):
+    # (weight shape, stride, padding, dilation, transposed, output padding, groups, backward), from
+    # which a point picks the kernel eager runs there (api.Point.kernel_class, hardware.eager_backend)
+    conv_call: tuple | None = None
 
 
 @dataclass
@@ -140,9 +144,10 @@ def cost_graph(c: cap.Captured, kernels: dict[str, str] | None = None) -> Analys
                 copies[(source, kernel)] = cache[key]
         cost, dtype, formulas = copies[(source, kernel)] if source is not None else cache[key]
         kernel_class, features = _timing_class(c, node, cost, kernel, calls_seen)
+        conv_call = _conv_call(c, node, kernel_class, features)
         ops.append(OpRecord(node.name, str(target), module, node.meta.get("costmodel_phase", "forward"),
                             cost.category, dtype, dict(formulas), kernel_class, features,
-                            *_storages(c, node, cost.category)))
+                            *_storages(c, node, cost.category), conv_call=conv_call))
     analysis = Analysis(c, ops, dict(unsupported), kernels=dict(kernels))
     analysis.totals = totals_of(ops)
     return analysis
@@ -174,6 +179,31 @@ def _timing_class(c: cap.Captured, node: fx.Node, cost: OpCost, attention_kernel
     else:
         calls_seen.add(call)
     return kernel, features
+
+
+_CONVOLUTIONS = {"aten.convolution.default": 0, "aten._convolution.default": 0, "aten.convolution_backward.default": 1}
+IN_DIMS = tuple(f"in_d{i}" for i in range(4))     # features: a dense convolution's input sizes
+
+
+def _conv_call(c: cap.Captured, node: fx.Node, kernel: str, features: dict) -> tuple | None:
+    """A dense 2-D convolution's call less its input's sizes (those go into `features` as
+    IN_DIMS, formulas a point evaluates), for the backend eager picks at a point; None for any
+    other op, or a weight whose sizes are not numbers."""
+    first = _CONVOLUTIONS.get(str(node.target))
+    if first is None or not kernel.startswith("conv.dense"):
+        return None
+    x, w = (arg.meta.get("val") if isinstance(arg, fx.Node) else None for arg in node.args[first:first + 2])
+    if not isinstance(x, torch.Tensor) or not isinstance(w, torch.Tensor) or x.dim() != 4 or w.dim() != 4:
+        return None
+    w_shape = tensor_spec(c, w).shape
+    if not all(sympy.sympify(v).is_Integer for v in w_shape):
+        return None
+    stride, padding, dilation, transposed, output_padding, groups = node.args[first + 3:first + 9]
+    if not all(isinstance(v, int) for v in (*stride, *padding, *dilation, *output_padding, groups)):
+        return None
+    features.update({name: sympy.sympify(v) for name, v in zip(IN_DIMS, tensor_spec(c, x).shape)})
+    return (tuple(int(v) for v in w_shape), tuple(stride), tuple(padding), tuple(dilation), bool(transposed),
+            tuple(output_padding), int(groups), first == 1)
 
 
 def _attention_class(node: fx.Node, kernel: str, attention_kernel: str) -> str:

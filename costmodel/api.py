@@ -22,12 +22,13 @@ import networkx as nx
 import sympy
 import torch
 
-from costmodel.analysis import METRICS, Analysis, cost_graph, params_of, totals_of
+from costmodel.analysis import IN_DIMS, METRICS, Analysis, cost_graph, params_of, totals_of
 from costmodel.capture import trace as cap
 from costmodel.capture.limits import Limit, config_limits
 from costmodel.capture.specs import InputSpec, parse_input
 from costmodel.errors import AnalysisError, CaptureFailed, OutsideLimits, UsageError
 from costmodel.formulas import Evaluator, degree
+from costmodel.hardware.eager_backend import SLOW_CONV_CLASS, runs_native
 from costmodel.hardware.kernels import COLD_FEATURE, EVICTED_FEATURE, INPUTS_OUT_FEATURE, LLC_EVICTED_FEATURE
 from costmodel.memory import timeline as memory
 from costmodel.options import Options
@@ -35,6 +36,14 @@ from costmodel.rules.attention import attention_kernels
 from costmodel.rules.cost import OPTIMIZER
 from costmodel.rules.optimizer import optimizer_ops
 from costmodel.symbols import dim_symbol
+
+
+def _per_sample(kernel: str, features: dict) -> dict:
+    """Eager's native convolution runs one GEMM per sample: its table's m is one sample's output
+    positions (calibrate measures it at batch 1), where the class's feature counts the batch's."""
+    if not kernel.startswith(SLOW_CONV_CLASS) or not features.get(IN_DIMS[0]):
+        return features
+    return {**features, "m": features["m"] / features[IN_DIMS[0]]}
 
 
 class Point:
@@ -82,9 +91,26 @@ class Point:
                 self._features[i][name] = value
         return self._features
 
-    def kernel_class(self, i: int) -> str:
-        """The kernel class that prices op `i` on a calibrated device (costmodel/hardware/kernels.py)."""
-        return self.analysis.ops[i].kernel
+    def kernel_class(self, i: int, hw=None) -> str:
+        """The kernel class that prices op `i` on a calibrated device (costmodel/hardware/kernels.py).
+        With `hw`, a CPU whose file measured eager's native convolution (conv.dense.slow): a dense
+        convolution that eager runs natively at this point's sizes and `hw`'s threads is priced by
+        that table (hardware/eager_backend.py); the gradient keeps its class unless the file has
+        the native one's too."""
+        op = self.analysis.ops[i]
+        if hw is None or op.conv_call is None or hw.kernel_table(SLOW_CONV_CLASS, op.dtype) is None:
+            return op.kernel
+        w_shape, stride, padding, dilation, transposed, output_padding, groups, backward = op.conv_call
+        native = SLOW_CONV_CLASS + (".backward" if backward else "")
+        table = hw.kernel_table(native, op.dtype)
+        if table is None or table.kernel != native:
+            return op.kernel
+        features = self.features[i]
+        x_shape = [features.get(name) for name in IN_DIMS]
+        if any(v is None for v in x_shape) or not runs_native(x_shape, w_shape, stride, padding, dilation, transposed,
+                                                              output_padding, groups, op.dtype, hw.threads):
+            return op.kernel
+        return native
 
     def timing(self, hw, tf32: bool = False) -> dict:
         """Roofline time on `hw`: per-op OpTimes (same order as `ops`) and their summary. A device
@@ -97,11 +123,12 @@ class Point:
             if hw.cache_bytes:
                 features = self._with_cold_inputs(features, hw.cache_bytes)
             if hw.core_cache_bytes:
-                features = self._with_evicted(features, hw.core_cache_bytes * (hw.threads or 1), hw.cache_bytes)
+                features = self._with_evicted(features, hw.core_cache_bytes * (hw.threads or 1), hw.cache_bytes, hw)
                 features = self._with_inputs_out(features, hw.core_cache_bytes * (hw.threads or 1))
+            kernels = [self.kernel_class(i, hw) for i in range(len(self.ops))]
             times = [roofline.op_time(op["flops"], op["bytes"], op["category"], op["dtype"], hw, tf32,
-                                      kernel=self.kernel_class(i), features=features[i])
-                     for i, op in enumerate(self.ops)]
+                                      kernel=kernel, features=_per_sample(kernel, features[i]))
+                     for i, (op, kernel) in enumerate(zip(self.ops, kernels))]
             framework_s = roofline.framework_time_s(self.analysis.captured.module_calls, hw)
         else:
             times = [roofline.op_time(op["flops"], op["bytes"], op["category"], op["dtype"], hw, tf32)
@@ -159,7 +186,8 @@ class Point:
                 seen[record.writes] = traffic
         return out
 
-    def _with_evicted(self, features: list[dict], core_bytes: int, cache_bytes: int | None = None) -> list[dict]:
+    def _with_evicted(self, features: list[dict], core_bytes: int, cache_bytes: int | None = None,
+                      hw=None) -> list[dict]:
         """Each op's features, with EVICTED_FEATURE = 1 where the kernel's own working state is out
         of the core caches when it runs: its first call in the step, or more than `core_bytes` of
         traffic since the last call of the same class at the same FLOPs and bytes (another layer's
@@ -169,7 +197,7 @@ class Point:
         step before), counting no more than the step's peak memory (the point's, where evaluated):
         1 in a training step that holds its activations, gradients and optimizer state past the
         cache; a fraction in an inference step whose activations reuse a few freed blocks."""
-        keys = [(self.kernel_class(i), float(op["flops"]), float(op["bytes"])) for i, op in enumerate(self.ops)]
+        keys = [(self.kernel_class(i, hw), float(op["flops"]), float(op["bytes"])) for i, op in enumerate(self.ops)]
         final: dict[tuple, float] = {}    # the traffic when each key's last call in the step ends
         traffic = 0.0
         for key, op in zip(keys, self.ops):

@@ -65,7 +65,7 @@ def main(argv=None) -> int:
         return alone(pt, timing, args.ops, step, args.threads)
     pred, count = collections.Counter(), collections.Counter()
     for i, (op, t) in enumerate(zip(pt.ops, timing["op_times"])):
-        key = pt.kernel_class(i) if args.by == "kernel" else op["target"].replace("aten.", "aten::").rsplit(".", 1)[0]
+        key = pt.kernel_class(i, timing["hardware"]) if args.by == "kernel" else op["target"].replace("aten.", "aten::").rsplit(".", 1)[0]
         pred[key] += t.time_s
         count[key] += 1
     measured = time_call(step, repeats=5, warmup=2, min_time_s=1.0)
@@ -196,7 +196,7 @@ def alone(pt, timing, prefix: str, step, threads: int) -> int:
           f"{'rest':>7s}   {'in model':>8s} {'alone':>8s} (ms)")
     totals = collections.Counter()
     for i, (op, t) in enumerate(zip(pt.ops, timing["op_times"])):
-        kernel = pt.kernel_class(i)
+        kernel = pt.kernel_class(i, timing["hardware"])
         if not kernel.startswith(prefix) or op["name"] not in nodes:
             continue
         node = nodes[op["name"]]

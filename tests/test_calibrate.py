@@ -56,7 +56,8 @@ def test_cpu_calibration_round_trips(quick_cpu):
 def test_quick_calibration_measures_each_kernel_class(quick_cpu):
     hw = quick_cpu[1]
     for key in ("matmul:float32", "bmm:float32", "conv.dense:float32", "conv.dense.backward:float32",
-                "conv.dense.backward.weight:float32", "conv.depthwise:float32", "attention.flash:float32",
+                "conv.dense.backward.weight:float32", "conv.dense.slow:float32", "conv.depthwise:float32",
+                "attention.flash:float32",
                 "attention.math.backward:float32", "pointwise.tanh", "pointwise", "norm.layer", "softmax",
                 "reduction", "copy", "copy.pad", "embedding", "random.dropout", "optimizer.adamw", "view"):
         table = hw.kernels[key]
@@ -70,6 +71,7 @@ def test_quick_calibration_measures_each_kernel_class(quick_cpu):
     assert streamed.by == "m" and streamed.sizes == (1.0, 2.0, 8.0) and all(r > 0 for r in streamed.rates)
     assert set(streamed.efficiency) == {"n", "k"} and "rotating" in streamed.how
     assert {"m", "k"} <= set(hw.kernels["conv.dense:float32"].efficiency)
+    assert "Slow2d" in hw.kernels["conv.dense.slow:float32"].how    # each call checked to run native
     # rated by work, like the others (a grouped backward's work is the kernel's, not FlopCounterMode's)
     assert hw.kernels["conv.depthwise:float32"].by == "work"
     assert hw.kernels["conv.depthwise.backward:float32"].by == "work"

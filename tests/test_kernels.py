@@ -712,3 +712,63 @@ def test_a_product_reading_mostly_what_the_cache_lost_takes_the_streamed_table(t
     warm = op_time(2 * 16 * 4096 * 4096, weight + 8 * 16 * 4096, "matmul", "float32", hw, kernel="matmul",
                    features={**f, "cold_bytes": 8 * 16 * 4096})
     assert warm.kernel == "matmul"
+
+
+# --- eager's native convolution (conv.dense.slow) ---------------------------------------------------
+
+def test_the_backend_eager_runs_is_asked_of_pytorch_at_the_sizes_and_threads():
+    from costmodel.hardware.eager_backend import runs_native
+    small = ((1, 64, 8, 8), (64, 64, 1, 1), (1, 1), (0, 0), (1, 1), False, (0, 0), 1)
+    assert runs_native(*small, threads=1) and runs_native(*small, threads=2)
+    big = ((16, 64, 32, 32), (64, 64, 3, 3), (1, 1), (1, 1), (1, 1), False, (0, 0), 1)
+    assert not runs_native(*big, threads=1)
+    # a 1x1 stride-1 convolution below batch 16: native at one thread only
+    pointwise = ((4, 64, 32, 32), (128, 64, 1, 1), (1, 1), (0, 0), (1, 1), False, (0, 0), 1)
+    assert runs_native(*pointwise, threads=1) and not runs_native(*pointwise, threads=2)
+    before = torch.get_num_threads()
+    runs_native(*pointwise[:-1], 1, threads=before + 1)
+    assert torch.get_num_threads() == before             # the threads are put back
+
+
+SLOW = KernelTable("conv.dense.slow", "float32", 1e-6, (1e3, 1e9), (1e10, 1e10),
+                   efficiency={"m": ((4.0, 0.1), (64.0, 1.0))})
+DENSE = KernelTable("conv.dense", "float32", 1e-6, (1e3, 1e9), (5e10, 5e10))
+
+
+class OneByOne(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(64, 64, 1)
+
+    def forward(self, x):
+        return self.conv(x)
+
+
+def test_a_point_prices_the_convolution_eager_runs_there(tmp_path):
+    r = analyze(OneByOne, inputs=["x:float32[batch,64,h,h]"], dims={"batch": [1], "h": [8]})
+    hw = load_hardware(str(device_file(tmp_path, {"conv.dense:float32": DENSE.to_dict(),
+                                                  "conv.dense.slow:float32": SLOW.to_dict()})))
+    conv = next(i for i, op in enumerate(r.evaluate(batch=1, h=8).analysis.ops) if op.kernel == "conv.dense")
+    small, large = r.evaluate(batch=1, h=8), r.evaluate(batch=32, h=32)
+    assert small.kernel_class(conv) == "conv.dense"                # without a device: the rule's class
+    assert small.kernel_class(conv, hw) == "conv.dense.slow"       # batch 1, 4096 inputs: native
+    assert large.kernel_class(conv, hw) == "conv.dense"            # batch 32: oneDNN
+    t = small.timing(hw)["op_times"][conv]
+    assert t.kernel == "conv.dense.slow"
+    assert t.time_s == pytest.approx(SLOW.time_s(small.ops[conv]["flops"], {"m": 64}), rel=1e-6)
+    # a file without the native table prices as before
+    old = load_hardware(str(device_file(tmp_path, {"conv.dense:float32": DENSE.to_dict()})))
+    assert small.kernel_class(conv, old) == "conv.dense"
+
+
+def test_the_native_table_reads_one_samples_positions(tmp_path):
+    """The native kernel runs a GEMM per sample: 4 samples of a 2x2 image are 4 GEMMs of m = 4."""
+    r = analyze(OneByOne, inputs=["x:float32[batch,64,h,h]"], dims={"batch": [4], "h": [2]})
+    hw = load_hardware(str(device_file(tmp_path, {"conv.dense:float32": DENSE.to_dict(),
+                                                  "conv.dense.slow:float32": SLOW.to_dict()})))
+    pt = r.evaluate(batch=4, h=2)
+    conv = next(i for i, op in enumerate(r.evaluate(batch=1, h=8).analysis.ops) if op.kernel == "conv.dense")
+    assert pt.features[conv]["m"] == 16 and pt.kernel_class(conv, hw) == "conv.dense.slow"
+    t = pt.timing(hw)["op_times"][conv]
+    assert t.time_s == pytest.approx(SLOW.time_s(pt.ops[conv]["flops"], {"m": 4}), rel=1e-6)
+    assert t.time_s > 3 * SLOW.time_s(pt.ops[conv]["flops"], {"m": 16}) - 3e-6    # 0.1 against 0.32

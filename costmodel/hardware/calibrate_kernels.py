@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils._pytree import tree_leaves, tree_map
 
+from costmodel.hardware.eager_backend import SLOW_CONV_ELEMENTS, runs_native
 from costmodel.hardware.kernels import ALLOC_FEATURE, INNER_STRIDE_FEATURE, AllocationTable, KernelTable, work_of
 from costmodel.validate.stats import cpu_clock, cuda_block_s, minor_faults
 
@@ -71,6 +72,10 @@ class KernelPlan:
     max_copies: int = 64             # operand copies a probe rotates through (see Prober.instance)
     passes: int = 1                  # times every class is measured (least_disturbed)
     llc_samples: int = 0             # calls Timer.evicted_llc times per instance (0: not measured)
+    # conv.dense.slow (a CPU's native convolution, see Prober.conv): channels of its 1x1 base calls
+    # and image sides of its m curve, every call at batch 1 and at most SLOW_CONV_ELEMENTS inputs
+    conv_slow_channels: tuple[int, ...] = ()
+    conv_slow_sides: tuple[int, ...] = ()
 
 
 _POINTWISE_ALL = ("add", "sub", "mul", "div", "neg", "abs", "relu", "threshold_backward", "gelu", "gelu_tanh",
@@ -91,7 +96,7 @@ def kernel_plan(device: str, quick: bool) -> KernelPlan:
             conv_sides=(4, 8), conv_channels=(4, 16), conv_kernels=(1, 3), conv_groups=(4, 16), attn_heads=2,
             attn_e=16, attn_lengths=(16, 64), attn_e_curve=(16,), attn_heads_curve=(1,), attn_kernels=kernels,
             optimizer_elements=(256, 4096), alloc_sizes=(1 << 20, 1 << 22) if device == "cpu" else (),
-            dtypes=("float32",), variants=False)
+            dtypes=("float32",), variants=False, conv_slow_channels=(4, 16), conv_slow_sides=(2, 4))
     if device == "cpu":
         # Sizes: from one cache line to 16 MiB per tensor (past this machine's L2, into L3 and DRAM);
         # no output reaches glibc's mmap threshold (32 MiB) except in the allocation probe.
@@ -106,7 +111,8 @@ def kernel_plan(device: str, quick: bool) -> KernelPlan:
             conv_kernels=(1, 3, 5, 7), conv_groups=(16, 64, 256, 1024), attn_heads=8, attn_e=64,
             attn_lengths=(32, 128, 256, 512, 1024), attn_e_curve=(16, 32, 64, 128),
             attn_heads_curve=(1, 2, 4, 16, 32), attn_kernels=kernels, optimizer_elements=(256, 16384, 262144, 1048576),
-            alloc_sizes=tuple(1 << p for p in range(20, 29)), dtypes=("float32",), passes=2, llc_samples=9)
+            alloc_sizes=tuple(1 << p for p in range(20, 29)), dtypes=("float32",), passes=2, llc_samples=9,
+            conv_slow_channels=(16, 64, 128, 256), conv_slow_sides=(2, 3, 4, 6, 8, 16))
     return KernelPlan(
         block_s=0.005, blocks=5, elements=(16, 65536, 1 << 20, 1 << 24, 1 << 26, 1 << 28),
         pointwise_ops=_POINTWISE_ALL, mm_ref=2048, mm_cubes=(1024, 2048, 4096, 8192),
@@ -630,6 +636,11 @@ class Prober:
             transposed = kind == "transposed"
             stride = 2 if transposed else stride
             pad = 0 if transposed else k // 2
+            if kind == "dense.slow" and not runs_native((batch, cin, side, side), (cout, cin, k, k), (stride, stride),
+                                                        (pad, pad), (1, 1), False, (0, 0), 1, dtype,
+                                                        torch.get_num_threads()):
+                raise RuntimeError(f"calibration: {kernel} at batch {batch}, {cin} -> {cout} channels, side {side}, "
+                                   f"{k}x{k}, stride {stride}: eager does not run its native kernel there")
 
             def make():
                 x = self.t(batch, cin, side, side, dtype=dt)
@@ -645,7 +656,8 @@ class Prober:
                 g = torch.randn_like(aten.convolution.default(*args))
                 bargs = (g, x, w, [cout], [stride, stride], [pad, pad], [1, 1], transposed, [0, 0], groups, mask)
                 return lambda: aten.convolution_backward.default(*bargs), aten.convolution_backward.default, bargs, {}
-            return self.instance(make, kernel, rotate=False)
+            # the native class: the rule names conv.dense, the point's backend (eager_backend) the rest
+            return self.instance(make, kernel, rotate=False, rule_class="conv.dense" if kind == "dense.slow" else None)
 
         sides, ref_side = p.conv_sides, p.conv_side
         ref = p.conv_ref
@@ -662,6 +674,24 @@ class Prober:
             what = (f"3x3, (channels, side) in {base}; curves: sides {list(sides)}, c_out {list(p.conv_channels)}, "
                     f"c_in {list(cins)}, kernel sides {list(p.conv_kernels)}, 1x1 at strides 1 and 2 (skipped), "
                     f"the others {ref} channels, side {ref_side}")
+        elif kind == "dense.slow":
+            # eager's native convolution (eager_backend): every call at batch 1 with an input of at
+            # most SLOW_CONV_ELEMENTS, where it runs whatever the threads. Rates by work on 1x1
+            # convolutions (a GEMM per sample, as most of a model's native calls are); curves of
+            # m (the image side), n, k (1x1 inputs, then 3x3: their im2col), and a stride-2 1x1
+            cs = p.conv_slow_channels
+            c, side = cs[1], max(v for v in p.conv_slow_sides if cs[-1] * v * v <= SLOW_CONV_ELEMENTS)
+            measured = Measured(kernel, dtype, run(4, 4, 4, 1, batch=1),
+                                [run(v, v, side, 1, batch=1) for v in cs if v * side * side <= SLOW_CONV_ELEMENTS],
+                                {"m": [run(c, c, v, 1, batch=1) for v in p.conv_slow_sides
+                                       if c * v * v <= SLOW_CONV_ELEMENTS],
+                                 "n": [run(c, v, side, 1, batch=1) for v in sorted(set(cs) | {cs[-1] * 4})],
+                                 "k": [run(v, c, side, 1, batch=1) for v in cs if v * side * side <= SLOW_CONV_ELEMENTS]
+                                 + [run(v, c, side, 3, batch=1) for v in (c, cs[-1]) if v * side * side <= SLOW_CONV_ELEMENTS],
+                                 "skipped": [run(c, c, side, 1, batch=1, stride=s_) for s_ in (1, 2)]})
+            what = (f"batch 1, 1x1, channels {list(cs)} at side {side}; curves: sides {list(p.conv_slow_sides)}, "
+                    f"c_out and c_in 1x1, c_in 3x3, 1x1 at strides 1 and 2 (skipped), the others {c} channels, "
+                    f"side {side}; every call the native kernel (torch._C._select_conv_backend: Slow2d)")
         elif kind == "depthwise":
             # The channels curve runs at the work of a base call (the side shrinking as the
             # channels grow) and includes that call: each point is read against a measured base
@@ -691,7 +721,7 @@ class Prober:
         measured.how = self.how({None: "F.conv_transpose2d " if kind == "transposed" else "F.conv2d ",
                                  "input": "aten.convolution_backward (input, weight and bias gradients) of ",
                                  "weight": "aten.convolution_backward (weight and bias gradients) of "}[backward]
-                                + f"{dtype}, batch {B}; {what}")
+                                + (f"{dtype}; {what}" if kind == "dense.slow" else f"{dtype}, batch {B}; {what}"))
         return measured
 
     # --- attention ------------------------------------------------------------------------------------
@@ -1120,6 +1150,9 @@ def _classes(prober: Prober, plan: KernelPlan, device: str) -> list[Measured]:
             for backward in (None, "input", "weight") if kind == "dense" else (None, "input"):
                 prober.progress(f"conv.{kind} {backward or 'forward'} {dtype}")
                 measured.append(prober.conv(kind, backward, dtype))
+        if device == "cpu" and plan.conv_slow_channels:
+            prober.progress(f"conv.dense.slow forward {dtype}")
+            measured.append(prober.conv("dense.slow", None, dtype))
     for dtype in conv_dtypes:
         for kernel in plan.attn_kernels:
             if kernel == "flash" and device == "cuda" and dtype == "float32":

@@ -52,7 +52,9 @@ FAMILIES: dict[str, str] = {
     "matmul": FLOPS,        # one product: mm, addmm, linear, 2-D matmul; features m, n, k; .streamed:
                             # measured with its weight read from memory (by m), for products bound by that
     "bmm": FLOPS,           # batched products: bmm, baddbmm, batched matmul; features batch, m, n, k
-    "conv": FLOPS,          # .dense, .depthwise, .grouped, .transposed; features below
+    "conv": FLOPS,          # .dense, .depthwise, .grouped, .transposed; features below; .dense.slow:
+                            # a CPU's native kernel (im2col and a GEMM per sample, its m one sample's),
+                            # where eager runs it at the point's sizes (hardware/eager_backend.py)
     "attention": FLOPS,     # .math, .flash, .efficient, .cudnn: the SDPA kernel the device runs
     "pointwise": BYTES,     # elementwise; .<aten op> per op (pointwise.tanh, pointwise.gelu_tanh);
                             # .strided: any elementwise op with a permuted input
