@@ -668,31 +668,6 @@ def test_evicted_seconds_lie_on_the_line_through_the_probe_s_share_of_the_cache_
         load_hardware(str(device_file(tmp_path, {"conv.dense:float32": bad})))
 
 
-def test_below_the_probe_s_share_evicted_seconds_lie_on_the_line_from_the_ops_alone(tmp_path):
-    # 40 us after the copy and ops (60% of the cache), 100 after a flush, 16 after the ops alone (10%)
-    table = KernelTable("matmul", "float32", 1e-6, (1.0,), (1e9,), evicted=((1e3, 40e-6),),
-                        evicted_llc=((1e3, 100e-6),), evicted_share=0.6, evicted_ops=((1e3, 16e-6),),
-                        evicted_ops_share=0.1)
-    at = lambda share: table.evicted_s(1e3, {"evicted": 1, "llc_evicted": share})
-    assert at(0.6) == pytest.approx(40e-6) and at(0.8) == pytest.approx(70e-6)   # above: as before
-    assert at(0.35) == pytest.approx(28e-6)           # between the two measurements
-    assert at(0.1) == pytest.approx(16e-6) and at(0.02) == pytest.approx(16e-6)   # at and below: the ops' part
-    # the upper line alone would have read nothing there (a GRU's per-timestep products: 6-11 us more)
-    assert dataclasses.replace(table, evicted_ops=()).evicted_s(1e3, {"evicted": 1, "llc_evicted": 0.1}) == 0.0
-    # the ops alone never cost more than the copy and ops (noise): the low end at most `evicted`
-    noisy = dataclasses.replace(table, evicted_ops=((1e3, 60e-6),))
-    assert noisy.evicted_s(1e3, {"evicted": 1, "llc_evicted": 0.05}) == pytest.approx(40e-6)
-    # the refill part comes off the low end too, in the share of the reads the core caches still hold
-    refilled = dataclasses.replace(table, refill=((1e3, 10e-6),))
-    assert refilled.evicted_s(1e3, {"evicted": 1, "llc_evicted": 0.1, "inputs_out": 0.0}) == pytest.approx(6e-6)
-    path = device_file(tmp_path, {"matmul:float32": table.to_dict()})
-    loaded = load_hardware(str(path)).kernels["matmul:float32"]
-    assert (loaded.evicted_ops, loaded.evicted_ops_share) == (table.evicted_ops, 0.1)
-    bad = {**table.to_dict(), "evicted_ops_share": -0.5}
-    with pytest.raises(UsageError, match=r"evicted_ops_share.*0\.\.1, got -0\.5"):
-        load_hardware(str(device_file(tmp_path, {"matmul:float32": bad})))
-
-
 def test_a_slow_shape_at_a_slow_size_is_two_limits_not_their_product():
     # rates fall past the reference size (caches spilled); a shape at a quarter of the reference's
     # efficiency (a 7x7 depthwise backward)

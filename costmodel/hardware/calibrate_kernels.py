@@ -216,11 +216,9 @@ class Timer:
         self.fault_s_per_byte = 0.0
         self._others = None     # the work that runs between two calls of a kernel, see evicted()
         self.others_bytes = 0   # its footprint
-        self._ops = None        # its ten ops alone, no copy
-        self.ops_bytes = 0      # their footprint
         self._flush = None      # a buffer of twice the last-level cache, see evicted_llc()
 
-    def evicted(self, call, alone_s: float, core_bytes: int | None, inputs=()) -> tuple[float, float, float] | None:
+    def evicted(self, call, alone_s: float, core_bytes: int | None, inputs=()) -> tuple[float, float] | None:
         """Seconds a call costs more when other ops ran since its last call, as in a model: (other
         work, call) less the other work less `alone_s` (the call's own time). The other work
         (`_other_ops`) is a copy that overflows the core caches of the threads (4x each, read and
@@ -233,23 +231,17 @@ class Timer:
         and one disturbed block moves one difference, not the estimate; 0 at least. None on
         a GPU, where the core's cache is not known, and for calls over EVICTED_MAX_S (the
         difference is then within the noise of the call).
-        Returns (evicted seconds, refill seconds, ops seconds): the second, the part that is the
-        call's `inputs` coming back into the core caches, is the evicted seconds less those measured
-        with the inputs read just before the call (a model's op whose input the op before it
-        wrote); the third, the same after the ten ops alone (their traffic displaces little of the
-        last-level cache: the low end of KernelTable.evicted_s's line)."""
+        Returns (evicted seconds, refill seconds): the second, the part that is the call's
+        `inputs` coming back into the core caches, is the evicted seconds less those measured with
+        the inputs read just before the call (a model's op whose input the op before it wrote)."""
         if self.device != "cpu" or not core_bytes or alone_s > EVICTED_MAX_S:
             return None
         if self._others is None:
-            self._others, self.others_bytes, self._ops, self.ops_bytes = _other_ops(core_bytes)
-        others, ops = self._others, self._ops
+            self._others, self.others_bytes = _other_ops(core_bytes)
+        others = self._others
 
         def both():
             others()
-            call()
-
-        def ops_call():
-            ops()
             call()
 
         def touched():
@@ -262,15 +254,14 @@ class Timer:
             touched()
             call()
         number = self._calls_per_block(both)
-        full, warm, few = [], [], []
+        full, warm = [], []
         for _ in range(self.plan.blocks):
             full.append((self.block(both, number) - self.block(others, number)) / number)
-            few.append((self.block(ops_call, number) - self.block(ops, number)) / number)
             if inputs:
                 warm.append((self.block(touched_call, number) - self.block(touched, number)) / number)
         evicted = max(0.0, statistics.median(full) - alone_s)
         state = max(0.0, statistics.median(warm) - alone_s) if inputs else evicted
-        return evicted, max(0.0, evicted - state), max(0.0, statistics.median(few) - alone_s)
+        return evicted, max(0.0, evicted - state)
 
     def evicted_llc(self, call, alone_s: float, cache_bytes: int | None, inputs=()) -> float | None:
         """Seconds a call costs more when the traffic since its last call overflowed the last-level
@@ -338,7 +329,7 @@ def _other_ops(core_bytes: int):
     core caches of the threads, then ten different eager ops on 256x256 float32 tensors (each 64K
     elements, past the size at which an elementwise op goes to every thread). Returns the work and
     its footprint in bytes (its tensors and the ops' outputs: what it displaces of the last-level
-    cache each time it runs), then the ten ops alone and theirs."""
+    cache each time it runs)."""
     n = 4 * core_bytes * torch.get_num_threads() // 4
     src, dst = torch.randn(n), torch.empty(n)
     a, b = torch.randn(256, 256), torch.randn(256, 256)
@@ -347,16 +338,13 @@ def _other_ops(core_bytes: int):
            lambda: torch.cat([a, b]), lambda: b.t().contiguous(), lambda: F.gelu(a),
            lambda: torch.where(a > 0, a, b), lambda: a.index_select(0, rows), lambda: torch.mm(a[:64], b[:, :64])]
 
-    def run_ops():
-        for op in ops:
-            op()
-
     def run():
         dst.copy_(src)
-        run_ops()
+        for op in ops:
+            op()
     with torch.no_grad():
-        ops_bytes = sum(t.nbytes for t in (a, b, rows)) + sum(op().nbytes for op in ops)
-    return run, src.nbytes + dst.nbytes + ops_bytes, run_ops, ops_bytes
+        footprint = sum(t.nbytes for t in (src, dst, a, b, rows)) + sum(op().nbytes for op in ops)
+    return run, footprint
 
 
 # --- fitting ------------------------------------------------------------------------------------------
@@ -370,10 +358,9 @@ class Instance:
     evicted_s: float | None = None
     refill_s: float | None = None       # of evicted_s, the call's inputs coming back (Timer.evicted)
     llc_s: float | None = None          # more with the last-level cache flushed too (Timer.evicted_llc)
-    ops_s: float | None = None          # more after the probe's ops alone (Timer.evicted)
     # measures evicted_s, refill_s and llc_s; Prober.finish runs it for the instances the table's evicted seconds come
     # from (the tiny and base ones), and drops it (and the call's tensors) from all
-    measure_evicted: Callable[[], tuple[float, float, float | None, float] | None] | None = field(
+    measure_evicted: Callable[[], tuple[float, float, float | None] | None] | None = field(
         default=None, repr=False, compare=False)
 
 
@@ -414,18 +401,14 @@ def fit(m: Measured, allocation: AllocationTable | None) -> KernelTable:
     evicted: dict[float, float] = {}
     refill: dict[float, float] = {}
     llc: dict[float, float] = {}
-    few: dict[float, float] = {}
     for i in sorted([m.tiny] + list(m.base), key=size):
         if i.evicted_s is not None and size(i) > 0:
             evicted[size(i)] = i.evicted_s
             refill[size(i)] = i.refill_s or 0.0
         if i.llc_s is not None and size(i) > 0:
             llc[size(i)] = i.llc_s
-        if i.ops_s is not None and size(i) > 0:
-            few[size(i)] = i.ops_s
     evicted = dict(zip(evicted, nondecreasing(list(evicted.values()))))
     llc = dict(zip(llc, nondecreasing(list(llc.values()))))
-    few = dict(zip(few, nondecreasing(list(few.values()))))
     refill = {s_: min(r, evicted[s_]) for s_, r in zip(refill, nondecreasing(list(refill.values())))}
     base = KernelTable(m.kernel, m.dtype, overhead, tuple(rates), tuple(rates.values()), how=m.how, by=m.by)
     curves = {}
@@ -459,12 +442,10 @@ def fit(m: Measured, allocation: AllocationTable | None) -> KernelTable:
     reference = sizes[len(sizes) // 2] if curves and sizes else None
     return KernelTable(m.kernel, m.dtype, overhead, base.sizes, base.rates, curves, m.how, m.by,
                        tuple(evicted.items()), reference,
-                       tuple(refill.items()) if any(refill.values()) else (), tuple(llc.items()),
-                       evicted_ops=tuple(few.items()))
+                       tuple(refill.items()) if any(refill.values()) else (), tuple(llc.items()))
 
 
-def with_evicted_share(tables: dict[str, KernelTable], others_bytes: int, cache_bytes: int | None,
-                       ops_bytes: int = 0) -> dict[str, KernelTable]:
+def with_evicted_share(tables: dict[str, KernelTable], others_bytes: int, cache_bytes: int | None) -> dict[str, KernelTable]:
     """`tables` with the share of the last-level cache that the work between the evicted probe's
     calls displaced (its footprint over the cache, at most 1) on each that measured both evicted
     seconds and those after a flush: KernelTable.evicted_s reads the two as points of a line in the
@@ -472,9 +453,8 @@ def with_evicted_share(tables: dict[str, KernelTable], others_bytes: int, cache_
     a 32 MiB cache with its ops, more than a small net's inference step moves)."""
     if not others_bytes or not cache_bytes:
         return tables
-    share, low = min(1.0, others_bytes / cache_bytes), min(1.0, ops_bytes / cache_bytes)
-    return {key: replace(t, evicted_share=share, evicted_ops_share=low if t.evicted_ops else None)
-            if t.evicted and t.evicted_llc else t for key, t in tables.items()}
+    share = min(1.0, others_bytes / cache_bytes)
+    return {key: replace(t, evicted_share=share) if t.evicted and t.evicted_llc else t for key, t in tables.items()}
 
 
 def nondecreasing(values: list[float]) -> list[float]:
@@ -535,21 +515,20 @@ class Prober:
         inputs = [t for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
         return Instance(cost, time_s, measure_evicted=lambda: self.evicted(call, time_s, inputs))
 
-    def evicted(self, call, time_s: float, inputs) -> tuple[float, float, float | None, float] | None:
-        """(evicted, refill, llc, ops) seconds of a call that took `time_s` in a loop (Timer.evicted
-        and Timer.evicted_llc); None where the core's cache is not known."""
+    def evicted(self, call, time_s: float, inputs) -> tuple[float, float, float | None] | None:
+        """(evicted, refill, llc) seconds of a call that took `time_s` in a loop (Timer.evicted and
+        Timer.evicted_llc); None where the core's cache is not known."""
         core = self.time.evicted(call, time_s, self.core_cache_bytes, inputs)
         if core is None:
             return None
-        evicted, refill, ops = core
-        return evicted, refill, self.time.evicted_llc(call, time_s, self.cache_bytes, inputs), ops
+        return (*core, self.time.evicted_llc(call, time_s, self.cache_bytes, inputs))
 
     def finish(self, measured: Measured) -> Measured:
         """`measured` with the evicted seconds of its tiny and base instances, the ones the table's
         come from (Timer.evicted: the largest part of a class's time, not spent on its curves)."""
         for i in [measured.tiny, *measured.base]:
             if i.measure_evicted is not None:
-                i.evicted_s, i.refill_s, i.llc_s, i.ops_s = i.measure_evicted() or (None, None, None, None)
+                i.evicted_s, i.refill_s, i.llc_s = i.measure_evicted() or (None, None, None)
         for i in [measured.tiny, *measured.base, *(i for c in measured.curves.values() for i in c)]:
             i.measure_evicted = None
         return measured
@@ -787,7 +766,7 @@ class Prober:
                 if b is None or f is None:
                     return None
                 llc = max(b[2] - f[2], 0.0) if b[2] is not None and f[2] is not None else None
-                return max(b[0] - f[0], 0.0), max(b[1] - f[1], 0.0), llc, max(b[3] - f[3], 0.0)
+                return max(b[0] - f[0], 0.0), max(b[1] - f[1], 0.0), llc
             return Instance(both.cost, max(both.time_s - forward.time_s, 0.0), measure_evicted=evicted)
         # the math kernel holds [batch * heads, L, S] scores: at most 1 GiB of them
         lengths = [L for L in p.attn_lengths if kernel != "math" or p.attn_heads * L * L * 4 <= 1 << 30]
@@ -1252,11 +1231,9 @@ def _mean(passes: list[Measured]) -> Measured:
         evicted = [i.evicted_s for i in instances if i.evicted_s is not None]
         refill = [i.refill_s or 0.0 for i in instances if i.evicted_s is not None]
         llc = [i.llc_s for i in instances if i.llc_s is not None]
-        few = [i.ops_s for i in instances if i.ops_s is not None]
         time_s = math.exp(sum(math.log(max(i.time_s, 1e-12)) for i in instances) / len(instances))
         return Instance(instances[0].cost, time_s, sum(evicted) / len(evicted) if evicted else None,
-                        sum(refill) / len(refill) if evicted else None, sum(llc) / len(llc) if llc else None,
-                        sum(few) / len(few) if few else None)
+                        sum(refill) / len(refill) if evicted else None, sum(llc) / len(llc) if llc else None)
     first = passes[0]
     if len(passes) == 1:
         return first
@@ -1284,7 +1261,7 @@ def measure_kernels(device: str, plan: KernelPlan, stamp: str, progress=None) ->
             passes.append(_classes(prober, plan, device))
         measured = least_disturbed(passes)
         tables = {table_key(m.kernel, m.dtype): fit(m, allocation) for m in measured}
-        tables = with_evicted_share(tables, prober.time.others_bytes, prober.cache_bytes, prober.time.ops_bytes)
+        tables = with_evicted_share(tables, prober.time.others_bytes, prober.cache_bytes)
         add = tables.get("pointwise.add")
         if add is not None:   # elementwise ops no probe ran are priced as an add
             tables["pointwise"] = KernelTable("pointwise", None, add.overhead_s, add.sizes, add.rates,

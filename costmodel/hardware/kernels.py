@@ -171,11 +171,6 @@ class KernelTable:
     # the share of the last-level cache the work before the `evicted` calls displaced (their probe's
     # copy and ops are part of it, 0..1); None: not known (the evicted seconds are taken as its core part)
     evicted_share: float | None = None
-    # [(size, seconds)]: the same after the probe's ten ops alone, no copy (Timer.evicted: the part of
-    # a call's state other ops take with little traffic, its code and branch history, the dispatch
-    # path's), and the share of the last-level cache those ops displaced: the line's low end, measured
-    evicted_ops: tuple[tuple[float, float], ...] = field(default=(), hash=False)
-    evicted_ops_share: float | None = None
 
     @property
     def work(self) -> str:
@@ -230,10 +225,7 @@ class KernelTable:
         displaced (`evicted_share`; 0 where not known) and `evicted_llc` at all of it. Below the
         probe's share, less than `evicted` (an inference step of a small net, its weights and
         activations held in that cache: 3x3 convolutions at two threads paid 10-40 us more in the
-        model than in a loop, where the probe, 58% of the cache displaced, read 80): on the line from
-        `evicted_ops` (after the probe's ops alone, at the share they displaced; all of it below that
-        share) to `evicted` where the table measured it, else on the upper line, at least 0 (a GRU's
-        per-timestep products of few rows pay 6-11 us more in the model where that line read 0)."""
+        model than in a loop, where the probe, 58% of the cache displaced, read 80)."""
         if not self.evicted:
             return 0.0
         size = self.size_of(work, features) if work > 0 else None
@@ -241,26 +233,17 @@ class KernelTable:
         def at(table):
             xs, ys = [x for x, _ in table], [y for _, y in table]
             return interpolate(xs, ys, size, log_y=False) if size else ys[0]
+        evicted = at(self.evicted)
         out = (features or {}).get(INPUTS_OUT_FEATURE)
-
-        def refilled(seconds):    # less the refill part in the share of the reads still in the core caches
-            if self.refill and out is not None:
-                seconds -= min(at(self.refill), seconds) * (1.0 - min(1.0, max(0.0, float(out))))
-            return seconds
-        evicted = refilled(at(self.evicted))
+        if self.refill and out is not None:
+            evicted -= min(at(self.refill), evicted) * (1.0 - min(1.0, max(0.0, float(out))))
         share = (features or {}).get(LLC_EVICTED_FEATURE)
         if self.evicted_llc and share is not None:
-            # linear in the share of the last-level cache displaced, through the measurements:
-            # `evicted_ops` at the share the probe's ops displaced, `evicted` at the share its copy
-            # and ops displaced, `evicted_llc` at all of it
+            # linear in the share of the last-level cache displaced, through the two measurements:
+            # `evicted` at the share its probe's work displaced, `evicted_llc` at all of it
             probed = min(max(self.evicted_share or 0.0, 0.0), 0.99)
-            s = min(1.0, max(0.0, float(share)))
-            low = min(max(self.evicted_ops_share or 0.0, 0.0), probed)
-            if s < probed and self.evicted_ops and probed > low:
-                ops = min(refilled(at(self.evicted_ops)), evicted)   # less displaced, not more paid
-                return max(0.0, ops + (max(s, low) - low) * (evicted - ops) / (probed - low))
             per_share = max(0.0, at(self.evicted_llc) - evicted) / (1.0 - probed)
-            evicted = max(0.0, evicted + (s - probed) * per_share)
+            evicted = max(0.0, evicted + (min(1.0, max(0.0, float(share))) - probed) * per_share)
         return evicted
 
     def to_dict(self) -> dict:
@@ -283,10 +266,6 @@ class KernelTable:
             out["evicted_llc"] = [list(p) for p in self.evicted_llc]
         if self.evicted_share is not None:
             out["evicted_share"] = self.evicted_share
-        if self.evicted_ops:
-            out["evicted_ops"] = [list(p) for p in self.evicted_ops]
-        if self.evicted_ops_share is not None:
-            out["evicted_ops_share"] = self.evicted_ops_share
         if self.how:
             out["how"] = self.how
         return out
@@ -343,7 +322,7 @@ def find_table(tables: Mapping[str, KernelTable], kernel: str | None, dtype: str
 # --- the TOML schema --------------------------------------------------------------------------------
 
 _TABLE_FIELDS = ("work", "dtype", "overhead_s", "by", "sizes", "rates", "efficiency", "evicted", "refill",
-                 "evicted_llc", "evicted_share", "evicted_ops", "evicted_ops_share", "reference", "how")
+                 "evicted_llc", "evicted_share", "reference", "how")
 _ALLOC_FIELDS = ("sizes", "seconds_per_byte", "how")
 
 
@@ -408,13 +387,10 @@ def _table(key: str, data, where: str, dtypes) -> KernelTable:
         curves[feature] = tuple(zip(values, factors))
     evicted, refill = _seconds_by_size(data, "evicted", where), _seconds_by_size(data, "refill", where)
     evicted_llc = _seconds_by_size(data, "evicted_llc", where)
-    evicted_ops = _seconds_by_size(data, "evicted_ops", where)
-    shares = {}
-    for name in ("evicted_share", "evicted_ops_share"):
-        value = shares[name] = data.get(name)
-        if value is not None and not (_number(value) and 0 <= value <= 1):
-            raise UsageError(f"{where}: '{name}' must be a share of the last-level cache, 0..1, got {value!r}")
-    evicted_share = shares["evicted_share"]
+    evicted_share = data.get("evicted_share")
+    if evicted_share is not None and not (_number(evicted_share) and 0 <= evicted_share <= 1):
+        raise UsageError(f"{where}: 'evicted_share' must be a share of the last-level cache, 0..1, "
+                         f"got {evicted_share!r}")
     reference = data.get("reference")
     if reference is not None and not (_number(reference) and reference > 0):
         raise UsageError(f"{where}: 'reference' must be a positive size, got {reference!r}")
@@ -429,8 +405,6 @@ def _table(key: str, data, where: str, dtypes) -> KernelTable:
                        rates=tuple(rates), efficiency=curves, how=how, by=by,
                        evicted=evicted, refill=refill, evicted_llc=evicted_llc,
                        evicted_share=float(evicted_share) if evicted_share is not None else None,
-                       evicted_ops=evicted_ops, evicted_ops_share=(float(shares["evicted_ops_share"])
-                                                                   if shares["evicted_ops_share"] is not None else None),
                        reference=float(reference) if reference is not None else None)
 
 
