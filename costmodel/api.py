@@ -98,11 +98,11 @@ class Point:
         that table (hardware/eager_backend.py); the gradient keeps its class unless the file has
         the native one's too."""
         op = self.analysis.ops[i]
-        if hw is None or op.conv_call is None or hw.kernel_table(SLOW_CONV_CLASS, op.dtype) is None:
+        if hw is None or op.conv_call is None:
             return op.kernel
         w_shape, stride, padding, dilation, transposed, output_padding, groups, backward = op.conv_call
         native = SLOW_CONV_CLASS + (".backward" if backward else "")
-        table = hw.kernel_table(native, op.dtype)
+        table = hw.kernel_table(native, op.dtype)     # the class itself, not one its chain falls back to
         if table is None or table.kernel != native:
             return op.kernel
         features = self.features[i]

@@ -5,9 +5,9 @@ and a GEMM per sample: `_slow_conv2d_forward`) where it does not: at batch 1 an 
 ~20k elements with kernels up to 3x3, at one thread a 1x1 stride-1 convolution below batch 16.
 The two run the same work at different rates (a 3x3 convolution of 128 channels on a 3x3 image at
 batch 1, in a bottleneck ResNet at one thread: 174 us native, priced 72 from oneDNN's tables), and
-which one runs depends on the batch, the image, the threads: on the point, not on the graph. `torch._C._select_conv_backend` is
-the choice eager makes, called here on tensors of the point's sizes that own no memory (one
-element, expanded).
+which one runs depends on the batch, the image, the threads: on the point, not on the graph.
+`torch._C._select_conv_backend` is the choice eager makes, called here on tensors of the point's
+sizes that own no memory (one element, expanded).
 """
 
 from __future__ import annotations
