@@ -120,12 +120,13 @@ class Point:
         framework_s = 0.0
         if hw.kernels or hw.allocation:
             features = self.features
+            kernels = [self.kernel_class(i, hw) for i in range(len(self.ops))]
             if hw.cache_bytes:
                 features = self._with_cold_inputs(features, hw.cache_bytes)
             if hw.core_cache_bytes:
-                features = self._with_evicted(features, hw.core_cache_bytes * (hw.threads or 1), hw.cache_bytes, hw)
+                features = self._with_evicted(features, hw.core_cache_bytes * (hw.threads or 1), hw.cache_bytes,
+                                              kernels)
                 features = self._with_inputs_out(features, hw.core_cache_bytes * (hw.threads or 1))
-            kernels = [self.kernel_class(i, hw) for i in range(len(self.ops))]
             times = [roofline.op_time(op["flops"], op["bytes"], op["category"], op["dtype"], hw, tf32,
                                       kernel=kernel, features=_per_sample(kernel, features[i]))
                      for i, (op, kernel) in enumerate(zip(self.ops, kernels))]
@@ -187,7 +188,7 @@ class Point:
         return out
 
     def _with_evicted(self, features: list[dict], core_bytes: int, cache_bytes: int | None = None,
-                      hw=None) -> list[dict]:
+                      kernels: list[str] | None = None) -> list[dict]:
         """Each op's features, with EVICTED_FEATURE = 1 where the kernel's own working state is out
         of the core caches when it runs: its first call in the step, or more than `core_bytes` of
         traffic since the last call of the same class at the same FLOPs and bytes (another layer's
@@ -197,7 +198,9 @@ class Point:
         step before), counting no more than the step's peak memory (the point's, where evaluated):
         1 in a training step that holds its activations, gradients and optimizer state past the
         cache; a fraction in an inference step whose activations reuse a few freed blocks."""
-        keys = [(self.kernel_class(i, hw), float(op["flops"]), float(op["bytes"])) for i, op in enumerate(self.ops)]
+        if kernels is None:   # each op's class at this point (timing passes them, chosen with the device)
+            kernels = [self.kernel_class(i) for i in range(len(self.ops))]
+        keys = [(kernel, float(op["flops"]), float(op["bytes"])) for kernel, op in zip(kernels, self.ops)]
         final: dict[tuple, float] = {}    # the traffic when each key's last call in the step ends
         traffic = 0.0
         for key, op in zip(keys, self.ops):
