@@ -227,6 +227,70 @@ def symbolic_pooling():
         meta.div_rtn = previous
 
 
+# The .vec overloads F.interpolate calls (output_size or scale_factors), by the .default overload
+# eager's C++ composite calls with the output size it computed, and whether that one takes
+# align_corners after the size.
+_UPSAMPLE_VEC = {
+    "upsample_nearest1d": False, "upsample_nearest2d": False, "upsample_nearest3d": False,
+    "_upsample_nearest_exact1d": False, "_upsample_nearest_exact2d": False, "_upsample_nearest_exact3d": False,
+    "upsample_linear1d": True, "upsample_bilinear2d": True, "upsample_trilinear3d": True,
+    "upsample_bicubic2d": True, "_upsample_bilinear2d_aa": True, "_upsample_bicubic2d_aa": True,
+}
+
+
+@contextlib.contextmanager
+def eager_upsampling():
+    """Under the Python dispatcher (`python_dispatcher`): F.interpolate traced as the one upsample
+    op eager runs (aten.upsample_nearest2d.default and its backward), not as the Python
+    decomposition's index and arithmetic ops, with the output size still symbolic.
+
+    The .vec overloads' Python kernels (`torch._decomp.decompositions`, registered with `py_impl`
+    for CompositeImplicitAutograd and Autograd) are replaced for the duration by one that computes
+    the size as they do (`upsample_compute_output_size`) and calls the .default overload with the
+    Python dispatcher off, which the C++ dispatcher records as one op. Only where that op and its
+    backward have Python meta kernels (`torch._meta_registrations`: 2-D nearest, nearest-exact and
+    antialiased bilinear on 2.11 and 2.13), which take symbolic sizes where the C++ ones pin them;
+    the others keep the decomposition."""
+    from torch._C import DispatchKey
+    from torch._decomp import global_decomposition_table
+    from torch._decomp.decompositions import upsample_compute_output_size
+    from torch._dispatch.python import no_python_dispatcher
+
+    metas = global_decomposition_table["meta"]
+
+    def kernel(default, align):
+        def run(input, output_size, *rest):
+            corners, scale_factors = rest if align else (None, rest[0])
+            osize = upsample_compute_output_size(input.size(), output_size, scale_factors)
+            scales = list(scale_factors) if scale_factors else [None] * len(osize)
+            with no_python_dispatcher():
+                return default(input, osize, *([corners] if align else []), *scales)
+        return run
+
+    keys = (DispatchKey.CompositeImplicitAutograd, DispatchKey.Autograd)
+    saved = []
+    for name, align in _UPSAMPLE_VEC.items():
+        packet = getattr(torch.ops.aten, name, None)
+        vec, default = getattr(packet, "vec", None), getattr(packet, "default", None)
+        backward = getattr(getattr(torch.ops.aten, f"{name}_backward", None), "default", None)
+        if vec is None or default not in metas or backward not in metas:
+            continue
+        saved.append((vec, {k: vec.py_kernels.get(k) for k in keys}))
+        for k in keys:
+            vec.py_kernels[k] = kernel(default, align)
+        vec._dispatch_cache.clear()
+    try:
+        yield
+    finally:
+        for vec, previous in saved:
+            for k, fn in previous.items():
+                if fn is None:
+                    vec.py_kernels.pop(k, None)
+                else:
+                    vec.py_kernels[k] = fn
+            vec._dispatch_cache.clear()
+
+
 @contextlib.contextmanager
 def symbolic_kernels():
     """Around make_fx on symbolic fake tensors: every kernel fix above (`symbolic_matmul`,

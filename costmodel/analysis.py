@@ -5,6 +5,7 @@ evaluation at concrete points. `analyze()` is the public entry point; `Report` t
 from __future__ import annotations
 
 import collections
+import operator
 from dataclasses import dataclass, field
 
 import sympy
@@ -232,10 +233,17 @@ def _storages(c: cap.Captured, node: fx.Node, category: str) -> tuple[tuple, str
 
 
 def _base(node: fx.Node) -> str:
+    """The node that wrote the storage `node` names: through views, and through the getitem that
+    takes one output of an op of several (native_group_norm's output, read by the SiLU after it,
+    was written by native_group_norm, not first read in the step)."""
     from costmodel.rules import rule_for, view_rule
-    while node.op == "call_function" and isinstance(node.target, torch._ops.OpOverload) \
-            and rule_for(node.target) is view_rule and node.all_input_nodes:
-        node = node.all_input_nodes[0]
+    while node.op == "call_function" and node.all_input_nodes:
+        if node.target is operator.getitem and isinstance(node.args[0], fx.Node):
+            node = node.args[0]
+        elif isinstance(node.target, torch._ops.OpOverload) and rule_for(node.target) is view_rule:
+            node = node.all_input_nodes[0]
+        else:
+            break
     return node.name
 
 

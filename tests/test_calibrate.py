@@ -59,7 +59,8 @@ def test_quick_calibration_measures_each_kernel_class(quick_cpu):
                 "conv.dense.backward.weight:float32", "conv.dense.slow:float32", "conv.depthwise:float32",
                 "attention.flash:float32",
                 "attention.math.backward:float32", "pointwise.tanh", "pointwise", "norm.layer", "softmax",
-                "reduction", "copy", "copy.pad", "embedding", "random.dropout", "optimizer.adamw", "view"):
+                "reduction", "copy", "copy.pad", "embedding", "random.dropout", "optimizer.adamw", "pool.upsample",
+                "pool.upsample.backward", "view"):
         table = hw.kernels[key]
         assert 0 <= table.overhead_s < 1e-2, key
         assert all(r > 0 for r in table.rates), key
@@ -71,6 +72,14 @@ def test_quick_calibration_measures_each_kernel_class(quick_cpu):
     assert streamed.by == "m" and streamed.sizes == (1.0, 2.0, 8.0) and all(r > 0 for r in streamed.rates)
     assert set(streamed.efficiency) == {"n", "k"} and "rotating" in streamed.how
     assert {"m", "k"} <= set(hw.kernels["conv.dense:float32"].efficiency)
+    # poolings: curves of the window and stride areas, 1 at the base call's (max 3x3, average 2x2, stride 2)
+    for key, window in (("pool.max", 9.0), ("pool.max.backward", 9.0), ("pool.avg", 4.0), ("pool.avg.backward", 4.0)):
+        curves = {f: dict(c) for f, c in hw.kernels[key].efficiency.items()}
+        assert set(curves) == {"window", "stride"}, key
+        assert curves["window"][window] == pytest.approx(1.0) and curves["stride"][4.0] == pytest.approx(1.0), key
+    # nearest upsampling: rates on rows of 16, a curve of the row length that is 1 there
+    widths = dict(hw.kernels["pool.upsample"].efficiency["in_width"])
+    assert {8.0, 16.0, 32.0} <= set(widths) and widths[16.0] == pytest.approx(1.0)
     assert "Slow2d" in hw.kernels["conv.dense.slow:float32"].how    # each call checked to run native
     # rated by work, like the others (a grouped backward's work is the kernel's, not FlopCounterMode's)
     assert hw.kernels["conv.depthwise:float32"].by == "work"

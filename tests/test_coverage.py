@@ -159,3 +159,21 @@ def test_unet_interpolate_and_skip_concatenation(mode):
     for b, h, w in ((2, 32, 40), (1, 32, 40), (3, 32, 40), (2, 16, 40), (2, 48, 40), (2, 32, 24), (2, 32, 64)):
         expected = flop_counter_total(M.UNet, {"x": ((b, 3, h, w), torch.float32)}, mode)
         assert formula_at(r, batch=b, height=h, width=w) == expected, (b, h, w)
+
+
+@pytest.mark.parametrize("mode", ["inference", "train"])
+def test_nearest_upsampling_is_captured_as_the_op_eager_runs(mode):
+    """F.interpolate(scale_factor=2) is one aten.upsample_nearest2d per call (and its backward),
+    as eager runs it, not the Python decomposition's index ops; the sizes stay symbolic, and the
+    class reads the input's row length"""
+    r = costmodel.analyze(M.UNet, inputs=["x:float32[batch,3,height,width]"], mode=mode,
+                          dims={"batch": 2, "height": 32, "width": 40})
+    ops = {row["target"]: row for row in r.by_op()}
+    assert ops["aten.upsample_nearest2d.default"]["count"] == 2
+    assert ops.get("aten.upsample_nearest2d_backward.default", {}).get("count") == (2 if mode == "train" else None)
+    assert not [t for t in ops if "index" in t or "arange" in t]
+    pt = r.evaluate(batch=2, height=32, width=40)
+    up = [(op, f) for op, f in zip(pt.ops, pt.features) if op["target"] == "aten.upsample_nearest2d.default"]
+    # 8 channels of 8x10, then 4 of 16x20, batch 2: each read once, written 4x
+    assert [float(op["bytes"]) for op, _ in up] == [5 * 4 * 2 * 8 * 8 * 10, 5 * 4 * 2 * 4 * 16 * 20]
+    assert [f["in_width"] for _, f in up] == [10, 20]

@@ -449,6 +449,26 @@ def test_inputs_the_cache_no_longer_holds_are_read_from_memory(tmp_path):
     assert t_big.time_s > MATMUL.time_s(2 * 128 * 96 * 32, {"m": 128})
 
 
+
+class NormAct(nn.Module):
+    """GroupNorm then SiLU: the SiLU reads one output (a getitem) of native_group_norm's three"""
+
+    def __init__(self):
+        super().__init__()
+        self.norm = nn.GroupNorm(4, 16)
+
+    def forward(self, x):
+        return F.silu(self.norm(x))
+
+
+def test_an_output_of_an_op_of_several_was_written_by_that_op(tmp_path):
+    big = with_cache(tmp_path, cache_bytes=1 << 30)
+    r = analyze(NormAct, inputs=["x:float32[batch,16,8,8]"], dims={"batch": [2]})
+    pt = r.evaluate(batch=2)
+    cold = pt._with_cold_inputs(pt.features, big.cache_bytes)
+    silu = next(i for i, op in enumerate(pt.ops) if op["target"] == "aten.silu.default")
+    assert "cold_bytes" not in cold[silu]     # native_group_norm just wrote it
+
 def test_internal_ops_skip_the_python_binding(tmp_path):
     hw = with_cache(tmp_path, cache_bytes=1 << 30, python_call_s=2e-6)
     assert op_time(1e6, 1e6, "pointwise", "float32", hw, kernel="pointwise").overhead_s == 3e-6

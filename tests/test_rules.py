@@ -225,6 +225,20 @@ def test_pooling():
     assert sum(op["flops"] for op in ops) == 2 * 3 * 64
 
 
+def test_pooling_features_are_the_window_and_stride_areas():
+    from costmodel.hardware.calibrate_kernels import rule_cost
+    x = torch.empty(1, 4, 16, 16)
+    aten = torch.ops.aten
+    cost = rule_cost(aten.max_pool2d_with_indices.default, x, [3, 3], [1, 1], [1, 1])
+    assert (cost.kernel, cost.features["window"], cost.features["stride"]) == ("pool.max", 9, 1)
+    # no stride: the window's; one size: every spatial dimension's
+    cost = rule_cost(aten.avg_pool2d.default, x, [2], [])
+    assert (cost.kernel, cost.features["window"], cost.features["stride"]) == ("pool.avg", 4, 4)
+    y, idx = aten.max_pool2d_with_indices.default(x, [2, 2], [2, 2])
+    cost = rule_cost(aten.max_pool2d_with_indices_backward.default, y, x, [2, 2], [2, 2], [0, 0], [1, 1], False, idx)
+    assert (cost.kernel, cost.features["window"], cost.features["stride"]) == ("pool.max.backward", 4, 4)
+
+
 def test_dropout_train_and_eval():
     train = ops_at(lambda: nn.Sequential(nn.Linear(10, 10), nn.Dropout(0.1)), ["x:float32[b,10]"], mode="train", b=2)
     # dropout decomposes here: mask = bernoulli_(empty_like(x)) / (1 - p); out = x * mask

@@ -75,7 +75,8 @@ _ORIGINAL_SDPA = F.scaled_dot_product_attention
 _BADDBMM = (torch.baddbmm, torch.Tensor.baddbmm)   # the originals (route_sdpa swaps the attributes)
 # C++ composite kernels that read sizes as plain integers, which pins every symbolic size they
 # touch (the batch of an RNN, the image size of an upsample); their Python decompositions, which
-# PyTorch's Python dispatcher runs, keep the sizes symbolic (an RNN still unrolls its sequence).
+# PyTorch's Python dispatcher runs, keep the sizes symbolic (an RNN still unrolls its sequence);
+# F.interpolate's stop at the upsample op eager runs (`_torch.eager_upsampling`).
 _RNN_FUNCTIONS = _torch.rnn_functions()
 _PYTHON_DECOMPOSED = _RNN_FUNCTIONS | {F.interpolate, F.upsample, F.upsample_nearest, F.upsample_bilinear,
                                                F.pad}
@@ -99,7 +100,7 @@ class _RouteSDPA(TorchFunctionMode):
         elif func in GROUPED_MM_FUNCTIONS:
             return call_grouped_mm(*args, **kwargs)
         elif func in _PYTHON_DECOMPOSED:
-            with _torch.python_dispatcher():
+            with _torch.python_dispatcher(), _torch.eager_upsampling():
                 return func(*args, **kwargs)
         return func(*args, **kwargs)
 

@@ -27,7 +27,8 @@ import torch.nn.functional as F
 from torch.utils._pytree import tree_leaves, tree_map
 
 from costmodel.hardware.eager_backend import SLOW_CONV_ELEMENTS, runs_native
-from costmodel.hardware.kernels import ALLOC_FEATURE, INNER_STRIDE_FEATURE, AllocationTable, KernelTable, work_of
+from costmodel.hardware.kernels import (ALLOC_FEATURE, INNER_STRIDE_FEATURE, POOL_STRIDE_FEATURE, POOL_WINDOW_FEATURE,
+                                       UPSAMPLE_WIDTH_FEATURE, AllocationTable, KernelTable, work_of)
 from costmodel.validate.stats import cpu_clock, cuda_block_s, minor_faults
 
 aten = torch.ops.aten
@@ -321,6 +322,7 @@ class Timer:
 
 
 PAGE = 4096
+UPSAMPLE_SIDE = 16      # pool.upsample's base calls: input rows of 16 (a small image's decoder)
 EVICTED_MAX_S = 2e-3    # Timer.evicted: the longest call it measures; the table's largest size holds past it
 
 
@@ -1031,17 +1033,44 @@ def byte_classes(prober: Prober) -> list[Measured]:
         args = (g, sizes, 0, 0, rows(n), 1)
         return lambda: aten.slice_backward.default(*args), aten.slice_backward.default, args, {}
 
-    def max_pool(n):
-        x = image(n)
-        return (lambda: F.max_pool2d(x, 3, 2, 1), aten.max_pool2d_with_indices.default, (x, [3, 3], [2, 2], [1, 1]), {})
+    def pooling(kind: str, backward: bool, k: int, stride: int):
+        """make(n): F.max_pool2d / F.avg_pool2d of a k x k window at `stride` (padding k // 2 for
+        odd windows) of an image of about n elements, or its backward"""
+        pad = k // 2 if k % 2 else 0
+        forward = aten.max_pool2d_with_indices.default if kind == "max" else aten.avg_pool2d.default
+        pool = F.max_pool2d if kind == "max" else F.avg_pool2d
 
-    def max_pool_backward(n):
-        x = image(n)
-        y, ind = aten.max_pool2d_with_indices.default(x, [3, 3], [2, 2], [1, 1])
-        g = torch.randn_like(y)
-        args = (g, x, [3, 3], [2, 2], [1, 1], [1, 1], False, ind)
-        return (lambda: aten.max_pool2d_with_indices_backward.default(*args),
-                aten.max_pool2d_with_indices_backward.default, args, {})
+        def make(n):
+            x = image(n)
+            fwd = (x, [k, k], [stride, stride], [pad, pad])
+            if not backward:
+                return lambda: pool(x, k, stride, pad), forward, fwd, {}
+            y = forward(*fwd)
+            if kind == "max":
+                y, indices = y
+                args = (torch.randn_like(y), x, [k, k], [stride, stride], [pad, pad], [1, 1], False, indices)
+                op = aten.max_pool2d_with_indices_backward.default
+            else:
+                args = (torch.randn_like(y), x, [k, k], [stride, stride], [pad, pad], False, True, None)
+                op = aten.avg_pool2d_backward.default
+            return lambda: op(*args), op, args, {}
+        return make
+
+    def upsample(n, side=UPSAMPLE_SIDE):
+        """F.interpolate(x, scale_factor=2) (nearest) of about n/5 elements in rows of `side`
+        (n/5 read, 4n/5 written), the channels growing with n; tiny: fewer than a row's"""
+        side = side if n >= 5 * side * side else max(1, int(math.sqrt(n / 5)))
+        x = t(1, max(1, n // (5 * side * side)), side, side)
+        args = (x, [2 * side, 2 * side], 2.0, 2.0)
+        return (lambda: F.interpolate(x, scale_factor=2, mode="nearest"), aten.upsample_nearest2d.default, args, {})
+
+    def upsample_backward(n):
+        side = UPSAMPLE_SIDE if n >= 5 * UPSAMPLE_SIDE ** 2 else max(1, int(math.sqrt(n / 5)))
+        c = max(1, n // (5 * side * side))
+        g = t(1, c, 2 * side, 2 * side)
+        args = (g, [2 * side, 2 * side], [1, c, side, side], 2.0, 2.0)
+        return (lambda: aten.upsample_nearest2d_backward.default(*args), aten.upsample_nearest2d_backward.default,
+                args, {})
 
     def avg_pool(n):
         x = image(n)
@@ -1070,10 +1099,9 @@ def byte_classes(prober: Prober) -> list[Measured]:
         ("embedding.backward", embedding_backward, "aten.embedding_dense_backward into a table of 4x the rows"),
         ("index", index, f"x.index_select(0, idx), rows of {d}"),
         ("index.scatter", scatter, "aten.slice_backward (zeros, then the slice written)"),
-        ("pool.max", max_pool, "F.max_pool2d(x, 3, 2, 1), 64 channels"),
-        ("pool.max.backward", max_pool_backward, "aten.max_pool2d_with_indices_backward, 3x3 stride 2"),
-        ("pool.avg", avg_pool, "F.avg_pool2d(x, 2), 64 channels"),
         ("pool.adaptive", adaptive_pool, "F.adaptive_avg_pool2d(x, 1), 64 channels"),
+        ("pool.upsample.backward", upsample_backward,
+         f"aten.upsample_nearest2d_backward of a 2x nearest upsampling, input rows of {UPSAMPLE_SIDE}"),
     ]
     def nhwc(n):
         """a channels-first tensor's channels-last view (as x.permute(0, 2, 3, 1) makes it)"""
@@ -1125,6 +1153,37 @@ def byte_classes(prober: Prober) -> list[Measured]:
         curves_how=f"curve of inner_stride_bytes at {n} elements: the view steps 16, 64 or 256 channels (16x16 "
                    f"planes), or 16x16, 32x32 or 64x64 planes (a channels-last tensor plus a channels-first view, "
                    f"64 channels)"))
+    # Poolings: rates on one window and stride (max: a ResNet stem's 3x3 stride 2; average 2x2),
+    # curves of the window area at stride 2 and of the stride area at that window. A window's
+    # time per output grows with its area, and the bytes per output (each input read once) with
+    # the stride's: 3x3 at stride 1 moves 16 bytes an output where stride 2 moves 28, in about the
+    # same time.
+    for kind, k0 in (("max", 3), ("avg", 2)):
+        for backward in (False, True):
+            kernel = f"pool.{kind}" + (".backward" if backward else "")
+            prober.progress(kernel)
+            curves = {POOL_WINDOW_FEATURE: [prober.instance(lambda: pooling(kind, backward, k, 2)(n), kernel)
+                                            for k in sorted({2, 3, 5} | {k0})],
+                      POOL_STRIDE_FEATURE: [prober.instance(lambda: pooling(kind, backward, k0, s_)(n), kernel)
+                                            for s_ in (1, 2, 3)]}
+            call = ("aten.max_pool2d_with_indices_backward" if kind == "max" else "aten.avg_pool2d_backward") \
+                if backward else f"F.{kind}_pool2d(x, k, stride, k // 2 for odd k)"
+            out.append(prober.bytes_class(
+                kernel, pooling(kind, backward, k0, 2), f"{call}, {k0}x{k0} stride 2, 64 channels",
+                curves=curves, curves_how=f"curves at {n} elements: windows 2x2, 3x3, 5x5 at stride 2 (window), "
+                                          f"strides 1, 2, 3 at {k0}x{k0} (stride)"))
+    # A channels-first CPU kernel (TensorIterator over the output, an index per position) runs
+    # short rows several times slower than long ones, and slower still as the tensor grows
+    # (this host, one thread: rows of 16 at 0.75 down to 0.09 Gelem/s, rows of 64 at 1.6-3.0):
+    # rates by size on rows of UPSAMPLE_SIDE, a curve of the row length at one size.
+    prober.progress("pool.upsample")
+    curve = [prober.instance(lambda: upsample(n, side), "pool.upsample")
+             for side in (8, 16, 24, 32, 48, 64, 128) if 5 * side * side <= n]
+    out.append(prober.bytes_class(
+        "pool.upsample", upsample, f"F.interpolate(x, scale_factor=2, mode='nearest'), input rows of {UPSAMPLE_SIDE}",
+        curves={UPSAMPLE_WIDTH_FEATURE: curve},
+        curves_how=f"curve of the input's row length (in_width) at {n} elements: rows of "
+                   f"{[int(i.cost.features[UPSAMPLE_WIDTH_FEATURE]) for i in curve]}"))
     return out
 
 

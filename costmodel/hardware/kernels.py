@@ -91,6 +91,9 @@ FEATURES = {
     "attention": ("batch_heads", "L", "S", "E"),
     # pointwise.strided: the bytes between consecutive loads of the input read against the loop
     "pointwise": ("inner_stride_bytes",),
+    # pool.max, pool.avg: the window and stride areas; pool.upsample: the input's row length (a
+    # channels-first CPU kernel runs short rows slowly)
+    "pool": ("window", "stride", "in_width"),
 }
 ALLOC_FEATURE = "alloc_bytes"   # every op: bytes of its largest freshly allocated output
 INTERNAL_FEATURE = "internal"   # 1: eager runs it inside another op's call (no Python binding of its own)
@@ -101,6 +104,9 @@ STRIDED_FEATURE = "strided_bytes"  # permuted inputs a norm, softmax or convolut
 # loop runs along its first input's densest dimension: a channels-last view read along a
 # channels-first tensor's rows jumps a channel's width, the other way round a whole plane)
 INNER_STRIDE_FEATURE = "inner_stride_bytes"
+UPSAMPLE_WIDTH_FEATURE = "in_width"  # an upsampling's input row length (pool.upsample's curve)
+POOL_WINDOW_FEATURE = "window"       # a pooling's window area (kh * kw)
+POOL_STRIDE_FEATURE = "stride"       # a pooling's stride area (sh * sw): input positions per output
 EVICTED_FEATURE = "evicted"        # 1: the traffic since this call last ran (same class and size) filled the core's cache
 LLC_EVICTED_FEATURE = "llc_evicted"  # of an evicted call: the share of the last-level cache that traffic displaced
 INPUTS_OUT_FEATURE = "inputs_out"  # the share of the bytes it reads that the core caches no longer hold

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import torch
 
+from costmodel.hardware.kernels import POOL_STRIDE_FEATURE, POOL_WINDOW_FEATURE, UPSAMPLE_WIDTH_FEATURE
 from costmodel.rules.cost import COPY, EMBEDDING, FACTORY, INDEX, LOSS, POINTWISE, POOL, REDUCTION, SOFTMAX, OpCost
 from costmodel.rules.registry import TensorSpec, nbytes_of, prod, register, tensors_in, view_rule
 
@@ -229,7 +230,8 @@ def item(x: TensorSpec, *args, out=None, **_) -> OpCost:
 def pool(x: TensorSpec, kernel_size, *args, out, op=None, **_) -> OpCost:
     """one compare/add per window element per output element"""
     outs = tensors_in(out)
-    return OpCost(outs[0].numel * prod(kernel_size), x.nbytes, nbytes_of(outs), POOL, kernel=_pool_class(op))
+    return OpCost(outs[0].numel * prod(kernel_size), x.nbytes, nbytes_of(outs), POOL, kernel=_pool_class(op),
+                  features=_window(op, kernel_size, args[0] if args else None))
 
 
 @register(aten.max_pool2d_with_indices_backward, aten.max_pool3d_with_indices_backward,
@@ -237,7 +239,7 @@ def pool(x: TensorSpec, kernel_size, *args, out, op=None, **_) -> OpCost:
 def pool_backward(grad_out: TensorSpec, x: TensorSpec, kernel_size, *args, out, op=None, **_) -> OpCost:
     """scatter each output gradient back over its window"""
     return OpCost(grad_out.numel * prod(kernel_size), grad_out.nbytes + nbytes_of(tensors_in(args)),
-                  out.nbytes, POOL, kernel=_pool_class(op))
+                  out.nbytes, POOL, kernel=_pool_class(op), features=_window(op, kernel_size, args[0] if args else None))
 
 
 @register(aten._adaptive_avg_pool2d, aten._adaptive_avg_pool3d, aten.adaptive_avg_pool1d,
@@ -250,19 +252,45 @@ def adaptive_pool(x: TensorSpec, *args, out, op=None, **_) -> OpCost:
                   kernel="pool.adaptive" + (".backward" if "backward" in str(op) else ""))
 
 
-@register(aten.upsample_nearest1d, aten.upsample_nearest2d, aten.upsample_nearest3d, aten._upsample_nearest_exact2d,
-          aten.upsample_bilinear2d, aten.upsample_bicubic2d, aten.upsample_linear1d, aten.upsample_trilinear3d,
-          aten._upsample_bilinear2d_aa, aten.grid_sampler_2d)
-def upsample(x: TensorSpec, *args, out, **_) -> OpCost:
-    """interpolation: a few FLOPs per output element (4 for bilinear weights, 0 for nearest)"""
-    return OpCost(4 * out.numel, x.nbytes, out.nbytes, POOL, kernel="pool.upsample")
+_NEAREST = (aten.upsample_nearest1d, aten.upsample_nearest2d, aten.upsample_nearest3d, aten._upsample_nearest_exact1d,
+            aten._upsample_nearest_exact2d, aten._upsample_nearest_exact3d)
+_NEAREST_BACKWARD = (aten.upsample_nearest1d_backward, aten.upsample_nearest2d_backward,
+                     aten.upsample_nearest3d_backward, aten._upsample_nearest_exact1d_backward,
+                     aten._upsample_nearest_exact2d_backward, aten._upsample_nearest_exact3d_backward)
 
 
-@register(aten.upsample_nearest1d_backward, aten.upsample_nearest2d_backward, aten.upsample_nearest3d_backward,
-          aten.upsample_bilinear2d_backward, aten.upsample_bicubic2d_backward, aten.upsample_linear1d_backward,
-          aten.upsample_trilinear3d_backward, aten._upsample_nearest_exact2d_backward)
-def upsample_backward(grad_out: TensorSpec, *args, out, **_) -> OpCost:
-    return OpCost(4 * grad_out.numel, grad_out.nbytes, out.nbytes, POOL, kernel="pool.upsample.backward")
+@register(*_NEAREST, aten.upsample_bilinear2d, aten.upsample_bicubic2d, aten.upsample_linear1d,
+          aten.upsample_trilinear3d, aten._upsample_bilinear2d_aa, aten._upsample_bicubic2d_aa, aten.grid_sampler_2d)
+def upsample(x: TensorSpec, *args, out, op=None, **_) -> OpCost:
+    """interpolation: a few FLOPs per output element (4 for bilinear weights, 0 for nearest).
+    Class pool.upsample (nearest: a copy of gathered elements), pool.upsample.linear (weighted);
+    a channels-first CPU kernel's speed depends on the row length (UPSAMPLE_WIDTH_FEATURE)."""
+    kind = "pool.upsample" + ("" if getattr(op, "overloadpacket", op) in _NEAREST else ".linear")
+    return OpCost(4 * out.numel, x.nbytes, out.nbytes, POOL, kernel=kind, features={UPSAMPLE_WIDTH_FEATURE: x.shape[-1]})
+
+
+@register(*_NEAREST_BACKWARD, aten.upsample_bilinear2d_backward, aten.upsample_bicubic2d_backward,
+          aten.upsample_linear1d_backward, aten.upsample_trilinear3d_backward, aten._upsample_bilinear2d_aa_backward,
+          aten._upsample_bicubic2d_aa_backward)
+def upsample_backward(grad_out: TensorSpec, *args, out, op=None, **_) -> OpCost:
+    """every output gradient added into the input's: pool.upsample.backward (nearest),
+    pool.upsample.linear.backward"""
+    kind = "pool.upsample" + ("" if getattr(op, "overloadpacket", op) in _NEAREST_BACKWARD else ".linear")
+    return OpCost(4 * grad_out.numel, grad_out.nbytes, out.nbytes, POOL, kernel=kind + ".backward")
+
+
+def _window(op, kernel_size, stride) -> dict:
+    """A pooling's window and stride as areas (POOL_WINDOW_FEATURE, POOL_STRIDE_FEATURE): its time
+    per output grows with the window, its bytes per output with the stride (each input read once),
+    and neither is the other. A single size stands for every spatial dimension; no stride is the
+    window's."""
+    name = str(getattr(op, "overloadpacket", op) or "")
+    dims = 3 if "3d" in name else 1 if "1d" in name else 2
+
+    def area(sizes):
+        sizes = list(sizes) if isinstance(sizes, (list, tuple)) else [sizes]
+        return prod(sizes * dims if len(sizes) == 1 else sizes)
+    return {POOL_WINDOW_FEATURE: area(kernel_size), POOL_STRIDE_FEATURE: area(stride if stride else kernel_size)}
 
 
 def _pool_class(op) -> str:
