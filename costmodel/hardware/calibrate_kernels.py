@@ -102,7 +102,7 @@ def kernel_plan(device: str, quick: bool) -> KernelPlan:
         # Sizes: from one cache line to 16 MiB per tensor (past this machine's L2, into L3 and DRAM);
         # no output reaches glibc's mmap threshold (32 MiB) except in the allocation probe.
         return KernelPlan(
-            block_s=0.004, blocks=7, elements=(16, 1024, 16384, 262144, 1048576, 4194304),
+            block_s=0.004, blocks=7, elements=(16, 1024, 16384, 65536, 262144, 1048576, 4194304),
             pointwise_ops=_POINTWISE_ALL, mm_ref=256, mm_cubes=(256, 512, 1024),
             mm_curve=(1, 4, 16, 64, 256, 1024, 4096), stream_ref=4096, stream_m=(1, 2, 3, 4, 8, 16, 64, 256),
             stream_n=(512, 2048, 8192, 32768), stream_k=(512, 1024, 2048, 8192), bmm_batch=16, bmm_ref=128,
