@@ -291,6 +291,89 @@ def eager_upsampling():
             vec._dispatch_cache.clear()
 
 
+_CONV_OPS = ("convolution.default", "_convolution.default", "convolution_backward.default")
+
+
+def _cpu_conv_format(input_, weight, kwargs: dict):
+    """The memory format eager's CPU convolution gives its output (and a backward its input and
+    weight gradients) for these operands: the backend torch picks for CPU tensors of their
+    sizes and strides (at the trace's hints), and that backend's format. None where it cannot be
+    told (sizes without a hint)."""
+    try:
+        def cpu(t):
+            return torch.empty_strided([int(v.node.hint) if isinstance(v, torch.SymInt) else int(v) for v in t.shape],
+                                       [int(v.node.hint) if isinstance(v, torch.SymInt) else int(v) for v in t.stride()],
+                                       dtype=t.dtype, device="cpu")
+        from torch._subclasses.fake_tensor import unset_fake_temporarily
+        with unset_fake_temporarily():
+            x, w = cpu(input_), cpu(weight)
+            bias = kwargs.get("bias")
+            select = {k: kwargs[k] for k in ("stride", "padding", "dilation", "transposed", "output_padding", "groups")}
+            select = {k: [int(v) for v in val] if isinstance(val, (list, tuple)) else int(val) if k == "groups" else val
+                      for k, val in select.items()}
+            if bias is not None:
+                select["bias"] = cpu(bias)
+            else:
+                select["bias"] = None
+                sizes = kwargs.get("bias_sizes")
+                select["bias_sizes"] = [int(v) for v in sizes] if sizes is not None else None
+            backend = torch._C._select_conv_backend(x, w, **select)
+            return torch._C._conv_determine_backend_memory_format(x, w, backend)
+    except (TypeError, RuntimeError, AttributeError, ValueError):
+        return None
+
+
+@contextlib.contextmanager
+def eager_conv_layouts():
+    """Around tracing on the meta device: a convolution's output (and a convolution backward's
+    input and weight gradients) laid out as eager on a CPU lays it out, channels-last where the
+    input or weight suggests it (oneDNN and the native kernel follow their operands). FakeTensor's
+    convolution decides the layout from the backend of the fake device, and the meta device's
+    (`Overrideable`) leaves every output contiguous: HF ConvNeXt, whose blocks permute around
+    LayerNorm, would show 1 of its 5 depthwise convolutions on a channels-last input where eager
+    has all 5. Wraps the convolution entries of `torch._subclasses.fake_impls`'s registry."""
+    from torch._subclasses import fake_impls
+    from torch._subclasses.fake_tensor import FakeTensor
+    registry = fake_impls.op_implementations_dict
+    ops = [getattr(torch.ops.aten, name.split(".")[0]).default for name in _CONV_OPS]
+    saved = {op: registry[op] for op in ops if op in registry}
+
+    def wrap(original):
+        def conv(fake_mode, func, *args, **kwargs):
+            out = original(fake_mode, func, *args, **kwargs)
+            first = out[0] if isinstance(out, tuple) else out
+            if not isinstance(first, FakeTensor) or first.fake_device.type != "meta" or first.dim() != 4:
+                return out
+            _, named = fake_impls._normalize_function_or_error(func, args=args, kwargs=kwargs,
+                                                                normalize_to_only_use_kwargs=True)
+            fmt = _cpu_conv_format(named["input"], named["weight"], named)
+            if fmt is None or fmt == torch.contiguous_format:
+                return out
+
+            def convert(t):
+                if t is None or t.dim() != 4 or t.is_contiguous(memory_format=fmt):
+                    return t
+                with fake_impls.in_kernel_invocation_manager(fake_mode):
+                    moved = t.to(memory_format=fmt)
+                return FakeTensor(fake_mode, moved, t.fake_device)
+            if isinstance(out, tuple):
+                return (convert(out[0]), convert(out[1]), out[2])
+            return convert(out)
+        return conv
+
+    # FakeTensorMode caches op results across modes (keyed on the operands, not on the registry):
+    # none made with the other layouts may answer inside, nor these outside
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    FakeTensorMode.cache_clear()
+    for op, original in saved.items():
+        registry[op] = wrap(original)
+    try:
+        yield
+    finally:
+        registry.update(saved)
+        FakeTensorMode.cache_clear()
+
+
 @contextlib.contextmanager
 def symbolic_kernels():
     """Around make_fx on symbolic fake tensors: every kernel fix above (`symbolic_matmul`,

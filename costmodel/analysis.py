@@ -285,7 +285,23 @@ def _strided_inputs(c: cap.Captured, node: fx.Node, category: str, kernel, featu
         return "pointwise.strided", features if stride is None else {**features, INNER_STRIDE_FEATURE: stride}
     if category == COPY:
         return "copy.strided", features
+    if category == CONV and _channels_last_data(node):
+        # eager runs a convolution of a channels-last input channels-last (oneDNN, no copy): its
+        # own class where the device measured one; the copy stays for one that did not
+        kernel = kernel + CHANNELS_LAST
     return kernel, {**features, STRIDED_FEATURE: sympy.Add(*strided)}
+
+
+CHANNELS_LAST = ".channels_last"    # the class suffix of a convolution eager runs channels-last
+
+
+def _channels_last_data(node: fx.Node) -> bool:
+    """Whether a convolution's data input (a backward's saved input, not its gradient) is laid
+    out channels-last: what eager's choice of layout follows."""
+    index = 1 if "backward" in str(node.target) else 0
+    arg = node.args[index] if len(node.args) > index else None
+    value = arg.meta.get("val") if isinstance(arg, fx.Node) else None
+    return isinstance(value, torch.Tensor) and value.dim() == 4 and _permuted(value)
 
 
 def _hint(x) -> int:

@@ -60,7 +60,8 @@ def test_quick_calibration_measures_each_kernel_class(quick_cpu):
                 "attention.flash:float32",
                 "attention.math.backward:float32", "pointwise.tanh", "pointwise", "norm.layer", "softmax",
                 "reduction", "copy", "copy.pad", "embedding", "random.dropout", "optimizer.adamw", "pool.upsample",
-                "pool.upsample.backward", "view"):
+                "pool.upsample.backward", "conv.dense.channels_last:float32", "conv.dense.backward.channels_last:float32",
+                "conv.depthwise.channels_last:float32", "conv.depthwise.backward.channels_last:float32", "view"):
         table = hw.kernels[key]
         assert 0 <= table.overhead_s < 1e-2, key
         assert all(r > 0 for r in table.rates), key
@@ -81,6 +82,7 @@ def test_quick_calibration_measures_each_kernel_class(quick_cpu):
     widths = dict(hw.kernels["pool.upsample"].efficiency["in_width"])
     assert {8.0, 16.0, 32.0} <= set(widths) and widths[16.0] == pytest.approx(1.0)
     assert "Slow2d" in hw.kernels["conv.dense.slow:float32"].how    # each call checked to run native
+    assert "channels-last" in hw.kernels["conv.depthwise.backward.channels_last:float32"].how
     # rated by work, like the others (a grouped backward's work is the kernel's, not FlopCounterMode's)
     assert hw.kernels["conv.depthwise:float32"].by == "work"
     assert hw.kernels["conv.depthwise.backward:float32"].by == "work"

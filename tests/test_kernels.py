@@ -395,6 +395,53 @@ def test_permuted_inputs_name_strided_classes():
     assert ops["aten.add.Tensor"][1]["inner_stride_bytes"] == 8 * 4
 
 
+class ChannelsLastConvs(nn.Module):
+    """A dense convolution of a channels-last view, then a depthwise one of its output"""
+
+    def __init__(self):
+        super().__init__()
+        self.dense, self.dw = nn.Conv2d(8, 8, 3, padding=1), nn.Conv2d(8, 8, 7, padding=3, groups=8)
+
+    def forward(self, x):
+        return self.dw(self.dense(x.permute(0, 2, 3, 1).contiguous().permute(0, 3, 1, 2)))
+
+
+@pytest.mark.parametrize("mode", ["inference", "train"])
+def test_convolutions_of_channels_last_inputs_have_their_own_classes(mode):
+    # eager on a CPU gives a convolution of a channels-last input a channels-last output, and so
+    # the depthwise convolution after it a channels-last input; the capture (on the meta device)
+    # lays them out the same
+    x = torch.randn(2, 8, 6, 6)
+    m = ChannelsLastConvs()
+    assert m.dense(x.permute(0, 2, 3, 1).contiguous().permute(0, 3, 1, 2)).is_contiguous(memory_format=torch.channels_last)
+    r = analyze(ChannelsLastConvs, inputs=["x:float32[batch,8,h,h]"], mode=mode, dims={"batch": [2], "h": [6]})
+    convs = [k for t, k, _ in classes(r, {"batch": 2, "h": 6}) if k.startswith("conv")]
+    expected = ["conv.dense.channels_last", "conv.depthwise.channels_last"]
+    if mode == "train":   # the backward's data input is the forward's: channels-last too (the
+        # first one's input needs no gradient: its weight's only)
+        expected += ["conv.depthwise.backward.channels_last", "conv.dense.backward.weight.channels_last"]
+    assert convs == expected
+
+
+def test_a_channels_last_class_prices_without_the_copy_its_fallback_adds(tmp_path):
+    base = KernelTable("conv.depthwise", "float32", 1e-6, (1.0, 1e12), (1e10, 1e10))
+    fast = dataclasses.replace(base, kernel="conv.depthwise.channels_last", rates=(2e10, 2e10))
+    copy = KernelTable("copy.strided", None, 1e-6, (1.0, 1e12), (1e9, 1e9))
+    tables = {"kernels.\"conv.depthwise:float32\"": base.to_dict(), "kernels.\"copy.strided\"": copy.to_dict()}
+    path = tmp_path / "a.toml"
+    path.write_text(CPU + _to_toml("t", {}, tables).split("\n", 1)[1])
+    without = load_hardware(str(path))
+    tables["kernels.\"conv.depthwise.channels_last:float32\""] = fast.to_dict()
+    path.write_text(CPU + _to_toml("t", {}, tables).split("\n", 1)[1])
+    with_cl = load_hardware(str(path))
+    f = {"strided_bytes": 1e6}
+    t_without = op_time(1e8, 1e6, "conv", "float32", without, kernel="conv.depthwise.channels_last", features=f)
+    t_with = op_time(1e8, 1e6, "conv", "float32", with_cl, kernel="conv.depthwise.channels_last", features=f)
+    # the fallback: the channels-first rate plus the contiguous copy (2x the strided bytes at 1 GB/s)
+    assert t_without.time_s == pytest.approx(1e-6 + 1e8 / 1e10 + 2e6 / 1e9)
+    assert t_with.time_s == pytest.approx(1e-6 + 1e8 / 2e10)
+
+
 def test_the_order_of_the_operands_sets_the_inner_stride_of_a_strided_add():
     class Across(nn.Module):
         def forward(self, x):

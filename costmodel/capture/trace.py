@@ -374,7 +374,7 @@ def _capture(model: nn.Module, inputs: list[InputSpec], options, hints, fixed, p
                             exclude=exclude)
     checkpointing = options.checkpointing if mode == "train" else "none"
     try:
-        with _torch.symbolic_kernels(), _torch.backward_meta_fields(), fake_mode, paths, \
+        with _torch.symbolic_kernels(), _torch.eager_conv_layouts(), _torch.backward_meta_fields(), fake_mode, paths, \
                 fx_traceback.preserve_node_meta(), route_sdpa(options.device), _torch.copied_meta_field(PYTHON_CALL), \
                 _PythonCalls(), eager_decisions(is_input), \
                 balanced_experts(model, options.moe_imbalance), _torch.python_dispatcher(python_dispatcher), \

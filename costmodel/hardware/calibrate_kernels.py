@@ -622,7 +622,7 @@ class Prober:
     # --- convolutions ---------------------------------------------------------------------------------
 
     @_finished
-    def conv(self, kind: str, backward: str | None, dtype: str) -> Measured:
+    def conv(self, kind: str, backward: str | None, dtype: str, channels_last: bool = False) -> Measured:
         """F.conv2d (or conv_transpose2d) as the modules call it, padding 'same'; backward "input"
         is aten.convolution_backward for input, weight and bias gradients, "weight" without the
         input's (a first layer). Rates by work on growing shapes; efficiency curves of the GEMM
@@ -631,7 +631,10 @@ class Prober:
         dt = _DTYPES[dtype]
         p = self.plan
         B = p.conv_batch
-        kernel = f"conv.{kind}" + ({"input": ".backward", "weight": ".backward.weight"}[backward] if backward else "")
+        rule_kernel = f"conv.{kind}" + ({"input": ".backward", "weight": ".backward.weight"}[backward] if backward else "")
+        # channels_last: the input laid out channels-last (the gradient follows the output, as in a
+        # model), where eager runs the convolution channels-last; the rule names the class without it
+        kernel = rule_kernel + (".channels_last" if channels_last else "")
         mask = [backward == "input", True, True]
 
         def run(cin, cout, side, k, groups=1, batch=B, stride=1):
@@ -646,6 +649,8 @@ class Prober:
 
             def make():
                 x = self.t(batch, cin, side, side, dtype=dt)
+                if channels_last:
+                    x = x.contiguous(memory_format=torch.channels_last)
                 w = self.t(cin, cout // groups, k, k, dtype=dt) if transposed else \
                     self.t(cout, cin // groups, k, k, dtype=dt)
                 bias = self.t(cout, dtype=dt)
@@ -659,7 +664,8 @@ class Prober:
                 bargs = (g, x, w, [cout], [stride, stride], [pad, pad], [1, 1], transposed, [0, 0], groups, mask)
                 return lambda: aten.convolution_backward.default(*bargs), aten.convolution_backward.default, bargs, {}
             # the native class: the rule names conv.dense, the point's backend (eager_backend) the rest
-            return self.instance(make, kernel, rotate=False, rule_class="conv.dense" if kind == "dense.slow" else None)
+            return self.instance(make, kernel, rotate=False,
+                                 rule_class="conv.dense" if kind == "dense.slow" else rule_kernel)
 
         sides, ref_side = p.conv_sides, p.conv_side
         ref = p.conv_ref
@@ -723,7 +729,9 @@ class Prober:
         measured.how = self.how({None: "F.conv_transpose2d " if kind == "transposed" else "F.conv2d ",
                                  "input": "aten.convolution_backward (input, weight and bias gradients) of ",
                                  "weight": "aten.convolution_backward (weight and bias gradients) of "}[backward]
-                                + (f"{dtype}; {what}" if kind == "dense.slow" else f"{dtype}, batch {B}; {what}"))
+                                + (f"{dtype}; {what}" if kind == "dense.slow" else f"{dtype}, batch {B}; {what}")
+                                + ("; every input channels-last (x.contiguous(memory_format=torch.channels_last)), "
+                                   "the gradient as the output" if channels_last else ""))
         return measured
 
     # --- attention ------------------------------------------------------------------------------------
@@ -1209,6 +1217,13 @@ def _classes(prober: Prober, plan: KernelPlan, device: str) -> list[Measured]:
             for backward in (None, "input", "weight") if kind == "dense" else (None, "input"):
                 prober.progress(f"conv.{kind} {backward or 'forward'} {dtype}")
                 measured.append(prober.conv(kind, backward, dtype))
+        if device == "cpu":
+            # a channels-last input (a net that permutes around its norms, as ConvNeXt does): oneDNN
+            # runs it channels-last, at other rates (a 7x7 depthwise backward 3x faster)
+            for kind in ("dense", "depthwise"):
+                for backward in (None, "input"):
+                    prober.progress(f"conv.{kind} channels-last {backward or 'forward'} {dtype}")
+                    measured.append(prober.conv(kind, backward, dtype, channels_last=True))
         if device == "cpu" and plan.conv_slow_channels:
             prober.progress(f"conv.dense.slow forward {dtype}")
             measured.append(prober.conv("dense.slow", None, dtype))

@@ -215,7 +215,8 @@ def _measured_time(flops: float, bytes: float, category: str, dtype: str, hw: "H
         compute_time_s, memory_time_s = kernel_s, bytes / bandwidth
     else:
         compute_time_s, memory_time_s = flops / peak, kernel_s
-    strided = float(features.get(STRIDED_FEATURE, 0))
+    # a class measured channels-last (conv.depthwise.channels_last) ran on such operands: no copy
+    strided = 0.0 if table.kernel.endswith(".channels_last") else float(features.get(STRIDED_FEATURE, 0))
     copy = hw.kernel_table("copy.strided", None) if strided else None
     if copy is not None and copy.kernel == "copy.strided":    # the contiguous copy the kernel makes first
         kernel_s += copy.kernel_time_s(2 * strided)
