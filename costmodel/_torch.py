@@ -300,23 +300,22 @@ def _cpu_conv_format(input_, weight, kwargs: dict):
     sizes and strides (at the trace's hints), and that backend's format. None where it cannot be
     told (sizes without a hint)."""
     try:
+        def hint(v):
+            return int(v.node.hint) if isinstance(v, torch.SymInt) else int(v)
+
         def cpu(t):
-            return torch.empty_strided([int(v.node.hint) if isinstance(v, torch.SymInt) else int(v) for v in t.shape],
-                                       [int(v.node.hint) if isinstance(v, torch.SymInt) else int(v) for v in t.stride()],
-                                       dtype=t.dtype, device="cpu")
+            return torch.empty_strided([hint(v) for v in t.shape], [hint(v) for v in t.stride()], dtype=t.dtype)
         from torch._subclasses.fake_tensor import unset_fake_temporarily
         with unset_fake_temporarily():
             x, w = cpu(input_), cpu(weight)
+            select = {k: [hint(v) for v in kwargs[k]] for k in ("stride", "padding", "dilation", "output_padding")}
+            select.update(transposed=bool(kwargs["transposed"]), groups=hint(kwargs["groups"]))
             bias = kwargs.get("bias")
-            select = {k: kwargs[k] for k in ("stride", "padding", "dilation", "transposed", "output_padding", "groups")}
-            select = {k: [int(v) for v in val] if isinstance(val, (list, tuple)) else int(val) if k == "groups" else val
-                      for k, val in select.items()}
-            if bias is not None:
+            if bias is not None:    # a convolution's bias; a backward's bias_sizes
                 select["bias"] = cpu(bias)
             else:
-                select["bias"] = None
                 sizes = kwargs.get("bias_sizes")
-                select["bias_sizes"] = [int(v) for v in sizes] if sizes is not None else None
+                select.update(bias=None, bias_sizes=[hint(v) for v in sizes] if sizes is not None else None)
             backend = torch._C._select_conv_backend(x, w, **select)
             return torch._C._conv_determine_backend_memory_format(x, w, backend)
     except (TypeError, RuntimeError, AttributeError, ValueError):
@@ -330,8 +329,8 @@ def eager_conv_layouts():
     input or weight suggests it (oneDNN and the native kernel follow their operands). FakeTensor's
     convolution decides the layout from the backend of the fake device, and the meta device's
     (`Overrideable`) leaves every output contiguous: HF ConvNeXt, whose blocks permute around
-    LayerNorm, would show 1 of its 5 depthwise convolutions on a channels-last input where eager
-    has all 5. Wraps the convolution entries of `torch._subclasses.fake_impls`'s registry."""
+    LayerNorm, would show 1 of its 9 convolutions on a channels-last input where eager has 8.
+    Wraps the convolution entries of `torch._subclasses.fake_impls`'s registry."""
     from torch._subclasses import fake_impls
     from torch._subclasses.fake_tensor import FakeTensor
     registry = fake_impls.op_implementations_dict

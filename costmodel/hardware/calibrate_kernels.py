@@ -1064,25 +1064,23 @@ def byte_classes(prober: Prober) -> list[Measured]:
             return lambda: op(*args), op, args, {}
         return make
 
-    def upsample(n, side=UPSAMPLE_SIDE):
-        """F.interpolate(x, scale_factor=2) (nearest) of about n/5 elements in rows of `side`
-        (n/5 read, 4n/5 written), the channels growing with n; tiny: fewer than a row's"""
+    def upsampled(n, side):
+        """(channels, side) of a 2x nearest upsampling of about n elements in all (n/5 read, 4n/5
+        written) in rows of `side`, the channels growing with n; tiny: fewer than a row's"""
         side = side if n >= 5 * side * side else max(1, int(math.sqrt(n / 5)))
-        x = t(1, max(1, n // (5 * side * side)), side, side)
+        return max(1, n // (5 * side * side)), side
+
+    def upsample(n, side=UPSAMPLE_SIDE):
+        c, side = upsampled(n, side)
+        x = t(1, c, side, side)
         args = (x, [2 * side, 2 * side], 2.0, 2.0)
         return (lambda: F.interpolate(x, scale_factor=2, mode="nearest"), aten.upsample_nearest2d.default, args, {})
 
     def upsample_backward(n):
-        side = UPSAMPLE_SIDE if n >= 5 * UPSAMPLE_SIDE ** 2 else max(1, int(math.sqrt(n / 5)))
-        c = max(1, n // (5 * side * side))
-        g = t(1, c, 2 * side, 2 * side)
-        args = (g, [2 * side, 2 * side], [1, c, side, side], 2.0, 2.0)
+        c, side = upsampled(n, UPSAMPLE_SIDE)
+        args = (t(1, c, 2 * side, 2 * side), [2 * side, 2 * side], [1, c, side, side], 2.0, 2.0)
         return (lambda: aten.upsample_nearest2d_backward.default(*args), aten.upsample_nearest2d_backward.default,
                 args, {})
-
-    def avg_pool(n):
-        x = image(n)
-        return lambda: F.avg_pool2d(x, 2), aten.avg_pool2d.default, (x, [2, 2], [2, 2]), {}
 
     def adaptive_pool(n):
         x = image(n)
