@@ -298,7 +298,8 @@ def _cpu_conv_format(input_, weight, kwargs: dict):
     """The memory format eager's CPU convolution gives its output (and a backward its input and
     weight gradients) for these operands: the backend torch picks for CPU tensors of their
     sizes and strides (at the trace's hints), and that backend's format. None where it cannot be
-    told (sizes without a hint)."""
+    told (sizes without a hint, or operands too large to stand in for: their memory is
+    allocated, never touched)."""
     try:
         def hint(v):
             return int(v.node.hint) if isinstance(v, torch.SymInt) else int(v)
@@ -318,7 +319,7 @@ def _cpu_conv_format(input_, weight, kwargs: dict):
                 select.update(bias=None, bias_sizes=[hint(v) for v in sizes] if sizes is not None else None)
             backend = torch._C._select_conv_backend(x, w, **select)
             return torch._C._conv_determine_backend_memory_format(x, w, backend)
-    except (TypeError, RuntimeError, AttributeError, ValueError):
+    except (TypeError, RuntimeError, AttributeError, ValueError, MemoryError):
         return None
 
 
