@@ -18,8 +18,8 @@ from costmodel.capture.blocks import COPY as COPY_OF_BLOCK, COPY_OF
 from costmodel.rules.cost import CONV, COPY, NORM, POINTWISE, SOFTMAX, VIEW, OpCost
 from costmodel.errors import AnalysisError
 from costmodel.formulas import Evaluator, plain
-from costmodel.hardware.kernels import (ALLOC_FEATURE, INNER_STRIDE_FEATURE, INTERNAL_FEATURE, SHAPE_ONLY_FEATURE,
-                                        STRIDED_FEATURE)
+from costmodel.hardware.kernels import (ALLOC_FEATURE, CHANNELS_LAST, INNER_STRIDE_FEATURE, INTERNAL_FEATURE,
+                                        SHAPE_ONLY_FEATURE, STRIDED_FEATURE)
 from costmodel.rules import TensorSpec, rule_for
 from costmodel.capture.specs import dtype_name
 from costmodel.symbols import dim_symbol
@@ -290,9 +290,6 @@ def _strided_inputs(c: cap.Captured, node: fx.Node, category: str, kernel, featu
         # own class where the device measured one; the copy stays for one that did not
         kernel = kernel + CHANNELS_LAST
     return kernel, {**features, STRIDED_FEATURE: sympy.Add(*strided)}
-
-
-CHANNELS_LAST = ".channels_last"    # the class suffix of a convolution eager runs channels-last
 
 
 def _channels_last_data(node: fx.Node) -> bool:

@@ -27,8 +27,9 @@ import torch.nn.functional as F
 from torch.utils._pytree import tree_leaves, tree_map
 
 from costmodel.hardware.eager_backend import SLOW_CONV_ELEMENTS, runs_native
-from costmodel.hardware.kernels import (ALLOC_FEATURE, INNER_STRIDE_FEATURE, POOL_STRIDE_FEATURE, POOL_WINDOW_FEATURE,
-                                       UPSAMPLE_WIDTH_FEATURE, AllocationTable, KernelTable, work_of)
+from costmodel.hardware.kernels import (ALLOC_FEATURE, CHANNELS_LAST, INNER_STRIDE_FEATURE, POOL_STRIDE_FEATURE,
+                                       POOL_WINDOW_FEATURE, UPSAMPLE_WIDTH_FEATURE, AllocationTable, KernelTable,
+                                       work_of)
 from costmodel.validate.stats import cpu_clock, cuda_block_s, minor_faults
 
 aten = torch.ops.aten
@@ -634,7 +635,7 @@ class Prober:
         rule_kernel = f"conv.{kind}" + ({"input": ".backward", "weight": ".backward.weight"}[backward] if backward else "")
         # channels_last: the input laid out channels-last (the gradient follows the output, as in a
         # model), where eager runs the convolution channels-last; the rule names the class without it
-        kernel = rule_kernel + (".channels_last" if channels_last else "")
+        kernel = rule_kernel + (CHANNELS_LAST if channels_last else "")
         mask = [backward == "input", True, True]
 
         def run(cin, cout, side, k, groups=1, batch=B, stride=1):

@@ -80,6 +80,10 @@ _SUBCLASSES = {
     "pool": ("max", "avg", "adaptive", "upsample"),
 }
 _NAME = re.compile(r"^[a-z][a-z0-9_]*(\.[a-z0-9_]+)*$")
+CHANNELS_LAST = ".channels_last"     # the class suffix of a convolution eager runs on channels-last operands
+UPSAMPLE_WIDTH_FEATURE = "in_width"  # an upsampling's input row length (pool.upsample's curve)
+POOL_WINDOW_FEATURE = "window"       # a pooling's window area (kh * kw)
+POOL_STRIDE_FEATURE = "stride"       # a pooling's stride area (sh * sw): input positions per output
 FEATURES = {
     "matmul": ("m", "n", "k"),
     "bmm": ("batch", "m", "n", "k"),
@@ -93,7 +97,7 @@ FEATURES = {
     "pointwise": ("inner_stride_bytes",),
     # pool.max, pool.avg: the window and stride areas; pool.upsample: the input's row length (a
     # channels-first CPU kernel runs short rows slowly)
-    "pool": ("window", "stride", "in_width"),
+    "pool": (POOL_WINDOW_FEATURE, POOL_STRIDE_FEATURE, UPSAMPLE_WIDTH_FEATURE),
 }
 ALLOC_FEATURE = "alloc_bytes"   # every op: bytes of its largest freshly allocated output
 INTERNAL_FEATURE = "internal"   # 1: eager runs it inside another op's call (no Python binding of its own)
@@ -104,9 +108,6 @@ STRIDED_FEATURE = "strided_bytes"  # permuted inputs a norm, softmax or convolut
 # loop runs along its first input's densest dimension: a channels-last view read along a
 # channels-first tensor's rows jumps a channel's width, the other way round a whole plane)
 INNER_STRIDE_FEATURE = "inner_stride_bytes"
-UPSAMPLE_WIDTH_FEATURE = "in_width"  # an upsampling's input row length (pool.upsample's curve)
-POOL_WINDOW_FEATURE = "window"       # a pooling's window area (kh * kw)
-POOL_STRIDE_FEATURE = "stride"       # a pooling's stride area (sh * sw): input positions per output
 EVICTED_FEATURE = "evicted"        # 1: the traffic since this call last ran (same class and size) filled the core's cache
 LLC_EVICTED_FEATURE = "llc_evicted"  # of an evicted call: the share of the last-level cache that traffic displaced
 INPUTS_OUT_FEATURE = "inputs_out"  # the share of the bytes it reads that the core caches no longer hold

@@ -21,8 +21,8 @@ from typing import TYPE_CHECKING, Iterable, Mapping
 
 from costmodel.rules.cost import ATTENTION, CONV, INDEX, KERNEL_OF_CATEGORY, MATMUL, VIEW
 from costmodel.errors import UsageError
-from costmodel.hardware.kernels import (ALLOC_FEATURE, COLD_FEATURE, EVICTED_FEATURE, FLOPS, INTERNAL_FEATURE,
-                                        SHAPE_ONLY_FEATURE, STRIDED_FEATURE)
+from costmodel.hardware.kernels import (ALLOC_FEATURE, CHANNELS_LAST, COLD_FEATURE, EVICTED_FEATURE, FLOPS,
+                                        INTERNAL_FEATURE, SHAPE_ONLY_FEATURE, STRIDED_FEATURE)
 
 if TYPE_CHECKING:
     from costmodel.hardware.catalog import Hardware
@@ -216,7 +216,7 @@ def _measured_time(flops: float, bytes: float, category: str, dtype: str, hw: "H
     else:
         compute_time_s, memory_time_s = flops / peak, kernel_s
     # a class measured channels-last (conv.depthwise.channels_last) ran on such operands: no copy
-    strided = 0.0 if table.kernel.endswith(".channels_last") else float(features.get(STRIDED_FEATURE, 0))
+    strided = 0.0 if table.kernel.endswith(CHANNELS_LAST) else float(features.get(STRIDED_FEATURE, 0))
     copy = hw.kernel_table("copy.strided", None) if strided else None
     if copy is not None and copy.kernel == "copy.strided":    # the contiguous copy the kernel makes first
         kernel_s += copy.kernel_time_s(2 * strided)
