@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils._pytree import tree_leaves, tree_map
 
-from costmodel.hardware.eager_backend import SLOW_CONV_ELEMENTS, runs_native
+from costmodel.hardware.eager_backend import NATIVE_BACKENDS, SLOW_CONV_ELEMENTS, conv_backend
 from costmodel.hardware.kernels import (ALLOC_FEATURE, CHANNELS_LAST, INNER_STRIDE_FEATURE, POOL_STRIDE_FEATURE,
                                        POOL_WINDOW_FEATURE, UPSAMPLE_WIDTH_FEATURE, AllocationTable, KernelTable,
                                        work_of)
@@ -638,13 +638,33 @@ class Prober:
         kernel = rule_kernel + (CHANNELS_LAST if channels_last else "")
         mask = [backward == "input", True, True]
 
+        def backend(cin, cout, side, k, groups=1, batch=B, stride=1):
+            """The kernel eager runs this call in (eager_backend; None where PyTorch cannot say)."""
+            transposed = kind == "transposed"
+            w = (cin, cout // groups, k, k) if transposed else (cout, cin // groups, k, k)
+            stride = 2 if transposed else stride
+            pad = 0 if transposed else k // 2
+            return conv_backend((batch, cin, side, side), w, (stride, stride), (pad, pad), (1, 1), transposed,
+                                (0, 0), groups, dtype, torch.get_num_threads())
+
+        def tiny(cin, cout, side, k, groups=1, like=()):
+            """The class's tiny call (its overhead): the smallest batch at which eager runs it in the
+            kernel it runs the base call `like` in. A small dense convolution at batch 1 runs in the
+            native kernel (3 us a call here), oneDNN's base calls pay ~30 us a call more: measured
+            on the native kernel, that cost went into the rates and was left out of every call
+            smaller than the smallest base call."""
+            want = backend(*like)
+            for batch in (1, 2, 4, 8, 16):
+                if want is None or backend(cin, cout, side, k, groups, batch) == want:
+                    return run(cin, cout, side, k, groups, batch=batch)
+            raise RuntimeError(f"calibration: {kernel}: no tiny call ({cin} -> {cout} channels, side {side}, "
+                               f"{k}x{k}) runs in {want}, the kernel of its base calls")
+
         def run(cin, cout, side, k, groups=1, batch=B, stride=1):
             transposed = kind == "transposed"
             stride = 2 if transposed else stride
             pad = 0 if transposed else k // 2
-            if kind == "dense.slow" and not runs_native((batch, cin, side, side), (cout, cin, k, k), (stride, stride),
-                                                        (pad, pad), (1, 1), False, (0, 0), 1, dtype,
-                                                        torch.get_num_threads()):
+            if kind == "dense.slow" and backend(cin, cout, side, k, groups, batch, stride) not in NATIVE_BACKENDS:
                 raise RuntimeError(f"calibration: {kernel} at batch {batch}, {cin} -> {cout} channels, side {side}, "
                                    f"{k}x{k}, stride {stride}: eager does not run its native kernel there")
 
@@ -673,7 +693,8 @@ class Prober:
         if kind == "dense":
             base = [(c, s_) for c, s_ in p.conv_base]
             cins = p.conv_channels if backward != "weight" else tuple(c for c in p.conv_channels if c <= ref)
-            measured = Measured(kernel, dtype, run(4, 4, 4, 1, batch=1), [run(c, c, s_, 3) for c, s_ in base],
+            measured = Measured(kernel, dtype, tiny(4, 4, 4, 3, like=(base[0][0], *base[0], 3)),
+                                [run(c, c, s_, 3) for c, s_ in base],
                                 {"m": [run(ref, ref, v, 3) for v in sides],
                                  "n": [run(ref, v, ref_side, 3) for v in p.conv_channels if v >= 8],
                                  "k": [run(v, ref, ref_side, 3) for v in cins]
@@ -709,7 +730,7 @@ class Prober:
             c, side = ref, ref_side
             channels = sorted(set(p.conv_groups) | {c})
             at_work = {v: max(1, round(side * math.sqrt(c / v))) for v in channels}
-            measured = Measured(kernel, dtype, run(4, 4, 4, 3, groups=4, batch=1),
+            measured = Measured(kernel, dtype, tiny(4, 4, 4, 3, groups=4, like=(c, c, sides[0], 3, c)),
                                 [run(c, c, v, 3, groups=c) for v in sides],
                                 {"k": [run(c, c, side, k, groups=c) for k in p.conv_kernels if k > 1],
                                  "groups": [run(v, v, at_work[v], 3, groups=v) for v in channels]})
@@ -717,14 +738,15 @@ class Prober:
                     f"{side}, channels (side) {', '.join(f'{v} ({s_})' for v, s_ in at_work.items())}: the same work")
         elif kind == "grouped":
             g, per = 8, 16
-            measured = Measured(kernel, dtype, run(8, 8, 4, 3, groups=2, batch=1),
+            measured = Measured(kernel, dtype, tiny(8, 8, 4, 3, groups=2, like=(g * per, g * per, sides[0], 3, g)),
                                 [run(g * per, g * per, v, 3, groups=g) for v in sides],
                                 {"k": [run(g * v, g * v, ref_side, 3, groups=g) for v in (2, 4, 16, 64)],
                                  "groups": [run(v * per, v * per, ref_side, 3, groups=v) for v in (2, 8, 32)]})
             what = f"{g} groups of {per} channels, 3x3, sides {list(sides)}; curves: channels per group 2..64, groups 2..32"
         else:
             c = ref
-            measured = Measured(kernel, dtype, run(4, 4, 4, 2, batch=1), [run(c, c, max(2, v // 2), 2) for v in sides],
+            measured = Measured(kernel, dtype, tiny(4, 4, 4, 2, like=(c, c, max(2, sides[0] // 2), 2)),
+                                [run(c, c, max(2, v // 2), 2) for v in sides],
                                 {"k": [run(c, c, max(2, ref_side // 2), k) for k in (2, 3, 4)]})
             what = f"{c} channels, 2x2 stride 2 (upsampling), input sides {[max(2, v // 2) for v in sides]}; kernel 2..4"
         measured.how = self.how({None: "F.conv_transpose2d " if kind == "transposed" else "F.conv2d ",
