@@ -29,7 +29,8 @@ from costmodel.capture.specs import InputSpec, parse_input
 from costmodel.errors import AnalysisError, CaptureFailed, OutsideLimits, UsageError
 from costmodel.formulas import Evaluator, degree
 from costmodel.hardware.eager_backend import SLOW_CONV_CLASS, runs_native
-from costmodel.hardware.kernels import COLD_FEATURE, EVICTED_FEATURE, INPUTS_OUT_FEATURE, LLC_EVICTED_FEATURE
+from costmodel.hardware.kernels import (COLD_FEATURE, EVICTED_FEATURE, INPUTS_OUT_FEATURE, INTERLEAVED_FEATURE,
+                                       LLC_EVICTED_FEATURE)
 from costmodel.memory import timeline as memory
 from costmodel.options import Options
 from costmodel.rules.attention import attention_kernels
@@ -197,7 +198,9 @@ class Point:
         last call displaced (a first call's: the step's traffic from the same call's last one in the
         step before), counting no more than the step's peak memory (the point's, where evaluated):
         1 in a training step that holds its activations, gradients and optimizer state past the
-        cache; a fraction in an inference step whose activations reuse a few freed blocks."""
+        cache; a fraction in an inference step whose activations reuse a few freed blocks.
+        The others with work, where the op before them is of another class, INTERLEAVED_FEATURE = 1:
+        that op's code took the core's instruction cache and predictors from theirs."""
         if kernels is None:   # each op's class at this point (timing passes them, chosen with the device)
             kernels = [self.kernel_class(i) for i in range(len(self.ops))]
         keys = [(kernel, float(op["flops"]), float(op["bytes"])) for kernel, op in zip(kernels, self.ops)]
@@ -210,14 +213,22 @@ class Point:
         # what the traffic can have displaced is at most what the step holds: an inference step's
         # activations come and go in the same few freed blocks, a training step's stay (its peak)
         footprint = float(self.totals.get("peak_memory_bytes") or step)
+        # the class of the step's last op with work: the one before its first (the step before's)
+        previous = next((key[0] for key, op in zip(reversed(keys), reversed(self.ops)) if op["flops"] or op["bytes"]),
+                        None)
         out, last, traffic = [], {}, 0.0
         for key, op, f in zip(keys, self.ops, features):
             first = key not in last
             since = step - final[key] + traffic if first else traffic - last[key]
             last[key] = traffic + float(op["bytes"])
             traffic += float(op["bytes"])
-            if not (op["flops"] or op["bytes"]) or not (first or since > core_bytes):
+            if not (op["flops"] or op["bytes"]):
                 out.append(f)
+                continue
+            # another class ran since this one's last call (the step wraps round to its end)
+            interleaved, previous = key[0] != previous, key[0]
+            if not (first or since > core_bytes):
+                out.append({**f, INTERLEAVED_FEATURE: 1} if interleaved else f)
                 continue
             flags = {EVICTED_FEATURE: 1}
             if cache_bytes:

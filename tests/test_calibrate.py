@@ -96,6 +96,8 @@ def test_quick_calibration_measures_each_kernel_class(quick_cpu):
         for key in ("matmul:float32", "conv.dense:float32", "pointwise.add", "norm.layer"):
             evicted = hw.kernels[key].evicted
             assert evicted and all(0 <= s < 1e-2 for _, s in evicted), key
+            # and after ops that move next to no data (their code only), where it measured more than 0
+            assert all(0 <= s < 1e-2 for _, s in hw.kernels[key].interleaved), key
         assert not streamed.evicted
     # the quick plan times no call after a flush of the last-level cache: no share to place it by
     assert all(t.evicted_share is None for t in hw.kernels.values())
@@ -194,6 +196,51 @@ def test_llc_evicted_seconds_time_the_call_after_a_flush_with_its_inputs_read_ba
     assert [s for _, s in table.evicted_llc] == pytest.approx([5e-6, 35e-6, 35e-6])
 
 
+def test_interleaved_seconds_time_the_call_after_ops_that_move_next_to_no_data(one_thread):
+    """Timer.interleaved: the call after ten ops on tiny tensors (their code, not their data, takes
+    the core's caches) less its time in a loop, on calls up to INTERLEAVED_MAX_S (past it the
+    difference of two blocks is noise); fit takes the table's from the tiny and base instances,
+    never decreasing with size, and Prober.finish measures them with the evicted seconds."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from costmodel.hardware.calibrate_kernels import (INTERLEAVED_MAX_S, Cost, Instance, Measured, Prober, Timer,
+                                                      _interleaved_ops, core_cache_bytes, fit, kernel_plan)
+    timer = Timer("cpu", kernel_plan("cpu", quick=True))
+    x, w = torch.randn(64, 64), torch.randn(64, 64)
+
+    def call():
+        return x @ w
+    alone = timer(call)
+    interleaved = timer.interleaved(call, alone)
+    assert interleaved is not None and 0 <= interleaved < 1e-3
+    assert timer.interleaved(call, INTERLEAVED_MAX_S * 2) is None
+    calls = []
+
+    class Record(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            calls.append(func)
+            out = func(*args, **(kwargs or {}))
+            assert all(t.numel() <= 512 for t in (out if isinstance(out, tuple) else (out,))
+                       if isinstance(t, torch.Tensor))
+            return out
+    with Record():
+        _interleaved_ops()()
+    assert len({f.overloadpacket for f in calls}) >= 10        # ten different ops' code
+
+    def inst(flops, seconds):
+        return Instance(Cost(flops, 0.0, "matmul", {}, 0.0), 1e-6 + flops / 1e11, 1e-6, 0.0, None, seconds)
+    table = fit(Measured("matmul", "float32", inst(8, 5e-6), [inst(1e6, 12e-6), inst(1e8, 10e-6), inst(1e9, None)]),
+                None)
+    assert [size for size, _ in table.interleaved] == [8, 1e6, 1e8]
+    assert [s for _, s in table.interleaved] == pytest.approx([5e-6, 11e-6, 11e-6])
+    if not core_cache_bytes("cpu"):     # measured with the evicted seconds, where the core's cache is known
+        return
+    prober = Prober("cpu", kernel_plan("cpu", quick=True), "test")
+    measured = prober.matmul("float32")
+    assert all(i.interleaved_s is not None and i.interleaved_s >= 0 for i in [measured.tiny, *measured.base]
+               if i.time_s <= INTERLEAVED_MAX_S)
+
+
 def test_a_curve_that_moved_with_the_machine_is_read_against_its_own_call_at_the_reference():
     """A curve whose call at the reference shape is a base call measured again: what the two
     measurements differ by is the machine (a neighbour's load began after the base was timed), so
@@ -243,6 +290,37 @@ def test_a_curve_measured_on_another_shape_is_1_at_the_value_every_base_call_has
         pytest.approx(1e-6 + one_by_one.flops / (1e11 * 0.64), rel=0.05)
 
 
+def test_a_convolution_class_s_tiny_call_runs_in_the_kernel_of_its_base_calls(one_thread):
+    """A class's overhead is its tiny call's time: a dense or transposed convolution's at batch 1 ran
+    in eager's native kernel (3 us), where the class's base calls run in oneDNN (~30 us a call
+    more). The tiny call is the smallest batch at which eager picks the base calls' kernel."""
+    from costmodel.hardware.calibrate_kernels import Prober, kernel_plan
+    from costmodel.hardware.eager_backend import conv_backend
+    if conv_backend((1, 4, 4, 4), (4, 4, 3, 3), (1, 1), (1, 1), (1, 1), False, (0, 0), 1, "float32", 1) is None:
+        pytest.skip("this PyTorch has no torch._C._select_conv_backend")
+    plan = kernel_plan("cpu", quick=False)
+    prober = Prober("cpu", plan, "test")
+    prober.time = lambda call, *a, **k: 1e-3          # the calls are what this checks, not the times
+    prober.time.evicted = lambda call, alone_s, core, inputs: None
+    prober.time.interleaved = lambda call, alone_s: None
+    seen = []
+    real = prober.instance
+
+    def instance(make, kernel, *a, **k):
+        call, op, args, kwargs = make()
+        x, w, transposed, groups = args[0], args[1], args[6], args[8]
+        seen.append(conv_backend(tuple(x.shape), tuple(w.shape), tuple(args[3]), tuple(args[4]), tuple(args[5]),
+                                 transposed, tuple(args[7]), groups, "float32", 1))
+        return real(make, kernel, *a, **k)
+    prober.instance = instance
+    for kind in ("dense", "transposed", "depthwise", "dense.slow"):
+        seen.clear()
+        prober.conv(kind, None, "float32")
+        tiny, base = seen[0], seen[1]
+        assert tiny == base, (kind, tiny, base)
+        assert (tiny == "Slow2d") == (kind == "dense.slow"), (kind, tiny)
+
+
 def test_depthwise_channels_are_measured_at_the_work_of_a_base_call_that_the_curve_includes(one_thread):
     """The depthwise channels curve runs at one work (the side shrinking as the channels grow), that
     of a base call it includes: its points are read against a measured base rate and against its
@@ -254,6 +332,7 @@ def test_depthwise_channels_are_measured_at_the_work_of_a_base_call_that_the_cur
     prober.time = lambda call, *a, **k: 1e-3          # the shapes are what this checks, not the times
     prober.time.evicted = lambda call, alone_s, core, inputs: (0.0, 0.0)
     prober.time.evicted_llc = lambda call, alone_s, cache, inputs: None
+    prober.time.interleaved = lambda call, alone_s: None
     for backward in (None, "input"):
         measured = prober.conv("depthwise", backward, "float32")
         groups = measured.curves["groups"]

@@ -735,6 +735,59 @@ def test_evicted_seconds_lie_on_the_line_through_the_probe_s_share_of_the_cache_
         load_hardware(str(device_file(tmp_path, {"conv.dense:float32": bad})))
 
 
+def test_below_the_probe_s_share_the_evicted_line_runs_from_the_interleaved_seconds(tmp_path):
+    """With `interleaved` (a call after ops that moved next to no data), the line below the probe's
+    share runs from those seconds at no share to the probe's at its own, not down the line through
+    the flush's point (carried there it fell below 0 at two threads); never below them anywhere."""
+    table = KernelTable("conv.dense", "float32", 1e-6, (1.0,), (1e9,), evicted=((1e3, 40e-6),),
+                        evicted_llc=((1e3, 100e-6),), evicted_share=0.6, interleaved=((1e3, 10e-6),))
+    at = lambda share: table.evicted_s(1e3, {"evicted": 1, "llc_evicted": share})
+    assert at(0.0) == pytest.approx(10e-6) and at(0.6) == pytest.approx(40e-6)
+    assert at(0.3) == pytest.approx(25e-6)
+    assert at(0.8) == pytest.approx(70e-6) and at(1.0) == pytest.approx(100e-6)   # above it: as before
+    # a refill part taken out (inputs at hand) leaves no less than the interleaved seconds
+    refilled = dataclasses.replace(table, refill=((1e3, 38e-6),))
+    assert refilled.evicted_s(1e3, {"evicted": 1, "inputs_out": 0.0}) == pytest.approx(10e-6)
+    assert table.interleaved_s(1e3) == pytest.approx(10e-6)
+    assert dataclasses.replace(table, interleaved=()).interleaved_s(1e3) == 0.0
+    # only interleaved seconds measured: those
+    assert KernelTable("pointwise", None, 1e-6, interleaved=((1e3, 2e-6),)).evicted_s(1e3) == pytest.approx(2e-6)
+    path = device_file(tmp_path, {"conv.dense:float32": table.to_dict()})
+    assert load_hardware(str(path)).kernels["conv.dense:float32"].interleaved == table.interleaved
+    bad = {**table.to_dict(), "interleaved": [[1e3, -1.0]]}
+    with pytest.raises(UsageError, match="interleaved"):
+        load_hardware(str(device_file(tmp_path, {"conv.dense:float32": bad})))
+
+
+def test_a_call_after_another_class_pays_its_interleaved_seconds(tmp_path):
+    """Every op with work whose op before (the step's last, for its first) is of another class is
+    flagged interleaved, unless evicted (whose seconds include them); back to back calls of one
+    class are not; the roofline adds the table's interleaved seconds to a flagged op."""
+    r = analyze(Recurrent, inputs=["x:float32[batch,16]"], dims={"batch": [8]})
+    pt = r.evaluate(batch=8)
+    kernels = [pt.kernel_class(i) for i in range(len(pt.ops))]
+    flags = pt._with_evicted(pt.features, core_bytes=1 << 20, kernels=kernels)
+    worked = [i for i, op in enumerate(pt.ops) if op["flops"] or op["bytes"]]
+    for n, i in enumerate(worked):
+        before = kernels[worked[n - 1]]
+        if flags[i].get("evicted"):
+            assert "interleaved" not in flags[i]
+        else:
+            assert bool(flags[i].get("interleaved")) == (before != kernels[i]), (i, kernels[i], before)
+    tanh = [i for i in worked if pt.ops[i]["target"] == "aten.tanh.default"]
+    assert [bool(flags[i].get("interleaved")) for i in tanh] == [False, True, True, True]   # the first: evicted
+    same = pt._with_evicted(pt.features, core_bytes=1 << 20, kernels=["pointwise.tanh"] * len(pt.ops))
+    assert not any(f.get("interleaved") for f in same)      # one class throughout: never
+    assert not any(f.get("interleaved") for f, op in zip(flags, pt.ops) if not (op["flops"] or op["bytes"]))
+    hw = with_cache(tmp_path, cache_bytes=1 << 30)
+    hw.kernels["pointwise"] = dataclasses.replace(EVICTED, interleaved=((1e3, 0.5e-6),))
+    warm = op_time(1e3, 1e6, "pointwise", "float32", hw, kernel="pointwise")
+    after = op_time(1e3, 1e6, "pointwise", "float32", hw, kernel="pointwise", features={"interleaved": 1})
+    assert after.time_s == pytest.approx(warm.time_s + 0.5e-6) and after.evicted_s == pytest.approx(0.5e-6)
+    evicted = op_time(1e3, 1e6, "pointwise", "float32", hw, kernel="pointwise", features={"evicted": 1, "interleaved": 1})
+    assert evicted.time_s == pytest.approx(warm.time_s + 4e-6)       # the evicted seconds, not both
+
+
 def test_a_slow_shape_at_a_slow_size_is_two_limits_not_their_product():
     # rates fall past the reference size (caches spilled); a shape at a quarter of the reference's
     # efficiency (a 7x7 depthwise backward)

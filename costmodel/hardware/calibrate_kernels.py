@@ -219,6 +219,7 @@ class Timer:
         self._others = None     # the work that runs between two calls of a kernel, see evicted()
         self.others_bytes = 0   # its footprint
         self._flush = None      # a buffer of twice the last-level cache, see evicted_llc()
+        self._interleaved = None    # see interleaved()
 
     def evicted(self, call, alone_s: float, core_bytes: int | None, inputs=()) -> tuple[float, float] | None:
         """Seconds a call costs more when other ops ran since its last call, as in a model: (other
@@ -264,6 +265,26 @@ class Timer:
         evicted = max(0.0, statistics.median(full) - alone_s)
         state = max(0.0, statistics.median(warm) - alone_s) if inputs else evicted
         return evicted, max(0.0, evicted - state)
+
+    def interleaved(self, call, alone_s: float) -> float | None:
+        """Seconds a call costs more after ten other ops on tiny tensors (`_interleaved_ops`), as in
+        a model, where other classes' ops run between two calls of one: they move next to no data,
+        but their code takes the instruction cache and branch predictors (a oneDNN convolution or a
+        BLAS product pays 10-15 us a call for it here, a batch norm 3, an add under 1). Timed in
+        alternating blocks as `evicted` is; 0 at least; None on a GPU and for calls over
+        INTERLEAVED_MAX_S."""
+        if self.device != "cpu" or alone_s > INTERLEAVED_MAX_S:
+            return None
+        if self._interleaved is None:
+            self._interleaved = _interleaved_ops()
+        others = self._interleaved
+
+        def both():
+            others()
+            call()
+        number = self._calls_per_block(both)
+        pairs = [(self.block(both, number) - self.block(others, number)) / number for _ in range(self.plan.blocks)]
+        return max(0.0, statistics.median(pairs) - alone_s)
 
     def evicted_llc(self, call, alone_s: float, cache_bytes: int | None, inputs=()) -> float | None:
         """Seconds a call costs more when the traffic since its last call overflowed the last-level
@@ -325,6 +346,9 @@ class Timer:
 PAGE = 4096
 UPSAMPLE_SIDE = 16      # pool.upsample's base calls: input rows of 16 (a small image's decoder)
 EVICTED_MAX_S = 2e-3    # Timer.evicted: the longest call it measures; the table's largest size holds past it
+# Timer.interleaved: the longest call it measures. Past it what the code costs (~1-40 us) is within
+# the noise of two blocks' difference (an add of 4M elements read 124 us), and held from below.
+INTERLEAVED_MAX_S = 2e-4
 
 
 def _other_ops(core_bytes: int):
@@ -350,6 +374,22 @@ def _other_ops(core_bytes: int):
     return run, footprint
 
 
+def _interleaved_ops():
+    """What runs between two calls of a kernel in a model, less its data, for Timer.interleaved:
+    the ten ops of `_other_ops` on 16x16 float32 tensors (1 KiB each)."""
+    a, b = torch.randn(16, 16), torch.randn(16, 16)
+    rows = torch.randint(0, 16, (8,))
+    ops = [lambda: torch.sin(a), lambda: a.sum(1), lambda: torch.softmax(b, -1), lambda: F.layer_norm(a, (16,)),
+           lambda: torch.cat([a, b]), lambda: b.t().contiguous(), lambda: F.gelu(a),
+           lambda: torch.where(a > 0, a, b), lambda: a.index_select(0, rows), lambda: torch.mm(a[:8], b[:, :8])]
+
+    def run():
+        with torch.no_grad():
+            for op in ops:
+                op()
+    return run
+
+
 # --- fitting ------------------------------------------------------------------------------------------
 
 @dataclass
@@ -361,10 +401,14 @@ class Instance:
     evicted_s: float | None = None
     refill_s: float | None = None       # of evicted_s, the call's inputs coming back (Timer.evicted)
     llc_s: float | None = None          # more with the last-level cache flushed too (Timer.evicted_llc)
-    # measures evicted_s, refill_s and llc_s; Prober.finish runs it for the instances the table's evicted seconds come
-    # from (the tiny and base ones), and drops it (and the call's tensors) from all
-    measure_evicted: Callable[[], tuple[float, float, float | None] | None] | None = field(
+    interleaved_s: float | None = None  # more after other ops that move next to no data (Timer.interleaved)
+    # measures evicted_s, refill_s, llc_s and interleaved_s; Prober.finish runs it for the instances the table's
+    # evicted seconds come from (the tiny and base ones), and drops it (and the call's tensors) from all
+    measure_evicted: Callable[[], tuple[float, float, float | None, float | None] | None] | None = field(
         default=None, repr=False, compare=False)
+    # measures interleaved_s alone: Prober.finish runs it for the curves' instances (a product's few
+    # rows or a convolution's small image: short calls where the base calls are all long ones)
+    measure_interleaved: Callable[[], float | None] | None = field(default=None, repr=False, compare=False)
 
 
 @dataclass
@@ -412,6 +456,15 @@ def fit(m: Measured, allocation: AllocationTable | None) -> KernelTable:
             llc[size(i)] = i.llc_s
     evicted = dict(zip(evicted, nondecreasing(list(evicted.values()))))
     llc = dict(zip(llc, nondecreasing(list(llc.values()))))
+    # interleaved seconds of every instance that has them (curves' short calls too): the median of
+    # those at one size
+    by_size: dict[float, list[float]] = {}
+    for i in [m.tiny, *m.base, *(i for c in m.curves.values() for i in c)]:
+        at = work(i) if m.by == "work" else i.cost.features.get(m.by)
+        if i.interleaved_s is not None and at and at > 0:
+            by_size.setdefault(at, []).append(i.interleaved_s)
+    sizes_ = sorted(by_size)
+    interleaved = dict(zip(sizes_, nondecreasing([statistics.median(by_size[s_]) for s_ in sizes_])))
     refill = {s_: min(r, evicted[s_]) for s_, r in zip(refill, nondecreasing(list(refill.values())))}
     base = KernelTable(m.kernel, m.dtype, overhead, tuple(rates), tuple(rates.values()), how=m.how, by=m.by)
     curves = {}
@@ -445,7 +498,8 @@ def fit(m: Measured, allocation: AllocationTable | None) -> KernelTable:
     reference = sizes[len(sizes) // 2] if curves and sizes else None
     return KernelTable(m.kernel, m.dtype, overhead, base.sizes, base.rates, curves, m.how, m.by,
                        tuple(evicted.items()), reference,
-                       tuple(refill.items()) if any(refill.values()) else (), tuple(llc.items()))
+                       tuple(refill.items()) if any(refill.values()) else (), tuple(llc.items()),
+                       interleaved=tuple(interleaved.items()) if any(interleaved.values()) else ())
 
 
 def with_evicted_share(tables: dict[str, KernelTable], others_bytes: int, cache_bytes: int | None) -> dict[str, KernelTable]:
@@ -516,24 +570,31 @@ class Prober:
             return Instance(cost, self.time(self.rotating(make, call, args, kwargs)))
         time_s = self.time(call)
         inputs = [t for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
-        return Instance(cost, time_s, measure_evicted=lambda: self.evicted(call, time_s, inputs))
+        return Instance(cost, time_s, measure_evicted=lambda: self.evicted(call, time_s, inputs),
+                        measure_interleaved=lambda: self.time.interleaved(call, time_s))
 
-    def evicted(self, call, time_s: float, inputs) -> tuple[float, float, float | None] | None:
-        """(evicted, refill, llc) seconds of a call that took `time_s` in a loop (Timer.evicted and
-        Timer.evicted_llc); None where the core's cache is not known."""
+    def evicted(self, call, time_s: float, inputs) -> tuple[float, float, float | None, float | None] | None:
+        """(evicted, refill, llc, interleaved) seconds of a call that took `time_s` in a loop
+        (Timer.evicted, Timer.evicted_llc, Timer.interleaved); None where the core's cache is not known."""
         core = self.time.evicted(call, time_s, self.core_cache_bytes, inputs)
         if core is None:
             return None
-        return (*core, self.time.evicted_llc(call, time_s, self.cache_bytes, inputs))
+        return (*core, self.time.evicted_llc(call, time_s, self.cache_bytes, inputs),
+                self.time.interleaved(call, time_s))
 
     def finish(self, measured: Measured) -> Measured:
         """`measured` with the evicted seconds of its tiny and base instances, the ones the table's
-        come from (Timer.evicted: the largest part of a class's time, not spent on its curves)."""
+        come from (Timer.evicted: the largest part of a class's time, not spent on its curves), and
+        the interleaved seconds of its curves' too (Timer.interleaved, on short calls only)."""
+        curves = [i for c in measured.curves.values() for i in c]
         for i in [measured.tiny, *measured.base]:
             if i.measure_evicted is not None:
-                i.evicted_s, i.refill_s, i.llc_s = i.measure_evicted() or (None, None, None)
-        for i in [measured.tiny, *measured.base, *(i for c in measured.curves.values() for i in c)]:
-            i.measure_evicted = None
+                i.evicted_s, i.refill_s, i.llc_s, i.interleaved_s = i.measure_evicted() or (None,) * 4
+        for i in curves:
+            if i.measure_interleaved is not None and i.evicted_s is None and self.core_cache_bytes:
+                i.interleaved_s = i.measure_interleaved()
+        for i in [measured.tiny, *measured.base, *curves]:
+            i.measure_evicted = i.measure_interleaved = None
         return measured
 
     def rotating(self, make, call, args, kwargs):
@@ -798,8 +859,9 @@ class Prober:
                 b, f = both.measure_evicted(), forward.measure_evicted()
                 if b is None or f is None:
                     return None
-                llc = max(b[2] - f[2], 0.0) if b[2] is not None and f[2] is not None else None
-                return max(b[0] - f[0], 0.0), max(b[1] - f[1], 0.0), llc
+                llc, interleaved = (max(x - y, 0.0) if x is not None and y is not None else None
+                                    for x, y in ((b[2], f[2]), (b[3], f[3])))
+                return max(b[0] - f[0], 0.0), max(b[1] - f[1], 0.0), llc, interleaved
             return Instance(both.cost, max(both.time_s - forward.time_s, 0.0), measure_evicted=evicted)
         # the math kernel holds [batch * heads, L, S] scores: at most 1 GiB of them
         lengths = [L for L in p.attn_lengths if kernel != "math" or p.attn_heads * L * L * 4 <= 1 << 30]
@@ -1326,9 +1388,11 @@ def _mean(passes: list[Measured]) -> Measured:
         evicted = [i.evicted_s for i in instances if i.evicted_s is not None]
         refill = [i.refill_s or 0.0 for i in instances if i.evicted_s is not None]
         llc = [i.llc_s for i in instances if i.llc_s is not None]
+        interleaved = [i.interleaved_s for i in instances if i.interleaved_s is not None]
         time_s = math.exp(sum(math.log(max(i.time_s, 1e-12)) for i in instances) / len(instances))
         return Instance(instances[0].cost, time_s, sum(evicted) / len(evicted) if evicted else None,
-                        sum(refill) / len(refill) if evicted else None, sum(llc) / len(llc) if llc else None)
+                        sum(refill) / len(refill) if evicted else None, sum(llc) / len(llc) if llc else None,
+                        sum(interleaved) / len(interleaved) if interleaved else None)
     first = passes[0]
     if len(passes) == 1:
         return first

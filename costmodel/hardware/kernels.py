@@ -26,7 +26,12 @@ a flush of the last-level cache, the call's operands read back just before it (t
 memory are priced apart): a training step's traffic, which its activations, gradients and
 optimizer state keep past that cache, takes oneDNN's and a BLAS's state from the LLC as well. The
 probe's own work displaced a share of that cache too (`evicted_share`): a call is priced on the line
-through the two measurements at the share its model's traffic displaced.
+through the two measurements at the share its model's traffic displaced. `interleaved` is what a
+call costs more after ten other ops on tiny tensors, which move next to no data: their code takes the
+core's instruction cache and branch predictors (a oneDNN convolution or a BLAS product 10-15 us, a
+batch norm 3, an add under 1). A model pays it on every call whose class did not run just before,
+and it is the evicted line's low end (a call evicted by traffic that displaced little of the
+last-level cache).
 Allocation is the CPU's price for fresh pages (glibc maps large blocks anew each time; the first
 touch of each page faults): seconds per byte of an op's largest new output, by its size.
 No torch here.
@@ -111,6 +116,7 @@ INNER_STRIDE_FEATURE = "inner_stride_bytes"
 EVICTED_FEATURE = "evicted"        # 1: the traffic since this call last ran (same class and size) filled the core's cache
 LLC_EVICTED_FEATURE = "llc_evicted"  # of an evicted call: the share of the last-level cache that traffic displaced
 INPUTS_OUT_FEATURE = "inputs_out"  # the share of the bytes it reads that the core caches no longer hold
+INTERLEAVED_FEATURE = "interleaved"  # 1: other classes ran since this class's last call (its code is out)
 
 
 def root(kernel: str) -> str:
@@ -178,6 +184,9 @@ class KernelTable:
     # the share of the last-level cache the work before the `evicted` calls displaced (their probe's
     # copy and ops are part of it, 0..1); None: not known (the evicted seconds are taken as its core part)
     evicted_share: float | None = None
+    # [(size, seconds)]: what a call costs more after other ops that moved next to no data ran
+    # since its last call (Timer.interleaved): their code displaced its own
+    interleaved: tuple[tuple[float, float], ...] = field(default=(), hash=False)
 
     @property
     def work(self) -> str:
@@ -222,6 +231,16 @@ class KernelTable:
     def time_s(self, work: float, features: Mapping[str, float] | None = None) -> float:
         return self.overhead_s + self.kernel_time_s(work, features)
 
+    def interleaved_s(self, work: float, features: Mapping[str, float] | None = None) -> float:
+        """Seconds a call costs more when other classes ran since its last call: linear in log size
+        between the measured sizes, constant past the ends; 0 without a measurement."""
+        return self._by_size(self.interleaved, work, features) if self.interleaved else 0.0
+
+    def _by_size(self, table, work: float, features: Mapping[str, float] | None) -> float:
+        size = self.size_of(work, features) if work > 0 else None
+        xs, ys = [x for x, _ in table], [y for _, y in table]
+        return interpolate(xs, ys, size, log_y=False) if size else ys[0]
+
     def evicted_s(self, work: float, features: Mapping[str, float] | None = None) -> float:
         """Seconds a call costs more with its working state evicted: linear in log size between the
         measured sizes (seconds, which may be 0), constant past the ends; 0 without a measurement.
@@ -232,14 +251,15 @@ class KernelTable:
         displaced (`evicted_share`; 0 where not known) and `evicted_llc` at all of it. Below the
         probe's share, less than `evicted` (an inference step of a small net, its weights and
         activations held in that cache: 3x3 convolutions at two threads paid 10-40 us more in the
-        model than in a loop, where the probe, 58% of the cache displaced, read 80)."""
+        model than in a loop, where the probe, 58% of the cache displaced, read 80): where the
+        table has `interleaved` seconds, on the line from those at no share to `evicted` at the
+        probe's (the line through the flush's point, carried down there, fell below 0 at two
+        threads and moved by 30 us a call with the noise of its two points); never less than them."""
         if not self.evicted:
-            return 0.0
-        size = self.size_of(work, features) if work > 0 else None
+            return self.interleaved_s(work, features)
 
         def at(table):
-            xs, ys = [x for x, _ in table], [y for _, y in table]
-            return interpolate(xs, ys, size, log_y=False) if size else ys[0]
+            return self._by_size(table, work, features)
         evicted = at(self.evicted)
         out = (features or {}).get(INPUTS_OUT_FEATURE)
         if self.refill and out is not None:
@@ -249,9 +269,14 @@ class KernelTable:
             # linear in the share of the last-level cache displaced, through the two measurements:
             # `evicted` at the share its probe's work displaced, `evicted_llc` at all of it
             probed = min(max(self.evicted_share or 0.0, 0.0), 0.99)
-            per_share = max(0.0, at(self.evicted_llc) - evicted) / (1.0 - probed)
-            evicted = max(0.0, evicted + (min(1.0, max(0.0, float(share))) - probed) * per_share)
-        return evicted
+            share = min(1.0, max(0.0, float(share)))
+            if self.interleaved and share < probed:
+                low = min(at(self.interleaved), evicted)
+                evicted = low + (evicted - low) * share / probed
+            else:
+                per_share = max(0.0, at(self.evicted_llc) - evicted) / (1.0 - probed)
+                evicted = max(0.0, evicted + (share - probed) * per_share)
+        return max(evicted, self.interleaved_s(work, features))
 
     def to_dict(self) -> dict:
         out = {"work": self.work, "overhead_s": self.overhead_s}
@@ -273,6 +298,8 @@ class KernelTable:
             out["evicted_llc"] = [list(p) for p in self.evicted_llc]
         if self.evicted_share is not None:
             out["evicted_share"] = self.evicted_share
+        if self.interleaved:
+            out["interleaved"] = [list(p) for p in self.interleaved]
         if self.how:
             out["how"] = self.how
         return out
@@ -329,7 +356,7 @@ def find_table(tables: Mapping[str, KernelTable], kernel: str | None, dtype: str
 # --- the TOML schema --------------------------------------------------------------------------------
 
 _TABLE_FIELDS = ("work", "dtype", "overhead_s", "by", "sizes", "rates", "efficiency", "evicted", "refill",
-                 "evicted_llc", "evicted_share", "reference", "how")
+                 "evicted_llc", "evicted_share", "interleaved", "reference", "how")
 _ALLOC_FIELDS = ("sizes", "seconds_per_byte", "how")
 
 
@@ -394,6 +421,7 @@ def _table(key: str, data, where: str, dtypes) -> KernelTable:
         curves[feature] = tuple(zip(values, factors))
     evicted, refill = _seconds_by_size(data, "evicted", where), _seconds_by_size(data, "refill", where)
     evicted_llc = _seconds_by_size(data, "evicted_llc", where)
+    interleaved = _seconds_by_size(data, "interleaved", where)
     evicted_share = data.get("evicted_share")
     if evicted_share is not None and not (_number(evicted_share) and 0 <= evicted_share <= 1):
         raise UsageError(f"{where}: 'evicted_share' must be a share of the last-level cache, 0..1, "
@@ -410,7 +438,7 @@ def _table(key: str, data, where: str, dtypes) -> KernelTable:
                          f"({', '.join(known) or 'none'}), got {by!r}")
     return KernelTable(kernel=kernel, dtype=dtype or None, overhead_s=float(overhead), sizes=tuple(sizes),
                        rates=tuple(rates), efficiency=curves, how=how, by=by,
-                       evicted=evicted, refill=refill, evicted_llc=evicted_llc,
+                       evicted=evicted, refill=refill, evicted_llc=evicted_llc, interleaved=interleaved,
                        evicted_share=float(evicted_share) if evicted_share is not None else None,
                        reference=float(reference) if reference is not None else None)
 

@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Iterable, Mapping
 from costmodel.rules.cost import ATTENTION, CONV, INDEX, KERNEL_OF_CATEGORY, MATMUL, VIEW
 from costmodel.errors import UsageError
 from costmodel.hardware.kernels import (ALLOC_FEATURE, CHANNELS_LAST, COLD_FEATURE, EVICTED_FEATURE, FLOPS,
+                                       INTERLEAVED_FEATURE,
                                         INTERNAL_FEATURE, SHAPE_ONLY_FEATURE, STRIDED_FEATURE)
 
 if TYPE_CHECKING:
@@ -210,7 +211,9 @@ def _measured_time(flops: float, bytes: float, category: str, dtype: str, hw: "H
     evicted_s = 0.0
     if features.get(EVICTED_FEATURE):   # other ops since its last call took its state out of the core's cache
         evicted_s = table.evicted_s(flops if table.work == FLOPS else bytes, features)
-        kernel_s += evicted_s
+    elif features.get(INTERLEAVED_FEATURE):     # other classes ran since its last call: their code took its own's place
+        evicted_s = table.interleaved_s(flops if table.work == FLOPS else bytes, features)
+    kernel_s += evicted_s
     if table.work == FLOPS:
         compute_time_s, memory_time_s = kernel_s, bytes / bandwidth
     else:
