@@ -30,7 +30,7 @@ from costmodel.errors import AnalysisError, CaptureFailed, OutsideLimits, UsageE
 from costmodel.formulas import Evaluator, degree
 from costmodel.hardware.eager_backend import SLOW_CONV_CLASS, runs_native
 from costmodel.hardware.kernels import (COLD_FEATURE, EVICTED_FEATURE, INPUTS_OUT_FEATURE, INTERLEAVED_FEATURE,
-                                       LLC_EVICTED_FEATURE)
+                                        LLC_EVICTED_FEATURE)
 from costmodel.memory import timeline as memory
 from costmodel.options import Options
 from costmodel.rules.attention import attention_kernels

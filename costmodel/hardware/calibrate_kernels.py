@@ -359,35 +359,38 @@ def _other_ops(core_bytes: int):
     cache each time it runs)."""
     n = 4 * core_bytes * torch.get_num_threads() // 4
     src, dst = torch.randn(n), torch.empty(n)
-    a, b = torch.randn(256, 256), torch.randn(256, 256)
-    rows = torch.randint(0, 256, (128,))
-    ops = [lambda: torch.sin(a), lambda: a.sum(1), lambda: torch.softmax(b, -1), lambda: F.layer_norm(a, (256,)),
-           lambda: torch.cat([a, b]), lambda: b.t().contiguous(), lambda: F.gelu(a),
-           lambda: torch.where(a > 0, a, b), lambda: a.index_select(0, rows), lambda: torch.mm(a[:64], b[:, :64])]
+    ops, tensors = _ten_ops(256)
 
     def run():
         dst.copy_(src)
         for op in ops:
             op()
     with torch.no_grad():
-        footprint = sum(t.nbytes for t in (src, dst, a, b, rows)) + sum(op().nbytes for op in ops)
+        footprint = sum(t.nbytes for t in (src, dst, *tensors)) + sum(op().nbytes for op in ops)
     return run, footprint
 
 
 def _interleaved_ops():
     """What runs between two calls of a kernel in a model, less its data, for Timer.interleaved:
     the ten ops of `_other_ops` on 16x16 float32 tensors (1 KiB each)."""
-    a, b = torch.randn(16, 16), torch.randn(16, 16)
-    rows = torch.randint(0, 16, (8,))
-    ops = [lambda: torch.sin(a), lambda: a.sum(1), lambda: torch.softmax(b, -1), lambda: F.layer_norm(a, (16,)),
-           lambda: torch.cat([a, b]), lambda: b.t().contiguous(), lambda: F.gelu(a),
-           lambda: torch.where(a > 0, a, b), lambda: a.index_select(0, rows), lambda: torch.mm(a[:8], b[:, :8])]
+    ops, _ = _ten_ops(16)
 
     def run():
         with torch.no_grad():
             for op in ops:
                 op()
     return run
+
+
+def _ten_ops(side: int):
+    """Ten different eager ops on side x side float32 tensors, and those tensors."""
+    a, b = torch.randn(side, side), torch.randn(side, side)
+    rows = torch.randint(0, side, (side // 2,))
+    q = side // 4
+    ops = [lambda: torch.sin(a), lambda: a.sum(1), lambda: torch.softmax(b, -1), lambda: F.layer_norm(a, (side,)),
+           lambda: torch.cat([a, b]), lambda: b.t().contiguous(), lambda: F.gelu(a),
+           lambda: torch.where(a > 0, a, b), lambda: a.index_select(0, rows), lambda: torch.mm(a[:q], b[:, :q])]
+    return ops, (a, b, rows)
 
 
 # --- fitting ------------------------------------------------------------------------------------------
@@ -591,7 +594,7 @@ class Prober:
             if i.measure_evicted is not None:
                 i.evicted_s, i.refill_s, i.llc_s, i.interleaved_s = i.measure_evicted() or (None,) * 4
         for i in curves:
-            if i.measure_interleaved is not None and i.evicted_s is None and self.core_cache_bytes:
+            if i.measure_interleaved is not None and self.core_cache_bytes:   # where the tiny and base have them
                 i.interleaved_s = i.measure_interleaved()
         for i in [measured.tiny, *measured.base, *curves]:
             i.measure_evicted = i.measure_interleaved = None

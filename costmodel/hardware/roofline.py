@@ -22,8 +22,7 @@ from typing import TYPE_CHECKING, Iterable, Mapping
 from costmodel.rules.cost import ATTENTION, CONV, INDEX, KERNEL_OF_CATEGORY, MATMUL, VIEW
 from costmodel.errors import UsageError
 from costmodel.hardware.kernels import (ALLOC_FEATURE, CHANNELS_LAST, COLD_FEATURE, EVICTED_FEATURE, FLOPS,
-                                       INTERLEAVED_FEATURE,
-                                        INTERNAL_FEATURE, SHAPE_ONLY_FEATURE, STRIDED_FEATURE)
+                                        INTERLEAVED_FEATURE, INTERNAL_FEATURE, SHAPE_ONLY_FEATURE, STRIDED_FEATURE)
 
 if TYPE_CHECKING:
     from costmodel.hardware.catalog import Hardware
