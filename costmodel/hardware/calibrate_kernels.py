@@ -702,12 +702,16 @@ class Prober:
         kernel = rule_kernel + (CHANNELS_LAST if channels_last else "")
         mask = [backward == "input", True, True]
 
-        def backend(cin, cout, side, k, groups=1, batch=B, stride=1):
-            """The kernel eager runs this call in (eager_backend; None where PyTorch cannot say)."""
+        def geometry(cin, cout, k, groups, stride):
+            """(transposed, weight shape, stride, padding) of a call: padding 'same', a transposed
+            convolution's stride 2 and no padding."""
             transposed = kind == "transposed"
             w = (cin, cout // groups, k, k) if transposed else (cout, cin // groups, k, k)
-            stride = 2 if transposed else stride
-            pad = 0 if transposed else k // 2
+            return transposed, w, 2 if transposed else stride, 0 if transposed else k // 2
+
+        def backend(cin, cout, side, k, groups=1, batch=B, stride=1):
+            """The kernel eager runs this call in (eager_backend; None where PyTorch cannot say)."""
+            transposed, w, stride, pad = geometry(cin, cout, k, groups, stride)
             return conv_backend((batch, cin, side, side), w, (stride, stride), (pad, pad), (1, 1), transposed,
                                 (0, 0), groups, dtype, torch.get_num_threads())
 
@@ -725,9 +729,7 @@ class Prober:
                                f"{k}x{k}) runs in {want}, the kernel of its base calls")
 
         def run(cin, cout, side, k, groups=1, batch=B, stride=1):
-            transposed = kind == "transposed"
-            stride = 2 if transposed else stride
-            pad = 0 if transposed else k // 2
+            transposed, w_shape, stride, pad = geometry(cin, cout, k, groups, stride)
             if kind == "dense.slow" and backend(cin, cout, side, k, groups, batch, stride) not in NATIVE_BACKENDS:
                 raise RuntimeError(f"calibration: {kernel} at batch {batch}, {cin} -> {cout} channels, side {side}, "
                                    f"{k}x{k}, stride {stride}: eager does not run its native kernel there")
@@ -736,8 +738,7 @@ class Prober:
                 x = self.t(batch, cin, side, side, dtype=dt)
                 if channels_last:
                     x = x.contiguous(memory_format=torch.channels_last)
-                w = self.t(cin, cout // groups, k, k, dtype=dt) if transposed else \
-                    self.t(cout, cin // groups, k, k, dtype=dt)
+                w = self.t(*w_shape, dtype=dt)
                 bias = self.t(cout, dtype=dt)
                 args = (x, w, bias, [stride, stride], [pad, pad], [1, 1], transposed, [0, 0], groups)
                 if not backward:

@@ -197,7 +197,8 @@ def _measured_time(flops: float, bytes: float, category: str, dtype: str, hw: "H
     # other side is the ideal time at the datasheet figure, for the record.
     # Tables were measured with the operands in cache (as far as they fit); what the cache no
     # longer holds is read from memory first.
-    kernel_s = table.kernel_time_s(flops if table.work == FLOPS else bytes, features)
+    work = flops if table.work == FLOPS else bytes
+    kernel_s = table.kernel_time_s(work, features)
     cold = float(features.get(COLD_FEATURE, 0))
     cold_s = cold / bandwidth
     streams = cold_s >= kernel_s or (hw.cache_bytes is not None and cold > hw.cache_bytes) or cold >= 0.5 * bytes
@@ -209,9 +210,9 @@ def _measured_time(flops: float, bytes: float, category: str, dtype: str, hw: "H
         kernel_s += cold_s
     evicted_s = 0.0
     if features.get(EVICTED_FEATURE):   # other ops since its last call took its state out of the core's cache
-        evicted_s = table.evicted_s(flops if table.work == FLOPS else bytes, features)
+        evicted_s = table.evicted_s(work, features)
     elif features.get(INTERLEAVED_FEATURE):     # other classes ran since its last call: their code took its own's place
-        evicted_s = table.interleaved_s(flops if table.work == FLOPS else bytes, features)
+        evicted_s = table.interleaved_s(work, features)
     kernel_s += evicted_s
     if table.work == FLOPS:
         compute_time_s, memory_time_s = kernel_s, bytes / bandwidth
