@@ -87,7 +87,7 @@ _POINTWISE_ALL = ("add", "sub", "mul", "div", "neg", "abs", "relu", "threshold_b
 
 
 def kernel_plan(device: str, quick: bool) -> KernelPlan:
-    """Sizes by device: quick (tests: seconds), a CPU (3-4 min on 2 cores, in two passes), a GPU."""
+    """Sizes by device: quick (tests: seconds), a CPU (3-4 min on 2 cores, in three passes), a GPU."""
     kernels = _attention_kernels(device)
     if quick:
         return KernelPlan(
@@ -103,7 +103,7 @@ def kernel_plan(device: str, quick: bool) -> KernelPlan:
         # Sizes: from one cache line to 16 MiB per tensor (past this machine's L2, into L3 and DRAM);
         # no output reaches glibc's mmap threshold (32 MiB) except in the allocation probe.
         return KernelPlan(
-            block_s=0.004, blocks=7, elements=(16, 1024, 16384, 65536, 262144, 1048576, 4194304),
+            block_s=0.004, blocks=5, elements=(16, 1024, 16384, 65536, 262144, 1048576, 4194304),
             pointwise_ops=_POINTWISE_ALL, mm_ref=256, mm_cubes=(256, 512, 1024),
             mm_curve=(1, 4, 16, 64, 256, 1024, 4096), stream_ref=4096, stream_m=(1, 2, 3, 4, 8, 16, 64, 256),
             stream_n=(512, 2048, 8192, 32768), stream_k=(512, 1024, 2048, 8192), bmm_batch=16, bmm_ref=128,
@@ -113,7 +113,7 @@ def kernel_plan(device: str, quick: bool) -> KernelPlan:
             conv_kernels=(1, 3, 5, 7), conv_groups=(16, 64, 256, 1024), attn_heads=8, attn_e=64,
             attn_lengths=(32, 128, 256, 512, 1024), attn_e_curve=(16, 32, 64, 128),
             attn_heads_curve=(1, 2, 4, 16, 32), attn_kernels=kernels, optimizer_elements=(256, 16384, 262144, 1048576),
-            alloc_sizes=tuple(1 << p for p in range(20, 29)), dtypes=("float32",), passes=2, llc_samples=9,
+            alloc_sizes=tuple(1 << p for p in range(20, 29)), dtypes=("float32",), passes=3, llc_samples=9,
             conv_slow_channels=(16, 64, 128, 256), conv_slow_sides=(2, 3, 4, 6, 8, 16))
     return KernelPlan(
         block_s=0.005, blocks=5, elements=(16, 65536, 1 << 20, 1 << 24, 1 << 26, 1 << 28),
@@ -1338,17 +1338,20 @@ def _classes(prober: Prober, plan: KernelPlan, device: str) -> list[Measured]:
 
 
 DISTURBED = 1.1     # least_disturbed: a pass this much slower on average than another was disturbed
+CALL_DISTURBED = 1.25   # _mean: a call this much slower than in another calm pass was disturbed there
 
 
 def least_disturbed(passes: list[list[Measured]]) -> list[Measured]:
-    """Of several passes over the classes, each class's measurement: where its calls in the first
-    pass ran DISTURBED slower than in another (the mean log of each call's time over its fastest in
-    any pass), that other pass's, whole (rates, curves and evicted seconds measured together): other
-    work on the machine only ever slows a probe, and a neighbour's load that lasts through one
-    class's probe (seconds) is gone a pass later (a minute), where the fastest of a probe's blocks
-    cannot reject it. Otherwise the mean of the passes within DISTURBED of the fastest, call by call
-    (`_mean`): no pass is chosen for its luck, which would bias the tables low, and the evicted
-    seconds (differences of two timed blocks, noisy by tens of microseconds) steady."""
+    """Of several passes over the classes, each class's measurement: the passes whose calls ran
+    within DISTURBED of the least disturbed one on average (the mean log of each call's time over
+    its fastest in any pass), merged call by call (`_mean`). Other work on the machine only ever
+    slows a probe, and a neighbour's load that lasts through one class's probe (seconds) is gone
+    a pass later (a minute), where the fastest of a probe's blocks cannot reject it; a pass it
+    slowed as a whole is left out. Within the calm ones, the passes are averaged (no pass is
+    chosen for its luck, which would bias the tables low), but a call's time in a pass over
+    CALL_DISTURBED of its fastest is left out: at two threads this machine's host slows small
+    calls (a k = 4 product 2.7x, an add of 64K elements 1.5x) for 5-30 s at a time, a quarter of
+    the time, and barely moves the large calls that weigh most in the class's average."""
     if len(passes) == 1:
         return passes[0]
 
@@ -1372,37 +1375,51 @@ def least_disturbed(passes: list[list[Measured]]) -> list[Measured]:
             return sum(math.log(max(t, 1e-12) / max(f, 1e-12)) for t, f in zip(calls(p), fastest)) / len(fastest)
         scores = [slowness(p) for p in same]
         low = min(scores)
-        ratio = math.exp(scores[0] - low)
-        if ratio >= DISTURBED:
-            best = scores.index(low)
-            out.append(replace(same[best], how=f"{same[best].how}; pass {best + 1} of {len(same)} kept "
-                                               f"(the first {ratio:.2f}x slower on average)"))
-            continue
         calm = [p for p, score in zip(same, scores) if math.exp(score - low) < DISTURBED]
-        out.append(replace(_mean(calm), how=f"{m.how}; the mean of {len(calm)} of {len(same)} passes "
-                                           f"(the others over {DISTURBED}x slower on average)"
-                           if len(calm) < len(same) else f"{m.how}; the mean of {len(same)} passes"))
+        merged, dropped = _mean(calm)
+        if len(calm) == len(same):
+            how = f"the mean of {len(same)} passes"
+        elif len(calm) == 1:
+            best = scores.index(low)
+            ratio = math.exp(sorted(scores)[1] - low)
+            how = (f"pass {best + 1} of {len(same)} kept (the other {ratio:.2f}x slower on average)" if len(same) == 2
+                   else f"pass {best + 1} of {len(same)} kept (the others {ratio:.2f}x or more slower on average)")
+        else:
+            how = f"the mean of {len(calm)} of {len(same)} passes (the others over {DISTURBED}x slower on average)"
+        if dropped:
+            how += f", {dropped} call{'s' if dropped > 1 else ''} without {'their' if dropped > 1 else 'its'} " \
+                   f"times over {CALL_DISTURBED}x {'their' if dropped > 1 else 'its'} fastest"
+        out.append(replace(merged, how=f"{m.how}; {how}"))
     return out
 
 
-def _mean(passes: list[Measured]) -> Measured:
-    """One class's measurements of several passes (the same calls, in the same order) as one: each
-    call's time their geometric mean, its evicted seconds their mean (None where none measured)."""
+def _mean(passes: list[Measured]) -> tuple[Measured, int]:
+    """One class's measurements of several passes (the same calls, in the same order) as one, and
+    how many of its calls left out a pass: each call's time the geometric mean of its times within
+    CALL_DISTURBED of its fastest, its evicted seconds the mean of those passes' (None where none
+    measured)."""
+    dropped = 0
+
     def merged(instances: list[Instance]) -> Instance:
-        evicted = [i.evicted_s for i in instances if i.evicted_s is not None]
-        refill = [i.refill_s or 0.0 for i in instances if i.evicted_s is not None]
-        llc = [i.llc_s for i in instances if i.llc_s is not None]
-        interleaved = [i.interleaved_s for i in instances if i.interleaved_s is not None]
-        time_s = math.exp(sum(math.log(max(i.time_s, 1e-12)) for i in instances) / len(instances))
-        return Instance(instances[0].cost, time_s, sum(evicted) / len(evicted) if evicted else None,
+        nonlocal dropped
+        fastest = min(i.time_s for i in instances)
+        kept = [i for i in instances if i.time_s <= CALL_DISTURBED * fastest]
+        dropped += len(kept) < len(instances)
+        evicted = [i.evicted_s for i in kept if i.evicted_s is not None]
+        refill = [i.refill_s or 0.0 for i in kept if i.evicted_s is not None]
+        llc = [i.llc_s for i in kept if i.llc_s is not None]
+        interleaved = [i.interleaved_s for i in kept if i.interleaved_s is not None]
+        time_s = math.exp(sum(math.log(max(i.time_s, 1e-12)) for i in kept) / len(kept))
+        return Instance(kept[0].cost, time_s, sum(evicted) / len(evicted) if evicted else None,
                         sum(refill) / len(refill) if evicted else None, sum(llc) / len(llc) if llc else None,
                         sum(interleaved) / len(interleaved) if interleaved else None)
     first = passes[0]
     if len(passes) == 1:
-        return first
-    return replace(first, tiny=merged([p.tiny for p in passes]),
-                   base=[merged(list(i)) for i in zip(*(p.base for p in passes))],
-                   curves={f: [merged(list(i)) for i in zip(*(p.curves[f] for p in passes))] for f in first.curves})
+        return first, 0
+    out = replace(first, tiny=merged([p.tiny for p in passes]),
+                  base=[merged(list(i)) for i in zip(*(p.base for p in passes))],
+                  curves={f: [merged(list(i)) for i in zip(*(p.curves[f] for p in passes))] for f in first.curves})
+    return out, dropped
 
 
 def measure_kernels(device: str, plan: KernelPlan, stamp: str, progress=None) -> KernelMeasurements:
