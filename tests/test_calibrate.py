@@ -347,7 +347,7 @@ def test_each_class_keeps_the_passes_the_machine_disturbed_least():
     """A neighbour's load through one class's probe in one pass (its small calls and curve 2.5x
     slower, its largest call as fast; or every call 1.3x): that pass is left out of the class. The
     passes within 10% on average are averaged call by call (choosing the faster would bias the
-    tables low), evicted seconds too, less a call's time over 1.25x its fastest (the host slowing
+    tables low), evicted seconds by their median, less a call's time over 1.25x its fastest (the host slowing
     small calls for seconds, which the class's average barely sees). The CPU plan measures three
     times; the quick one once."""
     from costmodel.hardware.calibrate_kernels import Cost, Instance, Measured, kernel_plan, least_disturbed
@@ -377,7 +377,7 @@ def test_each_class_keeps_the_passes_the_machine_disturbed_least():
     norm = kept[2]
     assert norm.base[1].time_s == pytest.approx(
         (first[2].base[1].time_s * second[2].base[1].time_s * third[2].base[1].time_s) ** (1 / 3))
-    assert norm.tiny.evicted_s == pytest.approx(5e-5)
+    assert norm.tiny.evicted_s == pytest.approx(4e-5)       # the median of three: 9e-5 does not move it
     # the third pass's curve call, 1.27x its fastest, is left out of that call, evicted seconds too
     assert norm.curves["m"][0].time_s == pytest.approx(
         (first[2].curves["m"][0].time_s * second[2].curves["m"][0].time_s) ** 0.5)
