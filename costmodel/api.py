@@ -96,13 +96,14 @@ class Point:
         """The kernel class that prices op `i` on a calibrated device (costmodel/hardware/kernels.py).
         With `hw`, a CPU whose file measured eager's native convolution (conv.dense.slow): a dense
         convolution that eager runs natively at this point's sizes and `hw`'s threads is priced by
-        that table (hardware/eager_backend.py); the gradient keeps its class unless the file has
-        the native one's too."""
+        that table (hardware/eager_backend.py), its gradient by the native gradient's
+        (conv.dense.slow.backward, .backward.weight without the input's) where the file has it."""
         op = self.analysis.ops[i]
         if hw is None or op.conv_call is None:
             return op.kernel
         w_shape, stride, padding, dilation, transposed, output_padding, groups, backward = op.conv_call
-        native = SLOW_CONV_CLASS + (".backward" if backward else "")
+        native = SLOW_CONV_CLASS + (".backward.weight" if ".backward.weight" in op.kernel
+                                    else ".backward" if backward else "")
         table = hw.kernel_table(native, op.dtype)     # the class itself, not one its chain falls back to
         if table is None or table.kernel != native:
             return op.kernel

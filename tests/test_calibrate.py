@@ -56,7 +56,8 @@ def test_cpu_calibration_round_trips(quick_cpu):
 def test_quick_calibration_measures_each_kernel_class(quick_cpu):
     hw = quick_cpu[1]
     for key in ("matmul:float32", "bmm:float32", "conv.dense:float32", "conv.dense.backward:float32",
-                "conv.dense.backward.weight:float32", "conv.dense.slow:float32", "conv.depthwise:float32",
+                "conv.dense.backward.weight:float32", "conv.dense.slow:float32", "conv.dense.slow.backward:float32",
+                "conv.dense.slow.backward.weight:float32", "conv.depthwise:float32",
                 "attention.flash:float32",
                 "attention.math.backward:float32", "pointwise.tanh", "pointwise", "norm.layer", "softmax",
                 "reduction", "copy", "copy.pad", "embedding", "random.dropout", "optimizer.adamw", "pool.upsample",
@@ -81,7 +82,8 @@ def test_quick_calibration_measures_each_kernel_class(quick_cpu):
     # nearest upsampling: rates on rows of 16, a curve of the row length that is 1 there
     widths = dict(hw.kernels["pool.upsample"].efficiency["in_width"])
     assert {8.0, 16.0, 32.0} <= set(widths) and widths[16.0] == pytest.approx(1.0)
-    assert "Slow2d" in hw.kernels["conv.dense.slow:float32"].how    # each call checked to run native
+    for key in ("conv.dense.slow:float32", "conv.dense.slow.backward:float32", "conv.dense.slow.backward.weight:float32"):
+        assert "Slow2d" in hw.kernels[key].how    # each call checked to run native
     assert "channels-last" in hw.kernels["conv.depthwise.backward.channels_last:float32"].how
     # rated by work, like the others (a grouped backward's work is the kernel's, not FlopCounterMode's)
     assert hw.kernels["conv.depthwise:float32"].by == "work"

@@ -881,6 +881,31 @@ def test_a_point_prices_the_convolution_eager_runs_there(tmp_path):
     assert small.kernel_class(conv, old) == "conv.dense"
 
 
+def test_a_native_convolutions_gradients_are_priced_by_the_native_gradients_tables(tmp_path):
+    """Eager computes the gradient of a convolution it ran natively natively too: the first layer's
+    (weight and bias only) by conv.dense.slow.backward.weight, the next one's by .backward, where
+    the file measured them; a file without them keeps oneDNN's backward classes."""
+    r = analyze(lambda: nn.Sequential(nn.Conv2d(8, 8, 1), nn.Conv2d(8, 8, 1)), inputs=["x:float32[batch,8,h,h]"],
+                mode="train", dims={"batch": [1], "h": [8]})
+    tables = {"conv.dense:float32": DENSE.to_dict(), "conv.dense.slow:float32": SLOW.to_dict()}
+    for name in ("conv.dense.backward", "conv.dense.backward.weight"):
+        tables[name + ":float32"] = dataclasses.replace(DENSE, kernel=name).to_dict()
+    old = load_hardware(str(device_file(tmp_path, tables)))
+    for name in ("conv.dense.slow.backward", "conv.dense.slow.backward.weight"):
+        tables[name + ":float32"] = dataclasses.replace(SLOW, kernel=name).to_dict()
+    hw = load_hardware(str(device_file(tmp_path, tables)))
+    pt = r.evaluate(batch=1, h=8)
+    grads = [(op.kernel, i) for i, op in enumerate(pt.analysis.ops) if op.kernel.startswith("conv.dense.backward")]
+    assert sorted(k for k, _ in grads) == ["conv.dense.backward", "conv.dense.backward.weight"]
+    for kernel, i in grads:
+        assert pt.kernel_class(i, hw) == kernel.replace("conv.dense", "conv.dense.slow")
+        assert pt.timing(hw)["op_times"][i].kernel == kernel.replace("conv.dense", "conv.dense.slow")
+        assert pt.kernel_class(i, old) == kernel
+    # at batch 32 eager runs them in oneDNN
+    big = r.evaluate(batch=32, h=32)
+    assert all(big.kernel_class(i, hw) == kernel for kernel, i in grads)
+
+
 def test_the_native_table_reads_one_samples_positions(tmp_path):
     """The native kernel runs a GEMM per sample: 4 samples of a 2x2 image are 4 GEMMs of m = 4."""
     r = analyze(OneByOne, inputs=["x:float32[batch,64,h,h]"], dims={"batch": [4], "h": [2]})

@@ -751,7 +751,7 @@ class Prober:
                 return lambda: aten.convolution_backward.default(*bargs), aten.convolution_backward.default, bargs, {}
             # the native class: the rule names conv.dense, the point's backend (eager_backend) the rest
             return self.instance(make, kernel, rotate=False,
-                                 rule_class="conv.dense" if kind == "dense.slow" else rule_kernel)
+                                 rule_class=rule_kernel.replace(".slow", "") if kind == "dense.slow" else rule_kernel)
 
         sides, ref_side = p.conv_sides, p.conv_side
         ref = p.conv_ref
@@ -1312,8 +1312,11 @@ def _classes(prober: Prober, plan: KernelPlan, device: str) -> list[Measured]:
                     prober.progress(f"conv.{kind} channels-last {backward or 'forward'} {dtype}")
                     measured.append(prober.conv(kind, backward, dtype, channels_last=True))
         if device == "cpu" and plan.conv_slow_channels:
-            prober.progress(f"conv.dense.slow forward {dtype}")
-            measured.append(prober.conv("dense.slow", None, dtype))
+            # and its gradients, which eager computes natively too (slow_conv2d_backward): oneDNN's
+            # backward tables price a call 80 us of setup and ~90 us of evicted state it never pays
+            for backward in (None, "input", "weight"):
+                prober.progress(f"conv.dense.slow {backward or 'forward'} {dtype}")
+                measured.append(prober.conv("dense.slow", backward, dtype))
     for dtype in conv_dtypes:
         for kernel in plan.attn_kernels:
             if kernel == "flash" and device == "cuda" and dtype == "float32":

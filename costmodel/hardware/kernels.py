@@ -59,7 +59,8 @@ FAMILIES: dict[str, str] = {
     "bmm": FLOPS,           # batched products: bmm, baddbmm, batched matmul; features batch, m, n, k
     "conv": FLOPS,          # .dense, .depthwise, .grouped, .transposed; features below; .dense.slow:
                             # a CPU's native kernel (im2col and a GEMM per sample, its m one sample's),
-                            # where eager runs it at the point's sizes (hardware/eager_backend.py)
+                            # where eager runs it at the point's sizes (hardware/eager_backend.py),
+                            # .dense.slow.backward(.weight) its gradients
     "attention": FLOPS,     # .math, .flash, .efficient, .cudnn: the SDPA kernel the device runs
     "pointwise": BYTES,     # elementwise; .<aten op> per op (pointwise.tanh, pointwise.gelu_tanh);
                             # .strided: any elementwise op with a permuted input
