@@ -227,9 +227,20 @@ def _storages(c: cap.Captured, node: fx.Node, category: str) -> tuple[tuple, str
         value = arg.meta.get("val")
         if not isinstance(value, torch.Tensor):
             continue
-        reads[_base(arg)] = reads.get(_base(arg), 0) + tensor_spec(c, value).nbytes
+        reads[_base(arg)] = reads.get(_base(arg), 0) + _read_bytes(c, value)
     writes = _base(node.args[0]) if _writes_first_input(node) and isinstance(node.args[0], fx.Node) else node.name
     return tuple(reads.items()), writes
+
+
+def _read_bytes(c: cap.Captured, value: torch.Tensor):
+    """Bytes a read of `value` takes from its storage: a broadcast dimension (stride 0, an expand)
+    reads the same elements again, not more of the storage (a GRU's input weight expanded over a
+    batch of 64 is 786 KB of memory, not 50 MB)."""
+    spec = tensor_spec(c, value)
+    broadcast = [i for i, stride in enumerate(value.stride()) if _is_zero(stride)] if value.dim() else []
+    if not broadcast:
+        return spec.nbytes
+    return value.element_size() * sympy.Mul(*(v for i, v in enumerate(spec.shape) if i not in broadcast))
 
 
 def _base(node: fx.Node) -> str:
