@@ -87,7 +87,7 @@ _POINTWISE_ALL = ("add", "sub", "mul", "div", "neg", "abs", "relu", "threshold_b
 
 
 def kernel_plan(device: str, quick: bool) -> KernelPlan:
-    """Sizes by device: quick (tests: seconds), a CPU (3-4 min on 2 cores, in three passes), a GPU."""
+    """Sizes by device: quick (tests: seconds), a CPU (4-5 min on 2 cores, in three passes), a GPU."""
     kernels = _attention_kernels(device)
     if quick:
         return KernelPlan(
