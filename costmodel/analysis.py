@@ -18,8 +18,8 @@ from costmodel.capture.blocks import COPY as COPY_OF_BLOCK, COPY_OF
 from costmodel.rules.cost import CONV, COPY, NORM, POINTWISE, SOFTMAX, VIEW, OpCost
 from costmodel.errors import AnalysisError
 from costmodel.formulas import Evaluator, plain
-from costmodel.hardware.kernels import (ALLOC_FEATURE, CHANNELS_LAST, INNER_STRIDE_FEATURE, INTERNAL_FEATURE,
-                                        SHAPE_ONLY_FEATURE, STRIDED_FEATURE)
+from costmodel.hardware.kernels import (ALLOC_FEATURE, AUTOGRAD_NODE_FEATURE, CHANNELS_LAST, ENGINE_CALL_FEATURE,
+                                        INNER_STRIDE_FEATURE, INTERNAL_FEATURE, SHAPE_ONLY_FEATURE, STRIDED_FEATURE)
 from costmodel.rules import TensorSpec, rule_for
 from costmodel.capture.specs import dtype_name
 from costmodel.symbols import dim_symbol
@@ -171,14 +171,26 @@ def _timing_class(c: cap.Captured, node: fx.Node, cost: OpCost, attention_kernel
     # a tensor's gradients itself, from C++ (is_gradient_acc). The copies of a repeated block keep
     # its trace's numbers: each copy's calls are its own.
     copy = node.meta.get(COPY_OF_BLOCK)
-    call = (("b", node.meta.get("seq_nr")) if _torch.is_backward(node)
-            else ("f", node.meta.get(cap.PYTHON_CALL, node.name))) + ((copy.id if copy is not None else 0),)
+    copy_id = copy.id if copy is not None else 0
+    backward = _torch.is_backward(node)
+    call = (("b", node.meta.get("seq_nr")) if backward
+            else ("f", node.meta.get(cap.PYTHON_CALL, node.name))) + (copy_id,)
     if str(node.target) in SHAPE_ONLY:        # tracing's size reads: eager dispatches nothing
         features[SHAPE_ONLY_FEATURE] = sympy.Integer(1)
-    elif call in calls_seen or node.meta.get("is_gradient_acc"):
+        return kernel, features
+    if call in calls_seen or node.meta.get("is_gradient_acc"):
         features[INTERNAL_FEATURE] = sympy.Integer(1)
     else:
         calls_seen.add(call)
+        if backward:     # the engine calls it (the Python binding's price where its own is not known)
+            features[ENGINE_CALL_FEATURE] = sympy.Integer(1)
+    # A training forward's op with a new autograd sequence number made a node (the ops after it
+    # under the same number made none): the engine's node, recorded here and run in the backward,
+    # whether or not its backward runs any op (an add's passes its gradient on).
+    node_key = ("n", node.meta.get("seq_nr"), copy_id)
+    if c.mode == "train" and not backward and node_key[1] is not None and node_key not in calls_seen:
+        calls_seen.add(node_key)
+        features[AUTOGRAD_NODE_FEATURE] = sympy.Integer(1)
     return kernel, features
 
 

@@ -10,8 +10,9 @@ The device is calibrated once per thread count (`costmodel hardware calibrate`, 
 as calibrated-<device>-<threads>.toml and reused when present), or --hw gives the file. Before each
 run on the CPU the script waits (up to --wait-s) for the 1-minute load average to drop below
 --max-load, and records the load during the run and how fast a calibrated product and add run just
-before it against the calibration ("machine vs calibration": 1.0 as calibrated, 0.8 20% slower):
-other work on the machine slows measured steps, even on one thread's own clock.
+before it against the calibration ("machine vs calibration": 1.0 as calibrated, 0.8 20% slower),
+and a small add again just after it: other work on the machine slows measured steps, even on one
+thread's own clock, and at two threads the host's state slows every small op's fork and join.
 Writes summary.md (the table) and one JSON per run under --out.
 
     python scripts/time_accuracy_benchmark.py --reprice time_out [--hw other.toml]
@@ -141,17 +142,21 @@ def wait_for_quiet(max_load: float, wait_s: float) -> float | None:
 
 def machine_speed(hw) -> dict[str, float] | None:
     """How fast this CPU runs now against its calibration: a product and an elementwise add, in
-    cache, and a clone of the largest tensor the calibration cloned (16 MiB: past the core caches,
-    through the last-level cache and memory, which other tenants of the host share),
+    cache, a clone of the largest tensor the calibration cloned (16 MiB: past the core caches,
+    through the last-level cache and memory, which other tenants of the host share), and a small
+    add (64K elements, 3-5 us: at two threads mostly the threads' fork and join, which this
+    2-vCPU host makes 1.4x slower for seconds to minutes at a time; a model of many small ops,
+    a GRU's training step, then takes 8-10% longer),
     timed as the calibration times them (thread clock at one thread; fastest of 7 blocks), each as
     predicted / measured time (1.0: as calibrated; 0.8: 20% slower, other work sharing the core's
     caches, the memory or the package's power). Recorded with each run to tell the model's errors
     from the machine's; nothing is corrected with it. None where the file has no tables for them."""
     from costmodel.hardware.roofline import op_time
     clock = time.thread_time if torch.get_num_threads() == 1 else time.perf_counter
-    n, elements = 256, 262144
+    n, elements, few = 256, 262144, 65536
     x, w, b = torch.randn(n, n), torch.randn(n, n), torch.randn(n)
     u, v = torch.randn(elements), torch.randn(elements)
+    s, t = torch.randn(few), torch.randn(few)
     copy = hw.kernel_table("copy", None)
     if copy is None or not copy.sizes:
         return None
@@ -161,7 +166,8 @@ def machine_speed(hw) -> dict[str, float] | None:
     probes = {"matmul": (lambda: torch.addmm(b, x, w.t()), (2 * n ** 3, 4 * (3 * n * n + n)), "matmul", "matmul",
                          {"m": n, "n": n, "k": n}),
               "add": (lambda: torch.add(u, v), (elements, 12 * elements), "pointwise", "pointwise.add", {}),
-              "copy": (lambda: src.clone(), (0, 8 * copied), "copy", "copy", {"alloc_bytes": 4 * copied})}
+              "copy": (lambda: src.clone(), (0, 8 * copied), "copy", "copy", {"alloc_bytes": 4 * copied}),
+              "small": (lambda: torch.add(s, t), (few, 12 * few), "pointwise", "pointwise.add", {})}
     out = {}
     for name, (fn, (flops, nbytes), category, kernel, features) in probes.items():
         if hw.kernel_table(kernel, "float32") is None:
@@ -250,11 +256,13 @@ def main(argv: list[str] | None = None) -> int:
                     continue
                 wall = time.perf_counter() - start
                 load_after = load_average()
+                speed_after = machine_speed(hw) if args.device == "cpu" else None
                 dim = r.swept[0] if r.swept else None
                 e = r.exponents.get(dim, {}) if dim else {}
                 row = {"arch": arch.name, "held_out": arch.held_out, "mode": mode, "threads": threads,
                        "dim": dim, "time_mape": r.errors["time_mape"], "exp_measured": e.get("measured"),
                        "exp_predicted": e.get("predicted"), "load": [load_before, load_after], "speed": speed,
+                       "speed_after": speed_after,
                        "wall_s": wall,
                        "points": [(p.dims, p.measured.get("time_s"), p.predicted.get("time_s")) for p in r.points]}
                 rows.append(row)
@@ -322,13 +330,16 @@ def _line(row: dict) -> str:
 
 
 def _speed(row: dict) -> str:
-    speed = row.get("speed")
-    return "-" if not speed else "/".join(f"{v:.2f}" for v in speed.values())
+    speed, after = row.get("speed"), row.get("speed_after")
+    if not speed:
+        return "-"
+    text = "/".join(f"{v:.2f}" for v in speed.values())
+    return text + (f" -> {after['small']:.2f}" if after and "small" in after else "")
 
 
 def _summary(rows: list[dict], device: str) -> str:
     head = ["| architecture | held out | mode | threads | swept | time MAPE | exponent measured / predicted | "
-            "diff | load (before / after) | machine vs calibration (matmul / add / copy) |",
+            "diff | load (before / after) | machine vs calibration before (matmul / add / copy / small) -> small after |",
             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         if "error" in r:

@@ -51,6 +51,8 @@ def test_cpu_calibration_round_trips(quick_cpu):
         assert torch.__version__ in loaded.sources[figure] or figure == "memory_bytes"
     assert "measured by costmodel hardware calibrate" in loaded.sources["peak_flops_per_s.float32"]
     assert loaded.threads == 1
+    # the autograd engine's cost per node: more than nothing, less than a tenth of a millisecond
+    assert 0 < loaded.autograd_node_s < 1e-4 and "adds of tiny tensors" in loaded.sources["autograd_node_s"]
 
 
 def test_quick_calibration_measures_each_kernel_class(quick_cpu):

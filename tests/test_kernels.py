@@ -551,6 +551,59 @@ def test_internal_ops_skip_the_python_binding(tmp_path):
     assert op_time(0, 0, "view", "float32", hw, kernel="view", features={"internal": 1}).time_s == pytest.approx(1e-7)
 
 
+class Chain(nn.Module):
+    """Three adds of a parameter (an add's backward node runs no op) and a product"""
+
+    def __init__(self):
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(16))
+        self.lin = nn.Linear(16, 16)
+
+    def forward(self, x):
+        for _ in range(3):
+            x = x + self.w
+        return self.lin(x)
+
+
+def test_each_autograd_node_is_priced_once_at_the_forward_op_that_made_it(tmp_path):
+    r = analyze(Chain, inputs=["x:float32[batch,16]"], mode="train", dims={"batch": [4]})
+    pt = r.evaluate(batch=4)
+    marked = [(op["target"], op["phase"]) for i, op in enumerate(pt.ops) if pt.features[i].get("autograd_node")]
+    # the adds, F.linear's t and addmm, and the loss's sum made one node each; the backward, none
+    assert [t for t, _ in marked if t == "aten.add.Tensor"] == ["aten.add.Tensor"] * 3
+    assert ("aten.addmm.default", "forward") in marked and ("aten.t.default", "forward") in marked
+    assert all(phase != "backward" for _, phase in marked)
+    graph = r.primary.captured.graph.graph
+    forward_numbers = {n.meta["seq_nr"] for n in graph.nodes if n.op == "call_function" and "seq_nr" in n.meta
+                       and n.meta.get("costmodel_phase") != "backward"}
+    assert len(marked) == len(forward_numbers)
+    # the engine calls each backward node's first op (marked), the node's later ops run inside it
+    engine = [op["target"] for i, op in enumerate(pt.ops) if pt.features[i].get("engine_call")]
+    assert engine and all(pt.ops[i]["phase"] == "backward" for i, op in enumerate(pt.ops)
+                          if pt.features[i].get("engine_call"))
+    assert not any(f.get("autograd_node") for f in analyze(Chain, inputs=["x:float32[batch,16]"],
+                                                           dims={"batch": [4]}).evaluate(batch=4).features)
+    # priced: each node its cost, each engine call without the binding
+    with_nodes = with_cache(tmp_path, cache_bytes=1 << 30, python_call_s=2e-7, autograd_node_s=1.5e-6)
+    without = with_cache(tmp_path, cache_bytes=1 << 30, python_call_s=2e-7)
+    for table in ("add", "sum"):     # every op priced from a table: the nodes' ops cost overheads alike
+        with_nodes.kernels[f"pointwise.{table}"] = without.kernels[f"pointwise.{table}"] = \
+            without.kernels["pointwise"]
+    extra = pt.timing(with_nodes)["summary"].time_s - pt.timing(without)["summary"].time_s
+    priced = [i for i, t in enumerate(pt.timing(with_nodes)["op_times"]) if t.kernel is not None]
+    nodes = sum(1 for i in priced if pt.features[i].get("autograd_node"))
+    calls = sum(1 for i in priced if pt.features[i].get("engine_call"))
+    assert nodes >= 5 and calls >= 2
+    assert extra == pytest.approx(nodes * 1.5e-6 - calls * 2e-7)
+
+
+def test_a_device_file_s_autograd_node_cost_is_seconds(tmp_path):
+    assert with_cache(tmp_path, cache_bytes=1, autograd_node_s=1e-6).autograd_node_s == 1e-6
+    assert with_cache(tmp_path, cache_bytes=1).autograd_node_s is None
+    with pytest.raises(UsageError, match="'autograd_node_s' must be seconds"):
+        with_cache(tmp_path, cache_bytes=1, autograd_node_s=-1)
+
+
 STREAMED = KernelTable("matmul.streamed", "float32", 2e-6, sizes=(1.0, 2.0, 64.0), rates=(1e10, 5e9, 6e10),
                        efficiency={"k": ((256.0, 0.5), (4096.0, 1.0))}, by="m")
 

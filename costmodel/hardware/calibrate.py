@@ -58,7 +58,7 @@ def calibrate(device: str = "cpu", out_path: str | os.PathLike | None = None, *,
     called with the name of each kernel class as its measurement starts."""
     import torch
 
-    from costmodel.hardware.calibrate_kernels import kernel_plan, measure_kernels
+    from costmodel.hardware.calibrate_kernels import AUTOGRAD_CHAIN, kernel_plan, measure_kernels
 
     if device not in DEVICES:
         raise UsageError(f"--device got '{device}'; accepted: {', '.join(DEVICES)}")
@@ -108,6 +108,10 @@ def calibrate(device: str = "cpu", out_path: str | os.PathLike | None = None, *,
             fields["python_call_s"] = measured.python_call_s
             sources["python_call_s"] = f"{stamp}: a Python loop of tiny in-place adds less the same adds made by " \
                                        f"torch._foreach_add_'s C++ loop, per op, {_threads(device)}"
+        if measured.autograd_node_s is not None:
+            fields["autograd_node_s"] = measured.autograd_node_s
+            sources["autograd_node_s"] = f"{stamp}: a chain of {AUTOGRAD_CHAIN} adds of tiny tensors, forward " \
+                                         f"and backward less the forward without grad, per add, {_threads(device)}"
         if measured.allocation is not None:
             sections["allocation"] = measured.allocation.to_dict()
         sections.update({f"kernels.{_toml_key(key)}": table.to_dict() for key, table in measured.tables.items()})

@@ -345,6 +345,7 @@ class Timer:
 
 PAGE = 4096
 UPSAMPLE_SIDE = 16      # pool.upsample's base calls: input rows of 16 (a small image's decoder)
+AUTOGRAD_CHAIN = 1000   # Prober.autograd_node_s: the adds (autograd nodes) of its chain
 EVICTED_MAX_S = 2e-3    # Timer.evicted: the longest call it measures; the table's largest size holds past it
 # Timer.interleaved: the longest call it measures. Past it what the code costs (~1-40 us) is within
 # the noise of two blocks' difference (an add of 4M elements read 124 us), and held from below.
@@ -941,6 +942,34 @@ class Prober:
         per_cpp = self.time(lambda: torch._foreach_add_(ts, 1.0)) / len(ts)
         return max(0.0, per_python - per_cpp)
 
+    def autograd_node_s(self) -> float | None:
+        """What a training step pays per autograd node beyond the ops it runs: a chain of
+        AUTOGRAD_CHAIN adds of tiny tensors (each add one node, whose backward passes its gradient on
+        and runs no op), forward and backward less the same forward without grad, per add: the node
+        made and its tensors saved in the forward, and the engine's scheduling of it in the backward
+        (1.5 us here, where a Python call of an op adds 0.5). None on a GPU, where the engine's CPU
+        time overlaps the kernels it queues."""
+        if self.device != "cpu":
+            return None
+        x, w = self.t(16, grad=True), self.t(16)
+
+        def chain():
+            y = x
+            for _ in range(AUTOGRAD_CHAIN):
+                y = y + w
+            return y.sum()
+
+        def train():
+            chain().backward()
+            x.grad = None
+
+        def forward():
+            with torch.no_grad():
+                chain()
+        with torch.enable_grad():
+            both = self.time(train)
+        return max(0.0, both - self.time(forward)) / AUTOGRAD_CHAIN
+
     def view(self) -> KernelTable:
         x = self.t(64, 64)
         t = statistics.median([self.time(lambda: x.view(4096)), self.time(lambda: x.t()),
@@ -1289,6 +1318,7 @@ class KernelMeasurements:
     python_call_s: float | None
     cache_bytes: int
     core_cache_bytes: int | None = None
+    autograd_node_s: float | None = None
 
 
 def _classes(prober: Prober, plan: KernelPlan, device: str) -> list[Measured]:
@@ -1455,6 +1485,8 @@ def measure_kernels(device: str, plan: KernelPlan, stamp: str, progress=None) ->
         tables["view"] = prober.view()
         tables["module"] = prober.module()
         python_call_s = prober.python_call_s()
+        autograd_node_s = prober.autograd_node_s()
     finally:
         torch.set_grad_enabled(grad_mode)
-    return KernelMeasurements(tables, allocation, python_call_s, prober.cache_bytes, prober.core_cache_bytes)
+    return KernelMeasurements(tables, allocation, python_call_s, prober.cache_bytes, prober.core_cache_bytes,
+                              autograd_node_s)

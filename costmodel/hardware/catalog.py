@@ -40,7 +40,7 @@ _DTYPE_ALIASES = {
 _REQUIRED = ("memory_bytes", "bandwidth_bytes_per_s", "peak_flops_per_s")
 _OPTIONAL = ("name", "vendor", "description", "kernel_overhead_s", "calibrated", "efficiency", "sources",
              "compute_capability", "threads", "kernels", "allocation", "cache_bytes", "core_cache_bytes",
-             "python_call_s",
+             "python_call_s", "autograd_node_s",
              *INTERCONNECT_FIELDS)
 
 
@@ -85,6 +85,10 @@ class Hardware:
     # What the Python binding adds to an eager op over the same op called from C++ (the 2nd..nth op
     # of F.linear, of nn.GRU's loop; backward nodes but their first op). None: not measured.
     python_call_s: float | None = None
+    # What the autograd engine costs per node of the backward graph, on the CPU that runs it: the
+    # node recorded in the forward and run in the backward, beyond the ops it calls (which it calls
+    # from C++). None: not measured; a backward node's first op then pays the Python binding instead.
+    autograd_node_s: float | None = None
     # The interconnect (costmodel.comm): a file without these fields gets DEFAULT_INTERCONNECT,
     # and its sources say so.
     gpus_per_node: int = DEFAULT_INTERCONNECT.gpus_per_node
@@ -160,6 +164,7 @@ class Hardware:
             "cache_bytes": self.cache_bytes,
             "core_cache_bytes": self.core_cache_bytes,
             "python_call_s": self.python_call_s,
+            "autograd_node_s": self.autograd_node_s,
             "kernels": {k: t.to_dict() for k, t in self.kernels.items()},
             "allocation": self.allocation.to_dict() if self.allocation else None,
         }
@@ -258,9 +263,10 @@ def hardware_from_dict(data: dict, *, origin: str, path: str | None = None) -> H
         if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
             raise UsageError(f"{origin}: '{key}' must be a positive integer number of bytes, got {value!r}")
     cache_bytes = data.get("cache_bytes")
-    python_call_s = data.get("python_call_s")
-    if python_call_s is not None and (not _is_number(python_call_s) or not 0 <= python_call_s < 1):
-        raise UsageError(f"{origin}: 'python_call_s' must be seconds, 0 <= value < 1, got {python_call_s!r}")
+    python_call_s, autograd_node_s = data.get("python_call_s"), data.get("autograd_node_s")
+    for key, value in (("python_call_s", python_call_s), ("autograd_node_s", autograd_node_s)):
+        if value is not None and (not _is_number(value) or not 0 <= value < 1):
+            raise UsageError(f"{origin}: '{key}' must be seconds, 0 <= value < 1, got {value!r}")
     interconnect, sources = _interconnect(data, sources, origin)
     return Hardware(
         name=name.strip(), memory_bytes=memory_bytes,
@@ -274,6 +280,7 @@ def hardware_from_dict(data: dict, *, origin: str, path: str | None = None) -> H
         allocation=allocation_from_dict(data["allocation"], origin) if "allocation" in data else None,
         threads=threads, cache_bytes=cache_bytes, core_cache_bytes=data.get("core_cache_bytes"),
         python_call_s=float(python_call_s) if python_call_s is not None else None,
+        autograd_node_s=float(autograd_node_s) if autograd_node_s is not None else None,
     )
 
 

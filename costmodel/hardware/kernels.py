@@ -107,6 +107,10 @@ FEATURES = {
 }
 ALLOC_FEATURE = "alloc_bytes"   # every op: bytes of its largest freshly allocated output
 INTERNAL_FEATURE = "internal"   # 1: eager runs it inside another op's call (no Python binding of its own)
+# 1: a training step's forward op that made an autograd node, which the engine runs in the backward
+# (Hardware.autograd_node_s); and the first op of a backward node, which the engine calls from C++
+AUTOGRAD_NODE_FEATURE = "autograd_node"
+ENGINE_CALL_FEATURE = "engine_call"
 SHAPE_ONLY_FEATURE = "shape_only"  # 1: a size read of the trace (sym_size): eager dispatches nothing
 COLD_FEATURE = "cold_bytes"     # bytes it reads that the cache no longer holds (set per point)
 STRIDED_FEATURE = "strided_bytes"  # permuted inputs a norm, softmax or convolution copies contiguous first

@@ -21,8 +21,9 @@ from typing import TYPE_CHECKING, Iterable, Mapping
 
 from costmodel.rules.cost import ATTENTION, CONV, INDEX, KERNEL_OF_CATEGORY, MATMUL, VIEW
 from costmodel.errors import UsageError
-from costmodel.hardware.kernels import (ALLOC_FEATURE, CHANNELS_LAST, COLD_FEATURE, EVICTED_FEATURE, FLOPS,
-                                        INTERLEAVED_FEATURE, INTERNAL_FEATURE, SHAPE_ONLY_FEATURE, STRIDED_FEATURE)
+from costmodel.hardware.kernels import (ALLOC_FEATURE, AUTOGRAD_NODE_FEATURE, CHANNELS_LAST, COLD_FEATURE,
+                                        ENGINE_CALL_FEATURE, EVICTED_FEATURE, FLOPS, INTERLEAVED_FEATURE,
+                                        INTERNAL_FEATURE, SHAPE_ONLY_FEATURE, STRIDED_FEATURE)
 
 if TYPE_CHECKING:
     from costmodel.hardware.catalog import Hardware
@@ -318,9 +319,16 @@ def _streamed_shape_efficiency(table, features: Mapping[str, float]) -> float:
 
 def _overhead_s(measured_s: float, hw: "Hardware", features: Mapping[str, float]) -> float:
     """A table's overhead was measured on calls from Python; an op eager runs inside another's call
-    (features["internal"]) skips the Python binding, down to a tenth of the measured overhead."""
-    if features.get(INTERNAL_FEATURE) and hw.python_call_s:
-        return max(measured_s - hw.python_call_s, 0.1 * measured_s)
+    (features["internal"]) skips the Python binding, down to a tenth of the measured overhead. On a
+    device that measured the autograd engine's cost per node (Hardware.autograd_node_s), the forward
+    op that made a node pays it, and the engine's calls of a node's ops skip the binding too (without
+    it, a node's first op pays the binding in the engine's stead)."""
+    node_s = hw.autograd_node_s
+    internal = features.get(INTERNAL_FEATURE) or (node_s is not None and features.get(ENGINE_CALL_FEATURE))
+    if internal and hw.python_call_s:
+        measured_s = max(measured_s - hw.python_call_s, 0.1 * measured_s)
+    if node_s is not None and features.get(AUTOGRAD_NODE_FEATURE):
+        measured_s += node_s
     return measured_s
 
 
