@@ -69,6 +69,13 @@ def test_quick_calibration_measures_each_kernel_class(quick_cpu):
         assert 0 <= table.overhead_s < 1e-2, key
         assert all(r > 0 for r in table.rates), key
         assert key == "view" or "fastest of" in table.how, key       # each says how it was measured
+    # a oneDNN LSTM layer (forward, backward) by the batch, where this torch has oneDNN
+    if torch.backends.mkldnn.is_available():
+        for key in ("matmul.lstm:float32", "matmul.lstm.backward:float32"):
+            table = hw.kernels[key]
+            assert table.by == "batch" and table.sizes and set(table.sizes) <= {1.0, 2.0}, key
+            assert all(r > 0 for r in table.rates), key
+            assert "mkldnn_rnn_layer" in table.how and "fastest of" in table.how, key
     # products carry their shape curves, convolutions theirs
     assert set(hw.kernels["matmul:float32"].efficiency) == {"m", "n", "k"}
     # products of few rows with their weight streamed from memory: by m, with curves of n and k

@@ -54,6 +54,22 @@ def test_conv_classes_come_from_groups_against_channels():
     assert convs[0][1]["alloc_bytes"] == 2 * 8 * 16 * 16 * 4
 
 
+def test_a_cpu_lstm_layer_is_its_own_class_priced_as_a_product_where_a_device_has_no_table_of_it():
+    from .models import LSTM
+    r = analyze(LSTM, inputs=["x:float32[batch,seq,16]"], mode="train", dims={"batch": [4], "seq": [8]}, device="cpu")
+    layers = [(k, f) for t, k, f in classes(r, {"batch": 4, "seq": 8}) if "onednn_lstm" in t]
+    # two layers of hidden 32, forward and backward: oneDNN's kernels, not the BLAS's products
+    assert [k for k, _ in layers] == ["matmul.lstm"] * 2 + ["matmul.lstm.backward"] * 2
+    assert all(f["batch"] == 4 and f["hidden"] == 32 for _, f in layers)
+    assert find_table({"matmul:float32": MATMUL}, "matmul.lstm.backward", "float32") is MATMUL
+    # with its own table (by the batch, as a calibration writes it), at that table's rate
+    lstm = KernelTable("matmul.lstm", "float32", 4e-5, (1.0, 8.0), (5e9, 2e10), by="batch",
+                       efficiency={"hidden": ((64.0, 0.5), (256.0, 1.0))})
+    assert find_table({"matmul:float32": MATMUL, "matmul.lstm:float32": lstm}, "matmul.lstm.backward",
+                      "float32") is lstm
+    assert lstm.time_s(1e8, {"batch": 8, "hidden": 64}) == pytest.approx(4e-5 + 1e8 / (2e10 * 0.5))
+
+
 def test_a_stride_past_the_kernel_skips_input_positions():
     class Shortcuts(nn.Module):
         def __init__(self):

@@ -30,6 +30,11 @@ from costmodel.rules.registry import TensorSpec, nbytes_of, register
 aten = torch.ops.aten
 _PAGE = 4096
 _LSTM_GATES = 4
+# The oneDNN layer's kernel class: its GEMMs run in oneDNN's own kernels, not the BLAS that prices
+# "matmul" (on this project's AMD CPU at one thread ~190 GF/s against addmm's ~100: oneDNN takes
+# AVX-512 where the BLAS takes AVX2); a calibration measures it (Prober.lstm), and a device without
+# its table prices it as a product (hardware.kernels.chain)
+LSTM_KERNEL = "matmul.lstm"
 
 
 def _good_ld(n: int) -> int:
@@ -134,7 +139,8 @@ def onednn_lstm_layer_rule(x: TensorSpec, w_ih: TensorSpec, w_hh: TensorSpec, b_
     G, H = w_hh.shape
     matmul = 2 * S * B * G * I + 2 * S * B * G * H
     return OpCost(matmul + _lstm_pointwise_flops(S, B, H), nbytes_of([x, w_ih, w_hh, b_ih, b_hh, hx, cx]),
-                  nbytes_of(list(out)), MATMUL, counted_flops=matmul, kernel="matmul")
+                  nbytes_of(list(out)), MATMUL, counted_flops=matmul, kernel=LSTM_KERNEL,
+                  features={"batch": B, "hidden": H})
 
 
 @register(torch.ops.costmodel.onednn_lstm_layer_backward)
@@ -148,7 +154,8 @@ def onednn_lstm_layer_backward_rule(x: TensorSpec, w_ih: TensorSpec, w_hh: Tenso
     matmul = 2 * S * B * G * I * (1 + int(bool(x_grad))) + 2 * S * B * G * H + 2 * (S - 1 + int(bool(hx_grad))) * B * G * H
     return OpCost(matmul + 2 * _lstm_pointwise_flops(S, B, H),
                   nbytes_of([x, w_ih, w_hh, b_ih, b_hh, hx, cx, y, hy, cy, gy, ghy, gcy, ws]),
-                  nbytes_of(list(out)), MATMUL, counted_flops=matmul, kernel="matmul")
+                  nbytes_of(list(out)), MATMUL, counted_flops=matmul, kernel=f"{LSTM_KERNEL}.backward",
+                  features={"batch": B, "hidden": H})
 
 
 # --- the CPU's layers ----------------------------------------------------------------------------

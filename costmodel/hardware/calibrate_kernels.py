@@ -78,6 +78,12 @@ class KernelPlan:
     # and image sides of its m curve, every call at batch 1 and at most SLOW_CONV_ELEMENTS inputs
     conv_slow_channels: tuple[int, ...] = ()
     conv_slow_sides: tuple[int, ...] = ()
+    # matmul.lstm (a CPU's oneDNN LSTM layer, Prober.lstm): its steps, the batches of its rate (at the
+    # middle hidden size), and the hidden sizes (the input as wide) of its curve, at lstm_batch
+    lstm_batch: int = 0
+    lstm_steps: int = 0
+    lstm_hidden: tuple[int, ...] = ()
+    lstm_batches: tuple[int, ...] = ()
 
 
 _POINTWISE_ALL = ("add", "sub", "mul", "div", "neg", "abs", "relu", "threshold_backward", "gelu", "gelu_tanh",
@@ -98,7 +104,8 @@ def kernel_plan(device: str, quick: bool) -> KernelPlan:
             conv_sides=(4, 8), conv_channels=(4, 16), conv_kernels=(1, 3), conv_groups=(4, 16), attn_heads=2,
             attn_e=16, attn_lengths=(16, 64), attn_e_curve=(16,), attn_heads_curve=(1,), attn_kernels=kernels,
             optimizer_elements=(256, 4096), alloc_sizes=(1 << 20, 1 << 22) if device == "cpu" else (),
-            dtypes=("float32",), variants=False, conv_slow_channels=(4, 16), conv_slow_sides=(2, 4))
+            dtypes=("float32",), variants=False, conv_slow_channels=(4, 16), conv_slow_sides=(2, 4),
+            lstm_batch=2, lstm_steps=32, lstm_hidden=(32, 64, 128), lstm_batches=(1, 2))
     if device == "cpu":
         # Sizes: from one cache line to 16 MiB per tensor (past this machine's L2, into L3 and DRAM);
         # no output reaches glibc's mmap threshold (32 MiB) except in the allocation probe.
@@ -114,7 +121,8 @@ def kernel_plan(device: str, quick: bool) -> KernelPlan:
             attn_lengths=(32, 128, 256, 512, 1024), attn_e_curve=(16, 32, 64, 128),
             attn_heads_curve=(1, 2, 4, 16, 32), attn_kernels=kernels, optimizer_elements=(256, 16384, 262144, 1048576),
             alloc_sizes=tuple(1 << p for p in range(20, 29)), dtypes=("float32",), passes=3, llc_samples=9,
-            conv_slow_channels=(16, 64, 128, 256), conv_slow_sides=(2, 3, 4, 6, 8, 16))
+            conv_slow_channels=(16, 64, 128, 256), conv_slow_sides=(2, 3, 4, 6, 8, 16),
+            lstm_batch=8, lstm_steps=32, lstm_hidden=(64, 128, 256, 512), lstm_batches=(1, 2, 4, 8, 32, 128))
     return KernelPlan(
         block_s=0.005, blocks=5, elements=(16, 65536, 1 << 20, 1 << 24, 1 << 26, 1 << 28),
         pointwise_ops=_POINTWISE_ALL, mm_ref=2048, mm_cubes=(1024, 2048, 4096, 8192),
@@ -684,6 +692,45 @@ class Prober:
                          "k": [run(ref, ref, v) for v in p.bmm_curve]},
                         self.how(f"torch.bmm(a[{B}, m, k], b[{B}, k, n]), {dtype}; rate by size on n^3 for n in "
                                  f"{list(p.bmm_cubes)}; efficiency of m, n, k in {list(p.bmm_curve)}, others {ref}"))
+
+    @_finished
+    def lstm(self, backward: bool) -> Measured:
+        """A float32 LSTM layer as eager runs it on a CPU with oneDNN (capture/rnn.py): one
+        aten.mkldnn_rnn_layer over the whole sequence, or its mkldnn_rnn_layer_backward (input,
+        state and weight gradients), priced by the rule of the layer's op in the capture
+        (costmodel::onednn_lstm_layer). Rates by the batch (the rows of each step's product: 0.4 of
+        the rate at batch 1 as at 8 here) at the middle hidden size; an efficiency curve of the
+        hidden size at the plan's batch (a hidden size of 512 ran at 0.6 or at 0.95 of 256's,
+        by allocation)."""
+        from costmodel.capture.rnn import LSTM_KERNEL
+        p = self.plan
+        costmodel_ops = torch.ops.costmodel
+
+        def run(batch, hidden, steps=p.lstm_steps):
+            def make():
+                x, hx, cx = self.t(steps, batch, hidden), self.t(1, batch, hidden), self.t(1, batch, hidden)
+                w_ih, w_hh = self.t(4 * hidden, hidden), self.t(4 * hidden, hidden)
+                b_ih, b_hh = self.t(4 * hidden), self.t(4 * hidden)
+                weights = (x, w_ih, w_hh, b_ih, b_hh, hx, cx)
+                if not backward:
+                    return (lambda: aten.mkldnn_rnn_layer(*weights, False, [], 2, hidden, 1, True, False, False, False),
+                            costmodel_ops.onednn_lstm_layer.default, (*weights, False, False), {})
+                y, hy, cy, ws = aten.mkldnn_rnn_layer(*weights, False, [], 2, hidden, 1, True, False, False, True)
+                grads = (torch.randn_like(y), torch.randn_like(hy), torch.randn_like(cy))
+                return (lambda: aten.mkldnn_rnn_layer_backward(*weights, y, hy, cy, *grads, False, 2, hidden, 1, True,
+                                                               True, False, [], False, ws),
+                        costmodel_ops.onednn_lstm_layer_backward.default,
+                        (*weights, y, hy, cy, *grads, ws, False, True, True), {})
+            return self.instance(make, LSTM_KERNEL + (".backward" if backward else ""))
+        mid = p.lstm_hidden[len(p.lstm_hidden) // 2]
+        what = "aten.mkldnn_rnn_layer_backward (input, state and weight gradients)" if backward \
+            else "aten.mkldnn_rnn_layer (no workspace)"
+        return Measured(LSTM_KERNEL + (".backward" if backward else ""), "float32", run(1, 8, steps=2),
+                        [run(b, mid) for b in p.lstm_batches],
+                        {"hidden": [run(p.lstm_batch, h) for h in p.lstm_hidden]},
+                        self.how(f"{what}, float32, {p.lstm_steps} steps; rate by the batch in {list(p.lstm_batches)} "
+                                 f"at hidden = input {mid}; efficiency of the hidden size (= input) in "
+                                 f"{list(p.lstm_hidden)} at batch {p.lstm_batch}"), by="batch")
 
     # --- convolutions ---------------------------------------------------------------------------------
 
@@ -1347,6 +1394,10 @@ def _classes(prober: Prober, plan: KernelPlan, device: str) -> list[Measured]:
             for backward in (None, "input", "weight"):
                 prober.progress(f"conv.dense.slow {backward or 'forward'} {dtype}")
                 measured.append(prober.conv("dense.slow", backward, dtype))
+    if device == "cpu" and plan.lstm_hidden and "float32" in plan.dtypes and torch.backends.mkldnn.is_available():
+        for backward in (False, True):
+            prober.progress(f"matmul.lstm {'backward' if backward else 'forward'} float32")
+            measured.append(prober.lstm(backward))
     for dtype in conv_dtypes:
         for kernel in plan.attn_kernels:
             if kernel == "flash" and device == "cuda" and dtype == "float32":

@@ -55,7 +55,10 @@ FLOPS, BYTES = "flops", "bytes"
 # ".backward.weight"); attention classes add ".causal", then ".dropout".
 FAMILIES: dict[str, str] = {
     "matmul": FLOPS,        # one product: mm, addmm, linear, 2-D matmul; features m, n, k; .streamed:
-                            # measured with its weight read from memory (by m), for products bound by that
+                            # measured with its weight read from memory (by m), for products bound by that;
+                            # .lstm: a CPU's oneDNN LSTM layer over a whole sequence (capture/rnn.py), its own
+                            # GEMMs at its own rate (twice the BLAS's on a CPU whose BLAS takes the AVX2 path),
+                            # features batch, hidden; priced as a product where a device has no table of it
     "bmm": FLOPS,           # batched products: bmm, baddbmm, batched matmul; features batch, m, n, k
     "conv": FLOPS,          # .dense, .depthwise, .grouped, .transposed; features below; .dense.slow:
                             # a CPU's native kernel (im2col and a GEMM per sample, its m one sample's),
@@ -91,7 +94,7 @@ UPSAMPLE_WIDTH_FEATURE = "in_width"  # an upsampling's input row length (pool.up
 POOL_WINDOW_FEATURE = "window"       # a pooling's window area (kh * kw)
 POOL_STRIDE_FEATURE = "stride"       # a pooling's stride area (sh * sw): input positions per output
 FEATURES = {
-    "matmul": ("m", "n", "k"),
+    "matmul": ("m", "n", "k", "batch", "hidden"),     # batch, hidden: matmul.lstm's
     "bmm": ("batch", "m", "n", "k"),
     # as the GEMM it lowers to, per group: m output positions (times batch), n output channels,
     # k input channels times kernel area; the groups; and the input positions per output position
