@@ -31,9 +31,9 @@ aten = torch.ops.aten
 _PAGE = 4096
 _LSTM_GATES = 4
 # The oneDNN layer's kernel class: its GEMMs run in oneDNN's own kernels, not the BLAS that prices
-# "matmul" (on this project's AMD CPU at one thread ~190 GF/s against addmm's ~100: oneDNN takes
-# AVX-512 where the BLAS takes AVX2); a calibration measures it (Prober.lstm), and a device without
-# its table prices it as a product (hardware.kernels.chain)
+# "matmul" (on this project's AMD CPU, which has AVX-512, at one thread ~190 GF/s against addmm's
+# ~100, as if the BLAS took its AVX2 path there); a calibration measures it (Prober.lstm), and a
+# device without its table prices it as a product (hardware.kernels.chain)
 LSTM_KERNEL = "matmul.lstm"
 
 

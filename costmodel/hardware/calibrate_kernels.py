@@ -698,7 +698,7 @@ class Prober:
         """A float32 LSTM layer as eager runs it on a CPU with oneDNN (capture/rnn.py): one
         aten.mkldnn_rnn_layer over the whole sequence, or its mkldnn_rnn_layer_backward (input,
         state and weight gradients), priced by the rule of the layer's op in the capture
-        (costmodel::onednn_lstm_layer). Rates by the batch (the rows of each step's product: 0.4 of
+        (costmodel::onednn_lstm_layer). Rates by the batch (the rows of each step's product: a third of
         the rate at batch 1 as at 8 here) at the middle hidden size; an efficiency curve of the
         hidden size at the plan's batch (a hidden size of 512 ran at 0.6 or at 0.95 of 256's,
         by allocation)."""

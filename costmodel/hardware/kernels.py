@@ -57,7 +57,7 @@ FAMILIES: dict[str, str] = {
     "matmul": FLOPS,        # one product: mm, addmm, linear, 2-D matmul; features m, n, k; .streamed:
                             # measured with its weight read from memory (by m), for products bound by that;
                             # .lstm: a CPU's oneDNN LSTM layer over a whole sequence (capture/rnn.py), its own
-                            # GEMMs at its own rate (twice the BLAS's on a CPU whose BLAS takes the AVX2 path),
+                            # GEMMs at its own rate (1.9x addmm's on this project's CPU at one thread),
                             # features batch, hidden; priced as a product where a device has no table of it
     "bmm": FLOPS,           # batched products: bmm, baddbmm, batched matmul; features batch, m, n, k
     "conv": FLOPS,          # .dense, .depthwise, .grouped, .transposed; features below; .dense.slow:
