@@ -66,27 +66,25 @@ class ConvNeXt(nn.Module):
 class GRULanguageModel(nn.Module):
     """Embedding, a 2-layer GRU, a vocabulary head."""
 
+    recurrent = nn.GRU
+
     def __init__(self, vocab: int = 4096, d: int = 256, hidden: int = 256):
         super().__init__()
         self.embed = nn.Embedding(vocab, d)
-        self.rnn = nn.GRU(d, hidden, num_layers=2, batch_first=True)
+        self.rnn = self.recurrent(d, hidden, num_layers=2, batch_first=True)
         self.head = nn.Linear(hidden, vocab)
 
     def forward(self, ids):
         return self.head(self.rnn(self.embed(ids))[0])
 
 
-class LSTMLanguageModel(nn.Module):
+class LSTMLanguageModel(GRULanguageModel):
     """Embedding, a 2-layer LSTM (oneDNN's layers on a CPU), a vocabulary head."""
 
-    def __init__(self, vocab: int = 4096, d: int = 192, hidden: int = 320):
-        super().__init__()
-        self.embed = nn.Embedding(vocab, d)
-        self.rnn = nn.LSTM(d, hidden, num_layers=2, batch_first=True)
-        self.head = nn.Linear(hidden, vocab)
+    recurrent = nn.LSTM
 
-    def forward(self, ids):
-        return self.head(self.rnn(self.embed(ids))[0])
+    def __init__(self, vocab: int = 4096, d: int = 192, hidden: int = 320):
+        super().__init__(vocab, d, hidden)
 
 
 _TEXT = ["input_ids:int64[batch,seq]"]
