@@ -361,11 +361,15 @@ def _within(mape: float, measured: float | None, predicted: float | None) -> boo
     return mape <= 15 and (measured is None or predicted is None or abs(measured - predicted) <= 0.1)
 
 
+def _number(x: float | None) -> str:
+    return "-" if x is None else f"{x:.2f}"
+
+
 def _line(row: dict) -> str:
     load = "/".join("-" if x is None else f"{x:.2f}" for x in row["load"])
     pts = " ".join(f"{m * 1e3:.1f}/{p * 1e3:.1f}" for _, m, p in row["points"] if m and p)
     fastest = row.get("fastest")
-    against = f"  fastest: MAPE {fastest['time_mape']:5.1f}% exp {fastest['exp_measured']:.2f}" if fastest else ""
+    against = f"  fastest: MAPE {fastest['time_mape']:5.1f}% exp {_number(fastest['exp_measured'])}" if fastest else ""
     return (f"{row['arch']:9s} {row['mode']:9s} {row['threads'] or '-'}t  MAPE {row['time_mape']:5.1f}%  "
             f"exp {row['exp_measured']:.2f}/{row['exp_predicted']:.2f}{against}  load {load}  speed {_speed(row)}  "
             f"ms meas/pred: {pts}")
@@ -391,7 +395,7 @@ def _summary(rows: list[dict], device: str) -> str:
         diff = abs(r["exp_measured"] - r["exp_predicted"]) if r["exp_measured"] is not None else None
         load = " / ".join("-" if x is None else f"{x:.2f}" for x in r["load"])
         fastest = r.get("fastest")
-        against = f"{fastest['time_mape']:.1f}%, {fastest['exp_measured']:.2f}" if fastest else "-"
+        against = f"{fastest['time_mape']:.1f}%, {_number(fastest['exp_measured'])}" if fastest else "-"
         head.append(f"| {r['arch']} | {'yes' if r['held_out'] else 'no (dev)'} | {r['mode']} | {r['threads'] or device} | "
                     f"{r['dim']} | {r['time_mape']:.1f}% | {r['exp_measured']:.2f} / {r['exp_predicted']:.2f} | "
                     f"{diff:.2f} | {against} | {load} | {_speed(r)} |")
