@@ -705,27 +705,28 @@ class Prober:
         from costmodel.capture.rnn import LSTM_KERNEL
         p = self.plan
         costmodel_ops = torch.ops.costmodel
+        kernel = LSTM_KERNEL + (".backward" if backward else "")
 
         def run(batch, hidden, steps=p.lstm_steps):
             def make():
                 x, hx, cx = self.t(steps, batch, hidden), self.t(1, batch, hidden), self.t(1, batch, hidden)
                 w_ih, w_hh = self.t(4 * hidden, hidden), self.t(4 * hidden, hidden)
                 b_ih, b_hh = self.t(4 * hidden), self.t(4 * hidden)
-                weights = (x, w_ih, w_hh, b_ih, b_hh, hx, cx)
+                operands = (x, w_ih, w_hh, b_ih, b_hh, hx, cx)
                 if not backward:
-                    return (lambda: aten.mkldnn_rnn_layer(*weights, False, [], 2, hidden, 1, True, False, False, False),
-                            costmodel_ops.onednn_lstm_layer.default, (*weights, False, False), {})
-                y, hy, cy, ws = aten.mkldnn_rnn_layer(*weights, False, [], 2, hidden, 1, True, False, False, True)
+                    return (lambda: aten.mkldnn_rnn_layer(*operands, False, [], 2, hidden, 1, True, False, False, False),
+                            costmodel_ops.onednn_lstm_layer.default, (*operands, False, False), {})
+                y, hy, cy, ws = aten.mkldnn_rnn_layer(*operands, False, [], 2, hidden, 1, True, False, False, True)
                 grads = (torch.randn_like(y), torch.randn_like(hy), torch.randn_like(cy))
-                return (lambda: aten.mkldnn_rnn_layer_backward(*weights, y, hy, cy, *grads, False, 2, hidden, 1, True,
+                return (lambda: aten.mkldnn_rnn_layer_backward(*operands, y, hy, cy, *grads, False, 2, hidden, 1, True,
                                                                True, False, [], False, ws),
                         costmodel_ops.onednn_lstm_layer_backward.default,
-                        (*weights, y, hy, cy, *grads, ws, False, True, True), {})
-            return self.instance(make, LSTM_KERNEL + (".backward" if backward else ""))
+                        (*operands, y, hy, cy, *grads, ws, False, True, True), {})
+            return self.instance(make, kernel)
         mid = p.lstm_hidden[len(p.lstm_hidden) // 2]
         what = "aten.mkldnn_rnn_layer_backward (input, state and weight gradients)" if backward \
             else "aten.mkldnn_rnn_layer (no workspace)"
-        return Measured(LSTM_KERNEL + (".backward" if backward else ""), "float32", run(1, 8, steps=2),
+        return Measured(kernel, "float32", run(1, 8, steps=2),
                         [run(b, mid) for b in p.lstm_batches],
                         {"hidden": [run(p.lstm_batch, h) for h in p.lstm_hidden]},
                         self.how(f"{what}, float32, {p.lstm_steps} steps; rate by the batch in {list(p.lstm_batches)} "
