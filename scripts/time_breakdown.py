@@ -2,7 +2,8 @@
 profiler's self time per aten op, for one architecture of time_accuracy_benchmark.py at one point.
 
 Run by hand: `python scripts/time_breakdown.py decoder --dim batch=1 --dim seq=512 --hw cpu.toml
-[--mode train] [--threads 1]`. The profiler's own cost inflates small ops a little; the measured
+[--mode train] [--threads 1]`; any other model as costmodel takes one (a zoo name, hf:ORG/NAME,
+FILE.py:FUNC with --input NAME:DTYPE[D0,...]). The profiler's own cost inflates small ops a little; the measured
 step (no profiler) is printed above the table. Ops eager runs inside a composite (linear's addmm)
 appear under their own names on both sides. With `--ops CLASS`, each op of that kernel class: its
 prediction in parts (overhead, cold reads, evicted state, the kernel) beside its time in the model and
@@ -17,6 +18,7 @@ import os
 import sys
 import warnings
 from pathlib import Path
+from types import SimpleNamespace
 
 import sympy
 import torch
@@ -30,12 +32,15 @@ def main(argv=None) -> int:
 
     from costmodel.api import analyze
     from costmodel.capture.specs import parse_dims
+    from costmodel.errors import CostModelError
     from costmodel.hardware.catalog import load_hardware
     from costmodel.validate.engine import _Runner
     from costmodel.validate.stats import settle_heap, time_call
 
     p = argparse.ArgumentParser(description=__doc__)
-    p.add_argument("arch", choices=[a.name for a in ARCHS])
+    p.add_argument("arch", help=f"one of {', '.join(a.name for a in ARCHS)}, or a model as costmodel takes one "
+                                "(zoo name, hf:ORG/NAME, FILE.py:FUNC with --input)")
+    p.add_argument("--input", action="append", default=[], help="NAME:DTYPE[D0,...] of a model outside ARCHS")
     p.add_argument("--dim", action="append", default=[])
     p.add_argument("--mode", default="inference")
     p.add_argument("--hw", required=True)
@@ -49,12 +54,21 @@ def main(argv=None) -> int:
     warnings.filterwarnings("ignore")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     torch.set_num_threads(args.threads)
-    arch = next(a for a in ARCHS if a.name == args.arch)
-    dims = {d: v[0] for d, v in parse_dims(args.dim).items()} if args.dim else \
-        {d: v[0] for d, v in (arch.dims if args.mode == "inference" else arch.train_dims).items()}
-    hw = load_hardware(args.hw)
-    rep = analyze(arch.build, inputs=arch.inputs, mode=args.mode, dims={d: [v] for d, v in dims.items()},
-                  hardware=hw, complete=True)
+    arch = next((a for a in ARCHS if a.name == args.arch), None)
+    if arch is None:   # a model of the user's: its inputs from --input (or its defaults), sizes from --dim
+        if not args.dim:
+            p.error(f"{args.arch} is not one of the benchmark's architectures: give its sizes with --dim")
+        arch = SimpleNamespace(name=args.arch, build=args.arch, inputs=args.input or None)
+        dims = {d: v[0] for d, v in parse_dims(args.dim).items()}
+    else:
+        dims = {d: v[0] for d, v in parse_dims(args.dim).items()} if args.dim else \
+            {d: v[0] for d, v in (arch.dims if args.mode == "inference" else arch.train_dims).items()}
+    try:
+        hw = load_hardware(args.hw)
+        rep = analyze(arch.build, inputs=arch.inputs, mode=args.mode, dims={d: [v] for d, v in dims.items()},
+                      hardware=hw, complete=True)
+    except CostModelError as e:
+        p.error(str(e))
     pt = rep.evaluate(**dims)
     timing = pt.timing(hw)
     runner = _Runner(arch.build, rep, "cpu", torch.float32, args.mode, "adamw", "sum", False).runner
