@@ -30,7 +30,7 @@ from costmodel.errors import AnalysisError, CaptureFailed, OutsideLimits, UsageE
 from costmodel.formulas import Evaluator, degree
 from costmodel.hardware.eager_backend import SLOW_CONV_CLASS, runs_native
 from costmodel.hardware.kernels import (COLD_FEATURE, EVICTED_FEATURE, INPUTS_OUT_FEATURE, INTERLEAVED_FEATURE,
-                                        LLC_EVICTED_FEATURE)
+                                        LLC_EVICTED_FEATURE, PROBE_CLASSES)
 from costmodel.memory import timeline as memory
 from costmodel.options import Options
 from costmodel.rules.attention import attention_kernels
@@ -200,8 +200,11 @@ class Point:
         step before), counting no more than the step's peak memory (the point's, where evaluated):
         1 in a training step that holds its activations, gradients and optimizer state past the
         cache; a fraction in an inference step whose activations reuse a few freed blocks.
-        The others with work, where the op before them is of another class, INTERLEAVED_FEATURE = 1:
-        that op's code took the core's instruction cache and predictors from theirs."""
+        Every op with work whose class did not run last, INTERLEAVED_FEATURE: the distinct other
+        classes since its class's last call (the step wraps round) over PROBE_CLASSES, at most 1:
+        their code took the core's instruction cache and predictors from its own, as the
+        calibration's probes measured after PROBE_CLASSES other ops (a recurrent cell's five
+        classes repeating take half of that; a convolution after a batch norm and a ReLU, a fifth)."""
         if kernels is None:   # each op's class at this point (timing passes them, chosen with the device)
             kernels = [self.kernel_class(i) for i in range(len(self.ops))]
         keys = [(kernel, float(op["flops"]), float(op["bytes"])) for kernel, op in zip(kernels, self.ops)]
@@ -214,11 +217,9 @@ class Point:
         # what the traffic can have displaced is at most what the step holds: an inference step's
         # activations come and go in the same few freed blocks, a training step's stay (its peak)
         footprint = float(self.totals.get("peak_memory_bytes") or step)
-        # the class of the step's last op with work: the one before its first (the step before's)
-        previous = next((key[0] for key, op in zip(reversed(keys), reversed(self.ops)) if op["flops"] or op["bytes"]),
-                        None)
+        code = _code_shares([key[0] if op["flops"] or op["bytes"] else None for key, op in zip(keys, self.ops)])
         out, last, traffic = [], {}, 0.0
-        for key, op, f in zip(keys, self.ops, features):
+        for key, op, f, share in zip(keys, self.ops, features, code):
             first = key not in last
             since = step - final[key] + traffic if first else traffic - last[key]
             last[key] = traffic + float(op["bytes"])
@@ -226,12 +227,10 @@ class Point:
             if not (op["flops"] or op["bytes"]):
                 out.append(f)
                 continue
-            # another class ran since this one's last call (the step wraps round to its end)
-            interleaved, previous = key[0] != previous, key[0]
             if not (first or since > core_bytes):
-                out.append({**f, INTERLEAVED_FEATURE: 1} if interleaved else f)
+                out.append({**f, INTERLEAVED_FEATURE: share} if share else f)
                 continue
-            flags = {EVICTED_FEATURE: 1}
+            flags = {EVICTED_FEATURE: 1, INTERLEAVED_FEATURE: share}
             if cache_bytes:
                 flags[LLC_EVICTED_FEATURE] = min(1.0, min(since, footprint) / cache_bytes)
             out.append({**f, **flags})
@@ -282,6 +281,28 @@ class Point:
     def fits(self, hw=None, capacity_bytes: int | None = None) -> bool:
         """Whether this point's peak fits `hw` (its usable capacity: see memory.fit.usable_bytes)."""
         return self.verdict(hw, capacity_bytes, limits=False)["fits"]
+
+
+def _code_shares(classes: list[str | None]) -> list[float]:
+    """For each op of a step (its kernel class, None for one without work), the distinct other
+    classes that ran since its class's last call, over PROBE_CLASSES and at most 1; the step
+    repeats, so a class's first call counts from its last in the step before. 0 for ops without
+    work. Two passes over the step, the first only to order the classes by their latest call."""
+    recent: dict[str, None] = {}    # classes, the latest called last
+    out = [0.0] * len(classes)
+    for j, c in enumerate(classes * 2):
+        if c is None:
+            continue
+        if j >= len(classes):
+            since = 0
+            for other in reversed(recent):
+                if other == c or since == PROBE_CLASSES:
+                    break
+                since += 1
+            out[j - len(classes)] = since / PROBE_CLASSES
+        recent.pop(c, None)
+        recent[c] = None
+    return out
 
 
 def _rollup(ops: list[dict], key, count: bool = False) -> list[dict]:

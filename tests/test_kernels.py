@@ -10,11 +10,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from costmodel.api import analyze
+from costmodel.api import _code_shares, analyze
 from costmodel.errors import UsageError
 from costmodel.hardware.calibrate import _to_toml, _toml_key
 from costmodel.hardware.catalog import Hardware, load_hardware
-from costmodel.hardware.kernels import AllocationTable, KernelTable, chain, check_kernel, find_table, interpolate
+from costmodel.hardware.kernels import (PROBE_CLASSES, AllocationTable, KernelTable, chain, check_kernel, find_table,
+                                        interpolate)
 from costmodel.hardware.roofline import op_time
 
 
@@ -854,33 +855,48 @@ def test_below_the_probe_s_share_the_evicted_line_runs_from_the_interleaved_seco
         load_hardware(str(device_file(tmp_path, {"conv.dense:float32": bad})))
 
 
-def test_a_call_after_another_class_pays_its_interleaved_seconds(tmp_path):
-    """Every op with work whose op before (the step's last, for its first) is of another class is
-    flagged interleaved, unless evicted (whose seconds include them); back to back calls of one
-    class are not; the roofline adds the table's interleaved seconds to a flagged op."""
+def test_a_call_after_other_classes_pays_their_share_of_the_probe_s_interleaved_seconds(tmp_path):
+    """Every op with work is flagged with the distinct other classes since its class's last call
+    (the step wraps round: a first call counts from the step before's last) over the probe's ten,
+    at most 1; back to back calls of one class are not flagged; the roofline adds that share of the
+    table's interleaved seconds, and takes the rest of them off an evicted call's seconds (its probe
+    ran all ten classes' code too)."""
     r = analyze(Recurrent, inputs=["x:float32[batch,16]"], dims={"batch": [8]})
     pt = r.evaluate(batch=8)
     kernels = [pt.kernel_class(i) for i in range(len(pt.ops))]
     flags = pt._with_evicted(pt.features, core_bytes=1 << 20, kernels=kernels)
     worked = [i for i, op in enumerate(pt.ops) if op["flops"] or op["bytes"]]
-    for n, i in enumerate(worked):
-        before = kernels[worked[n - 1]]
-        if flags[i].get("evicted"):
-            assert "interleaved" not in flags[i]
-        else:
-            assert bool(flags[i].get("interleaved")) == (before != kernels[i]), (i, kernels[i], before)
+    for n, i in enumerate(worked):   # the classes since its own's last call, counted back over the step
+        since, k = set(), n - 1
+        while kernels[worked[k % len(worked)]] != kernels[i]:
+            since.add(kernels[worked[k % len(worked)]])
+            k -= 1
+        assert flags[i].get("interleaved", 0.0) == pytest.approx(min(1.0, len(since) / PROBE_CLASSES)), (i, kernels[i])
+    # the cell's product and tanh alternate: one other class between two calls of each; the first
+    # product comes right after the step before's last (the head's product): none
     tanh = [i for i in worked if pt.ops[i]["target"] == "aten.tanh.default"]
-    assert [bool(flags[i].get("interleaved")) for i in tanh] == [False, True, True, True]   # the first: evicted
+    assert [flags[i]["interleaved"] for i in tanh] == [pytest.approx(0.1)] * 4
+    assert flags[worked[0]].get("interleaved", 0.0) == 0.0 and kernels[worked[0]] == kernels[worked[-1]]
     same = pt._with_evicted(pt.features, core_bytes=1 << 20, kernels=["pointwise.tanh"] * len(pt.ops))
     assert not any(f.get("interleaved") for f in same)      # one class throughout: never
     assert not any(f.get("interleaved") for f, op in zip(flags, pt.ops) if not (op["flops"] or op["bytes"]))
+    # twelve classes in turn: each call after eleven others, the probe's ten and more
+    assert _code_shares([f"c{i}" for i in range(12)] * 2 + [None]) == [1.0] * 24 + [0.0]
+    assert _code_shares(["a", "b", "a", "c", "d", "a", None]) == pytest.approx([0.0, 0.3, 0.1, 0.3, 0.3, 0.2, 0.0])
     hw = with_cache(tmp_path, cache_bytes=1 << 30)
     hw.kernels["pointwise"] = dataclasses.replace(EVICTED, interleaved=((1e3, 0.5e-6),))
     warm = op_time(1e3, 1e6, "pointwise", "float32", hw, kernel="pointwise")
     after = op_time(1e3, 1e6, "pointwise", "float32", hw, kernel="pointwise", features={"interleaved": 1})
     assert after.time_s == pytest.approx(warm.time_s + 0.5e-6) and after.evicted_s == pytest.approx(0.5e-6)
+    half = op_time(1e3, 1e6, "pointwise", "float32", hw, kernel="pointwise", features={"interleaved": 0.5})
+    assert half.time_s == pytest.approx(warm.time_s + 0.25e-6)
     evicted = op_time(1e3, 1e6, "pointwise", "float32", hw, kernel="pointwise", features={"evicted": 1, "interleaved": 1})
     assert evicted.time_s == pytest.approx(warm.time_s + 4e-6)       # the evicted seconds, not both
+    fewer = op_time(1e3, 1e6, "pointwise", "float32", hw, kernel="pointwise", features={"evicted": 1, "interleaved": 0.2})
+    assert fewer.time_s == pytest.approx(warm.time_s + 4e-6 - 0.8 * 0.5e-6)
+    # a feature written without the share (1, or none at all): the probe's, all of them
+    assert op_time(1e3, 1e6, "pointwise", "float32", hw, kernel="pointwise", features={"evicted": 1}).time_s == \
+        pytest.approx(evicted.time_s)
 
 
 def test_a_slow_shape_at_a_slow_size_is_two_limits_not_their_product():

@@ -28,8 +28,8 @@ from torch.utils._pytree import tree_leaves, tree_map
 
 from costmodel.hardware.eager_backend import NATIVE_BACKENDS, SLOW_CONV_ELEMENTS, conv_backend
 from costmodel.hardware.kernels import (ALLOC_FEATURE, CHANNELS_LAST, INNER_STRIDE_FEATURE, POOL_STRIDE_FEATURE,
-                                       POOL_WINDOW_FEATURE, UPSAMPLE_WIDTH_FEATURE, AllocationTable, KernelTable,
-                                       work_of)
+                                       POOL_WINDOW_FEATURE, PROBE_CLASSES, UPSAMPLE_WIDTH_FEATURE, AllocationTable,
+                                       KernelTable, work_of)
 from costmodel.validate.stats import cpu_clock, cuda_block_s, minor_faults
 
 aten = torch.ops.aten
@@ -392,13 +392,15 @@ def _interleaved_ops():
 
 
 def _ten_ops(side: int):
-    """Ten different eager ops on side x side float32 tensors, and those tensors."""
+    """Ten (PROBE_CLASSES: a model's call pays the share of their code it runs between two calls)
+    different eager ops on side x side float32 tensors, and those tensors."""
     a, b = torch.randn(side, side), torch.randn(side, side)
     rows = torch.randint(0, side, (side // 2,))
     q = side // 4
     ops = [lambda: torch.sin(a), lambda: a.sum(1), lambda: torch.softmax(b, -1), lambda: F.layer_norm(a, (side,)),
            lambda: torch.cat([a, b]), lambda: b.t().contiguous(), lambda: F.gelu(a),
            lambda: torch.where(a > 0, a, b), lambda: a.index_select(0, rows), lambda: torch.mm(a[:q], b[:, :q])]
+    assert len(ops) == PROBE_CLASSES
     return ops, (a, b, rows)
 
 

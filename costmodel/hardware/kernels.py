@@ -124,7 +124,17 @@ INNER_STRIDE_FEATURE = "inner_stride_bytes"
 EVICTED_FEATURE = "evicted"        # 1: the traffic since this call last ran (same class and size) filled the core's cache
 LLC_EVICTED_FEATURE = "llc_evicted"  # of an evicted call: the share of the last-level cache that traffic displaced
 INPUTS_OUT_FEATURE = "inputs_out"  # the share of the bytes it reads that the core caches no longer hold
-INTERLEAVED_FEATURE = "interleaved"  # 1: other classes ran since this class's last call (its code is out)
+# of a call, the share of the probe's code (PROBE_CLASSES different ops: Timer.interleaved and
+# Timer.evicted run them between two calls) that ran since this class's last call: the distinct other
+# classes in between over PROBE_CLASSES, at most 1 (0: the class ran last, its code is at hand)
+INTERLEAVED_FEATURE = "interleaved"
+PROBE_CLASSES = 10
+
+
+def _code_share(features: Mapping[str, float] | None) -> float:
+    """INTERLEAVED_FEATURE of a call, within [0, 1]; 1 (the probe's) where not given."""
+    share = (features or {}).get(INTERLEAVED_FEATURE)
+    return 1.0 if share is None else min(1.0, max(0.0, float(share)))
 
 
 def root(kernel: str) -> str:
@@ -241,8 +251,11 @@ class KernelTable:
 
     def interleaved_s(self, work: float, features: Mapping[str, float] | None = None) -> float:
         """Seconds a call costs more when other classes ran since its last call: linear in log size
-        between the measured sizes, constant past the ends; 0 without a measurement."""
-        return self._by_size(self.interleaved, work, features) if self.interleaved else 0.0
+        between the measured sizes, constant past the ends, in the share of the probe's code that
+        ran in between (INTERLEAVED_FEATURE; all of it where not given); 0 without a measurement."""
+        if not self.interleaved:
+            return 0.0
+        return self._by_size(self.interleaved, work, features) * _code_share(features)
 
     def _by_size(self, table, work: float, features: Mapping[str, float] | None) -> float:
         size = self.size_of(work, features) if work > 0 else None
@@ -284,6 +297,8 @@ class KernelTable:
             else:
                 per_share = max(0.0, at(self.evicted_llc) - evicted) / (1.0 - probed)
                 evicted = max(0.0, evicted + (share - probed) * per_share)
+        if self.interleaved:
+            evicted -= at(self.interleaved) * (1.0 - _code_share(features))
         return max(evicted, self.interleaved_s(work, features))
 
     def to_dict(self) -> dict:
