@@ -59,10 +59,8 @@ def main(argv=None) -> int:
         if not args.dim:
             p.error(f"{args.arch} is not one of the benchmark's architectures: give its sizes with --dim")
         arch = SimpleNamespace(name=args.arch, build=args.arch, inputs=args.input or None)
-        dims = {d: v[0] for d, v in parse_dims(args.dim).items()}
-    else:
-        dims = {d: v[0] for d, v in parse_dims(args.dim).items()} if args.dim else \
-            {d: v[0] for d, v in (arch.dims if args.mode == "inference" else arch.train_dims).items()}
+    dims = {d: v[0] for d, v in parse_dims(args.dim).items()} if args.dim else \
+        {d: v[0] for d, v in (arch.dims if args.mode == "inference" else arch.train_dims).items()}
     try:
         hw = load_hardware(args.hw)
         rep = analyze(arch.build, inputs=arch.inputs, mode=args.mode, dims={d: [v] for d, v in dims.items()},
@@ -153,9 +151,20 @@ def in_model_calls(step, threads: int, iters: int = 5) -> dict[tuple, list[float
             for key in runs[-1]}
 
 
-# ops the capture puts in a graph for an eager aten op of other arguments (capture/rnn.py)
+# ops the capture puts in a graph for an eager aten op on the same tensors (capture/rnn.py; their
+# states [1, B, H] where eager's are [B, H])
 EAGER_OP = {"costmodel.onednn_lstm_layer.default": "aten.mkldnn_rnn_layer.default",
             "costmodel.onednn_lstm_layer_backward.default": "aten.mkldnn_rnn_layer_backward.default"}
+
+
+def _squeezed(shapes: tuple) -> tuple:
+    """Shapes without their leading 1s (a state the capture passes as [1, B, H], eager as [B, H])."""
+    out = []
+    for shape in shapes:
+        while shape and shape[0] == 1:
+            shape = shape[1:]
+        out.append(shape)
+    return tuple(out)
 
 
 def call_key(func, args) -> tuple:
@@ -221,9 +230,9 @@ def alone(pt, timing, prefix: str, step, threads: int) -> int:
         node = nodes[op["name"]]
         args, kwargs = real(list(node.args)), {k: real(v) for k, v in node.kwargs.items()}
         key = call_key(node.target, args)
-        if str(node.target) in EAGER_OP:   # the capture's own op for what eager runs as an aten op: its calls in order
-            key = (EAGER_OP[str(node.target)], None)
-            model.setdefault(key, [t for k, ts in model.items() if k[0] == key[0] and k[1] is not None for t in ts])
+        if str(node.target) in EAGER_OP:   # the capture's own op for an aten op eager runs on the same tensors
+            name, shapes = EAGER_OP[str(node.target)], _squeezed(key[1])
+            key = next((k for k in model if k[0] == name and _squeezed(k[1]) == shapes), key)
         calls = model.get(key, [])
         in_model = calls[seen[key]] if seen[key] < len(calls) else float("nan")
         seen[key] += 1
