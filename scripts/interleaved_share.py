@@ -46,8 +46,7 @@ def main(argv=None) -> int:
                 def run(first=tuple(ops[:k])):
                     for op in first:
                         op()
-                timer._interleaved = run
-                extra.append(statistics.median(timer.interleaved(call, alone) or 0.0 for _ in range(3)))
+                extra.append(statistics.median(timer.interleaved(call, alone, run) or 0.0 for _ in range(3)))
             full = extra[-1] or float("nan")
             print(f"{name:24s} {alone * 1e6:7.2f}  " + "  ".join(f"{e * 1e6:5.2f}" for e in extra)
                   + "   share: " + " ".join(f"{e / full:4.2f}" for e in extra))

@@ -274,18 +274,19 @@ class Timer:
         state = max(0.0, statistics.median(warm) - alone_s) if inputs else evicted
         return evicted, max(0.0, evicted - state)
 
-    def interleaved(self, call, alone_s: float) -> float | None:
+    def interleaved(self, call, alone_s: float, others=None) -> float | None:
         """Seconds a call costs more after ten other ops on tiny tensors (`_interleaved_ops`), as in
         a model, where other classes' ops run between two calls of one: they move next to no data,
         but their code takes the instruction cache and branch predictors (a oneDNN convolution or a
         BLAS product pays 10-15 us a call for it here, a batch norm 3, an add under 1). Timed in
         alternating blocks as `evicted` is; 0 at least; None on a GPU and for calls over
-        INTERLEAVED_MAX_S."""
+        INTERLEAVED_MAX_S. `others`: what runs in between instead (scripts/interleaved_share.py)."""
         if self.device != "cpu" or alone_s > INTERLEAVED_MAX_S:
             return None
-        if self._interleaved is None:
-            self._interleaved = _interleaved_ops()
-        others = self._interleaved
+        if others is None:
+            if self._interleaved is None:
+                self._interleaved = _interleaved_ops()
+            others = self._interleaved
 
         def both():
             others()
