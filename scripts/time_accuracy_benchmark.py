@@ -43,6 +43,7 @@ import torch.nn as nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from costmodel.capture.zoo import hf_factory  # noqa: E402
+from costmodel.hardware.calibrate import machine_speed  # noqa: E402  (recorded before and after each run)
 from tests.models import ConvNeXtBlock  # noqa: E402  (depthwise 7x7, channels-last LayerNorm, MLP 4x)
 
 
@@ -155,52 +156,6 @@ def wait_for_quiet(max_load: float, wait_s: float) -> float | None:
         if load is None or load < max_load or time.time() >= deadline:
             return load
         time.sleep(10)
-
-
-def machine_speed(hw) -> dict[str, float] | None:
-    """How fast this CPU runs now against its calibration: a product and an elementwise add, in
-    cache, a clone of the largest tensor the calibration cloned (16 MiB: past the core caches,
-    through the last-level cache and memory, which other tenants of the host share), and a small
-    add (64K elements, 3-5 us: at two threads mostly the threads' fork and join, which this
-    2-vCPU host makes 1.4x slower for seconds to minutes at a time; a model of many small ops,
-    a GRU's training step, then takes 8-10% longer),
-    timed as the calibration times them (thread clock at one thread; fastest of 7 blocks), each as
-    predicted / measured time (1.0: as calibrated; 0.8: 20% slower, other work sharing the core's
-    caches, the memory or the package's power). Recorded with each run to tell the model's errors
-    from the machine's; nothing is corrected with it. None where the file has no tables for them."""
-    from costmodel.hardware.roofline import op_time
-    clock = time.thread_time if torch.get_num_threads() == 1 else time.perf_counter
-    n, elements, few = 256, 262144, 65536
-    x, w, b = torch.randn(n, n), torch.randn(n, n), torch.randn(n)
-    u, v = torch.randn(elements), torch.randn(elements)
-    s, t = torch.randn(few), torch.randn(few)
-    copy = hw.kernel_table("copy", None)
-    if copy is None or not copy.sizes:
-        return None
-    copied = int(copy.sizes[-1] // 8)   # elements of the largest clone: its bytes are read and written
-    src = torch.randn(copied)
-    # name: (call, (FLOPs, bytes), category, kernel class, features)
-    probes = {"matmul": (lambda: torch.addmm(b, x, w.t()), (2 * n ** 3, 4 * (3 * n * n + n)), "matmul", "matmul",
-                         {"m": n, "n": n, "k": n}),
-              "add": (lambda: torch.add(u, v), (elements, 12 * elements), "pointwise", "pointwise.add", {}),
-              "copy": (lambda: src.clone(), (0, 8 * copied), "copy", "copy", {"alloc_bytes": 4 * copied}),
-              "small": (lambda: torch.add(s, t), (few, 12 * few), "pointwise", "pointwise.add", {})}
-    out = {}
-    for name, (fn, (flops, nbytes), category, kernel, features) in probes.items():
-        if hw.kernel_table(kernel, "float32") is None:
-            return None
-        predicted = op_time(flops, nbytes, category, "float32", hw, kernel=kernel, features=features).time_s
-        for _ in range(3):
-            fn()
-        number = max(1, int(0.02 / max(predicted, 1e-7)))
-        times = []
-        for _ in range(7):
-            t0 = clock()
-            for _ in range(number):
-                fn()
-            times.append((clock() - t0) / number)
-        out[name] = predicted / min(times)
-    return out
 
 
 def hardware_for(device: str, threads: int | None, out: Path, hw: str | None, quick: bool):

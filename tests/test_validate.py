@@ -4,12 +4,14 @@ errors, OOM points, and every output (table, JSON, CSV, Markdown, plot, the comm
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import platform
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import pytest
@@ -470,3 +472,41 @@ def test_gpu_check_dry_run(tmp_path, monkeypatch, capsys):
     assert (tmp_path / "gpu_check_plots.pdf").read_bytes().startswith(b"%PDF")
     assert len(list(tmp_path.iterdir())) <= 8
     assert "| linear" in capsys.readouterr().out
+
+
+def test_validate_times_this_cpu_against_the_calibration_that_prices_it(transformer):
+    calibration = transformer.environment["calibration"]
+    assert calibration["threads"] == 1 and calibration["path"].endswith("cpu.toml")
+    speed = calibration["machine_vs_calibration"]
+    assert set(speed) == {"matmul", "add", "copy", "small"}
+    # the probes are what the calibration measured, on the same machine minutes later: near 1, not 10x off
+    assert all(0.2 < v < 5 for v in speed.values()), speed
+    assert "this CPU against it: matmul" in transformer.to_table()
+    assert json.loads(transformer.to_json())["environment"]["calibration"]["machine_vs_calibration"] == speed
+
+
+def test_a_stale_or_foreign_calibration_is_named_in_a_warning(hw, monkeypatch):
+    import costmodel.hardware.calibrate as calibrate_module
+    from costmodel.hardware.catalog import load_hardware
+    from costmodel.validate.engine import _calibration_check
+    measured = load_hardware(hw)
+    monkeypatch.setattr(calibrate_module, "machine_speed", lambda _hw: {"matmul": 1.02, "add": 0.98, "copy": 0.61,
+                                                                         "small": 1.3})
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        out = _calibration_check(measured, "cpu")
+    said = [str(w.message) for w in caught]
+    assert out["machine_vs_calibration"]["copy"] == 0.61
+    assert len(said) == 1 and "copy 0.61x, small 1.30x" in said[0] and hw in said[0], said
+    assert "matmul" not in said[0]
+
+    monkeypatch.setattr(calibrate_module, "machine_speed", lambda _hw: {"matmul": 1.0})
+    other = dataclasses.replace(measured, threads=4, description="Some Other CPU (64 logical CPUs), measured")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        _calibration_check(other, "cpu")
+    said = " | ".join(str(w.message) for w in caught)
+    assert "calibrated at 4 CPU threads and this run uses 1" in said and "OMP_NUM_THREADS=1" in said
+    assert "calibrated on Some Other CPU (64 logical CPUs); this machine is" in said
+    # a catalog device is another machine on purpose: nothing to check
+    assert _calibration_check(load_hardware("h100-sxm"), "cpu") is None

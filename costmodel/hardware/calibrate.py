@@ -149,6 +149,57 @@ def busy_cpu_note(threads: int, load: float | None = None, cores: int | None = N
     return note
 
 
+SPEED_PROBE_ELEMENTS = {"add": 262144, "small": 65536}
+SPEED_PROBE_MATMUL = 256
+
+
+def machine_speed(hw: Hardware) -> dict[str, float] | None:
+    """How fast this CPU runs now against the calibration `hw`: a product and an elementwise add in
+    cache, a clone of the largest tensor the calibration cloned (past the core caches, through the
+    last-level cache and memory that other tenants of a host share), and a small add (64K elements,
+    a few microseconds: at more than one thread mostly the threads' fork and join), each timed as
+    the calibration times them (the thread's clock at one thread; the fastest of 7 blocks) and given
+    as predicted / measured time: 1.0 as calibrated, 0.8 20% slower (other work sharing the core's
+    caches, the memory or the package's power, or a different machine), 1.2 faster. About a quarter
+    of a second. None where `hw` has no kernel tables for them (not a calibration of a CPU)."""
+    import torch
+    from costmodel.hardware.roofline import op_time
+
+    copy = hw.kernel_table("copy", None)
+    if copy is None or not copy.sizes:
+        return None
+    clock = _clock("cpu")
+    n, elements, few = SPEED_PROBE_MATMUL, SPEED_PROBE_ELEMENTS["add"], SPEED_PROBE_ELEMENTS["small"]
+    x, w, b = torch.randn(n, n), torch.randn(n, n), torch.randn(n)
+    u, v = torch.randn(elements), torch.randn(elements)
+    s, t = torch.randn(few), torch.randn(few)
+    copied = int(copy.sizes[-1] // 8)   # elements of the largest clone: its bytes are read and written
+    src = torch.randn(copied)
+    # name: (call, (FLOPs, bytes), category, kernel class, features)
+    probes = {"matmul": (lambda: torch.addmm(b, x, w.t()), (2 * n ** 3, 4 * (3 * n * n + n)), "matmul", "matmul",
+                         {"m": n, "n": n, "k": n}),
+              "add": (lambda: torch.add(u, v), (elements, 12 * elements), "pointwise", "pointwise.add", {}),
+              "copy": (lambda: src.clone(), (0, 8 * copied), "copy", "copy", {"alloc_bytes": 4 * copied}),
+              "small": (lambda: torch.add(s, t), (few, 12 * few), "pointwise", "pointwise.add", {})}
+    out = {}
+    with torch.no_grad():
+        for name, (fn, (flops, nbytes), category, kernel, features) in probes.items():
+            if hw.kernel_table(kernel, "float32") is None:
+                return None
+            predicted = op_time(flops, nbytes, category, "float32", hw, kernel=kernel, features=features).time_s
+            for _ in range(3):
+                fn()
+            number = max(1, int(0.02 / max(predicted, 1e-7)))
+            times = []
+            for _ in range(7):
+                t0 = clock()
+                for _ in range(number):
+                    fn()
+                times.append((clock() - t0) / number)
+            out[name] = predicted / max(min(times), 1e-9)
+    return out
+
+
 def _vendor(device: str) -> str:
     """Who made the measured device: attention="auto" models a GPU's fused kernels by vendor."""
     if device == "cuda":

@@ -283,6 +283,9 @@ def validation_table(r, style: str = "simple") -> str:
     head = (f"{r.model} ({r.mode}, {r.dtype}) on {r.device} ({r.device_name}"
             f"{f', {threads} threads' if threads and r.device == 'cpu' else ''}): median of at least {r.repeats} "
             f"{'generations' if generate else 'steps'}; predicted time on {r.hardware or '-'}")
+    speed = r.environment.get("calibration", {}).get("machine_vs_calibration")
+    if speed:
+        head += f" (this CPU against it: {', '.join(f'{k} {v:.2f}x' for k, v in speed.items())})"
     rows = []
     for p in r.points:
         t, peak = _measured_cells(p.measured)

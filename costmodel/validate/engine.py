@@ -181,6 +181,9 @@ def validate(model, inputs: list[str] | None = None, *, dims: dict[str, list[int
     swept = [d for d in names if len(sweep[d]) > 1]
 
     environment = _environment(device)
+    calibration = _calibration_check(hw, device)
+    if calibration:
+        environment["calibration"] = calibration
     runner = _Runner(model, report, device, torch_dtype, mode, optimizer, loss, amp, trust_remote_code,
                      report.options.kv_dtype)
     capacity = _capacity_bytes(device, hw)
@@ -494,6 +497,47 @@ def _environment(device: str) -> dict:
         warnings.warn(f"the CPU is busy (load average {env['load_average']:.1f} on {cores} logical CPUs): "
                       f"measured times will include waiting for it; the peaks are unaffected", stacklevel=3)
     return env
+
+
+CALIBRATION_SPEED_TOLERANCE = 0.25    # a quick probe more than this off its calibration (either way): say so
+
+
+def _calibration_check(hw, device: str) -> dict | None:
+    """Whether the calibration that prices the times still describes this CPU: its thread count and
+    machine against this run's, and a quarter second of quick probes (hardware.calibrate.machine_speed:
+    a product, an add, a clone past the core caches, a small add) timed against it. Warns where they
+    differ: the predicted times assume the machine as it was calibrated, and a shared host's speed
+    moves by 10-15% within the hour. None where `hw` is not a calibration of a CPU."""
+    from costmodel.hardware.calibrate import _machine, machine_speed
+    if device != "cpu" or not getattr(hw, "calibrated", False) or not hw.kernels:
+        return None
+    where = hw.path or hw.name
+    out: dict = {"hardware": hw.name, "path": hw.path, "threads": hw.threads, "machine": hw.description}
+    threads = torch.get_num_threads()
+    if hw.threads is not None and hw.threads != threads:
+        warnings.warn(f"{where} was calibrated at {hw.threads} CPU thread{'s' if hw.threads > 1 else ''} and this run "
+                      f"uses {threads}: its rates hold for {hw.threads}; calibrate at this count "
+                      f"(OMP_NUM_THREADS={threads} costmodel hardware calibrate --device cpu --out FILE.toml)",
+                      stacklevel=3)
+    machine = _machine("cpu")
+    measured_on = hw.description.removesuffix(", measured")
+    if measured_on and measured_on != machine:
+        warnings.warn(f"{where} was calibrated on {measured_on}; this machine is {machine}: the predicted times "
+                      f"are that machine's", stacklevel=3)
+    speed = machine_speed(hw)
+    if speed is None:
+        return out
+    out["machine_vs_calibration"] = {k: round(v, 3) for k, v in speed.items()}
+    off = {k: v for k, v in speed.items()
+           if not 1 / (1 + CALIBRATION_SPEED_TOLERANCE) <= v <= 1 + CALIBRATION_SPEED_TOLERANCE}
+    if off:
+        said = ", ".join(f"{k} {v:.2f}x" for k, v in off.items())
+        warnings.warn(f"this CPU now runs the calibration's quick probes at {said} the speed measured in {where} "
+                      f"(1.0: as calibrated): the predicted times assume the machine as it was calibrated; other "
+                      f"work on it, or a calibration made in another state of a shared host, moves the measured "
+                      f"times by that much. Calibrate again if it lasts (costmodel hardware calibrate --device cpu "
+                      f"--out FILE.toml)", stacklevel=3)
+    return out
 
 
 def _capacity_bytes(device: str, hw) -> int | None:
