@@ -1,6 +1,7 @@
 """Calibration writes a device file that loads back, with measured figures and their sources."""
 
 import dataclasses
+import math
 
 import pytest
 import torch
@@ -183,7 +184,7 @@ def test_llc_evicted_seconds_time_the_call_after_a_flush_with_its_inputs_read_ba
     base instances, never decreasing with size."""
     import dataclasses as dc
 
-    from costmodel.hardware.calibrate_kernels import (EVICTED_MAX_S, Cost, Instance, Measured, Timer, fit,
+    from costmodel.hardware.calibrate_kernels import (EVICTED_MAX_S, Cost, Instance, Measured, Timer, _mean, fit,
                                                       kernel_plan)
     plan = dc.replace(kernel_plan("cpu", quick=True), llc_samples=3)
     timer = Timer("cpu", plan)
@@ -197,7 +198,16 @@ def test_llc_evicted_seconds_time_the_call_after_a_flush_with_its_inputs_read_ba
     assert timer.evicted_llc(call, EVICTED_MAX_S * 2, 1 << 20, (x, w)) is None
     assert timer.evicted_llc(call, alone, None, (x, w)) is None
     assert Timer("cpu", kernel_plan("cpu", quick=True)).evicted_llc(call, alone, 1 << 20, (x, w)) is None
-    assert kernel_plan("cpu", quick=False).llc_samples > 0
+    full = kernel_plan("cpu", quick=False)
+    assert full.llc_samples > 0 and full.passes > 1
+    # the samples are the plan's over all passes: each pass takes its share, and _mean pools them
+    assert Timer("cpu", full).llc_per_pass == math.ceil(full.llc_samples / full.passes)
+    assert len(timer.evicted_llc_samples(call, alone, 1 << 20, (x, w))) == 3
+    passes = [Measured("matmul", "float32", Instance(Cost(8, 0.0, "matmul", {}, 0.0), 1e-6, 1e-6, 0.0, max(0.0, sorted(s)[1]),
+                                                     llc_samples=s), [])
+              for s in ((1e-6, 2e-6, 9e-6), (3e-6, 4e-6, 5e-6), (-1e-6, 6e-6, 7e-6))]
+    merged, _ = _mean(passes)
+    assert merged.tiny.llc_s == pytest.approx(4e-6) and len(merged.tiny.llc_samples) == 9
 
     def inst(flops, llc_s):
         return Instance(Cost(flops, 0.0, "matmul", {}, 0.0), 1e-6 + flops / 1e11, 1e-6, 0.0, llc_s)
@@ -275,6 +285,25 @@ def test_a_curve_that_moved_with_the_machine_is_read_against_its_own_call_at_the
     assert dict(table.efficiency["m"]) == pytest.approx({16: 0.8}, rel=1e-4)
 
 
+def test_a_slow_shape_measured_past_the_reference_size_is_priced_as_measured():
+    """A depthwise backward's k curve: the 3x3 reference call at 1e6 FLOPs, a 7x7 one at 5e6, where
+    the base rate has fallen from 40 to 20 GFLOP/s; the 7x7 ran at 2 GFLOP/s. Its efficiency read
+    against the rate at its own size (0.1) was applied past the reference to the reference's rate
+    (the two limits of kernel_time_s), pricing its own call at 4 GFLOP/s, twice as fast as it ran:
+    past the reference a slow shape's efficiency is read against the faster of the two rates."""
+    from costmodel.hardware.calibrate_kernels import Cost, Instance, Measured, fit
+
+    def call(flops, k, rate):
+        return Instance(Cost(flops, 0.0, "conv.depthwise.backward", {"k": k}, 0.0), 1e-6 + flops / rate)
+    base = [call(1e6, 9, 4e10), call(1e7, 9, 2e10), call(1e8, 9, 2e10)]
+    table = fit(Measured("conv.depthwise.backward", "float32", call(8, 9, 1e9), base,
+                         {"k": [call(1e6, 9, 4e10), call(5e6, 49, 2e9), call(2e6, 25, 2e10)]}), None)
+    assert table.reference == 2e6
+    assert table.kernel_time_s(5e6, {"k": 49}) == pytest.approx(5e6 / 2e9, rel=1e-3)
+    # below the reference, as before: against the rate at its own size
+    assert table.kernel_time_s(1e6, {"k": 9}) == pytest.approx(1e6 / 4e10, rel=1e-3)
+
+
 def test_a_curve_measured_on_another_shape_is_1_at_the_value_every_base_call_has():
     """The dense convolution's `skipped` curve runs 1x1 kernels at strides 1 and 2; the base calls
     are 3x3 and skip nothing. Read against the 3x3 base rate, its stride-1 point is the 1x1 kernel's
@@ -342,7 +371,7 @@ def test_depthwise_channels_are_measured_at_the_work_of_a_base_call_that_the_cur
     prober = Prober("cpu", plan, "test")
     prober.time = lambda call, *a, **k: 1e-3          # the shapes are what this checks, not the times
     prober.time.evicted = lambda call, alone_s, core, inputs: (0.0, 0.0)
-    prober.time.evicted_llc = lambda call, alone_s, cache, inputs: None
+    prober.time.evicted_llc_samples = lambda call, alone_s, cache, inputs: None
     prober.time.interleaved = lambda call, alone_s: None
     for backward in (None, "input"):
         measured = prober.conv("depthwise", backward, "float32")

@@ -73,7 +73,7 @@ class KernelPlan:
     variants: bool = True            # causal/dropout attention, transposed and grouped convolutions
     max_copies: int = 64             # operand copies a probe rotates through (see Prober.instance)
     passes: int = 1                  # times every class is measured (least_disturbed)
-    llc_samples: int = 0             # calls Timer.evicted_llc times per instance (0: not measured)
+    llc_samples: int = 0             # calls Timer.evicted_llc times per instance, over all passes (0: not measured)
     # conv.dense.slow (a CPU's native convolution, see Prober.conv): channels of its 1x1 base calls
     # and image sides of its m curve, every call at batch 1 and at most SLOW_CONV_ELEMENTS inputs
     conv_slow_channels: tuple[int, ...] = ()
@@ -298,9 +298,14 @@ class Timer:
     def evicted_llc(self, call, alone_s: float, cache_bytes: int | None, inputs=()) -> float | None:
         """Seconds a call costs more when the traffic since its last call overflowed the last-level
         cache as well, as a training step's does (activations, gradients and optimizer state well
-        past it): each call timed alone right after writing a buffer of twice that cache and then
-        reading the call's inputs back, the median of the plan's llc_samples, less `alone_s`; 0 at
-        least. Its operands are in cache (the roofline prices what a model's cache no longer holds of them);
+        past it): the median of `evicted_llc_samples`, 0 at least; None where those are."""
+        samples = self.evicted_llc_samples(call, alone_s, cache_bytes, inputs)
+        return None if samples is None else max(0.0, statistics.median(samples))
+
+    def evicted_llc_samples(self, call, alone_s: float, cache_bytes: int | None, inputs=()) -> list[float] | None:
+        """Each of this pass's samples (see `llc_per_pass`) of a call timed alone right after writing a
+        buffer of twice the last-level cache and then reading the call's inputs back, less `alone_s`.
+        Its operands are in cache (the roofline prices what a model's cache no longer holds of them);
         what comes from memory is the kernel's own state: oneDNN's reordered weights and scratch
         buffers, a BLAS's packing buffers, their pages' table entries (a 3x3 convolution on this
         kind of host: 60-170 us more at one thread, where a flush of the core caches alone costs it
@@ -313,12 +318,20 @@ class Timer:
             self._flush = torch.empty(2 * cache_bytes, dtype=torch.uint8)
         times = []
         with torch.no_grad():
-            for _ in range(self.plan.llc_samples):
+            for _ in range(self.llc_per_pass):
                 self._flush.fill_(1)
                 for t in inputs:
                     t.sum()
                 times.append(self.block(call, 1))
-        return max(0.0, statistics.median(times) - alone_s)
+        return [t - alone_s for t in times]
+
+    @property
+    def llc_per_pass(self) -> int:
+        """The plan's llc_samples are for all its passes together: a flush writes twice the
+        last-level cache (520 MiB on a host that reports 260 MiB, ~0.1 s at one thread), which at
+        nine samples an instance in each of three passes was two thirds of a 22-minute calibration;
+        the passes' samples are pooled where they merge (`_mean`)."""
+        return max(1, math.ceil(self.plan.llc_samples / max(1, self.plan.passes)))
 
     def sync(self) -> None:
         if self.device == "cuda":
@@ -417,9 +430,10 @@ class Instance:
     refill_s: float | None = None       # of evicted_s, the call's inputs coming back (Timer.evicted)
     llc_s: float | None = None          # more with the last-level cache flushed too (Timer.evicted_llc)
     interleaved_s: float | None = None  # more after other ops that move next to no data (Timer.interleaved)
+    llc_samples: tuple[float, ...] = ()     # the samples llc_s is the median of (pooled over passes by _mean)
     # measures evicted_s, refill_s, llc_s and interleaved_s; Prober.finish runs it for the instances the table's
     # evicted seconds come from (the tiny and base ones), and drops it (and the call's tensors) from all
-    measure_evicted: Callable[[], tuple[float, float, float | None, float | None] | None] | None = field(
+    measure_evicted: Callable[[], tuple[float, float, list[float] | None, float | None] | None] | None = field(
         default=None, repr=False, compare=False)
     # measures interleaved_s alone: Prober.finish runs it for the curves' instances (a product's few
     # rows or a convolution's small image: short calls where the base calls are all long ones)
@@ -482,6 +496,21 @@ def fit(m: Measured, allocation: AllocationTable | None) -> KernelTable:
     interleaved = dict(zip(sizes_, nondecreasing([statistics.median(by_size[s_]) for s_ in sizes_])))
     refill = {s_: min(r, evicted[s_]) for s_, r in zip(refill, nondecreasing(list(refill.values())))}
     base = KernelTable(m.kernel, m.dtype, overhead, tuple(rates), tuple(rates.values()), how=m.how, by=m.by)
+    sizes = sorted(size(i) for instances in m.curves.values() for i in instances)
+    reference = sizes[len(sizes) // 2] if sizes else None
+
+    def efficiency(i: Instance, k: float) -> float:
+        """The call's rate over the base rate at its own size; for a slower call past the reference
+        size, over the faster of that and the reference's rate: KernelTable.kernel_time_s prices a
+        slow shape past the reference at rate(reference) * efficiency (two slowdowns, the size's
+        and the shape's, are two limits), and the table prices its own call as measured (a 7x7
+        depthwise backward, 5x the work of the 3x3 reference, ran at half the rate(reference) *
+        efficiency it was otherwise given)."""
+        rate = work(i) / k
+        e = rate / base.rate(size(i))
+        if e < 1 and reference is not None and size(i) > reference:
+            e = rate / max(base.rate(size(i)), base.rate(reference))
+        return e
     curves = {}
     for feature, instances in m.curves.items():
         points: dict[float, float] = {}
@@ -489,7 +518,7 @@ def fit(m: Measured, allocation: AllocationTable | None) -> KernelTable:
         for i in sorted(instances, key=lambda i: i.cost.features[feature]):
             k = kernel_s(i)
             if k is not None:
-                points[i.cost.features[feature]] = work(i) / k / base.rate(size(i))
+                points[i.cost.features[feature]] = efficiency(i, k)
                 if any(i.cost == b.cost for b in m.base):
                     at_base_call = points[i.cost.features[feature]]
         if at_base_call is not None:
@@ -509,8 +538,7 @@ def fit(m: Measured, allocation: AllocationTable | None) -> KernelTable:
                 points = {v: e / points[value] for v, e in points.items()}
         if points:
             curves[feature] = tuple(points.items())
-    sizes = sorted(size(i) for instances in m.curves.values() for i in instances)
-    reference = sizes[len(sizes) // 2] if curves and sizes else None
+    reference = reference if curves else None
     return KernelTable(m.kernel, m.dtype, overhead, base.sizes, base.rates, curves, m.how, m.by,
                        tuple(evicted.items()), reference,
                        tuple(refill.items()) if any(refill.values()) else (), tuple(llc.items()),
@@ -588,13 +616,14 @@ class Prober:
         return Instance(cost, time_s, measure_evicted=lambda: self.evicted(call, time_s, inputs),
                         measure_interleaved=lambda: self.time.interleaved(call, time_s))
 
-    def evicted(self, call, time_s: float, inputs) -> tuple[float, float, float | None, float | None] | None:
-        """(evicted, refill, llc, interleaved) seconds of a call that took `time_s` in a loop
-        (Timer.evicted, Timer.evicted_llc, Timer.interleaved); None where the core's cache is not known."""
+    def evicted(self, call, time_s: float, inputs) -> tuple[float, float, list[float] | None, float | None] | None:
+        """(evicted seconds, refill seconds, llc samples, interleaved seconds) of a call that took
+        `time_s` in a loop (Timer.evicted, Timer.evicted_llc_samples, Timer.interleaved); None where
+        the core's cache is not known."""
         core = self.time.evicted(call, time_s, self.core_cache_bytes, inputs)
         if core is None:
             return None
-        return (*core, self.time.evicted_llc(call, time_s, self.cache_bytes, inputs),
+        return (*core, self.time.evicted_llc_samples(call, time_s, self.cache_bytes, inputs),
                 self.time.interleaved(call, time_s))
 
     def finish(self, measured: Measured) -> Measured:
@@ -604,7 +633,9 @@ class Prober:
         curves = [i for c in measured.curves.values() for i in c]
         for i in [measured.tiny, *measured.base]:
             if i.measure_evicted is not None:
-                i.evicted_s, i.refill_s, i.llc_s, i.interleaved_s = i.measure_evicted() or (None,) * 4
+                i.evicted_s, i.refill_s, llc, i.interleaved_s = i.measure_evicted() or (None,) * 4
+                if llc:
+                    i.llc_samples, i.llc_s = tuple(llc), max(0.0, statistics.median(llc))
         for i in curves:
             if i.measure_interleaved is not None and self.core_cache_bytes:   # where the tiny and base have them
                 i.interleaved_s = i.measure_interleaved()
@@ -1486,7 +1517,8 @@ def _mean(passes: list[Measured]) -> tuple[Measured, int]:
     how many of its calls left out a pass: each call's time the geometric mean of its times within
     CALL_DISTURBED of its fastest, its evicted seconds the median of those passes' (None where none
     measured): the median of three is not moved by one pass's (a 3x3 convolution's backward read
-    47-130 us in calibrations an hour apart, the mean of three passes)."""
+    47-130 us in calibrations an hour apart, the mean of three passes); its seconds after a flush of
+    the last-level cache, the median of those passes' samples together."""
     dropped = 0
 
     def merged(instances: list[Instance]) -> Instance:
@@ -1496,13 +1528,14 @@ def _mean(passes: list[Measured]) -> tuple[Measured, int]:
         dropped += len(kept) < len(instances)
         evicted = [i.evicted_s for i in kept if i.evicted_s is not None]
         refill = [i.refill_s or 0.0 for i in kept if i.evicted_s is not None]
-        llc = [i.llc_s for i in kept if i.llc_s is not None]
+        samples = [t for i in kept for t in i.llc_samples]
+        llc = [max(0.0, statistics.median(samples))] if samples else [i.llc_s for i in kept if i.llc_s is not None]
         interleaved = [i.interleaved_s for i in kept if i.interleaved_s is not None]
         time_s = math.exp(sum(math.log(max(i.time_s, 1e-12)) for i in kept) / len(kept))
         median = statistics.median
         return Instance(kept[0].cost, time_s, median(evicted) if evicted else None,
                         median(refill) if evicted else None, median(llc) if llc else None,
-                        median(interleaved) if interleaved else None)
+                        median(interleaved) if interleaved else None, tuple(samples))
     first = passes[0]
     if len(passes) == 1:
         return first, 0
