@@ -280,3 +280,25 @@ class MHAPadded(nn.Module):
 
     def forward(self, x, pad):
         return self.m(x, x, x, key_padding_mask=pad)[0]
+
+
+class CausalTCN(nn.Module):
+    """WaveNet-style stack: causal dilated 1-D convolutions (F.pad on the left, then the convolution),
+    gated tanh * sigmoid, residual and skip sums."""
+
+    def __init__(self, channels: int = 8, layers: int = 3, classes: int = 16):
+        super().__init__()
+        self.inp = nn.Conv1d(1, channels, 1)
+        self.filt = nn.ModuleList(nn.Conv1d(channels, channels, 2, dilation=2 ** i) for i in range(layers))
+        self.gate = nn.ModuleList(nn.Conv1d(channels, channels, 2, dilation=2 ** i) for i in range(layers))
+        self.out = nn.Conv1d(channels, classes, 1)
+
+    def forward(self, x):
+        x = self.inp(x)
+        skip = 0
+        for i, (f, g) in enumerate(zip(self.filt, self.gate)):
+            h = F.pad(x, (2 ** i, 0))
+            z = torch.tanh(f(h)) * torch.sigmoid(g(h))
+            skip = skip + z
+            x = x + z
+        return self.out(F.relu(skip))

@@ -177,3 +177,15 @@ def test_nearest_upsampling_is_captured_as_the_op_eager_runs(mode):
     # 8 channels of 8x10, then 4 of 16x20, batch 2: each read once, written 4x
     assert [float(op["bytes"]) for op, _ in up] == [5 * 4 * 2 * 8 * 8 * 10, 5 * 4 * 2 * 4 * 16 * 20]
     assert [f["in_width"] for _, f in up] == [10, 20]
+
+
+@pytest.mark.parametrize("mode", ["inference", "train"])
+def test_causal_padding_before_a_dilated_convolution_keeps_seq_symbolic(mode):
+    """F.pad's gradient is constant_pad_nd with the pads negated, a C++ composite that narrows and
+    read the symbolic sizes as integers on fake tensors (a WaveNet-style net failed to capture in
+    training); the backward runs under the Python dispatcher too, as the forward's F.pad does."""
+    r = costmodel.analyze(M.CausalTCN, inputs=["x:float32[batch,1,seq]"], mode=mode, dims={"batch": 2, "seq": 64})
+    assert r.fixed == {} and r.unsupported == {}
+    assert r.complexity["seq"]["matmul_flops"] == 1
+    for b, n in ((2, 64), (1, 64), (3, 100), (2, 17)):
+        assert formula_at(r, batch=b, seq=n) == flop_counter_total(M.CausalTCN, {"x": ((b, 1, n), torch.float32)}, mode)

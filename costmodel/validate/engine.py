@@ -507,7 +507,7 @@ def _calibration_check(hw, device: str) -> dict | None:
     machine against this run's, and a quarter second of quick probes (hardware.calibrate.machine_speed:
     a product, an add, a clone past the core caches, a small add) timed against it. Warns where they
     differ: the predicted times assume the machine as it was calibrated, and a shared host's speed
-    moves by 10-15% within the hour. None where `hw` is not a calibration of a CPU."""
+    moves by 10-25% within the hour. None where `hw` is not a calibration of a CPU."""
     from costmodel.hardware.calibrate import _machine, machine_speed
     if device != "cpu" or not getattr(hw, "calibrated", False) or not hw.kernels:
         return None
