@@ -178,7 +178,7 @@ def test_evicted_seconds_are_measured_for_the_instances_a_table_takes_them_from(
 
 
 def test_llc_evicted_seconds_time_the_call_after_a_flush_with_its_inputs_read_back(one_thread):
-    """Timer.evicted_llc: each call timed alone after writing twice the last-level cache and reading
+    """Timer.evicted_llc_samples: each call timed alone after writing twice the last-level cache and reading
     its inputs back, less its time in a loop; not measured by the quick plan, on calls over
     EVICTED_MAX_S, or without a cache size. fit takes the table's `evicted_llc` from the tiny and
     base instances, never decreasing with size."""
@@ -193,16 +193,15 @@ def test_llc_evicted_seconds_time_the_call_after_a_flush_with_its_inputs_read_ba
     def call():
         return x @ w
     alone = timer(call)
-    llc = timer.evicted_llc(call, alone, 1 << 20, (x, w))
-    assert llc is not None and llc >= 0 and timer._flush.numel() == 2 << 20
-    assert timer.evicted_llc(call, EVICTED_MAX_S * 2, 1 << 20, (x, w)) is None
-    assert timer.evicted_llc(call, alone, None, (x, w)) is None
-    assert Timer("cpu", kernel_plan("cpu", quick=True)).evicted_llc(call, alone, 1 << 20, (x, w)) is None
+    llc = timer.evicted_llc_samples(call, alone, 1 << 20, (x, w))
+    assert llc is not None and len(llc) == 3 and timer._flush.numel() == 2 << 20
+    assert timer.evicted_llc_samples(call, EVICTED_MAX_S * 2, 1 << 20, (x, w)) is None
+    assert timer.evicted_llc_samples(call, alone, None, (x, w)) is None
+    assert Timer("cpu", kernel_plan("cpu", quick=True)).evicted_llc_samples(call, alone, 1 << 20, (x, w)) is None
     full = kernel_plan("cpu", quick=False)
     assert full.llc_samples > 0 and full.passes > 1
     # the samples are the plan's over all passes: each pass takes its share, and _mean pools them
     assert Timer("cpu", full).llc_per_pass == math.ceil(full.llc_samples / full.passes)
-    assert len(timer.evicted_llc_samples(call, alone, 1 << 20, (x, w))) == 3
     passes = [Measured("matmul", "float32", Instance(Cost(8, 0.0, "matmul", {}, 0.0), 1e-6, 1e-6, 0.0, max(0.0, sorted(s)[1]),
                                                      llc_samples=s), [])
               for s in ((1e-6, 2e-6, 9e-6), (3e-6, 4e-6, 5e-6), (-1e-6, 6e-6, 7e-6))]

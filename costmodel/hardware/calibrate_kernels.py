@@ -73,7 +73,7 @@ class KernelPlan:
     variants: bool = True            # causal/dropout attention, transposed and grouped convolutions
     max_copies: int = 64             # operand copies a probe rotates through (see Prober.instance)
     passes: int = 1                  # times every class is measured (least_disturbed)
-    llc_samples: int = 0             # calls Timer.evicted_llc times per instance, over all passes (0: not measured)
+    llc_samples: int = 0             # calls Timer.evicted_llc_samples times per instance, over all passes (0: not measured)
     # conv.dense.slow (a CPU's native convolution, see Prober.conv): channels of its 1x1 base calls
     # and image sides of its m curve, every call at batch 1 and at most SLOW_CONV_ELEMENTS inputs
     conv_slow_channels: tuple[int, ...] = ()
@@ -228,7 +228,7 @@ class Timer:
         self.fault_s_per_byte = 0.0
         self._others = None     # the work that runs between two calls of a kernel, see evicted()
         self.others_bytes = 0   # its footprint
-        self._flush = None      # a buffer of twice the last-level cache, see evicted_llc()
+        self._flush = None      # a buffer of twice the last-level cache, see evicted_llc_samples()
         self._interleaved = None    # see interleaved()
 
     def evicted(self, call, alone_s: float, core_bytes: int | None, inputs=()) -> tuple[float, float] | None:
@@ -297,16 +297,12 @@ class Timer:
         pairs = [(self.block(both, number) - self.block(others, number)) / number for _ in range(self.plan.blocks)]
         return max(0.0, statistics.median(pairs) - alone_s)
 
-    def evicted_llc(self, call, alone_s: float, cache_bytes: int | None, inputs=()) -> float | None:
+    def evicted_llc_samples(self, call, alone_s: float, cache_bytes: int | None, inputs=()) -> list[float] | None:
         """Seconds a call costs more when the traffic since its last call overflowed the last-level
         cache as well, as a training step's does (activations, gradients and optimizer state well
-        past it): the median of `evicted_llc_samples`, 0 at least; None where those are."""
-        samples = self.evicted_llc_samples(call, alone_s, cache_bytes, inputs)
-        return None if samples is None else max(0.0, statistics.median(samples))
-
-    def evicted_llc_samples(self, call, alone_s: float, cache_bytes: int | None, inputs=()) -> list[float] | None:
-        """Each of this pass's samples (see `llc_per_pass`) of a call timed alone right after writing a
-        buffer of twice the last-level cache and then reading the call's inputs back, less `alone_s`.
+        past it), one sample each (this pass's share, `llc_per_pass`; their median, 0 at least, is
+        the instance's): the call timed alone right after writing a buffer of twice that cache and
+        then reading the call's inputs back, less `alone_s`.
         Its operands are in cache (the roofline prices what a model's cache no longer holds of them);
         what comes from memory is the kernel's own state: oneDNN's reordered weights and scratch
         buffers, a BLAS's packing buffers, their pages' table entries (a 3x3 convolution on this
@@ -430,7 +426,7 @@ class Instance:
     time_s: float
     evicted_s: float | None = None
     refill_s: float | None = None       # of evicted_s, the call's inputs coming back (Timer.evicted)
-    llc_s: float | None = None          # more with the last-level cache flushed too (Timer.evicted_llc)
+    llc_s: float | None = None          # more with the last-level cache flushed too (Timer.evicted_llc_samples)
     interleaved_s: float | None = None  # more after other ops that move next to no data (Timer.interleaved)
     llc_samples: tuple[float, ...] = ()     # the samples llc_s is the median of (pooled over passes by _mean)
     # measures evicted_s, refill_s, llc_s and interleaved_s; Prober.finish runs it for the instances the table's

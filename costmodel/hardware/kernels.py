@@ -196,7 +196,7 @@ class KernelTable:
     # the core caches (a call whose inputs the op before it just wrote does not pay it)
     refill: tuple[tuple[float, float], ...] = field(default=(), hash=False)
     # [(size, seconds)]: what a call costs more when the traffic since its last call overflowed the
-    # last-level cache as well, its operands aside (Timer.evicted_llc); with `evicted`, two points of a
+    # last-level cache as well, its operands aside (Timer.evicted_llc_samples); with `evicted`, two points of a
     # line in the share of that cache the traffic displaced (LLC_EVICTED_FEATURE; see evicted_s)
     evicted_llc: tuple[tuple[float, float], ...] = field(default=(), hash=False)
     # the share of the last-level cache the work before the `evicted` calls displaced (their probe's
