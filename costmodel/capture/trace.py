@@ -332,10 +332,7 @@ def _capture(model: nn.Module, inputs: list[InputSpec], options, hints, fixed, p
             loss_value = compute_loss(model(*args, **kwargs), options.loss, values[:len(inputs)], inputs,
                                       values[len(inputs):], targets, describe)
             wrt = [params[i] for i in trainable]
-            # the Python dispatcher in the backward too: a gradient formula that calls a C++
-            # composite (F.pad's, constant_pad_nd with the pads negated, which narrows) reads the
-            # symbolic sizes as integers there, and fails on fake tensors
-            with _torch.backward_meta([loss_value]), _torch.python_dispatcher():
+            with _torch.backward_meta([loss_value]):
                 grads = torch.autograd.grad(loss_value, wrt, allow_unused=True)
         grad_params[:] = [param_items[i][0] for i, g in zip(trainable, grads) if g is not None]
         return [loss_value] + [g for g in grads if g is not None]
