@@ -43,7 +43,7 @@ import torch.nn as nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from costmodel.capture.zoo import hf_factory  # noqa: E402
-from costmodel.hardware.calibrate import machine_speed  # noqa: E402  (recorded before and after each run)
+from costmodel.hardware.calibrate import machine_speed  # noqa: E402  (recorded after each run)
 from tests.models import ConvNeXtBlock  # noqa: E402  (depthwise 7x7, channels-last LayerNorm, MLP 4x)
 
 
@@ -218,7 +218,6 @@ def main(argv: list[str] | None = None) -> int:
         for arch in archs:
             for mode in modes:
                 load_before = wait_for_quiet(args.max_load, args.wait_s) if args.device == "cpu" else None
-                speed = machine_speed(hw) if args.device == "cpu" else None
                 start = time.perf_counter()
                 try:
                     r = run_one(arch, mode, args.device, hw, args.repeats, args.quick)
@@ -228,6 +227,8 @@ def main(argv: list[str] | None = None) -> int:
                     continue
                 wall = time.perf_counter() - start
                 load_after = load_average()
+                # before: validate's own quick probes against the calibration (environment.calibration)
+                speed = r.environment.get("calibration", {}).get("machine_vs_calibration")
                 speed_after = machine_speed(hw) if args.device == "cpu" else None
                 dim = r.swept[0] if r.swept else None
                 e = r.exponents.get(dim, {}) if dim else {}
