@@ -179,14 +179,11 @@ def test_nearest_upsampling_is_captured_as_the_op_eager_runs(mode):
     assert [f["in_width"] for _, f in up] == [10, 20]
 
 
-@pytest.mark.parametrize("mode", ["inference", pytest.param("train", marks=pytest.mark.xfail(
-    strict=True, reason="known capture failure: F.pad's gradient (constant_pad_nd with the pads negated, a C++ "
-                        "composite that narrows) reads symbolic sizes as integers on fake tensors; running the "
-                        "backward under the Python dispatcher fixes it but changes what activation "
-                        "checkpointing recomputes (dropout's mask dtype), so it is not done yet"))])
+@pytest.mark.parametrize("mode", ["inference", "train"])
 def test_causal_padding_before_a_dilated_convolution_keeps_seq_symbolic(mode):
     """A WaveNet-style net: causal F.pad before dilated 1-D convolutions keeps seq symbolic, FLOPs
-    formula == FlopCounterMode; in training it does not capture yet (the xfail's reason)."""
+    formula == FlopCounterMode, in training too (the pad's gradient, a C++ composite that reads
+    sizes as integers, runs as its Python decomposition: capture.sdpa._ConstantPad)."""
     r = costmodel.analyze(M.CausalTCN, inputs=["x:float32[batch,1,seq]"], mode=mode, dims={"batch": 2, "seq": 64})
     assert r.fixed == {} and r.unsupported == {}
     assert r.complexity["seq"]["matmul_flops"] == 1

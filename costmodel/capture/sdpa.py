@@ -82,6 +82,33 @@ _PYTHON_DECOMPOSED = _RNN_FUNCTIONS | {F.interpolate, F.upsample, F.upsample_nea
                                                F.pad}
 
 
+def _constant_pad_args(input, pad, mode="constant", value=None):
+    return input, tuple(pad), 0.0 if value is None else value
+
+
+def _constant_pad_with_grad(input, pad, mode="constant", value=None) -> bool:
+    return mode == "constant" and torch.is_grad_enabled() and isinstance(input, torch.Tensor) and input.requires_grad
+
+
+class _ConstantPad(torch.autograd.Function):
+    """F.pad(mode="constant") in a training capture: the op eager runs (aten.constant_pad_nd)
+    forward and backward, both under the Python dispatcher. Eager's gradient is the same op with
+    the pads negated, but autograd calls its C++ composite kernel, which narrows with sizes read as
+    plain integers and fails on symbolic ones (a causal TCN's left pad of a seq-long signal); the
+    Python decomposition keeps them symbolic. Other modes' gradients are their own ops."""
+
+    @staticmethod
+    def forward(ctx, input, pad, value):
+        ctx.pad = pad
+        with _torch.python_dispatcher():
+            return torch.constant_pad_nd(input, pad, value)
+
+    @staticmethod
+    def backward(ctx, grad):
+        with _torch.python_dispatcher():
+            return torch.constant_pad_nd(grad, [-p for p in ctx.pad], 0.0), None, None
+
+
 class _RouteSDPA(TorchFunctionMode):
     def __init__(self, device: str | None):
         super().__init__()
@@ -99,6 +126,8 @@ class _RouteSDPA(TorchFunctionMode):
             args, kwargs = _broadcast_baddbmm_input(*args, **kwargs)
         elif func in GROUPED_MM_FUNCTIONS:
             return call_grouped_mm(*args, **kwargs)
+        elif func is F.pad and _constant_pad_with_grad(*args, **kwargs):
+            return _ConstantPad.apply(*_constant_pad_args(*args, **kwargs))
         elif func in _PYTHON_DECOMPOSED:
             with _torch.python_dispatcher(), _torch.eager_upsampling():
                 return func(*args, **kwargs)
