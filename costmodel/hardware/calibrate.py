@@ -159,10 +159,13 @@ def machine_speed(hw: Hardware) -> dict[str, float] | None:
     last-level cache and memory that other tenants of a host share), and a small add (64K elements,
     a few microseconds: at more than one thread mostly the threads' fork and join), each timed as
     the calibration times them (the thread's clock at one thread; the fastest of 7 blocks) and given
-    as predicted / measured time: 1.0 as calibrated, 0.8 20% slower (other work sharing the core's
+    as predicted / measured time (each priced as a model's op is, its rule's features and fresh
+    output included): 1.0 as calibrated, 0.8 20% slower (other work sharing the core's
     caches, the memory or the package's power, or a different machine), 1.2 faster. About a quarter
     of a second. None where `hw` has no kernel tables for them (not a calibration of a CPU)."""
     import torch
+    from costmodel.hardware.calibrate_kernels import rule_cost
+    from costmodel.hardware.kernels import ALLOC_FEATURE
     from costmodel.hardware.roofline import op_time
 
     copy = hw.kernel_table("copy", None)
@@ -175,18 +178,22 @@ def machine_speed(hw: Hardware) -> dict[str, float] | None:
     s, t = torch.randn(few), torch.randn(few)
     copied = int(copy.sizes[-1] // 8)   # elements of the largest clone: its bytes are read and written
     src = torch.randn(copied)
-    # name: (call, (FLOPs, bytes), category, kernel class, features)
-    probes = {"matmul": (lambda: torch.addmm(b, x, w.t()), (2 * n ** 3, 4 * (3 * n * n + n)), "matmul", "matmul",
-                         {"m": n, "n": n, "k": n}),
-              "add": (lambda: torch.add(u, v), (elements, 12 * elements), "pointwise", "pointwise.add", {}),
-              "copy": (lambda: src.clone(), (0, 8 * copied), "copy", "copy", {"alloc_bytes": 4 * copied}),
-              "small": (lambda: torch.add(s, t), (few, 12 * few), "pointwise", "pointwise.add", {})}
+    aten = torch.ops.aten
+    # name: (call, the aten op and arguments it runs, category); its FLOPs, bytes, kernel class and
+    # features (the fresh output's bytes among them) come from the op's rule, as in a model
+    probes = {"matmul": (lambda: torch.addmm(b, x, w.t()), (aten.addmm.default, b, x, w.t()), "matmul"),
+              "add": (lambda: torch.add(u, v), (aten.add.Tensor, u, v), "pointwise"),
+              "copy": (lambda: src.clone(), (aten.clone.default, src), "copy"),
+              "small": (lambda: torch.add(s, t), (aten.add.Tensor, s, t), "pointwise")}
     out = {}
     with torch.no_grad():
-        for name, (fn, (flops, nbytes), category, kernel, features) in probes.items():
-            if hw.kernel_table(kernel, "float32") is None:
+        for name, (fn, (op, *args), category) in probes.items():
+            cost = rule_cost(op, *args)
+            if hw.kernel_table(cost.kernel, "float32") is None:
                 return None
-            predicted = op_time(flops, nbytes, category, "float32", hw, kernel=kernel, features=features).time_s
+            features = {**cost.features, ALLOC_FEATURE: cost.alloc_bytes}
+            predicted = op_time(cost.flops, cost.bytes, category, "float32", hw, kernel=cost.kernel,
+                                features=features).time_s
             for _ in range(3):
                 fn()
             number = max(1, int(0.02 / max(predicted, 1e-7)))
