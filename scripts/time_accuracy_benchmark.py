@@ -6,7 +6,7 @@ Run by hand:
     python scripts/time_accuracy_benchmark.py --threads 1 --only convnext   # one architecture
     python scripts/time_accuracy_benchmark.py --device cuda --out gpu_time  # on a GPU (gpu_check.sh runs it)
 
-The device is calibrated once per thread count (`costmodel hardware calibrate`, written under --out
+The device is calibrated once per thread count (`costmodel hardware calibrate`, in a process of its own, written under --out
 as calibrated-<device>-<threads>.toml and reused when present), or --hw gives the file. Before each
 run on the CPU the script waits (up to --wait-s) for the 1-minute load average to drop below
 --max-load, and records the load during the run and how fast a calibrated product and add run just
@@ -159,7 +159,7 @@ def wait_for_quiet(max_load: float, wait_s: float) -> float | None:
 
 
 def hardware_for(device: str, threads: int | None, out: Path, hw: str | None, quick: bool):
-    from costmodel.hardware.calibrate import calibrate
+    from costmodel.hardware.calibrate import calibrate_apart
     from costmodel.hardware.catalog import load_hardware
     if hw:
         return load_hardware(hw)
@@ -168,7 +168,7 @@ def hardware_for(device: str, threads: int | None, out: Path, hw: str | None, qu
         return load_hardware(str(path))
     print(f"calibrating {device} ({threads} threads) into {path} ...", file=sys.stderr, flush=True)
     start = time.perf_counter()
-    result = calibrate(device, path, quick=quick)
+    result = calibrate_apart(device, path, quick=quick)   # this process times the models: see calibrate_apart
     print(f"  calibrated in {time.perf_counter() - start:.0f} s", file=sys.stderr, flush=True)
     return result
 

@@ -477,6 +477,27 @@ def test_calibrate_command_writes_a_named_device(tmp_path, one_thread, capsys):
     assert hw.name == "my-cpu" and hw.kernels and hw.threads == 1
 
 
+def test_a_calibration_apart_runs_in_its_own_process_at_this_thread_count(tmp_path, one_thread, monkeypatch):
+    """calibrate_apart (what validate without --hw and the time benchmark use, since a process that
+    calibrated times models slower afterwards): a child process writes the file, with this process's
+    thread count, and it loads here; a failure says what was run and why it stopped."""
+    import subprocess
+
+    from costmodel.errors import CostModelError
+    from costmodel.hardware.calibrate import calibrate_apart
+    runs = []
+    real_run = subprocess.run
+    monkeypatch.setattr(subprocess, "run", lambda command, **kw: runs.append(command) or real_run(command, **kw))
+    out = tmp_path / "apart.toml"
+    hw = calibrate_apart("cpu", out, quick=True)
+    assert out.is_file() and hw.kernels and hw.threads == 1 and hw.path == str(out)
+    assert len(runs) == 1 and runs[0][1:5] == ["-m", "costmodel", "hardware", "calibrate"]
+    with pytest.raises(CostModelError, match=r"in a separate process .*does not exist"):
+        calibrate_apart("cpu", tmp_path / "no-such-dir" / "x.toml", quick=True)
+    with pytest.raises(UsageError, match="accepted: cpu, cuda"):
+        calibrate_apart("tpu", out)
+
+
 def test_a_busy_machine_is_said():
     from costmodel.hardware.calibrate import busy_cpu_note
     assert busy_cpu_note(1, load=1.2, cores=2) is None                  # our own thread, a little more

@@ -425,7 +425,7 @@ def test_calibration_is_cached_per_session(monkeypatch, tmp_path):
     def fake_calibrate(device, out_path=None, **kw):
         calls.append(device)
         return calibrate(device, out_path, quick=True)
-    monkeypatch.setattr("costmodel.hardware.calibrate.calibrate", fake_calibrate)
+    monkeypatch.setattr("costmodel.hardware.calibrate.calibrate_apart", fake_calibrate)
     monkeypatch.setattr(v.tempfile, "gettempdir", lambda: str(tmp_path))
     monkeypatch.setattr(v, "_CALIBRATED", {})
     a = v.calibrated_hardware("cpu")

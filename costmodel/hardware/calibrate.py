@@ -128,6 +128,42 @@ def calibrate(device: str = "cpu", out_path: str | os.PathLike | None = None, *,
                               path=str(out) if out is not None else None)
 
 
+def calibrate_apart(device: str = "cpu", out_path: str | os.PathLike | None = None, *, quick: bool = False) -> Hardware:
+    """`calibrate` run in a process of its own (`python -m costmodel hardware calibrate`, at this
+    process's thread count on a CPU), its file loaded here: for a process that times models next
+    (`validate` without --hw, the time benchmark). A process that has calibrated runs models
+    slower afterwards than a fresh one, and not by the heap alone (`settle_heap` is done either
+    way): the seven benchmark architectures timed at one thread right after an in-process
+    calibration measured 10-25% slower (ConvNeXt at batch 8, 28.0 ms) than the same steps in a
+    process that loaded the same file (21.8 ms; 20.0 predicted), while the quick probes of
+    `machine_speed` read the machine as calibrated in both."""
+    import subprocess
+    import sys
+    import tempfile
+
+    import torch
+
+    from costmodel.errors import CostModelError
+    from costmodel.hardware.catalog import load_hardware
+
+    if device not in DEVICES:
+        raise UsageError(f"--device got '{device}'; accepted: {', '.join(DEVICES)}")
+    with tempfile.TemporaryDirectory() as scratch:
+        path = Path(out_path) if out_path is not None else Path(scratch) / f"calibrated-{device}.toml"
+        env = dict(os.environ)
+        if device == "cpu":
+            env["OMP_NUM_THREADS"] = str(torch.get_num_threads())
+        command = [sys.executable, "-m", "costmodel", "hardware", "calibrate", "--device", device, "--out", str(path)]
+        done = subprocess.run(command + (["--quick"] if quick else []), env=env, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.PIPE, text=True)
+        if done.stderr.strip():
+            sys.stderr.write(done.stderr)
+        if done.returncode != 0:
+            tail = done.stderr.strip().splitlines()[-1] if done.stderr.strip() else f"exit status {done.returncode}"
+            raise CostModelError(f"calibrating {device} in a separate process ({' '.join(command[1:])}) failed: {tail}")
+        return load_hardware(str(path))
+
+
 def busy_cpu_note(threads: int, load: float | None = None, cores: int | None = None) -> str | None:
     """What to say when other work shared this CPU's cores during a calibration (the 1-minute load
     average, ours included, above the cores): its tables then hold that slowdown; and at more than

@@ -462,9 +462,11 @@ _CALIBRATED: dict[str, object] = {}
 
 
 def calibrated_hardware(device: str):
-    """This machine measured by `costmodel.hardware.calibrate` (one to two minutes), once per shell session: kept in
-    memory and in a TOML in the temp dir keyed by session id, device, torch version and threads."""
-    from costmodel.hardware.calibrate import calibrate
+    """This machine measured by `costmodel.hardware.calibrate` (about ten minutes on a 2-core CPU), once
+    per shell session, in a process of its own (`calibrate_apart`: a process that calibrated times
+    models slower afterwards): kept in memory and in a TOML in the temp dir keyed by session id,
+    device, torch version and threads."""
+    from costmodel.hardware.calibrate import calibrate_apart
     from costmodel.hardware.catalog import load_hardware
     key = f"{device}-{os.getsid(0)}-{torch.__version__}-{torch.get_num_threads()}"
     if key in _CALIBRATED:
@@ -479,10 +481,10 @@ def calibrated_hardware(device: str):
     if hw is not None and not hw.kernels:      # a calibration of an earlier version: peaks only
         hw = None
     if hw is None:
-        warnings.warn(f"calibrating {device} for the predicted times, one to two minutes (once per session; "
-                      f"cached in {path}; --hw DEVICE or a file from `costmodel hardware calibrate` skips it)",
+        warnings.warn(f"calibrating {device} for the predicted times, about ten minutes on a 2-core CPU (once per "
+                      f"session; cached in {path}; --hw DEVICE or a file from `costmodel hardware calibrate` skips it)",
                       stacklevel=2)
-        hw = calibrate(device, path)
+        hw = calibrate_apart(device, path)
     _CALIBRATED[key] = hw
     return hw
 
