@@ -133,10 +133,9 @@ def calibrate_apart(device: str = "cpu", out_path: str | os.PathLike | None = No
     process's thread count on a CPU), its file loaded here: for a process that times models next
     (`validate` without --hw, the time benchmark). A process that has calibrated runs models
     slower afterwards than a fresh one, and not by the heap alone (`settle_heap` is done either
-    way): the seven benchmark architectures timed at one thread right after an in-process
-    calibration measured 10-25% slower (ConvNeXt at batch 8, 28.0 ms) than the same steps in a
-    process that loaded the same file (21.8 ms; 20.0 predicted), while the quick probes of
-    `machine_speed` read the machine as calibrated in both."""
+    way): ConvNeXt at batch 8, one thread, 25.1-25.6 ms a step after an in-process calibration
+    against 22.9-23.6 in a fresh process timed right after each (22.3-23.0 before it), while the
+    quick probes of `machine_speed` read the machine as calibrated in both."""
     import subprocess
     import sys
     import tempfile
