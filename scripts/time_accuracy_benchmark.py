@@ -6,8 +6,9 @@ Run by hand:
     python scripts/time_accuracy_benchmark.py --threads 1 --only convnext   # one architecture
     python scripts/time_accuracy_benchmark.py --device cuda --out gpu_time  # on a GPU (gpu_check.sh runs it)
 
-The device is calibrated once per thread count (`costmodel hardware calibrate`, in a process of its own, written under --out
-as calibrated-<device>-<threads>.toml and reused when present), or --hw gives the file. Before each
+The device is calibrated once per thread count (`costmodel hardware calibrate`, in a process of its
+own, written under --out as calibrated-<device>-<threads>.toml and reused when present), or --hw
+gives the file. Before each
 run on the CPU the script waits (up to --wait-s) for the 1-minute load average to drop below
 --max-load, and records the load during the run and how fast a calibrated product and add run just
 before it against the calibration ("machine vs calibration": 1.0 as calibrated, 0.8 20% slower),

@@ -82,12 +82,12 @@ _PYTHON_DECOMPOSED = _RNN_FUNCTIONS | {F.interpolate, F.upsample, F.upsample_nea
                                                F.pad}
 
 
-def _constant_pad_args(input, pad, mode="constant", value=None):
-    return input, tuple(pad), 0.0 if value is None else value
-
-
-def _constant_pad_with_grad(input, pad, mode="constant", value=None) -> bool:
-    return mode == "constant" and torch.is_grad_enabled() and isinstance(input, torch.Tensor) and input.requires_grad
+def _constant_pad_with_grad(input, pad, mode="constant", value=None) -> tuple | None:
+    """_ConstantPad's arguments for an F.pad call that pads with a constant an input needing a
+    gradient; None for any other."""
+    if mode == "constant" and torch.is_grad_enabled() and isinstance(input, torch.Tensor) and input.requires_grad:
+        return input, tuple(pad), 0.0 if value is None else value
+    return None
 
 
 class _ConstantPad(torch.autograd.Function):
@@ -126,8 +126,8 @@ class _RouteSDPA(TorchFunctionMode):
             args, kwargs = _broadcast_baddbmm_input(*args, **kwargs)
         elif func in GROUPED_MM_FUNCTIONS:
             return call_grouped_mm(*args, **kwargs)
-        elif func is F.pad and _constant_pad_with_grad(*args, **kwargs):
-            return _ConstantPad.apply(*_constant_pad_args(*args, **kwargs))
+        elif func is F.pad and (padded := _constant_pad_with_grad(*args, **kwargs)) is not None:
+            return _ConstantPad.apply(*padded)
         elif func in _PYTHON_DECOMPOSED:
             with _torch.python_dispatcher(), _torch.eager_upsampling():
                 return func(*args, **kwargs)

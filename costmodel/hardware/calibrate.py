@@ -26,7 +26,7 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
-from costmodel.errors import UsageError
+from costmodel.errors import CostModelError, UsageError
 from costmodel.hardware.catalog import Hardware, hardware_from_dict
 
 DEVICES = ("cpu", "cuda")
@@ -142,7 +142,6 @@ def calibrate_apart(device: str = "cpu", out_path: str | os.PathLike | None = No
 
     import torch
 
-    from costmodel.errors import CostModelError
     from costmodel.hardware.catalog import load_hardware
 
     if device not in DEVICES:
